@@ -1,0 +1,48 @@
+"""The preset config: one JSON file in configs/ made of the components' own sub-configs.
+
+    cfg = PolychromeConfig.from_preset("shapes")   # configs/shapes.json
+    cfg.llm.source                                 # "smollm2-135m-instruct"
+
+Each sub-config is defined beside the component it configures (STYLE.md 3) and validated there;
+later issues add theirs (vision, generation, segmentation, STAMP) as new fields here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from core.config import Config, config_from_dict, load_preset_dict, preset_path
+from data.shapeworld import ShapeWorldConfig
+from lm.loading import LLMConfig
+
+__all__ = ["PolychromeConfig", "TextEncoderConfig"]
+
+
+@dataclass
+class TextEncoderConfig(Config):
+    """The frozen sentence encoder (CLIP's text tower and the diffusion decoder's conditioning)."""
+
+    source: str = "minilm-l6"  # a model source spec (core.sources)
+    max_length: int = 32  # tokens kept per caption
+
+    def __post_init__(self) -> None:
+        if not 4 <= self.max_length <= 512:
+            raise ValueError(f"max_length must be in [4, 512], received {self.max_length}")
+
+
+@dataclass
+class PolychromeConfig(Config):
+    """Everything a preset fixes. Saved beside every checkpoint that depends on it."""
+
+    name: str  # the preset's name
+    kind: Literal["tiny", "shapes", "paper"]  # which family of weights the preset uses
+    description: str = ""  # one line for --help and model cards
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    shapeworld: ShapeWorldConfig = field(default_factory=ShapeWorldConfig)
+
+    @classmethod
+    def from_preset(cls, name: str) -> PolychromeConfig:
+        """Load and validate configs/<name>.json; ValueError listing the presets if unknown."""
+        return config_from_dict(cls, load_preset_dict(name), source=str(preset_path(name)))
