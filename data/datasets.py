@@ -1,0 +1,190 @@
+"""Datasets over the standard formats: image-caption pairs and instance masks.
+
+Training and eval scripts read these, so a ShapeWorld split, a user's COCO folder or an imagefolder
+with captions all go through the same code:
+
+    pairs = CaptionDataset.from_coco("coco/train2017", "coco/annotations/captions_train2017.json")
+    pairs = CaptionDataset.from_imagefolder("my_photos")        # metadata.jsonl with "caption(s)"
+    pairs = CaptionDataset.from_shapeworld("out/shapeworld", "pretrain")
+    inst = InstanceDataset.from_coco(images_root, instances_json)
+    inst = InstanceDataset.from_shapeworld("out/shapeworld", "train")
+
+Items are plain Python/numpy (PIL image, captions, masks); the scripts add their transforms.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from core.images import load_rgb
+from data.formats import (
+    CocoAnnotation,
+    FormatError,
+    read_coco_captions,
+    read_coco_instances,
+    read_imagefolder,
+    rle_to_mask,
+)
+
+__all__ = ["CaptionDataset", "Instance", "InstanceDataset", "InstanceItem", "shapeworld_paths"]
+
+
+def shapeworld_paths(root: str | os.PathLike[str], split: str) -> dict[str, Path]:
+    """The files of one exported ShapeWorld split (see data.shapeworld)."""
+    root = Path(root)
+    paths = {
+        "images": root / split,
+        "instances": root / "annotations" / f"instances_{split}.json",
+        "captions": root / "annotations" / f"captions_{split}.json",
+        "refs": root / "annotations" / f"refs_{split}.json",
+        "semantic": root / "semantic" / split,
+    }
+    if not paths["instances"].is_file():
+        raise FileNotFoundError(
+            f"{paths['instances']}: not found; generate the data first with "
+            f"`python -m data.shapeworld generate --out {root} ...` (split {split!r})"
+        )
+    return paths
+
+
+@dataclass
+class CaptionDataset:
+    """(image, captions) pairs. `dataset[i]` -> (PIL RGB image, list of captions)."""
+
+    image_paths: list[Path]
+    captions: list[list[str]]
+
+    def __post_init__(self) -> None:
+        if len(self.image_paths) != len(self.captions):
+            raise ValueError(
+                f"{len(self.image_paths)} images but {len(self.captions)} caption lists"
+            )
+
+    def __len__(self) -> int:
+        return len(self.image_paths)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, list[str]]:
+        return load_rgb(self.image_paths[index]), self.captions[index]
+
+    @classmethod
+    def from_coco(
+        cls, images_root: str | os.PathLike[str], captions_json: str | os.PathLike[str]
+    ) -> CaptionDataset:
+        coco = read_coco_captions(captions_json)
+        by_image: dict[int, list[str]] = {im.id: [] for im in coco.images}
+        for cap in coco.captions:
+            by_image[cap.image_id].append(cap.caption)
+        root = Path(images_root)
+        keep = [im for im in coco.images if by_image[im.id]]
+        return cls([root / im.file_name for im in keep], [by_image[im.id] for im in keep])
+
+    @classmethod
+    def from_imagefolder(cls, folder: str | os.PathLike[str]) -> CaptionDataset:
+        """Rows of metadata.jsonl with "captions" (a list) or "caption" / "text" (a string)."""
+        folder = Path(folder)
+        paths, captions = [], []
+        for n, row in enumerate(read_imagefolder(folder), start=1):
+            caps: Any = row.get("captions", row.get("caption", row.get("text")))
+            if isinstance(caps, str):
+                caps = [caps]
+            if (
+                not isinstance(caps, list)
+                or not caps
+                or not all(isinstance(c, str) and c.strip() for c in caps)
+            ):
+                raise FormatError(
+                    f"{folder / 'metadata.jsonl'}: line {n}: expected non-empty 'captions' "
+                    f"(list of strings) or 'caption' (string), received {caps!r:.80}"
+                )
+            paths.append(folder / row["file_name"])
+            captions.append(list(caps))
+        return cls(paths, captions)
+
+    @classmethod
+    def from_shapeworld(cls, root: str | os.PathLike[str], split: str) -> CaptionDataset:
+        paths = shapeworld_paths(root, split)
+        return cls.from_coco(paths["images"], paths["captions"])
+
+
+@dataclass
+class Instance:
+    """One annotated object of an image."""
+
+    mask: np.ndarray  # (H, W) bool
+    category: str  # class name
+    category_id: int
+    bbox: tuple[float, float, float, float]  # COCO [x, y, w, h]
+    attributes: dict[str, Any] = field(default_factory=dict)  # e.g. {"colour": "red"}
+
+
+@dataclass
+class InstanceItem:
+    image: Image.Image  # RGB
+    instances: list[Instance]
+    image_id: int
+
+
+@dataclass
+class InstanceDataset:
+    """Images with instance masks from a COCO instances file. `dataset[i]` -> InstanceItem."""
+
+    images_root: Path
+    file_names: list[str]
+    image_ids: list[int]
+    sizes: list[tuple[int, int]]  # (H, W)
+    annotations: list[list[CocoAnnotation]]
+    category_names: dict[int, str]
+    unseen: set[str] = field(default_factory=set)  # categories flagged {"unseen": true}
+
+    def __len__(self) -> int:
+        return len(self.file_names)
+
+    def __getitem__(self, index: int) -> InstanceItem:
+        h, w = self.sizes[index]
+        image = load_rgb(self.images_root / self.file_names[index])
+        if image.size != (w, h):
+            raise FormatError(
+                f"{self.images_root / self.file_names[index]}: expected {w}x{h} as in the "
+                f"instances file, received {image.size[0]}x{image.size[1]}"
+            )
+        instances = [
+            Instance(
+                mask=rle_to_mask(a.segmentation, h, w),
+                category=self.category_names[a.category_id],
+                category_id=a.category_id,
+                bbox=(a.bbox[0], a.bbox[1], a.bbox[2], a.bbox[3]),
+                attributes=dict(a.extra),
+            )
+            for a in self.annotations[index]
+            if not a.iscrowd
+        ]
+        return InstanceItem(image, instances, self.image_ids[index])
+
+    @classmethod
+    def from_coco(
+        cls, images_root: str | os.PathLike[str], instances_json: str | os.PathLike[str]
+    ) -> InstanceDataset:
+        coco = read_coco_instances(instances_json)
+        by_image: dict[int, list[CocoAnnotation]] = {im.id: [] for im in coco.images}
+        for ann in coco.annotations:
+            by_image[ann.image_id].append(ann)
+        return cls(
+            images_root=Path(images_root),
+            file_names=[im.file_name for im in coco.images],
+            image_ids=[im.id for im in coco.images],
+            sizes=[(im.height, im.width) for im in coco.images],
+            annotations=[by_image[im.id] for im in coco.images],
+            category_names={c.id: c.name for c in coco.categories},
+            unseen={c.name for c in coco.categories if c.extra.get("unseen")},
+        )
+
+    @classmethod
+    def from_shapeworld(cls, root: str | os.PathLike[str], split: str) -> InstanceDataset:
+        paths = shapeworld_paths(root, split)
+        return cls.from_coco(paths["images"], paths["instances"])

@@ -1,0 +1,129 @@
+"""What every training script shares: resumable state, deterministic batch order, the loop's tools.
+
+Training state lives in ``<out>/last/`` (written atomically, replaced every ``--save-every``
+steps) and holds:
+
+- ``trained.safetensors`` + ``manifest.json``: only the tensors being trained, with the run config
+  (core.checkpoint format, sha256-checked on load);
+- ``optimizer.pt``: optimizer and scheduler state dicts, step, RNG states. Written with torch.save
+  and read back with ``weights_only=True`` (only tensors and plain containers inside).
+
+The batch order is a pure function of (seed, step): epoch e is a permutation drawn from
+``seed + e``, so a resumed run sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from core.io import atomic_dir
+
+__all__ = [
+    "batch_indices",
+    "cosine_with_warmup",
+    "load_training_state",
+    "save_training_state",
+    "trainable_state",
+]
+
+
+def batch_indices(n: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[np.ndarray]:
+    """Endless batches of dataset indices from step `start_step` on (drop_last within an epoch)."""
+    if n < batch_size:
+        raise ValueError(f"dataset of {n} items is smaller than one batch ({batch_size})")
+    per_epoch = n // batch_size
+    step = start_step
+    while True:
+        epoch, offset = divmod(step, per_epoch)
+        order = np.random.default_rng(seed + epoch).permutation(n)
+        for b in range(offset, per_epoch):
+            yield order[b * batch_size : (b + 1) * batch_size]
+            step += 1
+
+
+def cosine_with_warmup(
+    optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float = 0.05
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup then cosine decay to min_ratio x the base learning rate."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(warmup, 1)
+        progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters that require grad, by their state-dict names (what a checkpoint stores)."""
+    return {k: v.detach() for k, v in module.named_parameters() if v.requires_grad}
+
+
+def save_training_state(
+    out: str | os.PathLike[str],
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    config: dict[str, Any],
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Atomically replace ``<out>/last`` with the current training state."""
+    target = Path(out) / "last"
+    with atomic_dir(target, overwrite=True) as tmp:
+        save_checkpoint(
+            tmp / "weights",
+            {"trained": trainable_state(module)},
+            config,
+            {"step": step, **(metadata or {})},
+        )
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "step": step,
+            "torch_rng": torch.random.get_rng_state(),
+        }
+        torch.save(state, tmp / "optimizer.pt")
+    return target
+
+
+def load_training_state(
+    out: str | os.PathLike[str],
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> int:
+    """Restore ``<out>/last`` into module/optimizer/scheduler; return the step to continue from."""
+    target = Path(out) / "last"
+    ckpt = load_checkpoint(target / "weights")
+    trained = ckpt.tensors["trained"]
+    expected = trainable_state(module)
+    if set(trained) != set(expected):
+        missing, extra = sorted(set(expected) - set(trained)), sorted(set(trained) - set(expected))
+        raise ValueError(
+            f"{target}: the saved trained tensors do not match this model: missing {missing[:5]}, "
+            f"unexpected {extra[:5]}"
+        )
+    full = module.state_dict()
+    full.update(trained)
+    load_state_strict(module, full, what=str(target))
+    state = torch.load(target / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    torch.random.set_rng_state(state["torch_rng"])
+    return int(state["step"])
+
+
+def remove_training_state(out: str | os.PathLike[str]) -> None:
+    shutil.rmtree(Path(out) / "last", ignore_errors=True)
