@@ -1,0 +1,100 @@
+"""core.images: every kind of user image becomes RGB, or a clear ImageError."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.images import MAX_SIDE, ImageError, load_rgb, to_rgb
+
+
+def _png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("mode", "make"),
+    [
+        ("L", lambda: Image.new("L", (5, 4), 128)),
+        ("RGBA", lambda: Image.new("RGBA", (5, 4), (255, 0, 0, 255))),
+        ("P", lambda: Image.new("RGB", (5, 4), (0, 0, 255)).convert("P")),
+        ("CMYK", lambda: Image.new("CMYK", (5, 4), (0, 255, 255, 0))),
+        ("I;16", lambda: Image.fromarray(np.arange(20, dtype=np.uint16).reshape(4, 5) * 3000)),
+        ("1", lambda: Image.new("1", (5, 4), 1)),
+    ],
+)
+def test_modes_convert_to_rgb(mode, make):
+    img = make()
+    assert img.mode == mode
+    out = to_rgb(img)
+    assert out.mode == "RGB" and out.size == (5, 4)
+    again = load_rgb(_png_bytes(img) if mode != "CMYK" else _png_bytes(img, "JPEG"))
+    assert again.mode == "RGB" and again.size == (5, 4)
+
+
+def test_documented_conversions_give_the_expected_pixels():
+    # Opaque red RGBA stays red; fully transparent pixels become white.
+    rgba = np.zeros((2, 2, 4), dtype=np.uint8)
+    rgba[0, 0] = (255, 0, 0, 255)
+    out = np.asarray(to_rgb(Image.fromarray(rgba, "RGBA")))
+    assert out[0, 0].tolist() == [255, 0, 0] and out[1, 1].tolist() == [255, 255, 255]
+    # 16-bit images are scaled by their own range.
+    deep = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)
+    out = np.asarray(to_rgb(Image.fromarray(deep)))
+    assert out[..., 0].tolist() == [[0, 64], [128, 255]]
+    # CMYK pure cyan -> RGB (0, 255, 255).
+    cmyk = Image.new("CMYK", (1, 1), (255, 0, 0, 0))
+    assert np.asarray(to_rgb(cmyk))[0, 0].tolist() == [0, 255, 255]
+
+
+@pytest.mark.parametrize(
+    ("array", "expected"),
+    [
+        (np.full((3, 2), 7, dtype=np.uint8), [7, 7, 7]),
+        (np.ones((3, 2), dtype=bool), [255, 255, 255]),
+        (np.full((3, 2, 3), 0.5), [128, 128, 128]),
+        (np.full((3, 2, 1), 9, dtype=np.uint8), [9, 9, 9]),
+    ],
+)
+def test_arrays(array, expected):
+    out = load_rgb(array)
+    assert out.size == (2, 3)
+    assert np.asarray(out)[0, 0].tolist() == expected
+
+
+def test_extreme_sizes():
+    assert load_rgb(_png_bytes(Image.new("RGB", (1, 1)))).size == (1, 1)
+    big = Image.new("L", (MAX_SIDE, MAX_SIDE))
+    assert load_rgb(big).size == (MAX_SIDE, MAX_SIDE)
+    with pytest.raises(
+        ImageError, match=rf"between 1x1 and {MAX_SIDE}x{MAX_SIDE} pixels, received 4097x2"
+    ):
+        load_rgb(_png_bytes(Image.new("L", (MAX_SIDE + 1, 2))))
+
+
+def test_not_images(tmp_path):
+    fake = tmp_path / "notes.png"
+    fake.write_text("hello, I am text")
+    with pytest.raises(ImageError, match=r"notes\.png: not an image file"):
+        load_rgb(fake)
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageError, match=r"empty.png: empty file \(0 bytes\)"):
+        load_rgb(empty)
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(_png_bytes(Image.new("RGB", (64, 64), (1, 2, 3)))[:60])
+    with pytest.raises(ImageError, match=r"cut\.png"):
+        load_rgb(truncated)
+    with pytest.raises(ImageError, match="file not found"):
+        load_rgb(tmp_path / "missing.png")
+    with pytest.raises(ImageError, match="received int"):
+        load_rgb(42)  # type: ignore[arg-type]
+    with pytest.raises(ImageError, match=r"received \(2, 2, 5\)"):
+        load_rgb(np.zeros((2, 2, 5), dtype=np.uint8))
+    with pytest.raises(ImageError, match=r"values in \[0, 1\]"):
+        load_rgb(np.full((2, 2), 3.0))
