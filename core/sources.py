@@ -99,15 +99,34 @@ def _smollm2_135m_instruct() -> Path:
     return target
 
 
+def _publish_folder(target: Path, write: Callable[[Path], None], note: str) -> None:
+    """Run `write(tmp)` into a temporary sibling of `target`, mark it READY and rename it in place.
+
+    Concurrent writers are safe: if another process published `target` first, ours is dropped.
+    """
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        atomic_write_text(tmp / "READY", note + "\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "READY").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _dequantise_gguf(gguf: Path, target: Path) -> None:
     """Dequantise a GGUF causal LM and its tokenizer into a safetensors folder, atomically."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     logger.warning("Converting %s to safetensors in %s (once; later loads reuse it)", gguf, target)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def write(tmp: Path) -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
@@ -122,15 +141,8 @@ def _dequantise_gguf(gguf: Path, target: Path) -> None:
         plain.generation_config = model.generation_config
         plain.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        atomic_write_text(tmp / "READY", f"converted from {gguf}\n")
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process finished the same conversion first; its folder is as good as ours.
-            if not (target / "READY").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    _publish_folder(target, write, f"converted from {gguf}")
 
 
 TINY_LLAMA_VERSION = "1"
@@ -196,19 +208,12 @@ def _tiny_random_llama() -> Path:
         model = LlamaForCausalLM(config)
     finally:
         torch.random.set_rng_state(generator_state)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        atomic_write_text(tmp / "READY", "tiny random llama\n")
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "READY").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    _publish_folder(target, write, "tiny random llama")
     return target
 
 
