@@ -28,6 +28,7 @@ __all__ = [
     "list_presets",
     "load_preset_dict",
     "preset_path",
+    "project_path",
 ]
 
 C = TypeVar("C")
@@ -185,6 +186,12 @@ def config_from_dict(
         raise ConfigError(
             f"{source}: invalid {cls.__name__} ({prefix or 'top level'}): {err}"
         ) from None
+
+
+def project_path(path: str | os.PathLike[str]) -> Path:
+    """A path from a preset: relative paths are relative to the repository root, not the CWD."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else _DEFAULT_CONFIG_DIR.parent / path
 
 
 def _config_dir() -> Path:

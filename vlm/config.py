@@ -15,6 +15,7 @@ from typing import Literal
 from core.config import Config, config_from_dict, load_preset_dict, preset_path
 from data.shapeworld import ShapeWorldConfig
 from lm.loading import LLMConfig
+from vision.clip import ClipPresetConfig
 
 __all__ = ["PolychromeConfig", "TextEncoderConfig"]
 
@@ -41,6 +42,7 @@ class PolychromeConfig(Config):
     llm: LLMConfig = field(default_factory=LLMConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     shapeworld: ShapeWorldConfig = field(default_factory=ShapeWorldConfig)
+    clip: ClipPresetConfig = field(default_factory=ClipPresetConfig)
 
     @classmethod
     def from_preset(cls, name: str) -> PolychromeConfig:

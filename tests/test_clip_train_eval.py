@@ -1,0 +1,325 @@
+"""train.clip and eval.clip: smoke runs of main([...]) on a tiny ShapeWorld, exact resume, the eval
+protocol's pieces against hand-computed cases."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from core.checkpoint import load_checkpoint
+from data.shapeworld import main as shapeworld_main
+from eval.clip import (
+    evaluate_clip,
+    format_table,
+    listing_caption,
+    object_crop,
+    retrieval_recalls,
+)
+from eval.clip import main as eval_main
+from train.clip import LOG_NAME, contrastive_loss, object_captions, pick_captions
+from train.clip import main as train_main
+from vision.clip import FROZEN_PREFIX, TENSOR_FILE, get_clip_config, load_clip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """A 64 px ShapeWorld: 32 pretrain + 32 train + 12 val images."""
+    root = tmp_path_factory.mktemp("sw") / "world"
+    argv = ["generate", "--out", str(root), "--pretrain", "32", "--train", "32", "--val", "12"]
+    shapeworld_main([*argv, "--test", "0", "--image-size", "64", "--seed", "0", "--workers", "1"])
+    return root
+
+
+def _train(world: Path, out: Path, *extra: str) -> int:
+    argv = ["--preset", "tiny", "--data", str(world), "--out", str(out), "--batch-size", "16"]
+    return train_main([*argv, "--device", "cpu", "--workers", "2", *extra])
+
+
+def _losses(out: Path) -> list[float]:
+    lines = (out / LOG_NAME).read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory) -> Path:
+    """A 12-step tiny run with --eval; returns its run folder."""
+    out = tmp_path_factory.mktemp("run") / "clip"
+    argv = ["--steps", "12", "--lr", "3e-3", "--save-every", "5", "--eval", "--eval-limit", "8"]
+    assert _train(world, out, *argv) == 0
+    return out
+
+
+def test_help_shows_example_commands(capsys):
+    for main, example in (
+        (train_main, "python -m train.clip --preset shapes"),
+        (eval_main, "python -m eval.clip --checkpoint"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["--help"])
+        assert exc.value.code == 0
+        assert example in capsys.readouterr().out
+
+
+def test_bad_arguments_are_clear(world, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_main(["--out", str(tmp_path / "x")])
+    assert "exactly one data source" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _train(world, tmp_path / "x", "--splits", "pretrain,nosuch")
+    assert "generate the data first" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _train(world, tmp_path / "x", "--resume")
+    assert "start without --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _train(world, tmp_path / "x", "--batch-size", "1000")
+    assert "need at least one batch" in capsys.readouterr().err
+
+
+def test_training_lowers_the_loss_and_writes_a_final_checkpoint(trained):
+    losses = _losses(trained)
+    assert len(losses) == 12
+    assert np.mean(losses[-4:]) < np.mean(losses[:4]) - 0.3, losses
+
+    final = trained / "final"
+    ckpt = load_checkpoint(final)
+    assert ckpt.config == get_clip_config("tiny-vit").to_dict()
+    tensors = ckpt.tensors[TENSOR_FILE]
+    assert all(t.dtype == torch.float16 for t in tensors.values())
+    assert not any(k.startswith(FROZEN_PREFIX) for k in tensors)  # MiniLM is not stored
+    assert {"visual.proj", "text.proj.weight", "logit_scale"} <= set(tensors)
+    assert ckpt.metadata["data"]["data_seed"] == 0
+    assert ckpt.metadata["data"]["images"] == 64
+    card = (final / "MODEL_CARD.md").read_text()
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["files"]["clip.safetensors"]["sha256"] in card
+    assert "python -m train.clip --preset tiny" in card
+    assert "| zero-shot class, seen classes |" in card  # the --eval table
+
+    # the final weights are the last training state, rounded to fp16
+    last = load_file(str(trained / "last" / "weights" / "trained.safetensors"))
+    for key, value in last.items():
+        torch.testing.assert_close(tensors[key].float(), value, rtol=1e-3, atol=1e-3)
+    model, _, _ = load_clip(final)
+    torch.testing.assert_close(
+        model.visual.proj.detach(), tensors["visual.proj"].float(), rtol=0, atol=0
+    )
+
+
+def test_eval_json_and_library_agree_on_the_tiny_checkpoint(trained, world, tmp_path, capsys):
+    from_train = json.loads((trained / "final" / "eval.json").read_text())
+    model, preprocess, tokenizer = load_clip(trained / "final")
+    results = evaluate_clip(model, tokenizer, preprocess, world, "val", limit=8, progress=False)
+    for key in ("class_acc_seen", "colour_acc_seen", "t2i_r1", "i2t_r5", "objects"):
+        assert results[key] == pytest.approx(from_train[key], abs=1e-6)
+    assert results["images"] == 8
+    counted = results["objects"] + results["objects_skipped_occluded"]
+    assert counted >= 2 * 8  # ShapeWorld draws at least two objects per image
+    assert results["objects_seen_class"] + results["objects_unseen_class"] == results["objects"]
+    assert results["objects_seen_colour"] + results["objects_unseen_colour"] == results["objects"]
+    for key in ("class_acc_seen", "colour_acc_seen", "t2i_r1", "t2i_r5", "i2t_r1", "i2t_r5"):
+        assert 0.0 <= results[key] <= 1.0
+    assert results["t2i_r1"] <= results["t2i_r5"]
+    assert results["class_chance"] == pytest.approx(1 / 14)
+    assert results["colour_chance"] == pytest.approx(1 / 10)
+
+    out = tmp_path / "r.json"
+    argv = ["--checkpoint", str(trained / "final"), "--data", str(world), "--limit", "8"]
+    assert eval_main([*argv, "--json", str(out), "--crop", "box", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "| text->image R@1 |" in printed
+    saved = json.loads(out.read_text())
+    assert saved["protocol"]["crop"] == "box" and saved["table"] in printed
+
+
+def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
+    common = ("--steps", "4", "--save-every", "2", "--lr", "2e-3", "--seed", "3")
+    common += ("--object-pairs", "8")  # region pairs come from a second stream: also exact
+    assert _train(world, tmp_path / "a", *common) == 0
+    assert _train(world, tmp_path / "b", *common, "--stop-at", "2") == 0
+    assert not (tmp_path / "b" / "final").exists()  # stopped early: no final checkpoint
+    assert _train(world, tmp_path / "b", *common, "--resume") == 0
+
+    a = load_file(str(tmp_path / "a" / "last" / "weights" / "trained.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last" / "weights" / "trained.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert _losses(tmp_path / "a") == pytest.approx(_losses(tmp_path / "b"), abs=1e-6)
+    assert len(_losses(tmp_path / "b")) == 4
+    meta = load_checkpoint(tmp_path / "a" / "final").metadata
+    assert meta["data"]["objects"] > 2 * 64 * 0.5 and meta["data"]["object_pairs_per_step"] == 8
+    final_a = load_checkpoint(tmp_path / "a" / "final").tensors[TENSOR_FILE]
+    final_b = load_checkpoint(tmp_path / "b" / "final").tensors[TENSOR_FILE]
+    for key in final_a:
+        assert torch.equal(final_a[key], final_b[key]), key
+
+
+def test_user_data_sources(world, tmp_path):
+    """A COCO captions file (here ShapeWorld's own) and an imagefolder with metadata.jsonl."""
+    coco = ["--images", str(world / "train"), "--captions-json"]
+    coco.append(str(world / "annotations" / "captions_train.json"))
+    assert (
+        train_main(
+            [
+                "--preset",
+                "tiny",
+                *coco,
+                "--out",
+                str(tmp_path / "c"),
+                "--steps",
+                "2",
+                "--batch-size",
+                "8",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rows = []
+    for i in range(8):  # odd sizes and modes are resized / converted on load
+        Image.new("L", (50 + i, 70), 30 * i).save(folder / f"{i}.png")
+        rows.append(json.dumps({"file_name": f"{i}.png", "caption": f"a grey picture {i}"}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    assert (
+        train_main(
+            [
+                "--preset",
+                "tiny",
+                "--imagefolder",
+                str(folder),
+                "--out",
+                str(tmp_path / "f"),
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
+    for run in ("c", "f"):
+        meta = load_checkpoint(tmp_path / run / "final").metadata
+        assert meta["data"]["images"] == (32 if run == "c" else 8)
+
+
+def test_pick_captions_is_a_function_of_seed_and_step():
+    from train.clip import PairData
+
+    data = PairData(
+        images=torch.zeros(3, 3, 8, 8, dtype=torch.uint8),
+        texts=["a", "b", "c", "d"],
+        offsets=np.array([0, 2, 3, 4]),
+        text_ids=np.array([0, 1, 2, 3]),
+        description={},
+    )
+    idx = np.array([0, 1, 2, 0])
+    first = pick_captions(data, idx, seed=0, step=5)
+    assert np.array_equal(first, pick_captions(data, idx, seed=0, step=5))
+    assert first[0] in (0, 1) and first[1] == 2 and first[2] == 3
+    seen = {int(pick_captions(data, idx[:1], 0, s)[0]) for s in range(50)}
+    assert seen == {0, 1}  # both captions of image 0 get drawn
+
+
+def test_object_captions_read_like_shapeworld():
+    assert object_captions("orange", "ellipse") == [
+        "An orange ellipse.",
+        "There is an ellipse.",
+        "There is an orange shape.",
+    ]
+    assert object_captions("red", "star")[0] == "A red star."
+
+
+def test_contrastive_loss_hand_computed():
+    image = torch.eye(2)
+    text = torch.eye(2)
+    scale = torch.tensor(1.0)
+    # logits = I; distinct captions: CE of [1, 0] towards class 0 = log(1 + e^-1)
+    expected = float(np.log(1 + np.exp(-1)))
+    loss = contrastive_loss(image, text, scale, torch.tensor([0, 1]))
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    # the same caption twice: both columns are positives -> target [0.5, 0.5]
+    same = contrastive_loss(image, text, scale, torch.tensor([7, 7]))
+    assert float(same) == pytest.approx(-np.log(np.e / (np.e + 1)) / 2 - np.log(1 / (np.e + 1)) / 2)
+
+
+def test_retrieval_recalls_hand_computed():
+    emb = torch.eye(4)
+    perfect = retrieval_recalls(emb, emb, ["a", "b", "c", "d"])
+    assert perfect == {"t2i_r1": 1.0, "i2t_r1": 1.0}  # k=5 > N is left out
+    # caption i is closest to image (i + 1) % 4 (and next-closest to its own image)
+    text = torch.roll(emb, 1, dims=1) * 0.9 + emb * 0.1
+    shifted = retrieval_recalls(emb, text, ["a", "b", "c", "d"])
+    assert shifted["t2i_r1"] == 0.0 and shifted["i2t_r1"] == 0.0
+    # images 0 and 1 share a caption string: each counts as a positive for the other
+    dup = retrieval_recalls(emb, torch.roll(emb, 1, dims=0), ["x", "x", "c", "d"])
+    assert dup["t2i_r1"] == pytest.approx(0.25)  # only text 1 (-> image 0, also "x") hits
+    many = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
+    full = retrieval_recalls(many, many, list("abcdef"))
+    assert full["t2i_r5"] == 1.0 and full["t2i_r1"] == 1.0
+
+
+def test_listing_caption_picks_the_full_listing():
+    captions = [
+        "The shapes are on a plain background.",
+        "There is a circle and two stars.",
+        "The image shows three shapes: a red circle and two blue stars.",
+        "A red circle and two blue stars.",
+        "A red circle is left of a blue star.",
+    ]
+    objects = [("red", "circle"), ("blue", "star"), ("blue", "star")]
+    assert listing_caption(captions, objects) == "A red circle and two blue stars."
+    assert listing_caption(captions[:2], objects) == "There is a circle and two stars."
+    with pytest.raises(ValueError, match="no captions"):
+        listing_caption([], objects)
+
+
+def test_object_crop_masked_and_box():
+    image = np.full((64, 64, 3), 200, dtype=np.uint8)
+    image[10:16, 40:50] = (255, 0, 0)  # a 10 x 6 red object
+    image[30:40, 0:10] = (0, 0, 255)  # a neighbour
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[10:16, 40:50] = True
+    crop = np.asarray(object_crop(image, mask, 64, (1, 2, 3)))
+    assert crop.shape == (64, 64, 3)
+    red = np.all(crop == (255, 0, 0), axis=-1)
+    ys, xs = np.nonzero(red)
+    assert red.sum() == 60 and (ys.min(), xs.min()) == (29, 27)  # centred, native scale
+    assert np.all(crop[~red] == (1, 2, 3))  # everything else is the fill colour
+    twice = np.asarray(object_crop(image, mask, 128, (1, 2, 3)))  # the model sees 2x
+    assert np.all(twice == (255, 0, 0), axis=-1).sum() == 240
+    box = np.asarray(object_crop(image, mask, 32, (1, 2, 3), crop="box"))
+    assert box.shape == (32, 32, 3) and (box == (255, 0, 0)).all(-1).any()
+    with pytest.raises(ValueError, match="empty"):
+        object_crop(image, np.zeros_like(mask), 64, (0, 0, 0))
+    with pytest.raises(ValueError, match="crop must be"):
+        object_crop(image, mask, 64, (0, 0, 0), crop="zoom")  # type: ignore[arg-type]
+
+
+def test_format_table_marks_empty_groups():
+    results = {
+        "split": "val",
+        "images": 2,
+        "class_acc_seen": 0.5,
+        "class_acc_unseen": None,
+        "colour_acc_seen": 1.0,
+        "colour_acc_unseen": 0.25,
+        "objects_seen_class": 4,
+        "objects_unseen_class": 0,
+        "objects_seen_colour": 3,
+        "objects_unseen_colour": 1,
+        "t2i_r1": 0.5,
+        "i2t_r1": 1.0,
+    }
+    table = format_table(results)
+    assert "| zero-shot class, unseen classes | n/a | 0 |" in table
+    assert "| zero-shot class, seen classes | 50.0 | 4 |" in table
+    assert "| image->text R@1 | 100.0 | 2 |" in table
