@@ -237,6 +237,20 @@ SAM_REGISTRY: dict[str, Callable[[], Sam]] = {
 }
 
 
+@dataclass
+class SamPresetConfig(Config):
+    """The "sam" entry of a preset (configs/*.json): which SAM, and its trained weights."""
+
+    model: str = "shapes"  # a SAM_REGISTRY name: "shapes", "tiny", or the paper's vit_b/l/h
+    checkpoint: str | None = None  # load_sam folder (ours) or a Meta .pth (vit_*); None = random
+
+    def __post_init__(self) -> None:
+        if self.model not in SAM_REGISTRY:
+            raise ValueError(
+                f"unknown SAM model {self.model!r}; valid names: {sorted(SAM_REGISTRY)}"
+            )
+
+
 def list_sam_models() -> list[str]:
     """The names build_sam_model accepts."""
     return sorted(SAM_REGISTRY)

@@ -16,6 +16,7 @@ from core.config import Config, config_from_dict, load_preset_dict, preset_path
 from data.shapeworld import ShapeWorldConfig
 from lm.loading import LLMConfig
 from vision.clip import ClipPresetConfig
+from vision.sam import SamPresetConfig
 
 __all__ = ["PolychromeConfig", "TextEncoderConfig"]
 
@@ -43,6 +44,7 @@ class PolychromeConfig(Config):
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     shapeworld: ShapeWorldConfig = field(default_factory=ShapeWorldConfig)
     clip: ClipPresetConfig = field(default_factory=ClipPresetConfig)
+    sam: SamPresetConfig = field(default_factory=SamPresetConfig)
 
     @classmethod
     def from_preset(cls, name: str) -> PolychromeConfig:
