@@ -43,3 +43,20 @@ def test_clip_checkpoint_keeps_its_figures(val_split):
     assert r["colour_acc_unseen"] >= 0.95
     assert r["t2i_r1"] >= 0.75
     assert r["i2t_r1"] >= 0.75
+
+
+def test_sam_checkpoint_keeps_its_figures(val_split):
+    from eval.sam import evaluate_sam
+    from vision.sam import load_sam
+
+    folder = project_path(SHAPES.sam.checkpoint)
+    verify_checkpoint(folder)
+    model = load_sam(folder)
+    r = evaluate_sam(model, val_split, "val", amg=False, progress=False)
+    # Model card (1,000 val images): 1-point mIoU 80.4, box mIoU 85.3.
+    # On these 100 images it measured 80.4 and 85.6.
+    assert r["point_miou"] >= 0.76
+    assert r["box_miou"] >= 0.81
+    amg = evaluate_sam(model, val_split, "val", limit=20, progress=False)
+    # AMG recall@0.5: 85.3% on the first 100 val images, 82.4% on these 20.
+    assert amg["amg_recall@0.5"] >= 0.75
