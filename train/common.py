@@ -14,10 +14,11 @@ The batch order is a pure function of (seed, step): epoch e is a permutation dra
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
     "batch_indices",
     "cosine_with_warmup",
     "load_training_state",
+    "resume_mismatches",
     "save_training_state",
     "trainable_state",
 ]
@@ -123,6 +125,22 @@ def load_training_state(
         scheduler.load_state_dict(state["scheduler"])
     torch.random.set_rng_state(state["torch_rng"])
     return int(state["step"])
+
+
+def resume_mismatches(
+    out: str | os.PathLike[str], run_config: dict[str, Any], keys: Iterable[str]
+) -> str | None:
+    """Why ``<out>/last`` cannot be resumed with `run_config` (the `keys` that differ), or None."""
+    manifest = Path(out) / "last" / "weights" / "manifest.json"
+    if not manifest.is_file():
+        return f"{Path(out) / 'last'}: no training state to resume from"
+    saved = json.loads(manifest.read_text(encoding="utf-8"))["config"]
+    changed = [k for k in keys if saved.get(k) != run_config.get(k)]
+    if not changed:
+        return None
+    return f"{Path(out) / 'last'} was trained with other settings: " + ", ".join(
+        f"{k} {saved.get(k)!r} -> {run_config.get(k)!r}" for k in changed
+    )
 
 
 def remove_training_state(out: str | os.PathLike[str]) -> None:

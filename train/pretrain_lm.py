@@ -84,7 +84,13 @@ from lm.objectives import (
     build_ngram_lexicon,
     ensure_mask_token,
 )
-from train.common import batch_indices, cosine_with_warmup, load_training_state, save_training_state
+from train.common import (
+    batch_indices,
+    cosine_with_warmup,
+    load_training_state,
+    resume_mismatches,
+    save_training_state,
+)
 
 OBJECTIVES = ("ntp", "meap", "ernie-gram")
 ARCHS = ("tnl", "softmax", "bert")
@@ -721,15 +727,9 @@ def main(argv: list[str] | None = None) -> int:
     start = 0
     log: dict[str, Any] = {"command": command, "config": run_config, "train": [], "eval": []}
     if args.resume:
-        saved = json.loads((args.out / "last" / "weights" / "manifest.json").read_text())
-        changed = [k for k in RESUME_KEYS if saved["config"].get(k) != run_config.get(k)]
-        if changed:
-            parser.error(
-                f"--resume: {args.out / 'last'} was trained with other settings: "
-                + ", ".join(
-                    f"{k} {saved['config'].get(k)!r} -> {run_config.get(k)!r}" for k in changed
-                )
-            )
+        mismatch = resume_mismatches(args.out, run_config, RESUME_KEYS)
+        if mismatch:
+            parser.error(f"--resume: {mismatch}")
         start = load_training_state(args.out, model, optimizer, scheduler)
         if (args.out / LOG_NAME).is_file():
             old = json.loads((args.out / LOG_NAME).read_text(encoding="utf-8"))

@@ -78,7 +78,13 @@ from lm.sparsity import (
     weights_digest,
 )
 from lm.sparsity.masks import DEFAULT_EXCLUDE
-from train.common import batch_indices, cosine_with_warmup, load_training_state, save_training_state
+from train.common import (
+    batch_indices,
+    cosine_with_warmup,
+    load_training_state,
+    resume_mismatches,
+    save_training_state,
+)
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "maskllm")
 PRIORS = ("sparsegpt", "wanda", "magnitude", "none")
@@ -412,15 +418,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         run_config["train_tokens"] = args.steps * args.batch_size * args.seq_len
     if args.resume:
-        saved = json.loads((args.out / "last" / "weights" / "manifest.json").read_text())
-        changed = [k for k in RESUME_KEYS if saved["config"].get(k) != run_config.get(k)]
-        if changed:
-            parser.error(
-                f"--resume: {args.out / 'last'} was trained with other settings: "
-                + ", ".join(
-                    f"{k} {saved['config'].get(k)!r} -> {run_config.get(k)!r}" for k in changed
-                )
-            )
+        mismatch = resume_mismatches(args.out, run_config, RESUME_KEYS)
+        if mismatch:
+            parser.error(f"--resume: {mismatch}")
     results: dict[str, Any] = {"command": command, "config": run_config}
     results["dense"] = dense_evaluation(model, heldout, args)
 
