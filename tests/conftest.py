@@ -28,6 +28,16 @@ def _seed() -> None:
     np.random.seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module with one intra-op thread. Tiny models gain nothing from more, and on a shared
+    2-core machine OpenMP spin-waiting under oversubscription made them up to ~100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_lm():
     """(model, tokenizer) of the tiny random Llama, frozen, built once per session."""

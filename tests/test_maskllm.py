@@ -34,12 +34,8 @@ from train.common import trainable_state
 TWO_FOUR = NM(2, 4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models on a shared 2-core machine: one intra-op thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_prior(shape=(8, 16), nm=TWO_FOUR) -> torch.Tensor:

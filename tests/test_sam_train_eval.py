@@ -25,15 +25,8 @@ from train.sam import (
 from train.sam import main as train_main
 from vision.sam import SAM_VARIANTS, build_sam, load_sam
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
-    # spin-waiting under oversubscription makes them several times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Tiny models on a shared 2-core machine: one intra-op thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST = ["--preset", "tiny", "--device", "cpu", "--no-progress", "--batch-size", "8"]

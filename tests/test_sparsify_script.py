@@ -23,12 +23,8 @@ MASKLLM = ["--method", "maskllm", "--steps", "6", "--batch-size", "2", "--lr", "
            "--save-every", "2"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models on a shared 2-core machine: one intra-op thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def results(out):
