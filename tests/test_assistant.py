@@ -58,7 +58,7 @@ def test_long_history_is_truncated_from_the_oldest_turn(assistant):
             {"role": "user", "content": f"{i} {long_turn}"},
             {"role": "assistant", "content": "ok"},
         ]
-    ids = assistant.encode(history, "last question")
+    ids = assistant.encode(history, "last question")["input_ids"]
     assert ids.shape[1] <= assistant.max_context_tokens
     text = assistant.tokenizer.decode(ids[0])
     assert "last question" in text and "7 word" in text and "0 word" not in text

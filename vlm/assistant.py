@@ -1,11 +1,16 @@
 """The Assistant: one chat turn in, a streamed reply out.
 
-At this stage it chats with the frozen LLM alone (text in, text out); the VLM core adds images,
-GILL adds image outputs and STAMP adds masks through the same ``chat`` call.
+It chats with the frozen LLM and, when built on a :class:`vlm.model.PolychromeVLM`, reads images
+attached to any user turn; GILL adds image outputs and STAMP adds masks through the same ``chat``
+call (they extend ``Assistant.chat``'s reply, a plain string today).
 
     assistant = Assistant.from_config(PolychromeConfig.from_preset("shapes"))
-    for partial in assistant.chat(history=[], message="Name three shapes."):
+    for partial in assistant.chat(history=[], message="What shapes are there?", images=[img]):
         print(partial)  # the reply so far, growing token by token
+
+History turns are ``{"role": ..., "content": str, "images"?: [image, ...]}``; images are paths,
+bytes, PIL images or arrays (core.images.load_rgb converts them; bad ones raise ImageError, a
+ValueError). When the prompt is too long, the oldest exchanges are dropped with their images.
 """
 
 from __future__ import annotations
@@ -16,10 +21,14 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
-from transformers import PreTrainedModel, TextIteratorStreamer
+from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from core.config import project_path
 from lm.loading import LLMConfig, load_causal_lm
+from lm.streaming import stream_generate
+from vlm.config import PolychromeConfig
+from vlm.model import PolychromeVLM, VLMConfig
 
 __all__ = ["MAX_MESSAGE_CHARS", "Assistant", "ChatMessage", "SamplingSettings"]
 
@@ -27,7 +36,9 @@ __all__ = ["MAX_MESSAGE_CHARS", "Assistant", "ChatMessage", "SamplingSettings"]
 MAX_MESSAGE_CHARS = 8000
 _ROLES = ("user", "assistant", "system")
 
-ChatMessage = dict[str, str]  # {"role": "user" | "assistant" | "system", "content": str}
+# {"role": "user" | "assistant" | "system", "content": str, "images"?: [image, ...]}
+ChatMessage = dict[str, Any]
+MAX_IMAGES = 8  # images in one prompt (history included) at most
 
 
 @dataclass
@@ -71,6 +82,7 @@ class Assistant:
         system_prompt: str | None = None,
         max_context_tokens: int = 2048,
         default_settings: SamplingSettings | None = None,
+        vlm: PolychromeVLM | None = None,
     ) -> None:
         if tokenizer.chat_template is None:
             raise ValueError("the tokenizer has no chat template; the Assistant needs one")
@@ -79,6 +91,9 @@ class Assistant:
         self.system_prompt = system_prompt
         self.max_context_tokens = max_context_tokens
         self.default_settings = default_settings or SamplingSettings()
+        if vlm is not None and (vlm.llm is not model or vlm.tokenizer is not tokenizer):
+            raise ValueError("vlm must wrap the same model and tokenizer as the Assistant")
+        self.vlm = vlm  # None: text only
         # One generate() at a time per model: the app's queue bounds concurrency, this guards
         # direct library users who call chat from several threads.
         self._lock = threading.Lock()
@@ -94,7 +109,34 @@ class Assistant:
             default_settings=SamplingSettings(max_new_tokens=cfg.max_new_tokens),
         )
 
-    def build_messages(self, history: Sequence[ChatMessage], message: str) -> list[ChatMessage]:
+    @classmethod
+    def from_config(cls, cfg: PolychromeConfig, device: str = "cpu") -> Assistant:
+        """The preset's VLM (its trained checkpoint, else a random projector) as an Assistant."""
+        if cfg.vlm.checkpoint:
+            vlm = PolychromeVLM.from_pretrained(project_path(cfg.vlm.checkpoint), device=device)
+            if vlm.config.llm.source != cfg.llm.source:  # --llm override: same projector width?
+                raise ValueError(
+                    f"the VLM checkpoint {cfg.vlm.checkpoint} was trained on LLM "
+                    f"{vlm.config.llm.source!r}, the preset asks for {cfg.llm.source!r}"
+                )
+        else:
+            vlm_cfg = VLMConfig(llm=cfg.llm, vision=cfg.clip, projector=cfg.vlm.projector)
+            vlm = PolychromeVLM.build(vlm_cfg, device=device)
+        return cls(
+            vlm.llm,
+            vlm.tokenizer,
+            system_prompt=cfg.llm.system_prompt,
+            max_context_tokens=cfg.llm.max_context_tokens,
+            default_settings=SamplingSettings(max_new_tokens=cfg.llm.max_new_tokens),
+            vlm=vlm,
+        )
+
+    def build_messages(
+        self,
+        history: Sequence[ChatMessage],
+        message: str,
+        images: Sequence[Any] | None = None,
+    ) -> list[ChatMessage]:
         """The chat messages for the template: system prompt, history, then the new message."""
         messages: list[ChatMessage] = []
         if self.system_prompt:
@@ -105,19 +147,50 @@ class Assistant:
                     f"history[{i}] must be a dict with role in {list(_ROLES)} and a string "
                     f"content, received {turn!r:.120}"
                 )
-            messages.append({"role": turn["role"], "content": _clean(turn["content"], "history")})
-        messages.append({"role": "user", "content": _clean(message, "message")})
+            item: ChatMessage = {
+                "role": turn["role"],
+                "content": _clean(turn["content"], "history"),
+            }
+            if turn.get("images"):
+                item["images"] = list(turn["images"])
+            messages.append(item)
+        last: ChatMessage = {"role": "user", "content": _clean(message, "message")}
+        if images:
+            last["images"] = list(images)
+        messages.append(last)
+        n_images = sum(len(m.get("images") or ()) for m in messages)
+        if n_images and self.vlm is None:
+            raise ValueError("this Assistant is text-only (no VLM): it cannot read images")
+        if n_images > MAX_IMAGES:
+            raise ValueError(
+                f"the conversation holds {n_images} images; at most {MAX_IMAGES} are read at once"
+            )
         return messages
 
-    def encode(self, history: Sequence[ChatMessage], message: str) -> torch.Tensor:
-        """(1, T) prompt ids; the oldest turns are dropped until the prompt fits the context."""
-        messages = self.build_messages(history, message)
+    def _prompt(self, messages: list[ChatMessage]) -> dict[str, torch.Tensor]:
+        if self.vlm is not None:
+            return self.vlm.prepare(messages)
+        encoded: Any = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        ids = cast(torch.Tensor, encoded["input_ids"])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def encode(
+        self,
+        history: Sequence[ChatMessage],
+        message: str,
+        images: Sequence[Any] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The prompt batch ({"input_ids": (1, T), "attention_mask", "pixel_values"?}).
+
+        The oldest exchanges (with their images) are dropped until the prompt fits the context.
+        """
+        messages = self.build_messages(history, message, images)
         first = 1 if messages[0]["role"] == "system" else 0
         while True:
-            encoded: Any = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            )
-            ids = cast(torch.Tensor, encoded["input_ids"])
+            batch = self._prompt(messages)
+            ids = batch["input_ids"]
             if ids.shape[1] <= self.max_context_tokens or len(messages) - first <= 1:
                 break
             # Drop the oldest exchange: a user turn with the assistant turns that answer it.
@@ -129,7 +202,7 @@ class Assistant:
                 f"the message alone is {ids.shape[1]} tokens; the context limit is "
                 f"{self.max_context_tokens}"
             )
-        return ids
+        return batch
 
     def chat(
         self,
@@ -138,49 +211,30 @@ class Assistant:
         images: Sequence[Any] | None = None,
         settings: SamplingSettings | None = None,
     ) -> Iterator[str]:
-        """Yield the reply so far after each decoded chunk; the last value is the whole reply."""
-        if images:
-            raise ValueError(
-                "this Assistant is text-only: image input arrives with the VLM core (issue 8)"
-            )
+        """Yield the reply so far after each decoded chunk; the last value is the whole reply.
+
+        ``images`` belong to the new message (shown before its text, LLaVA's layout).
+        """
         settings = settings or self.default_settings
-        input_ids = self.encode(history, message).to(self.model.device)
-        streamer = TextIteratorStreamer(
-            self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300.0
-        )
-        gen_kwargs: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": torch.ones_like(input_ids),
-            "max_new_tokens": settings.max_new_tokens,
-            "streamer": streamer,
-            "pad_token_id": self.tokenizer.pad_token_id,
-        }
+        batch = self.encode(history, message, images)
+        gen_kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens}
         if settings.temperature > 0:
             gen_kwargs.update(
                 do_sample=True, temperature=settings.temperature, top_p=settings.top_p
             )
         else:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                with self._lock, torch.inference_mode():
-                    if settings.seed is not None:
-                        torch.manual_seed(settings.seed)
-                    cast(Any, self.model).generate(**gen_kwargs)
-            except BaseException as err:  # noqa: BLE001 -- re-raised in the caller thread below
-                errors.append(err)
-                streamer.end()
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
+        if self.vlm is not None:
+            chunks = self.vlm.stream(batch, gen_kwargs, seed=settings.seed)
+        else:
+            ids = batch["input_ids"].to(self.model.device)
+            gen_kwargs.update(input_ids=ids, attention_mask=torch.ones_like(ids))
+            chunks = stream_generate(
+                self.model, self.tokenizer, gen_kwargs, lock=self._lock, seed=settings.seed
+            )
         reply = ""
-        for chunk in streamer:
+        for chunk in chunks:
             reply += chunk
             yield reply
-        thread.join()
-        if errors:
-            raise errors[0]
         if not reply:
             yield reply

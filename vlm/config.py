@@ -17,6 +17,7 @@ from data.shapeworld import ShapeWorldConfig
 from lm.loading import LLMConfig
 from vision.clip import ClipPresetConfig
 from vision.sam import SamPresetConfig
+from vlm.model import VLMPresetConfig
 
 __all__ = ["PolychromeConfig", "TextEncoderConfig"]
 
@@ -45,6 +46,7 @@ class PolychromeConfig(Config):
     shapeworld: ShapeWorldConfig = field(default_factory=ShapeWorldConfig)
     clip: ClipPresetConfig = field(default_factory=ClipPresetConfig)
     sam: SamPresetConfig = field(default_factory=SamPresetConfig)
+    vlm: VLMPresetConfig = field(default_factory=VLMPresetConfig)
 
     @classmethod
     def from_preset(cls, name: str) -> PolychromeConfig:

@@ -1,0 +1,294 @@
+"""Evaluate a VLM on ShapeWorld: caption attribute F1 and QA accuracy by question type.
+
+    python -m eval.vlm --checkpoint checkpoints/shapes/vlm --data out/shapeworld --split test
+    python -m eval.vlm --preset shapes --data out/shapeworld --split test --limit 100 \\
+        --out runs/vlm/eval_test.json
+
+Captions: the model is asked "Describe the image." (greedy, up to 80 new tokens). The reply is
+parsed for object mentions "<count> <colour> <shape>" (count = a/an/one ... twelve, plural nouns
+allowed) and compared with the image's visible objects as a set of facts: each colour present, each
+class present, and each (colour, class, count) group. Caption attribute F1 is the micro-F1 over
+all facts of all images; the colour, class and group F1s are reported beside it.
+
+QA: every question of the image is asked on its own, in a fresh conversation, with the
+short-answer instruction (data.conversations.SHORT_ANSWER); the reply, lower-cased and stripped of
+punctuation and articles, must equal the answer. Accuracy by type (count, colour, shape, position,
+exists) and overall (micro over questions).
+
+Time to first token: the median over ``--ttft-repeats`` one-image questions of the time from the
+call to the first streamed text (image encoding, prefill and one decoding step included).
+
+Writes JSON (``--out``) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import statistics
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from core.config import project_path
+from core.io import atomic_write_text
+from data.conversations import ChatRecord, read_chat_records, short_question
+from data.formats import read_imagefolder
+from data.language import number_word, plural
+from data.scene import COLOURS, SHAPES
+from vlm.config import PolychromeConfig
+from vlm.model import PolychromeVLM, VLMConfig
+
+DESCRIBE = "Describe the image."
+QA_TYPES = ("count", "colour", "shape", "position", "exists")
+_ARTICLES = {"a", "an", "the"}
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces: "The Top-left." -> "top left"."""
+    words = re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split()
+    return " ".join(w for w in words if w not in _ARTICLES)
+
+
+def _count_words() -> dict[str, int]:
+    words = {"a": 1, "an": 1}
+    for n in range(0, 21):
+        words[number_word(n)] = n
+    return words
+
+
+def parse_objects(
+    text: str, colours: Sequence[str], shapes: Sequence[str]
+) -> Counter[tuple[str, str]]:
+    """Object mentions "<count> <colour> <shape>" in a caption -> Counter{(colour, shape): n}.
+
+    Counts are words (a, an, one ... twenty); shapes may be plural. A group mentioned twice counts
+    once (the larger count).
+    """
+    counts = _count_words()
+    nouns = {s: s for s in shapes} | {plural(s): s for s in shapes}
+    pattern = re.compile(
+        r"\b("
+        + "|".join(sorted(counts, key=len, reverse=True))
+        + r")\s+("
+        + "|".join(sorted(colours, key=len, reverse=True))
+        + r")\s+("
+        + "|".join(sorted(nouns, key=len, reverse=True))
+        + r")\b"
+    )
+    found: Counter[tuple[str, str]] = Counter()
+    for count, colour, noun in pattern.findall(text.lower()):
+        key = (colour, nouns[noun])
+        found[key] = max(found[key], counts[count])
+    return found
+
+
+def caption_facts(groups: Counter[tuple[str, str]]) -> set[tuple[str, ...]]:
+    """Facts a caption states: colours present, classes present, (colour, class, count) groups."""
+    facts: set[tuple[str, ...]] = set()
+    for (colour, shape), n in groups.items():
+        facts |= {("colour", colour), ("class", shape), ("group", colour, shape, str(n))}
+    return facts
+
+
+def _f1(tp: int, n_pred: int, n_gold: int) -> float:
+    return 2 * tp / (n_pred + n_gold) if n_pred + n_gold else 1.0
+
+
+def caption_scores(
+    predicted: Sequence[Counter[tuple[str, str]]], gold: Sequence[Counter[tuple[str, str]]]
+) -> dict[str, float]:
+    """Micro-F1 over the facts of all images: overall and per fact kind."""
+    totals: dict[str, list[int]] = {k: [0, 0, 0] for k in ("all", "colour", "class", "group")}
+    for p, g in zip(predicted, gold, strict=True):
+        pf, gf = caption_facts(p), caption_facts(g)
+        for kind in ("colour", "class", "group"):
+            pk = {f for f in pf if f[0] == kind}
+            gk = {f for f in gf if f[0] == kind}
+            for key in (kind, "all"):
+                totals[key][0] += len(pk & gk)
+                totals[key][1] += len(pk)
+                totals[key][2] += len(gk)
+    return {k: _f1(*v) for k, v in totals.items()}
+
+
+def load_vlm(args: argparse.Namespace) -> PolychromeVLM:
+    """--checkpoint, else the preset's VLM checkpoint, else a random projector."""
+    if args.checkpoint is not None:
+        return PolychromeVLM.from_pretrained(args.checkpoint)
+    preset = PolychromeConfig.from_preset(args.preset)
+    if preset.vlm.checkpoint:
+        return PolychromeVLM.from_pretrained(project_path(preset.vlm.checkpoint))
+    return PolychromeVLM.build(
+        VLMConfig(llm=preset.llm, vision=preset.clip, projector=preset.vlm.projector)
+    )
+
+
+def evaluate_vlm(
+    vlm: PolychromeVLM,
+    records: Sequence[ChatRecord],
+    gold_objects: Sequence[Counter[tuple[str, str]]],
+    *,
+    batch_size: int = 8,
+    caption_tokens: int = 80,
+    ttft_repeats: int = 5,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Caption F1, QA accuracy by type and time to first token (module docstring)."""
+    colours, shapes = list(COLOURS), list(SHAPES)
+    captions: list[str] = []
+    for start in tqdm(
+        range(0, len(records), batch_size), desc="captions", unit="batch", disable=not progress
+    ):
+        chunk = records[start : start + batch_size]
+        prompts = [[{"role": "user", "content": DESCRIBE, "images": [r.image]}] for r in chunk]
+        captions += vlm.generate_texts(prompts, max_new_tokens=caption_tokens)
+    predicted = [parse_objects(c, colours, shapes) for c in captions]
+    cap = caption_scores(predicted, gold_objects)
+
+    questions = [(r, q) for r in records for q in r.qa]
+    replies: list[str] = []
+    for start in tqdm(
+        range(0, len(questions), batch_size), desc="questions", unit="batch", disable=not progress
+    ):
+        pairs = questions[start : start + batch_size]
+        prompts = [
+            [{"role": "user", "content": short_question(q["question"]), "images": [r.image]}]
+            for r, q in pairs
+        ]
+        replies += vlm.generate_texts(prompts, max_new_tokens=8)
+    right: Counter[str] = Counter()
+    asked: Counter[str] = Counter()
+    for (_, q), reply in zip(questions, replies, strict=True):
+        kind = q.get("type") or "other"
+        asked[kind] += 1
+        right[kind] += normalise_answer(reply) == normalise_answer(q["answer"])
+    qa = {k: right[k] / asked[k] for k in asked}
+    qa["overall"] = sum(right.values()) / max(1, sum(asked.values()))
+
+    ttft = []
+    for r in records[:ttft_repeats]:
+        if not r.qa:
+            continue
+        msgs = [
+            {"role": "user", "content": short_question(r.qa[0]["question"]), "images": [r.image]}
+        ]
+        began = time.perf_counter()
+        batch = vlm.prepare(msgs)
+        stream = vlm.stream(batch, {"max_new_tokens": 2, "do_sample": False})
+        for chunk_text in stream:
+            if chunk_text:
+                break
+        ttft.append(time.perf_counter() - began)
+        for _ in stream:  # let the generation thread finish before the next measurement
+            pass
+    examples = [
+        {
+            "image": str(r.image),
+            "caption": c,
+            "gold": sorted(f"{n} {a} {b}" for (a, b), n in g.items()),
+        }
+        for r, c, g in list(zip(records, captions, gold_objects, strict=True))[:5]
+    ]
+    return {
+        "images": len(records),
+        "questions": sum(asked.values()),
+        "questions_by_type": dict(asked),
+        "caption_f1": cap,
+        "qa_accuracy": qa,
+        "ttft_s_median": statistics.median(ttft) if ttft else None,
+        "examples": examples,
+        "qa_examples": [
+            {"q": q["question"], "answer": q["answer"], "reply": rep}
+            for (_, q), rep in list(zip(questions, replies, strict=True))[:10]
+        ],
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    cap, qa = result["caption_f1"], result["qa_accuracy"]
+    lines = [
+        "| metric | value |",
+        "|---|---|",
+        f"| caption attribute F1 (colour / class / group) | {cap['all']:.3f} "
+        f"({cap['colour']:.3f} / {cap['class']:.3f} / {cap['group']:.3f}) |",
+    ]
+    for kind in (*QA_TYPES, "overall"):
+        if kind in qa:
+            n = result["questions_by_type"].get(kind, result["questions"])
+            lines.append(f"| QA accuracy: {kind} (n={n}) | {100 * qa[kind]:.1f}% |")
+    if result["ttft_s_median"] is not None:
+        lines.append(
+            f"| time to first token, one-image question | {result['ttft_s_median']:.2f} s |"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.vlm",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--checkpoint", type=Path, help="a PolychromeVLM.save_pretrained folder")
+    which.add_argument(
+        "--preset", default="shapes", help="use the preset's VLM checkpoint (default shapes)"
+    )
+    parser.add_argument("--data", type=Path, required=True, help="a ShapeWorld folder")
+    parser.add_argument("--split", default="test", help="split to evaluate (default test)")
+    parser.add_argument("--limit", type=int, default=None, help="first N images only")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    parser.add_argument("--ttft-repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, received {args.limit}")
+    folder = args.data / args.split
+    if not (folder / "metadata.jsonl").is_file():
+        parser.error(
+            f"{folder / 'metadata.jsonl'} not found; generate ShapeWorld with data.shapeworld"
+        )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    records = read_chat_records(folder, limit=args.limit)
+    rows = read_imagefolder(folder)[: args.limit]
+    gold = []
+    for n, row in enumerate(rows, start=1):
+        if not isinstance(row.get("objects"), list):
+            parser.error(f"{folder / 'metadata.jsonl'}: line {n} has no 'objects' list")
+        gold.append(Counter((o["colour"], o["shape"]) for o in row["objects"]))
+    vlm = load_vlm(args)
+    result = evaluate_vlm(
+        vlm,
+        records,
+        gold,
+        batch_size=args.batch_size,
+        ttft_repeats=args.ttft_repeats,
+        progress=not args.no_progress,
+    )
+    result["command"] = "python -m eval.vlm " + shlex.join(argv)
+    if args.out is not None:
+        atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

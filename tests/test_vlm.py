@@ -1,0 +1,260 @@
+"""The VLM core on the tiny preset: visual tokens, frozen-LLM invariance, labels, save/load."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from core.checkpoint import CheckpointError
+from core.images import ImageError
+from data.conversations import (
+    SHORT_ANSWER,
+    ChatRecord,
+    caption_conversation,
+    instruct_conversation,
+    read_chat_records,
+)
+from data.formats import FormatError
+from data.shapeworld import main as shapeworld_main
+from eval.vlm import caption_scores, normalise_answer, parse_objects
+from eval.vlm import main as eval_main
+from train.vlm import main as train_main
+from vlm.assistant import MAX_IMAGES, Assistant, SamplingSettings
+from vlm.config import PolychromeConfig
+from vlm.model import IGNORE_INDEX, IMAGE_TOKEN, PolychromeVLM, Projector, VLMConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def vlm() -> PolychromeVLM:
+    cfg = PolychromeConfig.from_preset("tiny")
+    return PolychromeVLM.build(VLMConfig(llm=cfg.llm, vision=cfg.clip, projector=cfg.vlm.projector))
+
+
+@pytest.fixture(scope="module")
+def shapeworld(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("vlm-data") / "sw"
+    args = ["generate", "--out", str(root), "--train", "12", "--val", "4", "--test", "4"]
+    shapeworld_main([*args, "--pretrain", "0", "--image-size", "64", "--workers", "1"])
+    return root
+
+
+def _image(seed: int = 0, size: int = 64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def test_text_only_logits_are_bitwise_the_bare_llms(vlm):
+    batch = vlm.prepare([{"role": "user", "content": "Name three shapes."}])
+    with torch.no_grad():
+        ours = vlm(**batch).logits
+        bare = vlm.llm(input_ids=batch["input_ids"]).logits
+    assert ours is not None and torch.equal(ours, bare)
+
+
+def test_image_features_land_exactly_on_the_placeholders(vlm):
+    batch = vlm.prepare([{"role": "user", "content": "What is this?", "images": [_image()]}])
+    ids = batch["input_ids"]
+    n = vlm.tokens_per_image
+    assert int((ids == vlm.image_token_id).sum()) == n
+    with torch.no_grad():
+        feats = vlm.encode_images(batch["pixel_values"])  # (1, n, H)
+        embeds = vlm.embed(ids, feats)
+        plain = vlm.llm.get_input_embeddings()(ids.clamp(max=vlm.image_token_id - 1))
+    slots = (ids == vlm.image_token_id)[0]
+    assert torch.equal(embeds[0, slots], feats[0])
+    assert torch.equal(embeds[0, ~slots], plain[0, ~slots])  # every text token untouched
+
+
+def test_placeholder_count_mismatch_names_both_counts(vlm):
+    batch = vlm.prepare([{"role": "user", "content": "hi", "images": [_image()]}])
+    feats = vlm.encode_images(batch["pixel_values"])
+    n = vlm.tokens_per_image
+    with pytest.raises(ValueError, match=rf"{n} {IMAGE_TOKEN} tokens.*{2 * n} features"):
+        vlm.embed(batch["input_ids"], torch.cat([feats, feats]))
+    with pytest.raises(ValueError, match=rf"{n} {IMAGE_TOKEN} tokens.*0 features"):
+        vlm.embed(batch["input_ids"], None)
+
+
+def test_projector_merges_each_block_of_patches_in_reading_order():
+    proj = Projector(vision_width=3, llm_width=5, merge=2)
+    tokens = torch.randn(1, 16, 3)  # a 4x4 grid
+    out = proj(tokens, (4, 4))
+    assert out.shape == (1, 4, 5)
+    grid = tokens.reshape(4, 4, 3)
+    # Token 1 is the top-right block: rows 0-1, columns 2-3, concatenated row-major.
+    block = torch.cat([grid[0, 2], grid[0, 3], grid[1, 2], grid[1, 3]])
+    expected = proj.fc2(proj.act(proj.fc1(proj.norm(block))))
+    torch.testing.assert_close(out[0, 1], expected)
+    with pytest.raises(ValueError, match="divisible by merge=2"):
+        proj(torch.randn(1, 9, 3), (3, 3))
+
+
+def test_labels_cover_only_the_assistant_replies(vlm):
+    conv = [
+        {"role": "user", "content": "Describe it.", "images": [_image()]},
+        {"role": "assistant", "content": "A red circle."},
+        {"role": "user", "content": "Colour? " + SHORT_ANSWER},
+        {"role": "assistant", "content": "red"},
+    ]
+    ids, labels = vlm.tokenize_chat(conv)
+    supervised = vlm.tokenizer.decode(ids[labels != IGNORE_INDEX])
+    end = vlm.tokenizer.eos_token
+    assert supervised == f"A red circle.{end}red{end}"
+    assert torch.equal(labels[labels != IGNORE_INDEX], ids[labels != IGNORE_INDEX])
+    with pytest.raises(ValueError, match="end with an assistant turn"):
+        vlm.tokenize_chat(conv[:3])
+
+
+def test_loss_equals_cross_entropy_from_the_full_logits(vlm):
+    conv = [
+        {"role": "user", "content": "Describe it.", "images": [_image(1)]},
+        {"role": "assistant", "content": "Two shapes."},
+    ]
+    batch = vlm.collate([conv, [*conv[:1], {"role": "assistant", "content": "No."}]])
+    with torch.no_grad():
+        out = vlm(**batch)
+        full = vlm(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    expected = torch.nn.functional.cross_entropy(full[:, :-1][keep], targets[keep])
+    assert out.n_labels == int(keep.sum())
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_only_projector_and_added_rows_train(vlm):
+    trainable = {n for n, p in vlm.named_parameters() if p.requires_grad}
+    assert trainable == {"added_embeddings"} | {
+        f"projector.{n}" for n, _ in vlm.projector.named_parameters()
+    }
+    conv = [
+        {"role": "user", "content": "What?", "images": [_image(2)]},
+        {"role": "assistant", "content": "A star."},
+    ]
+    out = vlm(**vlm.collate([conv]))
+    out.loss.backward()
+    assert vlm.projector.fc1.weight.grad is not None
+    assert vlm.projector.fc1.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in vlm.llm.parameters())
+    vlm.zero_grad(set_to_none=True)
+
+
+def test_save_and_load_store_only_the_trained_tensors(vlm, tmp_path):
+    with torch.no_grad():
+        vlm.projector.fc2.bias.add_(0.5)
+    path = vlm.save_pretrained(tmp_path / "vlm")
+    stored = load_file(str(path / "vlm.safetensors"))
+    assert set(stored) == set(vlm.trained_state_dict())
+    assert not any(k.startswith(("llm.", "clip.")) for k in stored)
+    config = json.loads((path / "manifest.json").read_text())["config"]
+    assert config["llm"]["source"] == "tiny-random-llama"
+    again = PolychromeVLM.from_pretrained(path)
+    batch = vlm.prepare([{"role": "user", "content": "hi", "images": [_image(3)]}])
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, vlm(**batch).logits)
+    data = bytearray((path / "vlm.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (path / "vlm.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        PolychromeVLM.from_pretrained(path)
+
+
+def test_batched_greedy_generation_matches_one_by_one(vlm):
+    prompts = [
+        [{"role": "user", "content": "Describe.", "images": [_image(4)]}],
+        [{"role": "user", "content": "A much longer question about it?", "images": [_image(5)]}],
+    ]
+    together = vlm.generate_texts(prompts, max_new_tokens=6)
+    alone = [vlm.generate_texts([p], max_new_tokens=6)[0] for p in prompts]
+    assert together == alone
+
+
+def test_assistant_reads_images_and_refuses_what_it_cannot(vlm):
+    assistant = Assistant(
+        vlm.llm, vlm.tokenizer, vlm=vlm, default_settings=SamplingSettings(max_new_tokens=5)
+    )
+    *partials, reply = list(assistant.chat([], "What is this?", images=[_image(6)]))
+    assert all(reply.startswith(p) for p in partials)
+    expected = vlm.generate_texts(
+        [[{"role": "user", "content": "What is this?", "images": [_image(6)]}]], max_new_tokens=5
+    )[0]
+    assert reply.strip() == expected
+    with pytest.raises(ImageError):
+        list(assistant.chat([], "and this?", images=[b"not an image"]))
+    with pytest.raises(ValueError, match=f"at most {MAX_IMAGES}"):
+        list(assistant.chat([], "all?", images=[_image(i) for i in range(MAX_IMAGES + 1)]))
+    text_only = Assistant(vlm.llm, vlm.tokenizer)
+    with pytest.raises(ValueError, match="text-only"):
+        list(text_only.chat([], "see?", images=[_image()]))
+
+
+def test_chat_records_and_conversations(shapeworld, tmp_path):
+    records = read_chat_records(shapeworld / "train")
+    rng = np.random.default_rng(0)
+    conv = instruct_conversation(records[0], rng)
+    assert conv[0]["images"] == [records[0].image]
+    assert [m["role"] for m in conv] == ["user", "assistant"] * (len(conv) // 2)
+    short = [m for m in conv if m["role"] == "user" and m["content"].endswith(SHORT_ANSWER)]
+    assert len(short) == len(records[0].qa)
+    cap = caption_conversation(records[1], rng)
+    assert cap[1]["content"] in records[1].captions
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _image().save(bad / "a.png")
+    rows = [{"file_name": "a.png", "captions": ["ok"]}, {"file_name": "a.png", "qa": [{"q": 1}]}]
+    (bad / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(FormatError, match=r"line 2: qa\[0\] must be an object"):
+        read_chat_records(bad)
+    assert isinstance(read_chat_records(bad, limit=1)[0], ChatRecord)
+
+
+def test_answer_normalisation_and_caption_parsing():
+    assert normalise_answer("The Top-left.") == "top left"
+    colours, shapes = ["red", "blue", "green"], ["circle", "cross", "star"]
+    text = (
+        "The image shows two red circles, a blue cross and three green stars on a plain background."
+    )
+    found = parse_objects(text, colours, shapes)
+    assert found == Counter({("red", "circle"): 2, ("blue", "cross"): 1, ("green", "star"): 3})
+    gold = Counter({("red", "circle"): 2, ("blue", "cross"): 2})
+    scores = caption_scores([found], [gold])
+    # predicted facts: 3 colours, 3 classes, 3 groups; gold: 2, 2, 2; right: 2, 2, 1 (red circles).
+    assert scores["colour"] == pytest.approx(2 * 2 / (3 + 2))
+    assert scores["group"] == pytest.approx(2 * 1 / (3 + 2))
+    assert scores["all"] == pytest.approx(2 * 5 / (9 + 6))
+
+
+def test_train_resumes_exactly_and_eval_runs(shapeworld, tmp_path):
+    common = ["--preset", "tiny", "--data", str(shapeworld), "--steps", "4", "--align-steps", "2"]
+    common += ["--batch-size", "2", "--no-progress", "--save-every", "2", "--lr", "1e-2"]
+    assert train_main([*common, "--out", str(tmp_path / "straight")]) == 0
+    assert train_main([*common, "--out", str(tmp_path / "cut"), "--stop-at", "2"]) == 0
+    assert train_main([*common, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    a = load_file(str(tmp_path / "straight" / "final" / "vlm.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "final" / "vlm.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    init = PolychromeVLM.build(
+        VLMConfig.from_dict(
+            json.loads((tmp_path / "straight" / "final" / "manifest.json").read_text())["config"]
+        )
+    )
+    assert not torch.equal(a["projector.fc1.weight"], init.projector.fc1.weight)
+    out = tmp_path / "eval.json"
+    ckpt = str(tmp_path / "straight" / "final")
+    args = ["--checkpoint", ckpt, "--data", str(shapeworld), "--split", "val", "--limit", "2"]
+    assert eval_main([*args, "--ttft-repeats", "1", "--no-progress", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 2 and result["questions"] > 0
+    assert 0.0 <= result["qa_accuracy"]["overall"] <= 1.0
+    with pytest.raises(SystemExit):
+        train_main([*common, "--out", str(tmp_path / "x"), "--align-steps", "9"])

@@ -1,0 +1,293 @@
+"""Train the VLM's projector (and added token rows) with the LLM and CLIP frozen.
+
+    # ShapeWorld: align on captions, then instruction-tune on dialogues + short-answer QA
+    python -m train.vlm --preset shapes --data out/shapeworld --out runs/vlm \\
+        --align-steps 300 --steps 1500 --batch-size 8 --max-minutes 45 --eval
+    # continue an interrupted run from <out>/last (same data order)
+    python -m train.vlm --preset shapes --data out/shapeworld --out runs/vlm --steps 1500 --resume
+    # your own images: a folder with metadata.jsonl (captions, dialogues, qa; data.conversations)
+    python -m train.vlm --preset shapes --imagefolder my_photos --out runs/vlm_mine --steps 200
+
+Two stages in one run (LLaVA-1.5's recipe, both with the LLM frozen): steps below
+``--align-steps`` train on (image, caption) pairs, later steps on instruction conversations (a
+ShapeWorld dialogue plus the image's short-answer questions, one image per conversation). The loss
+is next-token cross-entropy on the assistant replies only. On CPU the forward and backward run under
+bf16 autocast (``--no-bf16`` to turn it off); the trained tensors stay fp32.
+
+``--max-minutes`` ends the run early at a step boundary (the cosine schedule is not stretched: the
+learning rate stays where it was) and still writes ``<out>/final``; the model card records how
+many steps ran. ``--eval`` then runs ``python -m eval.vlm`` on the val split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from core.runtime import resolve_device, seed_everything
+from data.conversations import caption_conversation, instruct_conversation, read_chat_records
+from data.datasets import shapeworld_paths
+from train.common import (
+    batch_indices,
+    cosine_with_warmup,
+    load_training_state,
+    resume_mismatches,
+    save_training_state,
+)
+from vlm.config import PolychromeConfig
+from vlm.model import PolychromeVLM, VLMConfig
+
+RESUME_KEYS = ("vlm", "seed", "batch_size", "lr", "align_steps", "steps", "data")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.vlm",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--preset", default="shapes", help="preset name (configs/*.json)")
+    src = parser.add_argument_group("data (one of --data, --imagefolder)")
+    src.add_argument("--data", type=Path, help="a ShapeWorld folder (python -m data.shapeworld)")
+    src.add_argument(
+        "--splits",
+        nargs="+",
+        default=["train"],
+        help="ShapeWorld splits to train on (default train)",
+    )
+    src.add_argument("--imagefolder", type=Path, help="folder with metadata.jsonl")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (last/, final/)")
+    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps in all")
+    parser.add_argument(
+        "--align-steps", type=int, default=300, help="first steps on captions only (default 300)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="conversations per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default 3%%)")
+    parser.add_argument("--seed", type=int, default=0, help="data order, conversation sampling")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    parser.add_argument("--save-every", type=int, default=100, help="steps between <out>/last")
+    parser.add_argument(
+        "--max-minutes", type=float, default=None, help="stop early after this wall time"
+    )
+    parser.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument(
+        "--no-bf16", action="store_true", help="fp32 compute (default: bf16 autocast)"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--eval", action="store_true", help="run eval.vlm on the val split at the end"
+    )
+    parser.add_argument("--eval-limit", type=int, default=200, help="val images for --eval")
+    return parser
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if (args.data is None) == (args.imagefolder is None):
+        parser.error("give exactly one data source: --data or --imagefolder")
+    for name in ("steps", "batch_size", "save_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
+    if not 0 <= args.align_steps <= args.steps:
+        parser.error(
+            f"--align-steps must be in [0, --steps={args.steps}], received {args.align_steps}"
+        )
+    if args.lr <= 0:
+        parser.error(f"--lr must be > 0, received {args.lr}")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
+    if args.data is not None:
+        for split in args.splits + (["val"] if args.eval else []):
+            try:
+                shapeworld_paths(args.data, split)
+            except FileNotFoundError as err:
+                parser.error(str(err))
+    elif args.eval:
+        parser.error("--eval needs a ShapeWorld --data folder (its val split)")
+    if args.resume and not (args.out / "last").is_dir():
+        parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
+
+
+def conversations_for(
+    records: list[Any], indices: np.ndarray, step: int, align_steps: int, seed: int
+) -> list[list[dict[str, Any]]]:
+    """The batch's conversations: a pure function of (records, indices, step, seed)."""
+    rng = np.random.default_rng([seed, step])
+    make = caption_conversation if step < align_steps else instruct_conversation
+    return [make(records[int(i)], rng) for i in indices]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    command = "python -m train.vlm " + shlex.join(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    preset = PolychromeConfig.from_preset(args.preset)
+    vlm_cfg = VLMConfig(llm=preset.llm, vision=preset.clip, projector=preset.vlm.projector)
+    device = resolve_device(args.device)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    device = accelerator.device
+    seed_everything(args.seed)
+    model = PolychromeVLM.build(vlm_cfg, device=device)
+
+    if args.data is not None:
+        records = [r for s in args.splits for r in read_chat_records(args.data / s)]
+        data_desc = f"ShapeWorld {args.data} splits {args.splits}"
+    else:
+        records = read_chat_records(args.imagefolder)
+        data_desc = f"imagefolder {args.imagefolder}"
+    print(f"{len(records)} images from {data_desc}; {model.tokens_per_image} visual tokens each")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps * 3 // 100)
+    scheduler = cosine_with_warmup(optimizer, warmup, args.steps)
+    run_config = {
+        "vlm": vlm_cfg.to_dict(),
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "align_steps": args.align_steps,
+        "steps": args.steps,
+        "data": data_desc,
+    }
+    start = 0
+    if args.resume:
+        why = resume_mismatches(args.out, run_config, RESUME_KEYS)
+        if why:
+            parser.error(f"--resume: {why}")
+        start = load_training_state(args.out, model, optimizer, scheduler)
+        print(f"resumed from {args.out / 'last'} at step {start}")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    vlm: PolychromeVLM = accelerator.unwrap_model(model)
+    vlm.llm.eval()
+    vlm.clip.eval()
+
+    autocast = not args.no_bf16
+    stop = args.stop_at or args.steps
+    began = time.monotonic()
+    args.out.mkdir(parents=True, exist_ok=True)
+    curve = args.out / "loss.jsonl"  # one row per step, appended as it runs (resumes append)
+    log = curve.open("a", encoding="utf-8")
+    tokens = 0
+    batches = batch_indices(len(records), args.batch_size, args.seed, start)
+    bar = tqdm(total=stop, initial=start, desc="train vlm", unit="step", disable=args.no_progress)
+    step = start
+    for step in range(start, stop):
+        indices = next(batches)
+        convs = conversations_for(records, indices, step, args.align_steps, args.seed)
+        batch = {k: v.to(device) for k, v in vlm.collate(convs).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = model(**batch)
+        assert out.loss is not None
+        accelerator.backward(out.loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += int(batch["attention_mask"].sum())
+        loss = float(out.loss.detach())
+        log.write(json.dumps({"step": step + 1, "loss": loss, "tokens": tokens}) + "\n")
+        log.flush()
+        elapsed = time.monotonic() - began
+        bar.set_postfix(
+            loss=f"{loss:.3f}",
+            stage="align" if step < args.align_steps else "instruct",
+            tok_s=f"{tokens / max(elapsed, 1e-9):.0f}",
+        )
+        bar.update(1)
+        done = step + 1
+        out_of_time = args.max_minutes is not None and elapsed > 60 * args.max_minutes
+        if done % args.save_every == 0 or done == stop or out_of_time:
+            save_training_state(args.out, vlm, optimizer, scheduler, done, run_config)
+        if out_of_time:
+            print(f"--max-minutes {args.max_minutes} reached after step {done}")
+            break
+    bar.close()
+    log.close()
+    done = step + 1 if stop > start else start
+    minutes = (time.monotonic() - began) / 60
+    metadata = {
+        "command": command,
+        "steps_run": done,
+        "steps_planned": args.steps,
+        "train_minutes_this_run": round(minutes, 2),
+        "tokens_this_run": tokens,
+        "data": data_desc,
+    }
+    if done < args.steps and args.stop_at is None:
+        print(f"stopped at step {done} of {args.steps}")
+    final = vlm.save_pretrained(args.out / "final", metadata=metadata, overwrite=True)
+    _plot_curve(curve, args.out / "loss.png", args.align_steps)
+    print(f"wrote {final} ({done} steps, {minutes:.1f} min, {tokens} tokens this run)")
+    if args.eval:
+        cmd = [
+            sys.executable,
+            "-m",
+            "eval.vlm",
+            "--checkpoint",
+            str(final),
+            "--data",
+            str(args.data),
+            "--split",
+            "val",
+            "--limit",
+            str(args.eval_limit),
+            "--out",
+            str(args.out / "eval_val.json"),
+        ]
+        print("+", shlex.join(cmd))
+        return subprocess.call(cmd)
+    return 0
+
+
+def _plot_curve(curve: Path, png: Path, align_steps: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_step = {}  # a resumed run re-logs the steps after its last save: keep the latest
+    for line in curve.read_text(encoding="utf-8").splitlines():
+        if line:
+            row = json.loads(line)
+            by_step[row["step"]] = row
+    rows = [by_step[s] for s in sorted(by_step)]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    losses = np.array([r["loss"] for r in rows])
+    k = max(1, len(losses) // 50)
+    smooth = np.convolve(losses, np.ones(k) / k, mode="valid")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, alpha=0.3, label="loss")
+    ax.plot(steps[k - 1 :], smooth, label=f"mean of {k}")
+    if 0 < align_steps < steps[-1]:
+        ax.axvline(align_steps, color="grey", linestyle=":", label="align -> instruct")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reply cross-entropy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

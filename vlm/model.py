@@ -1,0 +1,547 @@
+"""The vision-language model: CLIP patch features -> projector -> visual tokens in a frozen LLM.
+
+    vlm = PolychromeVLM.build(VLMConfig(...))                 # random projector
+    vlm = PolychromeVLM.from_pretrained("checkpoints/shapes/vlm")
+    batch = vlm.prepare([{"role": "user", "content": "What is this?", "images": [img]}])
+    out = vlm(**batch)                                        # VLMOutput(logits=(B, T, V))
+
+How an image becomes tokens (LLaVA-1.5's recipe, with a patch merge so a CPU can afford it):
+
+1. The frozen CLIP image tower gives its final-layer patch tokens (B, h*w, D_vis)
+   (vision.clip.dense_features; a ConvNeXt tower's feature map goes the same way).
+2. Each s x s block of neighbouring patches is concatenated into one vector
+   (B, h/s * w/s, s*s*D_vis), as InternVL / Qwen2-VL do: the 16x16 patches of the ShapeWorld CLIP
+   become 4x4 = 16 tokens that keep every patch's features (avg-pooling would blur positions and
+   counts).
+3. A 2-layer MLP (LayerNorm, Linear, GELU, Linear) maps them to the LLM's embedding width.
+4. They replace the ``<image>`` placeholder tokens of the prompt, one placeholder per visual token;
+   a count mismatch raises ValueError naming both counts (as transformers' LLaVA does).
+
+The LLM is frozen and never resized: added special tokens get their own trainable embedding rows
+(``added_embeddings``) looked up beside the frozen matrix, so every text token's embedding, and
+therefore every text-only logit, is bitwise the bare LLM's. Only the projector and the added rows
+are trained and saved; the LLM and CLIP are named by their sources in the saved config.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from core.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
+from core.config import Config, project_path
+from core.images import load_rgb
+from lm.loading import LLMConfig, load_causal_lm
+from lm.streaming import stream_generate
+from vision.clip import ClipBundle, ClipPresetConfig, build_clip, dense_features, load_clip
+
+__all__ = [
+    "IGNORE_INDEX",
+    "IMAGE_TOKEN",
+    "PolychromeVLM",
+    "Projector",
+    "ProjectorConfig",
+    "VLMConfig",
+    "VLMOutput",
+    "VLMPresetConfig",
+]
+
+IMAGE_TOKEN = "<image>"  # one placeholder per visual token in the tokenized prompt
+IGNORE_INDEX = -100  # label of positions without a loss (prompt, images, padding)
+TENSOR_FILE = "vlm"  # <checkpoint>/vlm.safetensors
+
+
+@dataclass
+class ProjectorConfig(Config):
+    """Visual tokens: patch merge and the MLP into the LLM's embedding space."""
+
+    merge: int = 4  # s: each s x s block of CLIP patches becomes one visual token
+    hidden: int = 0  # MLP hidden width; 0 = the LLM's hidden size
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.merge <= 16:
+            raise ValueError(f"merge must be in [1, 16], received {self.merge}")
+        if self.hidden < 0:
+            raise ValueError(f"hidden must be >= 0 (0 = LLM width), received {self.hidden}")
+
+
+@dataclass
+class VLMConfig(Config):
+    """A VLM: the frozen parts by source, the trained projector, the added tokens."""
+
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision: ClipPresetConfig = field(default_factory=ClipPresetConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    # Special tokens with trainable embedding rows; later stages (GILL, STAMP) append theirs.
+    added_tokens: list[str] = field(default_factory=lambda: [IMAGE_TOKEN])
+
+    def __post_init__(self) -> None:
+        if IMAGE_TOKEN not in self.added_tokens:
+            raise ValueError(
+                f"added_tokens must include {IMAGE_TOKEN!r}, received {self.added_tokens}"
+            )
+        if len(set(self.added_tokens)) != len(self.added_tokens):
+            raise ValueError(f"added_tokens has duplicates: {self.added_tokens}")
+
+
+@dataclass
+class VLMPresetConfig(Config):
+    """The preset's VLM: projector settings and where its trained weights are."""
+
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    checkpoint: str | None = (
+        None  # folder of PolychromeVLM.save_pretrained; None = random projector
+    )
+
+
+@dataclass
+class VLMOutput:
+    """What PolychromeVLM.forward returns."""
+
+    logits: torch.Tensor | None  # (B, T, V) over the LLM's vocabulary; None when labels are given
+    loss: torch.Tensor | None = None  # mean next-token cross-entropy over labelled positions
+    n_labels: int = 0  # positions that carried a label
+
+
+class Projector(nn.Module):
+    """(B, h*w, D_vis) patch features on an h x w grid -> (B, h/s * w/s, H) visual tokens."""
+
+    def __init__(self, vision_width: int, llm_width: int, merge: int, hidden: int = 0) -> None:
+        super().__init__()
+        self.merge = merge
+        hidden = hidden or llm_width
+        self.norm = nn.LayerNorm(vision_width * merge * merge)
+        self.fc1 = nn.Linear(vision_width * merge * merge, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, llm_width)
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        b, n, d = tokens.shape  # (B, h*w, D_vis)
+        h, w = grid
+        s = self.merge
+        if n != h * w or h % s or w % s:
+            raise ValueError(
+                f"expected {h}x{w}={h * w} patch tokens on a grid divisible by merge={s}, "
+                f"received {n} tokens"
+            )
+        x = tokens.reshape(b, h // s, s, w // s, s, d).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(b, (h // s) * (w // s), s * s * d)  # (B, N_vis, s*s*D_vis)
+        return self.fc2(self.act(self.fc1(self.norm(x))))  # (B, N_vis, H)
+
+
+class PolychromeVLM(nn.Module):
+    """A frozen causal LM that reads images through a trained projector (module docstring)."""
+
+    def __init__(
+        self,
+        config: VLMConfig,
+        llm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        clip: ClipBundle,
+        projector: Projector,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.clip = clip.model
+        self.preprocess = clip.preprocess
+        self.projector = projector
+        self.llm.requires_grad_(False).eval()
+        self.clip.requires_grad_(False).eval()
+        tokenizer.add_special_tokens(
+            {"additional_special_tokens": list(config.added_tokens)},
+            replace_extra_special_tokens=False,
+        )
+        self.added_ids = [
+            int(cast(int, tokenizer.convert_tokens_to_ids(t))) for t in config.added_tokens
+        ]
+        self.image_token_id = self.added_ids[config.added_tokens.index(IMAGE_TOKEN)]
+        emb = cast(torch.Tensor, self.llm.get_input_embeddings().weight)
+        # New rows start at the mean text embedding (a neutral point in the LLM's input space).
+        self.added_embeddings = nn.Parameter(
+            emb.detach().float().mean(0, keepdim=True).repeat(len(self.added_ids), 1)
+        )
+        size = _image_size(self.preprocess)
+        grid = _grid(self.clip, size)
+        s = config.projector.merge
+        if grid[0] % s or grid[1] % s:
+            raise ValueError(
+                f"the CLIP grid {grid[0]}x{grid[1]} is not divisible by projector.merge={s}"
+            )
+        self._tokens_per_image = (grid[0] // s) * (grid[1] // s)
+        self._lock = threading.Lock()
+
+    # -- building and loading -------------------------------------------------------------------
+
+    @classmethod
+    def build(cls, config: VLMConfig, device: str | torch.device = "cpu") -> PolychromeVLM:
+        """The frozen LLM and CLIP from their sources, a randomly initialised projector."""
+        llm, tokenizer = load_causal_lm(
+            config.llm.source, dtype=config.llm.dtype, device=device, frozen=True
+        )
+        if config.vision.checkpoint:
+            clip = load_clip(project_path(config.vision.checkpoint))
+        else:
+            # A random tower is frozen and not saved: build it from a fixed seed, so that
+            # from_pretrained rebuilds exactly the tower the projector was trained on.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                clip = build_clip(config.vision.model)
+        clip.model.to(device)
+        vision_width = _vision_width(clip)
+        projector = Projector(
+            vision_width,
+            int(llm.config.get_text_config().hidden_size),
+            config.projector.merge,
+            config.projector.hidden,
+        ).to(device)
+        vlm = cls(config, llm, tokenizer, clip, projector)
+        vlm.added_embeddings.data = vlm.added_embeddings.data.to(device)
+        return vlm
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """Only what we train: the projector and the added token rows."""
+        state = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
+        state["added_embeddings"] = self.added_embeddings.data
+        return state
+
+    def load_trained_state(self, state: dict[str, torch.Tensor], what: str) -> None:
+        """Strictly load `trained_state_dict` tensors (any float dtype; cast to ours)."""
+        expected = self.trained_state_dict()
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{what} does not fit this VLM: missing keys {missing[:10]}, unexpected keys "
+                f"{unexpected[:10]}"
+            )
+        if state["added_embeddings"].shape != self.added_embeddings.shape:
+            raise CheckpointError(
+                f"{what}: added_embeddings expected shape {tuple(self.added_embeddings.shape)} "
+                f"({len(self.added_ids)} added tokens), received "
+                f"{tuple(state['added_embeddings'].shape)}"
+            )
+        own = self.projector.state_dict()
+        proj = {
+            k.removeprefix("projector."): v.to(own[k.removeprefix("projector.")].dtype)
+            for k, v in state.items()
+            if k.startswith("projector.")
+        }
+        load_state_strict(self.projector, proj, what=what)
+        self.added_embeddings.data.copy_(state["added_embeddings"])
+
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype = torch.float32,
+        metadata: dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """Save the trained tensors and the config (the frozen parts by source)."""
+        tensors = {k: v.to(dtype) for k, v in self.trained_state_dict().items()}
+        return save_checkpoint(
+            directory, {TENSOR_FILE: tensors}, self.config.to_dict(), metadata, overwrite=overwrite
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike[str], device: str | torch.device = "cpu"
+    ) -> PolychromeVLM:
+        """Build from a saved config and load its trained tensors strictly (sha256-checked)."""
+        ckpt = load_checkpoint(directory)
+        config = VLMConfig.from_dict(ckpt.config, source=f"{directory}/manifest.json config")
+        if TENSOR_FILE not in ckpt.tensors:
+            raise CheckpointError(
+                f"{directory}: expected {TENSOR_FILE}.safetensors, found "
+                f"{sorted(f + '.safetensors' for f in ckpt.tensors)}"
+            )
+        vlm = cls.build(config, device=device)
+        vlm.load_trained_state(ckpt.tensors[TENSOR_FILE], what=str(directory))
+        return vlm
+
+    # -- images -----------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.projector.fc1.weight.device
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Visual tokens each image becomes."""
+        return self._tokens_per_image
+
+    def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
+        """Images of any kind (paths, bytes, PIL of any mode, arrays) -> (N, 3, S, S).
+
+        Conversion and size limits are core.images.load_rgb's (ImageError on bad input), then
+        CLIP's own preprocessing (resize, centre crop, normalise).
+        """
+        if len(images) == 0:
+            return torch.empty(0, 3, 1, 1)
+        return torch.stack([self.preprocess(load_rgb(image)) for image in images])
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, tokens_per_image, H) visual tokens; CLIP is frozen (no grad)."""
+        with torch.no_grad():
+            dense = dense_features(self.clip, pixel_values.to(self.device))
+        tokens = dense.tokens.float()  # (N, h*w, D_vis)
+        return self.projector(tokens, dense.grid)
+
+    # -- text + images --------------------------------------------------------------------------
+
+    def embed(
+        self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, T) ids -> (B, T, H) input embeddings with visual tokens at the placeholders.
+
+        image_features: (N, tokens_per_image, H), images in reading order across the batch.
+        Text ids go through the frozen embedding matrix untouched.
+        """
+        emb_layer = self.llm.get_input_embeddings()
+        vocab = int(cast(torch.Tensor, emb_layer.weight).shape[0])
+        added = torch.zeros_like(input_ids, dtype=torch.bool)
+        for row in self.added_ids:
+            added |= input_ids == row
+        outside = (input_ids >= vocab) & ~added
+        if outside.any():
+            raise ValueError(
+                f"token ids must be < {vocab} or one of the added tokens {self.added_ids}, "
+                f"received {input_ids[outside].unique().tolist()[:10]}"
+            )
+        embeds = emb_layer(torch.where(added, torch.zeros_like(input_ids), input_ids))
+        if added.any():
+            lookup = {tid: i for i, tid in enumerate(self.added_ids)}
+            rows = torch.tensor(
+                [lookup[int(t)] for t in input_ids[added].tolist()], device=input_ids.device
+            )
+            embeds = embeds.clone()
+            embeds[added] = self.added_embeddings[rows].to(embeds.dtype)
+        is_image = input_ids == self.image_token_id
+        n_slots = int(is_image.sum())
+        n_feats = 0 if image_features is None else image_features.shape[0] * image_features.shape[1]
+        if n_slots != n_feats:
+            shape = None if image_features is None else tuple(image_features.shape)
+            raise ValueError(
+                f"Image features and image tokens do not match: the prompt has {n_slots} "
+                f"{IMAGE_TOKEN} tokens, the images give {n_feats} features (shape {shape}; "
+                f"{self.tokens_per_image} per image)"
+            )
+        if image_features is not None and n_slots:
+            embeds[is_image] = image_features.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        return embeds  # (B, T, H)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> VLMOutput:
+        """input_ids (B, T), attention_mask (B, T), pixel_values (N, 3, S, S), labels (B, T).
+
+        With labels, the LM head runs only where a next-token label exists (the vocabulary
+        projection is a fifth of SmolLM2's compute) and logits are not returned.
+        """
+        feats = self.encode_images(pixel_values) if pixel_values is not None else None
+        embeds = self.embed(input_ids, feats)
+        hidden = self.llm.base_model(
+            inputs_embeds=embeds, attention_mask=attention_mask
+        ).last_hidden_state  # (B, T, H)
+        head = self.llm.get_output_embeddings()
+        if labels is None:
+            return VLMOutput(logits=head(hidden))
+        if labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels must have input_ids' shape {tuple(input_ids.shape)}, received "
+                f"{tuple(labels.shape)}"
+            )
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        n = int(keep.sum())
+        if n == 0:
+            return VLMOutput(logits=None, loss=hidden.sum() * 0.0, n_labels=0)
+        logits = head(hidden[:, :-1][keep]).float()  # (n, V)
+        loss = nn.functional.cross_entropy(logits, targets[keep])
+        return VLMOutput(logits=None, loss=loss, n_labels=n)
+
+    # -- prompts ----------------------------------------------------------------------------
+
+    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool) -> str:
+        """Chat messages with optional "images" lists -> the LLM's chat template text.
+
+        Each image of a message becomes ``tokens_per_image`` placeholders and a newline before the
+        message's text (LLaVA's layout). The messages' "images" values are not read here.
+        """
+        block = IMAGE_TOKEN * self.tokens_per_image + "\n"
+        plain = [
+            {"role": m["role"], "content": block * len(m.get("images") or ()) + m["content"]}
+            for m in messages
+        ]
+        text = self.tokenizer.apply_chat_template(
+            plain, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+        return cast(str, text)
+
+    def prepare(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """One prompt: {"input_ids": (1, T), "attention_mask": (1, T), "pixel_values"?}."""
+        text = self.render(messages, add_generation_prompt)
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        images = [im for m in messages for im in (m.get("images") or ())]
+        if images:
+            batch["pixel_values"] = self.pixel_values(images)
+        return batch
+
+    def tokenize_chat(
+        self, messages: Sequence[dict[str, Any]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole conversation -> input_ids (T,) and labels (T,) for training.
+
+        Labels are the ids on each assistant reply and the template's end-of-turn token after it
+        (so the model learns to stop), IGNORE_INDEX elsewhere. Reply spans are found by rendering
+        each prefix of the conversation: the template must render a prefix as a prefix.
+        """
+        if not messages or messages[-1]["role"] != "assistant":
+            raise ValueError("a training conversation must end with an assistant turn")
+        text = self.render(messages, add_generation_prompt=False)
+        spans = []
+        for k, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            start = self.render(messages[:k], add_generation_prompt=True)
+            end = self.render(messages[: k + 1], add_generation_prompt=False)
+            if not (text.startswith(start) and text.startswith(end)):
+                raise ValueError(
+                    "the chat template does not render a conversation's prefixes as prefixes; "
+                    "cannot locate the assistant replies"
+                )
+            spans.append((len(start), len(end.rstrip())))
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor(enc["input_ids"])
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        for i, (a, _) in enumerate(enc["offset_mapping"]):
+            if any(s <= a < e for s, e in spans):
+                labels[i] = ids[i]
+        return ids, labels
+
+    def collate(
+        self, conversations: Sequence[Sequence[dict[str, Any]]], max_length: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Training batch of conversations: right-padded ids, attention mask, labels, pixels.
+
+        A conversation longer than ``max_length`` tokens raises ValueError (cutting it could cut
+        through an image's placeholders).
+        """
+        pairs = [self.tokenize_chat(c) for c in conversations]
+        longest = max(len(ids) for ids, _ in pairs)
+        if max_length is not None and longest > max_length:
+            raise ValueError(f"a conversation is {longest} tokens; max_length is {max_length}")
+        pad = int(cast(int, self.tokenizer.pad_token_id))
+        input_ids = torch.full((len(pairs), longest), pad, dtype=torch.long)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        attention = torch.zeros_like(input_ids)
+        for row, (ids, lab) in enumerate(pairs):
+            input_ids[row, : len(ids)] = ids
+            labels[row, : len(ids)] = lab
+            attention[row, : len(ids)] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        images = [im for c in conversations for m in c for im in (m.get("images") or ())]
+        if images:
+            batch["pixel_values"] = self.pixel_values(images)
+        return batch
+
+    @torch.inference_mode()
+    def generate_texts(
+        self, prompts: Sequence[Sequence[dict[str, Any]]], max_new_tokens: int = 32
+    ) -> list[str]:
+        """Greedy replies to several prompts at once (left-padded batch); for evaluation."""
+        rendered = [self.render(p, add_generation_prompt=True) for p in prompts]
+        side = self.tokenizer.padding_side
+        self.tokenizer.padding_side = "left"
+        try:
+            enc = self.tokenizer(
+                rendered, return_tensors="pt", padding=True, add_special_tokens=False
+            )
+        finally:
+            self.tokenizer.padding_side = side
+        images = [im for p in prompts for m in p for im in (m.get("images") or ())]
+        feats = self.encode_images(self.pixel_values(images)) if images else None
+        embeds = self.embed(enc["input_ids"].to(self.device), feats)
+        out = cast(Any, self.llm).generate(
+            inputs_embeds=embeds,
+            attention_mask=enc["attention_mask"].to(self.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def stream(
+        self,
+        batch: dict[str, torch.Tensor],
+        generation: dict[str, Any],
+        *,
+        seed: int | None = None,
+        timeout: float = 300.0,
+    ) -> Iterator[str]:
+        """Generate from a prepared prompt, yielding decoded text chunks as they come.
+
+        ``generation`` holds transformers ``generate`` keyword arguments (max_new_tokens,
+        do_sample, temperature, ...). The prompt goes in as embeddings; the LLM's own KV cache
+        serves the decoding. One generation at a time per model (a lock).
+        """
+        with torch.inference_mode():
+            ids = batch["input_ids"].to(self.device)
+            pixels = batch.get("pixel_values")
+            feats = self.encode_images(pixels) if pixels is not None else None
+            embeds = self.embed(ids, feats)
+        kwargs = {
+            **generation,
+            "inputs_embeds": embeds,
+            "attention_mask": batch["attention_mask"].to(self.device),
+        }
+        yield from stream_generate(
+            self.llm, self.tokenizer, kwargs, lock=self._lock, seed=seed, timeout=timeout
+        )
+
+
+def _vision_width(clip: ClipBundle) -> int:
+    size = _image_size(clip.preprocess)
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, size, size, device=next(clip.model.parameters()).device)
+        return int(dense_features(clip.model, probe).tokens.shape[-1])
+
+
+def _image_size(preprocess: Any) -> int:
+    for t in getattr(preprocess, "transforms", ()):
+        size = getattr(t, "size", None)
+        if isinstance(size, int):
+            return size
+        if isinstance(size, list | tuple) and size:
+            return int(size[0])
+    raise ValueError(f"cannot read the input size from the CLIP preprocess {preprocess!r}")
+
+
+def _grid(model: Any, size: int) -> tuple[int, int]:
+    patch = getattr(model.visual, "patch_size", None)
+    if patch is not None:
+        ph, pw = (patch, patch) if isinstance(patch, int) else patch
+        return size // ph, size // pw
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
+        return dense_features(model, probe).grid
