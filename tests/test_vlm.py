@@ -258,3 +258,17 @@ def test_train_resumes_exactly_and_eval_runs(shapeworld, tmp_path):
     assert 0.0 <= result["qa_accuracy"]["overall"] <= 1.0
     with pytest.raises(SystemExit):
         train_main([*common, "--out", str(tmp_path / "x"), "--align-steps", "9"])
+
+
+def test_mfu_bench_counts_the_llm_body_by_hand_and_reports(vlm, shapeworld, tmp_path):
+    from bench import mfu
+
+    # tiny-random-llama: 2 layers, d 32, MLP 64, 4 heads over 2 KV heads of 8 -> K, V are 32x16.
+    per_layer = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64
+    assert mfu._linear_params(vlm.llm.base_model) == 2 * per_layer
+    out = tmp_path / "mfu.json"
+    args = ["--preset", "tiny", "--data", str(shapeworld), "--quick", "--json", str(out)]
+    assert mfu.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["peak_bf16_flops"] > 0 and 0 < result["mfu_median"] < 1
+    assert result["train_tokens_per_s_median"] > 0
