@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if done < args.steps and args.stop_at is None:
         print(f"stopped at step {done} of {args.steps}")
     final = vlm.save_pretrained(args.out / "final", metadata=metadata, overwrite=True)
+    write_model_card(final, run_config, metadata)
     _plot_curve(curve, args.out / "loss.png", args.align_steps)
     print(f"wrote {final} ({done} steps, {minutes:.1f} min, {tokens} tokens this run)")
     if args.eval:
@@ -256,6 +257,38 @@ def main(argv: list[str] | None = None) -> int:
         print("+", shlex.join(cmd))
         return subprocess.call(cmd)
     return 0
+
+
+def write_model_card(folder: Path, run_config: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """<folder>/MODEL_CARD.md: what was trained, how, on what; eval figures are added by hand."""
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    vlm = run_config["vlm"]
+    lines = [
+        "# VLM projector (`PolychromeVLM`)",
+        "",
+        f"Frozen LLM `{vlm['llm']['source']}`, frozen CLIP `{vlm['vision']['model']}` "
+        f"(`{vlm['vision']['checkpoint']}`); trained: the projector (patch merge "
+        f"{vlm['projector']['merge']}x{vlm['projector']['merge']}, 2-layer MLP) and the added "
+        f"token rows {vlm['added_tokens']}.",
+        "",
+        "## Command",
+        "",
+        f"    {metadata['command']}",
+        "",
+        "## Run",
+        "",
+        *(f"- {k}: {v}" for k, v in run_config.items() if k != "vlm"),
+        *(f"- {k}: {v}" for k, v in metadata.items() if k not in run_config and k != "command"),
+        "",
+        "## Files (sha256, also in manifest.json)",
+        "",
+        *(
+            f"- {name}: {info['sha256']} ({info['bytes']} bytes)"
+            for name, info in manifest["files"].items()
+        ),
+        "",
+    ]
+    (folder / "MODEL_CARD.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 def _plot_curve(curve: Path, png: Path, align_steps: int) -> None:
