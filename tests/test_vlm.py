@@ -36,7 +36,24 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def vlm() -> PolychromeVLM:
     cfg = PolychromeConfig.from_preset("tiny")
+    torch.manual_seed(0)  # module fixtures are built before the per-test seeding
     return PolychromeVLM.build(VLMConfig(llm=cfg.llm, vision=cfg.clip, projector=cfg.vlm.projector))
+
+
+@pytest.fixture(scope="module")
+def sharp_vlm() -> PolychromeVLM:
+    """The tiny VLM with its LLM's matrices scaled up: the random tiny LLM's greedy replies are
+    all newlines; sharpened, they are distinct strings that depend on the prompt and image."""
+    cfg = PolychromeConfig.from_preset("tiny")
+    torch.manual_seed(0)  # module fixtures are built before the per-test seeding
+    sharp = PolychromeVLM.build(
+        VLMConfig(llm=cfg.llm, vision=cfg.clip, projector=cfg.vlm.projector)
+    )
+    with torch.no_grad():
+        for p in sharp.llm.parameters():
+            if p.ndim == 2:
+                p.mul_(25)
+    return sharp
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +184,8 @@ def test_save_and_load_store_only_the_trained_tensors(vlm, tmp_path):
         PolychromeVLM.from_pretrained(path)
 
 
-def test_batched_greedy_generation_matches_one_by_one(vlm):
+def test_batched_greedy_generation_matches_one_by_one(sharp_vlm):
+    vlm = sharp_vlm
     prompts = [
         [{"role": "user", "content": "Describe.", "images": [_image(4)]}],
         [{"role": "user", "content": "A much longer question about it?", "images": [_image(5)]}],
@@ -175,9 +193,11 @@ def test_batched_greedy_generation_matches_one_by_one(vlm):
     together = vlm.generate_texts(prompts, max_new_tokens=6)
     alone = [vlm.generate_texts([p], max_new_tokens=6)[0] for p in prompts]
     assert together == alone
+    assert together[0] != together[1]
 
 
-def test_assistant_reads_images_and_refuses_what_it_cannot(vlm):
+def test_assistant_reads_images_and_refuses_what_it_cannot(sharp_vlm):
+    vlm = sharp_vlm
     assistant = Assistant(
         vlm.llm, vlm.tokenizer, vlm=vlm, default_settings=SamplingSettings(max_new_tokens=5)
     )
@@ -186,7 +206,8 @@ def test_assistant_reads_images_and_refuses_what_it_cannot(vlm):
     expected = vlm.generate_texts(
         [[{"role": "user", "content": "What is this?", "images": [_image(6)]}]], max_new_tokens=5
     )[0]
-    assert reply.strip() == expected
+    assert reply.strip() == expected and expected
+    assert reply != list(assistant.chat([], "What is this?"))[-1]  # the image matters
     with pytest.raises(ImageError):
         list(assistant.chat([], "and this?", images=[b"not an image"]))
     with pytest.raises(ValueError, match=f"at most {MAX_IMAGES}"):
