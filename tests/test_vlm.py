@@ -145,6 +145,10 @@ def test_loss_equals_cross_entropy_from_the_full_logits(vlm):
     expected = torch.nn.functional.cross_entropy(full[:, :-1][keep], targets[keep])
     assert out.n_labels == int(keep.sum())
     torch.testing.assert_close(out.loss, expected)
+    padded = vlm.collate([conv], pad_to_multiple_of=64)
+    assert padded["input_ids"].shape[1] % 64 == 0
+    with torch.no_grad():
+        torch.testing.assert_close(vlm(**padded).loss, vlm(**vlm.collate([conv])).loss)
 
 
 def test_only_projector_and_added_rows_train(vlm):

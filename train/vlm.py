@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-bf16", action="store_true", help="fp32 compute (default: bf16 autocast)"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--pad-multiple",
+        type=int,
+        default=32,
+        help="pad each batch to a multiple of this many tokens (fewer distinct shapes: less "
+        "kernel-cache memory on CPU)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument(
         "--eval", action="store_true", help="run eval.vlm on the val split at the end"
@@ -99,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if (args.data is None) == (args.imagefolder is None):
         parser.error("give exactly one data source: --data or --imagefolder")
-    for name in ("steps", "batch_size", "save_every"):
+    for name in ("steps", "batch_size", "save_every", "pad_multiple"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
     if not 0 <= args.align_steps <= args.steps:
@@ -194,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     for step in range(start, stop):
         indices = next(batches)
         convs = conversations_for(records, indices, step, args.align_steps, args.seed)
-        batch = {k: v.to(device) for k, v in vlm.collate(convs).items()}
+        batch = vlm.collate(convs, pad_to_multiple_of=args.pad_multiple)
+        batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(**batch)
         assert out.loss is not None

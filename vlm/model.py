@@ -437,17 +437,23 @@ class PolychromeVLM(nn.Module):
         return ids, labels
 
     def collate(
-        self, conversations: Sequence[Sequence[dict[str, Any]]], max_length: int | None = None
+        self,
+        conversations: Sequence[Sequence[dict[str, Any]]],
+        max_length: int | None = None,
+        pad_to_multiple_of: int = 1,
     ) -> dict[str, torch.Tensor]:
         """Training batch of conversations: right-padded ids, attention mask, labels, pixels.
 
         A conversation longer than ``max_length`` tokens raises ValueError (cutting it could cut
-        through an image's placeholders).
+        through an image's placeholders). ``pad_to_multiple_of`` rounds the padded length up: on
+        CPU every new sequence length makes oneDNN build and cache new kernels, so a training run
+        over free lengths grows in memory step after step.
         """
         pairs = [self.tokenize_chat(c) for c in conversations]
         longest = max(len(ids) for ids, _ in pairs)
         if max_length is not None and longest > max_length:
             raise ValueError(f"a conversation is {longest} tokens; max_length is {max_length}")
+        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
         pad = int(cast(int, self.tokenizer.pad_token_id))
         input_ids = torch.full((len(pairs), longest), pad, dtype=torch.long)
         labels = torch.full_like(input_ids, IGNORE_INDEX)
