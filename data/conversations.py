@@ -138,18 +138,20 @@ def caption_conversation(record: ChatRecord, rng: np.random.Generator) -> list[M
 
 
 def instruct_conversation(record: ChatRecord, rng: np.random.Generator) -> list[Message]:
-    """Instruction example: one dialogue, then the short-answer questions in random order.
+    """Instruction example: one dialogue and the short-answer questions, in random order.
 
-    The image is attached to the first user turn; with no dialogue, a caption turn opens it.
+    The dialogue (or, without one, a caption turn) stays one block in its own order; it and each
+    question are shuffled, so any kind of turn may open the conversation and carry the image
+    (evaluation asks every question as the first turn).
     """
-    turns: list[tuple[str, str]] = []
+    blocks: list[list[tuple[str, str]]] = []
     if record.dialogues:
-        turns += record.dialogues[int(rng.integers(len(record.dialogues)))]
+        blocks.append(list(record.dialogues[int(rng.integers(len(record.dialogues)))]))
     elif record.captions:
         prompt = DESCRIBE_PROMPTS[int(rng.integers(len(DESCRIBE_PROMPTS)))]
-        turns.append((prompt, record.captions[int(rng.integers(len(record.captions)))]))
-    for i in rng.permutation(len(record.qa)):
-        turns.append((short_question(record.qa[i]["question"]), record.qa[i]["answer"]))
+        blocks.append([(prompt, record.captions[int(rng.integers(len(record.captions)))])])
+    blocks += [[(short_question(q["question"]), q["answer"])] for q in record.qa]
+    turns = [turn for i in rng.permutation(len(blocks)) for turn in blocks[i]]
     messages: list[Message] = []
     for k, (question, answer) in enumerate(turns):
         user: Message = {"role": "user", "content": question}

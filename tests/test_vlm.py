@@ -274,6 +274,12 @@ def test_train_resumes_exactly_and_eval_runs(shapeworld, tmp_path):
         )
     )
     assert not torch.equal(a["projector.fc1.weight"], init.projector.fc1.weight)
+    # --init-from: a new run starts from those weights (a near-zero lr keeps them).
+    init = ["--init-from", str(tmp_path / "straight" / "final"), "--lr", "1e-12"]
+    stage2 = [*common[:-2], "--steps", "1", "--align-steps", "0", *init]
+    assert train_main([*stage2, "--out", str(tmp_path / "stage2")]) == 0
+    c = load_file(str(tmp_path / "stage2" / "final" / "vlm.safetensors"))
+    torch.testing.assert_close(c["projector.fc1.weight"], a["projector.fc1.weight"])
     out = tmp_path / "eval.json"
     ckpt = str(tmp_path / "straight" / "final")
     args = ["--checkpoint", ckpt, "--data", str(shapeworld), "--split", "val", "--limit", "2"]

@@ -35,6 +35,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from core.checkpoint import load_checkpoint
 from core.runtime import resolve_device, seed_everything
 from data.conversations import caption_conversation, instruct_conversation, read_chat_records
 from data.datasets import shapeworld_paths
@@ -48,7 +49,7 @@ from train.common import (
 from vlm.config import PolychromeConfig
 from vlm.model import PolychromeVLM, VLMConfig
 
-RESUME_KEYS = ("vlm", "seed", "batch_size", "lr", "align_steps", "steps", "data")
+RESUME_KEYS = ("vlm", "seed", "batch_size", "lr", "align_steps", "steps", "data", "init_from")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default 3%%)")
     parser.add_argument("--seed", type=int, default=0, help="data order, conversation sampling")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from a saved VLM's projector (a save_pretrained folder, e.g. an earlier run's "
+        "final/), with a fresh optimizer and schedule",
+    )
     parser.add_argument("--save-every", type=int, default=100, help="steps between <out>/last")
     parser.add_argument(
         "--max-minutes", type=float, default=None, help="stop early after this wall time"
@@ -175,7 +183,15 @@ def main(argv: list[str] | None = None) -> int:
         "align_steps": args.align_steps,
         "steps": args.steps,
         "data": data_desc,
+        "init_from": None if args.init_from is None else str(args.init_from),
     }
+    if args.init_from is not None:
+        ckpt = load_checkpoint(args.init_from)
+        saved = VLMConfig.from_dict(ckpt.config, source=f"{args.init_from}/manifest.json config")
+        if saved != vlm_cfg:
+            parser.error(f"--init-from {args.init_from}: its VLM config differs from the preset's")
+        model.load_trained_state(ckpt.tensors["vlm"], what=str(args.init_from))
+        print(f"initialised the projector from {args.init_from}")
     start = 0
     if args.resume:
         why = resume_mismatches(args.out, run_config, RESUME_KEYS)
