@@ -303,3 +303,20 @@ def test_mfu_bench_counts_the_llm_body_by_hand_and_reports(vlm, shapeworld, tmp_
     result = json.loads(out.read_text())
     assert result["peak_bf16_flops"] > 0 and 0 < result["mfu_median"] < 1
     assert result["train_tokens_per_s_median"] > 0
+
+
+def test_text_only_logits_are_bitwise_the_real_smollm2s():
+    from lm.loading import LLMConfig
+    from vision.clip import ClipPresetConfig
+
+    cfg = VLMConfig(
+        llm=LLMConfig(source="smollm2-135m-instruct"), vision=ClipPresetConfig(model="tiny-vit")
+    )
+    real = PolychromeVLM.build(cfg)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    batch = real.prepare(messages)
+    assert real.image_token_id >= real.llm.get_input_embeddings().weight.shape[0]
+    with torch.no_grad():
+        ours = real(**batch).logits
+        bare = real.llm(input_ids=batch["input_ids"]).logits
+    assert ours is not None and torch.equal(ours, bare)
