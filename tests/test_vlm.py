@@ -152,6 +152,9 @@ def test_loss_equals_cross_entropy_from_the_full_logits(vlm):
 
 
 def test_only_projector_and_added_rows_train(vlm):
+    vlm.train()
+    assert vlm.projector.training and not vlm.llm.training and not vlm.clip.training
+    vlm.eval()
     trainable = {n for n, p in vlm.named_parameters() if p.requires_grad}
     assert trainable == {"added_embeddings"} | {
         f"projector.{n}" for n, _ in vlm.projector.named_parameters()

@@ -181,6 +181,13 @@ class PolychromeVLM(nn.Module):
         self._tokens_per_image = (grid[0] // s) * (grid[1] // s)
         self._lock = threading.Lock()
 
+    def train(self, mode: bool = True) -> PolychromeVLM:
+        """Train mode for the projector only: the frozen LLM and CLIP stay in eval mode."""
+        super().train(mode)
+        self.llm.eval()
+        self.clip.eval()
+        return self
+
     # -- building and loading -------------------------------------------------------------------
 
     @classmethod
