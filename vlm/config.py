@@ -14,6 +14,7 @@ from typing import Literal
 
 from core.config import Config, config_from_dict, load_preset_dict, preset_path
 from data.shapeworld import ShapeWorldConfig
+from generation.diffusion import DiffusionPresetConfig
 from lm.loading import LLMConfig
 from vision.clip import ClipPresetConfig
 from vision.sam import SamPresetConfig
@@ -46,6 +47,7 @@ class PolychromeConfig(Config):
     shapeworld: ShapeWorldConfig = field(default_factory=ShapeWorldConfig)
     clip: ClipPresetConfig = field(default_factory=ClipPresetConfig)
     sam: SamPresetConfig = field(default_factory=SamPresetConfig)
+    diffusion: DiffusionPresetConfig = field(default_factory=DiffusionPresetConfig)
     vlm: VLMPresetConfig = field(default_factory=VLMPresetConfig)
 
     @classmethod

@@ -1,0 +1,852 @@
+"""Train the ShapeWorld text-to-image decoder: the VAE first, then the UNet on its latents.
+
+    # the committed checkpoint (checkpoints/shapes/diffusion): 44 minutes on this machine's CPU,
+    # one thread; the data folder is generated from the preset's diffusion.data config if missing.
+    # --max-minutes stopped it at UNet step 552; elsewhere use --unet-stop-at 552 instead.
+    OMP_NUM_THREADS=1 python -m train.diffusion --preset shapes --data out/shapeworld_diffusion \\
+        --out out/runs/diffusion --limit 12000 --vae-steps 1000 --unet-steps 600 --max-minutes 44
+    # continue an interrupted run (either stage; data order, noise and dropout resume exactly)
+    python -m train.diffusion --preset shapes --data out/shapeworld_diffusion \\
+        --out out/runs/diffusion --limit 12000 --vae-steps 1000 --unet-steps 600 --resume
+    # one stage only: --stage vae, or --stage unet (a new UNet on the VAE in <out>/vae/final)
+    python -m train.diffusion --preset shapes --data out/shapeworld_diffusion \\
+        --out out/runs/diffusion --stage unet --unet-steps 3000
+    # your own image-caption data (images are resized + centre-cropped to the model's size)
+    python -m train.diffusion --preset shapes --imagefolder my_photos --out runs/diffusion_mine
+    # several GPUs (each process takes its slice of every global batch)
+    accelerate launch -m train.diffusion --preset shapes --data out/shapeworld_diffusion \\
+        --out runs/diffusion --device cuda
+
+Stages (``generation.diffusion`` builds both models from diffusers' classes):
+
+1. VAE (``AutoencoderTiny``): L1 reconstruction, plus a chroma L1 term (``vae_loss``), of random
+   ``--vae-crop`` crops (the model is
+   fully convolutional; crops make a step 4x cheaper than whole 128 px images). At the end the
+   latent scale (1 / std of the encoder's outputs over 1024 images) is measured and written
+   into the VAE config (``scaling_factor``, SD's 0.18215). Output: ``<out>/vae/final``.
+2. UNet (``UNet2DConditionModel``): every image is encoded once (deterministic latents) and every
+   distinct caption once by the frozen text encoder (``StableDiffusionPipeline.encode_prompt``,
+   so training and sampling see the same states). Each step draws one caption per image; with
+   probability ``--cond-dropout`` it is replaced by "" (the negative prompt of classifier-free
+   guidance). Noise prediction with min-SNR-5 loss weights (Hang et al. 2023; diffusers'
+   ``compute_snr``), AdamW, linear warmup + cosine decay, grad clip 1, EMA of the weights
+   (diffusers ``EMAModel``, warmup power 2/3). Sample grids of fixed prompts (EMA weights,
+   25 DDIM steps) go to ``<out>/samples`` every ``--sample-every`` steps.
+
+``--max-minutes`` is a wall-clock budget for the whole run (both stages): when it runs out the
+UNet stage saves its state and finishes with the steps it has (the model card says so).
+
+Output: ``<out>/final``: a core.checkpoint folder with ``vae.safetensors`` and ``unet.safetensors``
+(EMA weights, fp16), the DiffusionConfig as its config, MODEL_CARD.md and, with --eval, the figures
+of ``python -m eval.generation`` (run as a subprocess: train and eval do not import each other).
+Load it with ``generation.diffusion.load_pipeline``. ``<out>/train_log.jsonl``: one line per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.utils import logging as diffusers_logging
+from PIL import Image
+from tqdm import tqdm
+
+from core.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from core.images import load_rgb
+from core.io import atomic_dir, atomic_write_text
+from core.runtime import resolve_device, seed_everything
+from data.datasets import CaptionDataset, shapeworld_paths
+from data.shapeworld import generate as generate_shapeworld
+from data.shapeworld import read_manifest
+from generation.diffusion import (
+    DiffusionConfig,
+    assemble_pipeline,
+    build_noise_scheduler,
+    build_unet,
+    build_vae,
+    encode_prompts,
+    generate,
+    get_diffusion_config,
+    image_grid,
+    list_diffusion_configs,
+)
+from train.common import batch_indices, cosine_with_warmup
+from vlm.config import PolychromeConfig
+
+PRESET_MODELS = {"shapes": "shapes-ldm", "tiny": "tiny-ldm"}
+FINAL = "final"
+LOG_NAME = "train_log.jsonl"
+SAMPLE_PROMPTS = (
+    "A red circle.",
+    "A blue star.",
+    "A green triangle.",
+    "A yellow square.",
+    "A white heart.",
+    "A purple cross.",
+    "A red circle and a blue square.",
+    "A cyan hexagon and an orange ring.",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def _load_image(path: Path, size: int) -> np.ndarray:
+    """(3, size, size) uint8: shorter side resized to `size` (bicubic), centre crop."""
+    image = load_rgb(path)
+    if image.size != (size, size):
+        w, h = image.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def decode_images(paths: list[Path], size: int, workers: int) -> torch.Tensor:
+    """Decode every image once into (N, 3, size, size) uint8."""
+    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        jobs = pool.map(lambda p: _load_image(p, size), paths, chunksize=64)
+        for i, arr in enumerate(tqdm(jobs, total=len(paths), desc="decode images", unit="img")):
+            out[i] = arr
+    return torch.from_numpy(out)
+
+
+def load_pairs(args: argparse.Namespace) -> tuple[CaptionDataset, dict[str, Any]]:
+    """The image-caption pairs named on the command line, and where they came from."""
+    if args.data is not None:
+        datasets = [CaptionDataset.from_shapeworld(args.data, s) for s in args.splits]
+        manifest = read_manifest(args.data)
+        description: dict[str, Any] = {
+            "kind": "shapeworld",
+            "root": str(args.data),
+            "splits": list(args.splits),
+            "data_seed": manifest.get("config", {}).get("seed"),
+            "layout": manifest.get("config", {}).get("layout"),
+            "generator_version": manifest.get("generator_version"),
+        }
+        pairs = CaptionDataset(
+            [p for d in datasets for p in d.image_paths], [c for d in datasets for c in d.captions]
+        )
+    elif args.imagefolder is not None:
+        pairs = CaptionDataset.from_imagefolder(args.imagefolder)
+        description = {"kind": "imagefolder", "root": str(args.imagefolder)}
+    else:
+        pairs = CaptionDataset.from_coco(args.images, args.captions_json)
+        description = {"kind": "coco-captions", "images": str(args.images)}
+    if len(pairs) == 0:
+        raise ValueError(f"no image-caption pairs found in {description}")
+    if args.limit is not None:
+        pairs = CaptionDataset(pairs.image_paths[: args.limit], pairs.captions[: args.limit])
+    description.update(images=len(pairs), captions=sum(len(c) for c in pairs.captions))
+    return pairs, description
+
+
+def ensure_data(root: Path, preset: str) -> None:
+    """Generate the preset's diffusion ShapeWorld (pretrain + val) into `root` if it is missing."""
+    if (root / "shapeworld.json").is_file():
+        return
+    cfg = PolychromeConfig.from_preset(preset).diffusion.data
+    print(f"generating ShapeWorld for diffusion into {root} ({cfg.splits.to_dict()})")
+    generate_shapeworld(root, cfg)
+
+
+def pick_captions(offsets: np.ndarray, indices: np.ndarray, seed: int, step: int) -> np.ndarray:
+    """One caption (a flat index) per image in `indices`: a function of (seed, step)."""
+    rng = np.random.default_rng([seed, step, 7])
+    counts = offsets[indices + 1] - offsets[indices]
+    return offsets[indices] + (rng.random(len(indices)) * counts).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# Training state (train.common's layout, plus EMA tensors and a stage name)
+# --------------------------------------------------------------------------------------------
+
+
+def save_state(
+    folder: Path,
+    tensors: dict[str, dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    step: int,
+    config: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Atomically replace ``folder/last`` (weights: safetensors; optimizer state: torch.save)."""
+    with atomic_dir(folder / "last", overwrite=True) as tmp:
+        save_checkpoint(tmp / "weights", tensors, config, {"step": step})
+        state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "torch_rng": torch.random.get_rng_state(),
+            **(extra or {}),
+        }
+        torch.save(state, tmp / "optimizer.pt")
+
+
+def load_state(
+    folder: Path, config: dict[str, Any]
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """(tensors, optimizer state) of ``folder/last``; ValueError if trained with other settings."""
+    ckpt = load_checkpoint(folder / "last" / "weights")
+    if ckpt.config != json.loads(json.dumps(config)):
+        changed = sorted(
+            k for k in set(ckpt.config) | set(config) if ckpt.config.get(k) != config.get(k)
+        )
+        raise ValueError(
+            f"{folder / 'last'} was trained with other settings ({changed}); resume with the "
+            "same arguments or start a new --out"
+        )
+    state = torch.load(folder / "last" / "optimizer.pt", map_location="cpu", weights_only=True)
+    return ckpt.tensors, state
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: VAE
+# --------------------------------------------------------------------------------------------
+
+
+def _to_unit(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.float() / 127.5 - 1  # uint8 -> [-1, 1]
+
+
+def train_vae(
+    cfg: DiffusionConfig,
+    images: torch.Tensor,
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    log: Any,
+    deadline: float,
+) -> DiffusionConfig:
+    """Train the VAE (resumable); write ``<out>/vae/final``; return cfg with the latent scale."""
+    folder = args.out / "vae"
+    final = folder / FINAL
+    if final.is_dir():
+        ckpt = load_checkpoint(final)
+        print(f"VAE stage done already: {final}")
+        return DiffusionConfig.from_dict(ckpt.config)
+    device = accelerator.device
+    torch.manual_seed(args.seed)  # the init does not depend on what ran before
+    vae = build_vae(cfg.vae).to(device).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    scheduler = cosine_with_warmup(optimizer, max(1, args.vae_steps // 20), args.vae_steps)
+    run_config = {
+        "stage": "vae",
+        "diffusion": cfg.to_dict(),
+        "seed": args.seed,
+        "batch_size": args.vae_batch_size,
+        "crop": args.vae_crop,
+        "chroma_weight": args.vae_chroma_weight,
+        "lr": args.vae_lr,
+        "steps": args.vae_steps,
+    }
+    start = 0
+    if args.resume and (folder / "last").is_dir():
+        tensors, state = load_state(folder, run_config)
+        load_state_strict(vae, tensors["vae"], what=str(folder / "last"))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = int(state["step"])
+    model, prepared = accelerator.prepare(vae, optimizer)
+    n, size = images.shape[0], images.shape[-1]
+    crop = min(args.vae_crop, size)
+    world, rank, main_process = (
+        accelerator.num_processes,
+        accelerator.process_index,
+        accelerator.is_main_process,
+    )
+    batches = batch_indices(n, args.vae_batch_size * world, args.seed, start)
+    local = slice(rank * args.vae_batch_size, (rank + 1) * args.vae_batch_size)
+    bar = tqdm(
+        range(start, args.vae_steps),
+        initial=start,
+        total=args.vae_steps,
+        desc="train vae",
+        disable=not main_process,
+    )
+    for step in bar:
+        idx = torch.from_numpy(next(batches)[local])
+        rng = np.random.default_rng([args.seed, step, 1])
+        top, left = (int(v) for v in rng.integers(0, size - crop + 1, size=2))
+        x = _to_unit(images[idx, :, top : top + crop, left : left + crop]).to(device)
+        with accelerator.autocast():
+            latents = model.encode(x).latents
+            recon = model.decode(latents).sample
+        loss = vae_loss(recon.float(), x, args.vae_chroma_weight)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        prepared.step()
+        scheduler.step()
+        prepared.zero_grad(set_to_none=True)
+        done = step + 1
+        value = loss.detach().item()
+        bar.set_postfix(loss=f"{value:.4f}")
+        if main_process:
+            log.write(json.dumps({"stage": "vae", "step": done, "loss": value}) + "\n")
+            log.flush()
+        if done % args.save_every == 0 or done == args.vae_steps or time.time() > deadline:
+            accelerator.wait_for_everyone()
+            if main_process:
+                state = {"vae": vae.state_dict()}
+                save_state(folder, state, optimizer, scheduler, done, run_config)
+        if main_process and (done % args.sample_every == 0 or done == args.vae_steps):
+            _save_reconstructions(vae, images, args.out / "samples" / f"vae_{done:06d}.png")
+        if time.time() > deadline:
+            raise SystemExit(
+                f"--max-minutes {args.max_minutes} ran out during the VAE stage (step {done} of "
+                f"{args.vae_steps}); state saved in {folder / 'last'}: rerun with --resume"
+            )
+    bar.close()
+    vae.eval()
+    scale = latent_scale(vae, images, device)
+    cfg = cfg.replace(vae=cfg.vae.replace(scaling_factor=scale))
+    if main_process:
+        save_checkpoint(
+            final,
+            {"vae": vae.state_dict()},
+            cfg.to_dict(),
+            {"steps": args.vae_steps, "latent_std": 1 / scale},
+            overwrite=True,
+        )
+        print(f"VAE done: latent std {1 / scale:.4f} -> scaling_factor {scale:.4f}")
+    accelerator.wait_for_everyone()  # the UNet stage reads vae/final in every process
+    return cfg
+
+
+def vae_loss(recon: torch.Tensor, target: torch.Tensor, chroma_weight: float) -> torch.Tensor:
+    """L1 on RGB plus chroma_weight x L1 on chroma (each pixel minus its channel mean).
+
+    recon, target: (B, 3, H, W) in [-1, 1]. With plain L1 the VAE learned luminance long before
+    colour (after 400 steps its reconstructions kept ~30 % of the images' chroma) -- and colour
+    is half of every ShapeWorld prompt. The chroma term makes colour errors count from the start.
+    """
+    loss = F.l1_loss(recon, target)
+    if chroma_weight > 0:
+        chroma_r = recon - recon.mean(dim=1, keepdim=True)
+        chroma_t = target - target.mean(dim=1, keepdim=True)
+        loss = loss + chroma_weight * F.l1_loss(chroma_r, chroma_t)
+    return loss
+
+
+@torch.no_grad()
+def latent_scale(vae: torch.nn.Module, images: torch.Tensor, device: torch.device) -> float:
+    """1 / std of the encoder's latents over (up to) the first 1024 images."""
+    parts = []
+    for start in range(0, min(1024, images.shape[0]), 64):
+        x = _to_unit(images[start : start + 64]).to(device)
+        parts.append(vae.encode(x).latents.float().cpu())
+    return float(1.0 / torch.cat(parts).std().clamp_min(1e-6))
+
+
+@torch.no_grad()
+def _save_reconstructions(vae: torch.nn.Module, images: torch.Tensor, path: Path) -> None:
+    """Top row: 8 images; bottom row: their reconstructions."""
+    was_training = vae.training
+    vae.eval()
+    device = next(vae.parameters()).device
+    x = _to_unit(images[:8]).to(device)
+    recon = vae.decode(vae.encode(x).latents).sample.clamp(-1, 1)
+    pixels = ((torch.cat([x, recon]) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu()
+    grid = image_grid([Image.fromarray(p.numpy()) for p in pixels], columns=len(x))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    vae.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: UNet
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_latents(
+    vae: torch.nn.Module, images: torch.Tensor, scale: float, device: torch.device, batch: int = 64
+) -> torch.Tensor:
+    """(N, C_lat, s, s) float32 scaled latents of every image (the VAE is deterministic)."""
+    out = []
+    for start in tqdm(range(0, images.shape[0], batch), desc="encode latents", unit="batch"):
+        x = _to_unit(images[start : start + batch]).to(device)
+        out.append((vae.encode(x).latents.float() * scale).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_captions(pipe: Any, texts: list[str], batch: int = 256) -> torch.Tensor:
+    """(U, T, D) float16 text states of every distinct caption, via the pipeline's encode_prompt.
+
+    Captions longer than the encoder's padded length are truncated (as at sampling time); their
+    count is printed once instead of the pipeline's per-batch warning.
+    """
+    limit = pipe.tokenizer.model_max_length
+    lengths = [len(ids) for ids in pipe.tokenizer(texts, verbose=False).input_ids]
+    too_long = sum(n > limit for n in lengths)
+    if too_long:
+        print(f"{too_long} of {len(texts)} distinct captions exceed {limit} tokens: truncated")
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        out = []
+        for start in tqdm(range(0, len(texts), batch), desc="encode captions", unit="batch"):
+            out.append(encode_prompts(pipe, texts[start : start + batch]).to(torch.float16).cpu())
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    return torch.cat(out)
+
+
+def unet_loss(
+    unet: torch.nn.Module,
+    noise_scheduler: Any,
+    latents: torch.Tensor,
+    text: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    snr_gamma: float | None,
+) -> torch.Tensor:
+    """Denoising loss of one batch (latents (B, C, s, s), text (B, T, D), timesteps (B,))."""
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    pred = unet(noisy, timesteps, text).sample
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    if snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float())
+    # min-SNR-gamma weights (Hang et al. 2023), as in diffusers' train_text_to_image.py
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.stack([snr, snr_gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    weights = (
+        weights / snr
+        if noise_scheduler.config.prediction_type == "epsilon"
+        else weights / (snr + 1)
+    )
+    per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_item * weights).mean()
+
+
+def train_unet(
+    cfg: DiffusionConfig,
+    images: torch.Tensor,
+    pairs: CaptionDataset,
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    log: Any,
+    deadline: float,
+) -> tuple[torch.nn.Module, torch.nn.Module, int, bool]:
+    """Train the UNet (resumable). Returns (vae, EMA unet, steps done, stopped by the clock)."""
+    device = accelerator.device
+    vae_ckpt = load_checkpoint(args.out / "vae" / FINAL)
+    vae = build_vae(cfg.vae)
+    load_state_strict(vae, vae_ckpt.tensors["vae"], what="vae/final")
+    vae.to(device).eval().requires_grad_(False)
+    torch.manual_seed(args.seed + 1)  # the same init whether or not the VAE stage ran here
+    unet = build_unet(cfg).to(device).train()
+    pipe = assemble_pipeline(cfg, vae, unet)
+    pipe.text_encoder.to(device)
+
+    texts: list[str] = []
+    index: dict[str, int] = {}
+    offsets, ids = [0], []
+    for caps in pairs.captions:
+        for c in caps:
+            ids.append(index.setdefault(c, len(index)))
+            if len(index) > len(texts):
+                texts.append(c)
+        offsets.append(len(ids))
+    offsets_np, ids_np = np.asarray(offsets, np.int64), np.asarray(ids, np.int64)
+    states = encode_captions(pipe, texts)  # (U, T, D) float16
+    empty = encode_prompts(pipe, [""]).to(device)  # (1, T, D): the dropped condition
+    latents = encode_latents(vae, images, cfg.vae.scaling_factor, device)  # (N, C, s, s)
+
+    noise_scheduler = build_noise_scheduler(cfg)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=1e-2)
+    scheduler = cosine_with_warmup(optimizer, max(1, args.unet_steps // 20), args.unet_steps)
+    ema = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=2 / 3)
+    names = [k for k, _ in unet.named_parameters()]
+    run_config = {
+        "stage": "unet",
+        "diffusion": cfg.to_dict(),
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "lr": args.unet_lr,
+        "steps": args.unet_steps,
+        "cond_dropout": args.cond_dropout,
+        "snr_gamma": args.snr_gamma,
+        "ema_decay": args.ema_decay,
+        "images": len(pairs),
+    }
+    folder = args.out / "unet"
+    start = 0
+    if args.resume and (folder / "last").is_dir():
+        tensors, state = load_state(folder, run_config)
+        load_state_strict(unet, tensors["unet"], what=str(folder / "last"))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ema_state = ema.state_dict()
+        ema_state["shadow_params"] = [tensors["ema"][k].to(device) for k in names]
+        ema_state["optimization_step"] = int(state["ema_step"])
+        ema.load_state_dict(ema_state)
+        start = int(state["step"])
+    model, prepared = accelerator.prepare(unet, optimizer)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    global_batch = args.batch_size * world
+    batches = batch_indices(latents.shape[0], global_batch, args.seed, start)
+    bar = tqdm(
+        range(start, args.unet_steps), initial=start, total=args.unet_steps, desc="train unet"
+    )
+    done, stopped = start, False
+    for step in bar:
+        indices = next(batches)
+        caption_ids = ids_np[pick_captions(offsets_np, indices, args.seed, step)]
+        local = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
+        idx = torch.from_numpy(indices[local])
+        text = states[torch.from_numpy(caption_ids[local])].to(device, torch.float32)
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
+        drop = torch.rand(len(idx), generator=gen) < args.cond_dropout
+        text[drop.to(device)] = empty[0]
+        x0 = latents[idx].to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        timesteps = torch.randint(0, cfg.num_train_timesteps, (len(idx),), generator=gen).to(device)
+        with accelerator.autocast():
+            loss = unet_loss(model, noise_scheduler, x0, text, noise, timesteps, args.snr_gamma)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        prepared.step()
+        scheduler.step()
+        prepared.zero_grad(set_to_none=True)
+        ema.step(unet.parameters())
+        done = step + 1
+        value = loss.detach().item()
+        if accelerator.is_main_process:
+            log.write(json.dumps({"stage": "unet", "step": done, "loss": value}) + "\n")
+            log.flush()
+        bar.set_postfix(loss=f"{value:.4f}")
+        stopped = done < args.unet_steps and (time.time() > deadline or done == args.unet_stop_at)
+        if done % args.save_every == 0 or done == args.unet_steps or stopped:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                shadow = dict(zip(names, ema.shadow_params, strict=True))
+                save_state(
+                    folder,
+                    {"unet": unet.state_dict(), "ema": shadow},
+                    optimizer,
+                    scheduler,
+                    done,
+                    run_config,
+                    {"ema_step": ema.optimization_step},
+                )
+        if accelerator.is_main_process and (
+            done % args.sample_every == 0 or done == args.unet_steps or stopped
+        ):
+            _save_samples(pipe, ema, unet, args.out / "samples" / f"unet_{done:06d}.png")
+        if stopped:
+            why = (
+                "--unet-stop-at"
+                if done == args.unet_stop_at
+                else f"--max-minutes {args.max_minutes}"
+            )
+            print(f"{why}: stopping the UNet stage at step {done}")
+            break
+    bar.close()
+    ema.copy_to(unet.parameters())  # the final weights are the EMA weights
+    unet.eval()
+    return vae, unet, done, stopped
+
+
+@torch.no_grad()
+def _save_samples(pipe: Any, ema: EMAModel, unet: torch.nn.Module, path: Path) -> None:
+    """One row of SAMPLE_PROMPTS (seed 0) with the EMA weights, 25 DDIM steps."""
+    ema.store(unet.parameters())
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    try:
+        prompts = list(SAMPLE_PROMPTS)
+        images = generate(pipe, prompts, seed=0, guidance_scale=4.0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(images, columns=len(prompts)).save(path)
+    finally:
+        ema.restore(unet.parameters())
+        unet.train()
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.diffusion",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--preset", choices=sorted(PRESET_MODELS), default="shapes")
+    parser.add_argument(
+        "--model", choices=list_diffusion_configs(), help="diffusion variant (default: preset's)"
+    )
+    src = parser.add_argument_group("data (exactly one source)")
+    src.add_argument(
+        "--data",
+        type=Path,
+        help="ShapeWorld folder; generated from the preset's diffusion.data config if missing",
+    )
+    src.add_argument(
+        "--splits",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=["pretrain"],
+        help="ShapeWorld splits to train on, comma-separated (default pretrain)",
+    )
+    src.add_argument("--imagefolder", type=Path, help="folder with metadata.jsonl captions")
+    src.add_argument("--images", type=Path, help="image root of a COCO captions file")
+    src.add_argument("--captions-json", type=Path, help="COCO captions JSON (with --images)")
+    src.add_argument("--limit", type=int, default=None, help="use the first N images only")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (vae/, unet/, final/)")
+    parser.add_argument("--stage", choices=["all", "vae", "unet"], default="all")
+    parser.add_argument("--vae-steps", type=int, default=1000, help="VAE optimizer steps")
+    parser.add_argument("--vae-batch-size", type=int, default=16, help="crops per VAE step")
+    parser.add_argument("--vae-crop", type=int, default=64, help="VAE training crop side (px)")
+    parser.add_argument("--vae-lr", type=float, default=3e-3, help="peak VAE learning rate")
+    parser.add_argument(
+        "--vae-chroma-weight",
+        type=float,
+        default=3.0,
+        help="weight of the chroma L1 term of the VAE loss (0: plain L1)",
+    )
+    parser.add_argument("--unet-steps", type=int, default=600, help="UNet optimizer steps")
+    parser.add_argument("--batch-size", type=int, default=32, help="UNet images per step")
+    parser.add_argument(
+        "--unet-stop-at",
+        type=int,
+        default=None,
+        help="end the UNet stage after this step of the --unet-steps schedule and write final/ "
+        "(reproduces a run that --max-minutes stopped: the committed one stopped at 552 of 600)",
+    )
+    parser.add_argument("--unet-lr", type=float, default=1e-3, help="peak UNet learning rate")
+    parser.add_argument(
+        "--cond-dropout", type=float, default=0.1, help="captions replaced by '' (for guidance)"
+    )
+    parser.add_argument(
+        "--snr-gamma", type=float, default=5.0, help="min-SNR loss weight cap (0: plain MSE)"
+    )
+    parser.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay (max)")
+    parser.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="wall-clock budget for the whole run; the UNet stage stops early when it is spent",
+    )
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--seed", type=int, default=0, help="data order, noise, init")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/*/last")
+    parser.add_argument("--save-every", type=int, default=100, help="steps between states")
+    parser.add_argument("--sample-every", type=int, default=300, help="steps between samples")
+    parser.add_argument("--workers", type=int, default=2, help="image decoding threads")
+    parser.add_argument(
+        "--eval", action="store_true", help="run eval.generation on <out>/final (--data val split)"
+    )
+    parser.add_argument(
+        "--eval-args",
+        default="",
+        help='extra arguments for eval.generation, quoted (e.g. "--limit 50")',
+    )
+    return parser
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    given = [n for n in ("data", "imagefolder", "images") if getattr(args, n) is not None]
+    if len(given) != 1:
+        parser.error(
+            f"give exactly one data source: --data, --imagefolder or --images (with "
+            f"--captions-json); received {['--' + n for n in given] or 'none'}"
+        )
+    if (args.images is None) != (args.captions_json is None):
+        parser.error("--images and --captions-json go together")
+    for name in (
+        "vae_steps",
+        "vae_batch_size",
+        "vae_crop",
+        "unet_steps",
+        "batch_size",
+        "save_every",
+        "sample_every",
+        "workers",
+    ):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
+    for name in ("vae_lr", "unet_lr"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be > 0, received {getattr(args, name)}")
+    if not 0 <= args.cond_dropout < 1:
+        parser.error(f"--cond-dropout must be in [0, 1), received {args.cond_dropout}")
+    if not 0 < args.ema_decay < 1:
+        parser.error(f"--ema-decay must be in (0, 1), received {args.ema_decay}")
+    if args.unet_stop_at is not None and not 1 <= args.unet_stop_at <= args.unet_steps:
+        parser.error(
+            f"--unet-stop-at must be in [1, --unet-steps={args.unet_steps}], received "
+            f"{args.unet_stop_at}"
+        )
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, received {args.limit}")
+    if args.eval and args.data is None:
+        parser.error("--eval needs a ShapeWorld --data folder (its val split gives the prompts)")
+    if args.stage == "unet" and not (args.out / "vae" / FINAL).is_dir():
+        parser.error(f"--stage unet needs a trained VAE in {args.out / 'vae' / FINAL}")
+    has_state = any((args.out / s / "last").is_dir() for s in ("vae", "unet"))
+    if args.resume and not has_state and not (args.out / "vae" / FINAL).is_dir():
+        parser.error(f"--resume: no training state in {args.out}; start without --resume")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    t_start = time.time()
+    deadline = t_start + 60 * args.max_minutes if args.max_minutes is not None else float("inf")
+    cfg = get_diffusion_config(args.model or PRESET_MODELS[args.preset])
+    command = "python -m train.diffusion " + shlex.join(argv)
+
+    device = resolve_device(args.device)
+    accelerator = Accelerator(
+        cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no"
+    )
+    seed_everything(args.seed)
+    if args.data is not None:
+        ensure_data(args.data, args.preset)
+        for split in args.splits + (["val"] if args.eval else []):
+            try:
+                shapeworld_paths(args.data, split)
+            except FileNotFoundError as err:
+                parser.error(str(err))
+    pairs, description = load_pairs(args)
+    if len(pairs) < max(args.batch_size * accelerator.num_processes, args.vae_batch_size):
+        parser.error(
+            f"need at least one batch: {len(pairs)} images for batches of {args.batch_size} "
+            f"(UNet, x {accelerator.num_processes} processes) and {args.vae_batch_size} (VAE)"
+        )
+    images = decode_images(pairs.image_paths, cfg.image_size, args.workers)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log_path = args.out / LOG_NAME
+    with log_path.open("a", encoding="utf-8") as log:
+        cfg = train_vae(cfg, images, args, accelerator, log, deadline)
+        if args.stage == "vae":
+            return 0
+        vae, unet, steps, stopped = train_unet(cfg, images, pairs, args, accelerator, log, deadline)
+    seconds = time.time() - t_start
+    if not accelerator.is_main_process:
+        return 0
+    final = args.out / FINAL
+    metadata = {
+        "vae_steps": args.vae_steps,
+        "unet_steps": steps,
+        "unet_steps_planned": args.unet_steps,
+        "stopped_early": stopped,
+        "command": command,
+        "data": description,
+        "train_seconds_this_run": round(seconds, 1),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "diffusers_version": diffusers.__version__,
+        "torch_version": torch.__version__,
+    }
+    tensors = {
+        "vae": {k: v.to(torch.float16) for k, v in vae.state_dict().items()},
+        "unet": {k: v.to(torch.float16) for k, v in unet.state_dict().items()},
+    }
+    save_checkpoint(final, tensors, cfg.to_dict(), metadata, overwrite=True)
+    results = _run_eval(final, args) if args.eval else None
+    write_model_card(final, cfg, args, metadata, results)
+    print(f"wrote {final} ({seconds / 60:.1f} minutes)")
+    return 0
+
+
+def _run_eval(final: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """python -m eval.generation on the --data val split, in a subprocess."""
+    out = final / "eval.json"
+    cmd = [sys.executable, "-m", "eval.generation", "--checkpoint", str(final)]
+    cmd += ["--data", str(args.data), "--json", str(out), "--grid", str(final / "samples.png")]
+    cmd += ["--device", args.device, *shlex.split(args.eval_args)]
+    subprocess.run(cmd, check=True)
+    results: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
+    return results
+
+
+def write_model_card(
+    final: Path,
+    cfg: DiffusionConfig,
+    args: argparse.Namespace,
+    metadata: dict[str, Any],
+    results: dict[str, Any] | None,
+) -> None:
+    manifest = json.loads((final / "manifest.json").read_text(encoding="utf-8"))
+    files = manifest["files"]
+    lines = [
+        f"# Text-to-image decoder `{cfg.name}` (Polychrome)",
+        "",
+        "A latent diffusion model built from diffusers' classes (`AutoencoderTiny` VAE, "
+        "`UNet2DConditionModel`), conditioned on the token states of the frozen sentence encoder "
+        f"`{cfg.text_source}` (padded to {cfg.text_max_length} tokens), run through a stock "
+        "`StableDiffusionPipeline`. The frozen encoder is not stored; "
+        "`generation.diffusion.load_pipeline` rebuilds it from its source.",
+        "",
+        "## Command",
+        "",
+        f"    {metadata['command']}",
+        "",
+        "## Data",
+        "",
+        *[f"- {k}: {v}" for k, v in metadata["data"].items()],
+        "",
+        "## Training",
+        "",
+        f"- VAE: {metadata['vae_steps']} steps, batch {args.vae_batch_size} crops of "
+        f"{args.vae_crop} px, lr {args.vae_lr}; latent scaling factor "
+        f"{cfg.vae.scaling_factor:.4f}",
+        f"- UNet: {metadata['unet_steps']} of {metadata['unet_steps_planned']} planned steps"
+        f"{' (stopped early)' if metadata['stopped_early'] else ''}, batch "
+        f"{args.batch_size}, lr {args.unet_lr}, condition dropout {args.cond_dropout}, min-SNR "
+        f"gamma {args.snr_gamma}, EMA decay {args.ema_decay}; seed {args.seed}",
+        f"- device: {metadata['device']} ({metadata['threads']} threads); wall seconds "
+        f"(this run): {metadata['train_seconds_this_run']}",
+        f"- diffusers {metadata['diffusers_version']}, torch {metadata['torch_version']}",
+        "",
+        "## Weights (fp16 safetensors; the UNet holds the EMA weights)",
+        "",
+        *[
+            f"- `{name}` ({info['bytes']} bytes): sha256 `{info['sha256']}`"
+            for name, info in files.items()
+        ],
+        "",
+        "## Config",
+        "",
+        "```json",
+        json.dumps(cfg.to_dict(), indent=2),
+        "```",
+        "",
+    ]
+    if results is not None:
+        lines += ["## Evaluation (`python -m eval.generation`)", "", results["table"], ""]
+    atomic_write_text(final / "MODEL_CARD.md", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
