@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from core.config import project_path
 from core.io import atomic_write_text
 from data.conversations import ChatRecord, read_chat_records, short_question
-from data.formats import read_imagefolder
+from data.formats import FormatError, read_imagefolder
 from data.language import number_word, plural
 from data.scene import COLOURS, SHAPES
 from vlm.config import PolychromeConfig
@@ -118,6 +118,17 @@ def caption_scores(
                 totals[key][1] += len(pk)
                 totals[key][2] += len(gk)
     return {k: _f1(*v) for k, v in totals.items()}
+
+
+def gold_objects(folder: Path, limit: int | None = None) -> list[Counter[tuple[str, str]]]:
+    """Visible objects per image of a ShapeWorld split folder: Counter{(colour, shape): n}."""
+    gold = []
+    for n, row in enumerate(read_imagefolder(folder)[:limit], start=1):
+        objects = row.get("objects")
+        if not isinstance(objects, list):
+            raise FormatError(f"{folder / 'metadata.jsonl'}: line {n} has no 'objects' list")
+        gold.append(Counter((o["colour"], o["shape"]) for o in objects))
+    return gold
 
 
 def load_vlm(args: argparse.Namespace) -> PolychromeVLM:
@@ -268,12 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     records = read_chat_records(folder, limit=args.limit)
-    rows = read_imagefolder(folder)[: args.limit]
-    gold = []
-    for n, row in enumerate(rows, start=1):
-        if not isinstance(row.get("objects"), list):
-            parser.error(f"{folder / 'metadata.jsonl'}: line {n} has no 'objects' list")
-        gold.append(Counter((o["colour"], o["shape"]) for o in row["objects"]))
+    try:
+        gold = gold_objects(folder, limit=args.limit)
+    except FormatError as err:
+        parser.error(str(err))
     vlm = load_vlm(args)
     result = evaluate_vlm(
         vlm,
