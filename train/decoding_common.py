@@ -1,0 +1,72 @@
+"""What the decoding training scripts share: one plain training stage, saved when it ends.
+
+Each script trains in short stages (minutes each: a diffusion LM, then its sampler; an MLM, then
+a seq2seq model). A finished stage is written atomically to ``<out>/stages/<name>/`` (core
+checkpoint: the module's tensors + the stage config + its loss and time); ``--resume`` loads
+finished stages whose config matches instead of training them again. An interrupted stage
+starts over (none is longer than a few minutes at the sizes the scripts document).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from core.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from train.common import cosine_with_warmup
+
+__all__ = ["train_stage"]
+
+
+def train_stage(
+    name: str,
+    module: torch.nn.Module,
+    params: Iterable[torch.nn.Parameter],
+    loss_fn: Callable[[int], torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    out: Path,
+    config: dict[str, Any],
+    resume: bool,
+    warmup: int = 50,
+) -> dict[str, Any]:
+    """Train `params` (inside `module`) for `steps` AdamW steps on loss_fn(step), cosine lr with
+    warmup; save the module's state. Returns {"loss": mean of the last 10% of steps, "seconds",
+    "steps", "resumed"}."""
+    path = out / "stages" / name
+    if resume and (path / "manifest.json").is_file():
+        ckpt = load_checkpoint(path)
+        if ckpt.config == config:
+            load_state_strict(module, ckpt.tensors["model"], what=str(path))
+            return {**ckpt.metadata, "resumed": True}
+        print(f"{path}: saved with another config; training stage {name!r} again")
+    params = [p for p in params if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = cosine_with_warmup(optimizer, min(warmup, steps // 10 + 1), steps)
+    module.train()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps), desc=name, unit="step")
+    for step in bar:
+        loss = loss_fn(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    module.eval()
+    tail = losses[-max(1, steps // 10) :] if losses else [float("nan")]
+    stats = {"loss": statistics.fmean(tail), "seconds": time.perf_counter() - t0, "steps": steps}
+    state = {k: v for k, v in module.state_dict().items()}
+    save_checkpoint(path, {"model": state}, config, stats, overwrite=True)
+    return {**stats, "resumed": False}
