@@ -21,7 +21,7 @@ import gradio as gr
 
 from core.config import list_presets
 from core.runtime import resolve_device
-from vlm.assistant import Assistant, ChatMessage, SamplingSettings
+from vlm.assistant import DECODING_METHODS, Assistant, ChatMessage, SamplingSettings
 from vlm.config import PolychromeConfig
 from vlm.examples import example_images
 
@@ -117,6 +117,7 @@ def make_respond(assistant: Assistant) -> Any:
         max_new_tokens: float,
         temperature: float,
         seed: float,
+        method: str = "default",
     ) -> Iterator[str]:
         turns = history_for_model(history)
         if isinstance(message, dict):  # the multimodal textbox: {"text": ..., "files": [...]}
@@ -127,13 +128,14 @@ def make_respond(assistant: Assistant) -> Any:
         if files and not text.strip():
             text = "Describe the image."
         if not text.strip():
-            yield "Please type a message."
+            yield f"{WARNING}Please type a message."  # a refusal: dropped from history
             return
         try:
             settings = SamplingSettings(
                 max_new_tokens=int(max_new_tokens),
                 temperature=float(temperature),
                 seed=int(seed) if seed is not None and seed >= 0 else None,
+                method=str(method or "default"),
             )
             yield from assistant.chat(turns, text, images=files or None, settings=settings)
         except ValueError as err:
@@ -177,6 +179,11 @@ def build_demo(
                 precision=0,
                 label="Seed (-1 = random)",
             )
+            method = gr.Dropdown(
+                ["default", *DECODING_METHODS],
+                value=defaults.method,
+                label="Decoding method (beam methods: text-only turns, whole reply at once)",
+            )
         knobs = [
             default_tokens,
             defaults.temperature,
@@ -198,7 +205,7 @@ def build_demo(
                 placeholder="Ask about an image, or just chat",
                 sources=["upload"],
             ),
-            additional_inputs=[max_new_tokens, temperature, seed],
+            additional_inputs=[max_new_tokens, temperature, seed, method],
             examples=examples,
             concurrency_limit=concurrency_limit,
             api_name="chat",

@@ -323,3 +323,27 @@ def test_text_only_logits_are_bitwise_the_real_smollm2s():
         ours = real(**batch).logits
         bare = real.llm(input_ids=batch["input_ids"]).logits
     assert ours is not None and torch.equal(ours, bare)
+
+
+def test_assistant_decodes_with_the_library_methods_on_text_turns(sharp_vlm):
+    from lm.decoding import generate_with
+
+    vlm = sharp_vlm
+    assistant = Assistant(vlm.llm, vlm.tokenizer, vlm=vlm)
+    settings = SamplingSettings(max_new_tokens=6, method="conditional_beam", num_beams=3)
+    (reply,) = list(assistant.chat([], "Name a shape.", settings=settings))
+    ids = vlm.prepare([{"role": "user", "content": "Name a shape."}])["input_ids"]
+    out = generate_with(
+        "conditional_beam",
+        vlm.llm,
+        ids,
+        num_beams=3,
+        max_new_tokens=6,
+        eos_token_id=vlm.tokenizer.eos_token_id,
+        pad_token_id=vlm.tokenizer.pad_token_id,
+    )
+    assert reply == vlm.tokenizer.decode(out.new_tokens[0], skip_special_tokens=True)
+    with pytest.raises(ValueError, match="text-only conversations"):
+        list(assistant.chat([], "And this?", images=[_image()], settings=settings))
+    with pytest.raises(ValueError, match="method must be 'default' or one of"):
+        SamplingSettings(method="nucleus-magic")

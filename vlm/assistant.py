@@ -25,12 +25,19 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from core.config import project_path
+from lm.decoding import generate_with
 from lm.loading import LLMConfig, load_causal_lm
 from lm.streaming import stream_generate
 from vlm.config import PolychromeConfig
 from vlm.model import PolychromeVLM, VLMConfig
 
-__all__ = ["MAX_MESSAGE_CHARS", "Assistant", "ChatMessage", "SamplingSettings"]
+__all__ = [
+    "DECODING_METHODS",
+    "MAX_MESSAGE_CHARS",
+    "Assistant",
+    "ChatMessage",
+    "SamplingSettings",
+]
 
 # A message longer than this is refused with a clear error instead of being fed to the LLM.
 MAX_MESSAGE_CHARS = 8000
@@ -41,6 +48,11 @@ ChatMessage = dict[str, Any]
 MAX_IMAGES = 8  # images in one prompt (history included) at most
 
 
+# Decoding methods beside the streamed greedy / sampling default (lm.decoding); they run on
+# text-only prompts and return the whole reply at once.
+DECODING_METHODS = ("beam", "conditional_beam", "hidden_state_optimisation")
+
+
 @dataclass
 class SamplingSettings:
     """Decoding settings of one reply; temperature 0 is greedy."""
@@ -49,8 +61,17 @@ class SamplingSettings:
     temperature: float = 0.0
     top_p: float = 0.9
     seed: int | None = None
+    method: str = "default"  # "default" (streamed greedy / sampling) or one of DECODING_METHODS
+    num_beams: int = 4  # beam width of the beam methods
 
     def __post_init__(self) -> None:
+        if self.method != "default" and self.method not in DECODING_METHODS:
+            raise ValueError(
+                f"method must be 'default' or one of {list(DECODING_METHODS)}, received "
+                f"{self.method!r}"
+            )
+        if not 1 <= self.num_beams <= 64:
+            raise ValueError(f"num_beams must be in [1, 64], received {self.num_beams}")
         if not 1 <= self.max_new_tokens <= 8192:
             raise ValueError(f"max_new_tokens must be in [1, 8192], received {self.max_new_tokens}")
         if self.temperature < 0:
@@ -94,6 +115,8 @@ class Assistant:
         if vlm is not None and (vlm.llm is not model or vlm.tokenizer is not tokenizer):
             raise ValueError("vlm must wrap the same model and tokenizer as the Assistant")
         self.vlm = vlm  # None: text only
+        if vlm is not None:
+            self._lock = vlm._lock  # one generation at a time on the shared LLM
         # One generate() at a time per model: the app's queue bounds concurrency, this guards
         # direct library users who call chat from several threads.
         self._lock = threading.Lock()
@@ -204,6 +227,26 @@ class Assistant:
             )
         return batch
 
+    def _decode_with(self, batch: dict[str, torch.Tensor], settings: SamplingSettings) -> str:
+        """The whole reply from one of lm.decoding's methods (text-only prompts)."""
+        if "pixel_values" in batch:
+            raise ValueError(
+                f"decoding method {settings.method!r} works on text-only conversations; with "
+                "images, use the default (greedy or sampling)"
+            )
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": settings.max_new_tokens,
+            "eos_token_id": self.tokenizer.eos_token_id,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if settings.method in ("beam", "conditional_beam"):
+            kwargs["num_beams"] = settings.num_beams
+        with self._lock:
+            out = generate_with(
+                settings.method, self.model, batch["input_ids"].to(self.model.device), **kwargs
+            )
+        return cast(str, self.tokenizer.decode(out.new_tokens[0], skip_special_tokens=True))
+
     def chat(
         self,
         history: Sequence[ChatMessage],
@@ -217,6 +260,9 @@ class Assistant:
         """
         settings = settings or self.default_settings
         batch = self.encode(history, message, images)
+        if settings.method != "default":
+            yield self._decode_with(batch, settings)
+            return
         gen_kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens}
         if settings.temperature > 0:
             gen_kwargs.update(
