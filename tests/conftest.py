@@ -44,3 +44,54 @@ def tiny_lm():
     from lm.loading import load_causal_lm
 
     return load_causal_lm("tiny-random-llama", frozen=True)
+
+
+def sharpened_tiny_vlm():
+    """The tiny preset's VLM (seed 0) with its LLM's matrices scaled x25.
+
+    The random tiny LLM's greedy replies are all newlines whatever the prompt; sharpened, they are
+    distinct strings that depend on the prompt and the image. (Sampling from its near-uniform
+    distributions instead flipped tokens between runs.)
+    """
+    from vlm.config import PolychromeConfig
+    from vlm.model import PolychromeVLM, VLMConfig
+
+    cfg = PolychromeConfig.from_preset("tiny")
+    torch.manual_seed(0)
+    vlm = PolychromeVLM.build(VLMConfig(llm=cfg.llm, vision=cfg.clip, projector=cfg.vlm.projector))
+    with torch.no_grad():
+        for p in vlm.llm.parameters():
+            if p.ndim == 2:
+                p.mul_(25)
+    return vlm
+
+
+@pytest.fixture(scope="module")
+def sharp_vlm():
+    """sharpened_tiny_vlm(), once per module."""
+    return sharpened_tiny_vlm()
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    """The demo on the sharpened tiny VLM, served on a free local port: (assistant, url).
+
+    Replies are greedy and at most 8 tokens long.
+    """
+    import socket
+
+    import app
+    from vlm.assistant import Assistant, SamplingSettings
+    from vlm.config import PolychromeConfig
+
+    vlm = sharpened_tiny_vlm()
+    settings = SamplingSettings(max_new_tokens=8)
+    assistant = Assistant(vlm.llm, vlm.tokenizer, vlm=vlm, default_settings=settings)
+    demo = app.build_demo(assistant, PolychromeConfig.from_preset("tiny"))
+    demo.queue(max_size=8)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield assistant, f"http://127.0.0.1:{port}/"
+    demo.close()

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import app
-from vlm.assistant import MAX_MESSAGE_CHARS, Assistant, SamplingSettings
-from vlm.config import PolychromeConfig
-from vlm.model import PolychromeVLM, VLMConfig
+from vlm.assistant import MAX_MESSAGE_CHARS, SamplingSettings
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SETTINGS = SamplingSettings(max_new_tokens=8)  # greedy
@@ -33,26 +28,8 @@ def test_help_exits_cleanly(capsys):
 
 
 @pytest.fixture(scope="module")
-def server():
-    cfg = PolychromeConfig.from_preset("tiny")
-    torch.manual_seed(0)
-    vlm = PolychromeVLM.build(VLMConfig(llm=cfg.llm, vision=cfg.clip, projector=cfg.vlm.projector))
-    # The random tiny LLM's greedy replies are all newlines; with its matrices scaled up they are
-    # distinct strings that depend on the prompt and the image (sampling from its near-uniform
-    # distributions flipped tokens between threads).
-    with torch.no_grad():
-        for p in vlm.llm.parameters():
-            if p.ndim == 2:
-                p.mul_(25)
-    assistant = Assistant(vlm.llm, vlm.tokenizer, vlm=vlm, default_settings=SETTINGS)
-    demo = app.build_demo(assistant, cfg)
-    demo.queue(max_size=8)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield assistant, f"http://127.0.0.1:{port}/"
-    demo.close()
+def server(demo_server):
+    return demo_server
 
 
 def _ask(client, text, files=()):

@@ -41,22 +41,6 @@ def vlm() -> PolychromeVLM:
 
 
 @pytest.fixture(scope="module")
-def sharp_vlm() -> PolychromeVLM:
-    """The tiny VLM with its LLM's matrices scaled up: the random tiny LLM's greedy replies are
-    all newlines; sharpened, they are distinct strings that depend on the prompt and image."""
-    cfg = PolychromeConfig.from_preset("tiny")
-    torch.manual_seed(0)  # module fixtures are built before the per-test seeding
-    sharp = PolychromeVLM.build(
-        VLMConfig(llm=cfg.llm, vision=cfg.clip, projector=cfg.vlm.projector)
-    )
-    with torch.no_grad():
-        for p in sharp.llm.parameters():
-            if p.ndim == 2:
-                p.mul_(25)
-    return sharp
-
-
-@pytest.fixture(scope="module")
 def shapeworld(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("vlm-data") / "sw"
     args = ["generate", "--out", str(root), "--train", "12", "--val", "4", "--test", "4"]
