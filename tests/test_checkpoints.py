@@ -123,10 +123,10 @@ def test_vlm_checkpoint_keeps_its_figures(val_split, one_thread):
         ttft_repeats=0,
         progress=False,
     )
-    # Model card (100 test images): caption F1 0.447 (colour 0.809), QA 32.5 %. On these 8 val
-    # images it measured caption F1 0.464 (colour 0.857) and QA 14 / 41 = 34.1 %; a random
+    # Model card (100 test images): caption F1 0.454 (colour 0.845), QA 34.5 %. On these 8 val
+    # images it measured caption F1 0.511 (colour 0.857) and QA 18 / 41 = 43.9 %; a random
     # projector describes no objects in the caption format and answers at most the yes/no ones.
     assert r["questions"] == 41
-    assert r["caption_f1"]["all"] >= 0.40
+    assert r["caption_f1"]["all"] >= 0.45
     assert r["caption_f1"]["colour"] >= 0.75
-    assert r["qa_accuracy"]["overall"] >= 0.28
+    assert r["qa_accuracy"]["overall"] >= 0.36
