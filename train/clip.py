@@ -68,12 +68,10 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from core.checkpoint import save_checkpoint
-from core.images import load_rgb
 from core.io import atomic_write_text, cache_dir
 from core.runtime import resolve_device, seed_everything
 from core.sources import resolve_source
@@ -82,6 +80,7 @@ from data.shapeworld import read_manifest
 from train.common import (
     batch_indices,
     cosine_with_warmup,
+    decode_images,
     load_training_state,
     save_training_state,
     trainable_state,
@@ -118,29 +117,6 @@ class PairData:
     offsets: np.ndarray  # (N + 1,) int64: image i's captions are text_ids[offsets[i]:offsets[i+1]]
     text_ids: np.ndarray  # (sum of captions,) int64 indices into texts
     description: dict[str, Any]  # where the data came from (for the model card)
-
-
-def _load_image(path: Path, size: int) -> np.ndarray:
-    """(3, size, size) uint8: shorter side resized to `size` (bicubic), centre crop."""
-    image = load_rgb(path)
-    if image.size != (size, size):
-        w, h = image.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        image = image.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
-
-
-def decode_images(paths: list[Path], size: int, workers: int) -> torch.Tensor:
-    """Decode every image once into (N, 3, size, size) uint8."""
-    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        jobs = pool.map(lambda p: _load_image(p, size), paths, chunksize=64)
-        for i, arr in enumerate(tqdm(jobs, total=len(paths), desc="decode images", unit="img")):
-            out[i] = arr
-    return torch.from_numpy(out)
 
 
 def load_pairs(args: argparse.Namespace, size: int) -> PairData:

@@ -19,18 +19,23 @@ import math
 import os
 import shutil
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 from core.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from core.images import load_rgb
 from core.io import atomic_dir
 
 __all__ = [
     "batch_indices",
     "cosine_with_warmup",
+    "decode_images",
     "load_training_state",
     "resume_mismatches",
     "save_training_state",
@@ -145,3 +150,26 @@ def resume_mismatches(
 
 def remove_training_state(out: str | os.PathLike[str]) -> None:
     shutil.rmtree(Path(out) / "last", ignore_errors=True)
+
+
+def _load_image(path: Path, size: int) -> np.ndarray:
+    """(3, size, size) uint8: shorter side resized to `size` (bicubic), centre crop."""
+    image = load_rgb(path)
+    if image.size != (size, size):
+        w, h = image.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def decode_images(paths: list[Path], size: int, workers: int) -> torch.Tensor:
+    """Decode every image once into (N, 3, size, size) uint8."""
+    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        jobs = pool.map(lambda p: _load_image(p, size), paths, chunksize=64)
+        for i, arr in enumerate(tqdm(jobs, total=len(paths), desc="decode images", unit="img")):
+            out[i] = arr
+    return torch.from_numpy(out)

@@ -50,7 +50,6 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +64,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from core.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
-from core.images import load_rgb
 from core.io import atomic_dir, atomic_write_text
 from core.runtime import resolve_device, seed_everything
 from data.datasets import CaptionDataset, shapeworld_paths
@@ -83,7 +81,7 @@ from generation.diffusion import (
     image_grid,
     list_diffusion_configs,
 )
-from train.common import batch_indices, cosine_with_warmup
+from train.common import batch_indices, cosine_with_warmup, decode_images
 from vlm.config import PolychromeConfig
 
 PRESET_MODELS = {"shapes": "shapes-ldm", "tiny": "tiny-ldm"}
@@ -104,29 +102,6 @@ SAMPLE_PROMPTS = (
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
-
-
-def _load_image(path: Path, size: int) -> np.ndarray:
-    """(3, size, size) uint8: shorter side resized to `size` (bicubic), centre crop."""
-    image = load_rgb(path)
-    if image.size != (size, size):
-        w, h = image.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        image = image.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
-
-
-def decode_images(paths: list[Path], size: int, workers: int) -> torch.Tensor:
-    """Decode every image once into (N, 3, size, size) uint8."""
-    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        jobs = pool.map(lambda p: _load_image(p, size), paths, chunksize=64)
-        for i, arr in enumerate(tqdm(jobs, total=len(paths), desc="decode images", unit="img")):
-            out[i] = arr
-    return torch.from_numpy(out)
 
 
 def load_pairs(args: argparse.Namespace) -> tuple[CaptionDataset, dict[str, Any]]:
