@@ -27,7 +27,6 @@ Outputs in --out: decoding_adjust.json, decoding_adjust.md, decoding_adjust.png,
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -37,7 +36,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from core.io import atomic_write_text
 from core.runtime import seed_everything
 from lm.decoding import (
     ADJUSTSampler,
@@ -48,7 +46,7 @@ from lm.decoding import (
     sampler_loss,
     total_variation,
 )
-from train.decoding_common import train_stage
+from train.decoding_common import train_stage, write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,11 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         "training": stats,
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "decoding_adjust.json", json.dumps(result, indent=1) + "\n")
-    atomic_write_text(args.out / "decoding_adjust.md", text)
-    plot(rows, args.out / "decoding_adjust.png")
-    print(text)
+    write_report(args.out, "decoding_adjust", result, text, lambda png: plot(rows, png))
     return 0
 
 

@@ -9,6 +9,7 @@ starts over (none is longer than a few minutes at the sizes the scripts document
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -19,9 +20,10 @@ import torch
 from tqdm import tqdm
 
 from core.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from core.io import atomic_write_text
 from train.common import cosine_with_warmup
 
-__all__ = ["train_stage"]
+__all__ = ["train_stage", "write_report"]
 
 
 def train_stage(
@@ -70,3 +72,14 @@ def train_stage(
     state = {k: v for k, v in module.state_dict().items()}
     save_checkpoint(path, {"model": state}, config, stats, overwrite=True)
     return {**stats, "resumed": False}
+
+
+def write_report(
+    out: Path, stem: str, result: dict[str, Any], text: str, plot: Callable[[Path], None]
+) -> None:
+    """<out>/<stem>.json (result), .md (text) and .png (plot(path)), then print the text."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=1) + "\n")
+    atomic_write_text(out / f"{stem}.md", text)
+    plot(out / f"{stem}.png")
+    print(text)

@@ -29,7 +29,6 @@ a core checkpoint; lm.decoding.load_recurrent_memory reads it; --resume reuses i
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
@@ -41,13 +40,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from core.io import atomic_write_text
 from core.runtime import resolve_device, seed_everything
 from lm.corpus import pack_documents, pydoc_corpus, text_files_corpus, tokenize_documents
 from lm.decoding import RecurrentMemory, windowed_nll
 from lm.loading import load_causal_lm
 from train.common import batch_indices
-from train.decoding_common import train_stage
+from train.decoding_common import train_stage, write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,11 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval_rows": len(eval_rows),
         "nll": nll,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "decoding_recurrence.json", json.dumps(result, indent=1) + "\n")
-    atomic_write_text(args.out / "decoding_recurrence.md", text)
-    plot(nll, args.out / "decoding_recurrence.png")
-    print(text)
+    write_report(args.out, "decoding_recurrence", result, text, lambda png: plot(nll, png))
     return 0
 
 

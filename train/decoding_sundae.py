@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shlex
 import statistics
 import sys
@@ -37,10 +36,9 @@ from typing import Any
 
 import torch
 
-from core.io import atomic_write_text
 from core.runtime import seed_everything
 from lm.decoding import PrefixSumTask, build_mlm, mlm_loss, refine, sundae_loss
-from train.decoding_common import train_stage
+from train.decoding_common import train_stage, write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,11 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
         "runs": runs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "decoding_sundae.json", json.dumps(out, indent=1) + "\n")
-    atomic_write_text(args.out / "decoding_sundae.md", text)
-    plot(results, args.out / "decoding_sundae.png")
-    print(text)
+    write_report(args.out, "decoding_sundae", out, text, lambda png: plot(results, png))
     return 0
 
 
