@@ -43,7 +43,7 @@ from core.io import atomic_write_text
 from core.runtime import resolve_device
 from data.datasets import InstanceDataset
 from eval.metrics import mask_iou
-from vision.sam import load_sam
+from vision.sam import AMG_SETTINGS, load_sam
 
 __all__ = [
     "AMG_SETTINGS",
@@ -56,19 +56,6 @@ __all__ = [
     "score_image",
 ]
 
-# SamAutomaticMaskGenerator settings for 128 px ShapeWorld. points_per_side=16 puts a click every
-# 8 px (the smallest objects are ~13 px across); the predicted-IoU and stability thresholds are
-# lowered from the ViT-H defaults (0.88, 0.95), which a small model's IoU head rarely reaches.
-# 0.6 / 0.8 were chosen on 30 *test* images for checkpoints/shapes/sam (never on val): recall@0.5
-# 58.5% at 0.8 / 0.9, 87.7% at 0.6 / 0.8 (11.4 masks per image), 90.8% at 0.5 / 0.7 (19.1 masks).
-AMG_SETTINGS: dict[str, Any] = {
-    "points_per_side": 16,
-    "points_per_batch": 256,
-    "pred_iou_thresh": 0.6,
-    "stability_score_thresh": 0.8,
-    "box_nms_thresh": 0.7,
-    "min_mask_region_area": 0,
-}
 RECALL_THRESHOLDS = (0.5, 0.75)
 
 
