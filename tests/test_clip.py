@@ -33,6 +33,7 @@ from vision.clip import (
     text_classifier,
     trained_state_dict,
     visual_head,
+    weighted_pool,
 )
 
 
@@ -121,6 +122,12 @@ def test_dense_features_of_our_vit_decompose_the_image_embedding(tiny):
     # pool="avg": the image embedding is the mean of the projected patch tokens
     torch.testing.assert_close(dense.projected.mean(dim=(2, 3)), pooled, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pooled_from_dense(model, dense), pooled)
+    # uniform weights pool to the image embedding; a one-hot weighting picks one location
+    uniform = torch.full((2, 3, 64), 1 / 64)
+    torch.testing.assert_close(weighted_pool(model, dense, uniform)[:, 1], pooled)
+    onehot = torch.zeros(2, 64)
+    onehot[:, 8 * 3 + 5] = 1
+    torch.testing.assert_close(weighted_pool(model, dense, onehot), dense.projected[:, :, 3, 5])
     # the projection of one location is the head applied to that token (row-major grid)
     torch.testing.assert_close(
         visual_head(model, dense.tokens[:, 8 * 3 + 5]), dense.projected[:, :, 3, 5]
@@ -152,6 +159,18 @@ def test_dense_features_convnext_registry_model():
     assert dense.tokens.shape == (1, 4, 1536)  # stride 32 -> 2x2
     assert dense.projected.shape == (1, 768, 2, 2) and dense.cls_token is None
     torch.testing.assert_close(pooled_from_dense(model, dense), pooled, rtol=1e-4, atol=1e-5)
+    # mask pooling of a timm tower: head(weighted mean of the raw map); uniform = encode_image
+    uniform = torch.full((1, 1, 4), 0.25)
+    torch.testing.assert_close(
+        weighted_pool(model, dense, uniform)[:, 0], pooled, rtol=1e-4, atol=1e-5
+    )
+    onehot = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    torch.testing.assert_close(
+        weighted_pool(model, dense, onehot),
+        visual_head(model, dense.tokens[:, 2]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 def test_dense_features_rejects_bad_input(tiny):

@@ -92,6 +92,7 @@ __all__ = [
     "text_classifier",
     "trained_state_dict",
     "visual_head",
+    "weighted_pool",
 ]
 
 OPEN_CLIP_PREFIX = "polychrome-"  # our variants' names in open_clip's registry
@@ -673,3 +674,27 @@ def pooled_from_dense(model: ClipModel, dense: DenseFeatures) -> torch.Tensor:
             f"{visual.pool_type!r} (final_ln_after_pool={visual.final_ln_after_pool})"
         )
     return visual_head(model, dense.tokens.mean(dim=1))
+
+
+def weighted_pool(model: ClipModel, dense: DenseFeatures, weights: torch.Tensor) -> torch.Tensor:
+    """Embeddings (B, ..., D) of the dense map averaged under `weights` (B, ..., h*w), each
+    weighting summing to 1 over locations, pooled the way the tower pools its image:
+
+    - ViT ("avg" or "tok"): the weighted mean of the projected tokens (the head is per token and
+      its projection linear; for "avg" towers uniform weights give ``encode_image`` exactly);
+    - timm (ConvNeXt): the head applied to the weighted mean of the raw feature map (FC-CLIP's
+      and Mask-Adapter's mask pooling; uniform weights give ``encode_image``).
+    """
+    b, p = dense.tokens.shape[:2]
+    if weights.shape[0] != b or weights.shape[-1] != p:
+        raise ValueError(
+            f"weights must be (B, ..., h*w) = ({b}, ..., {p}), received {tuple(weights.shape)}"
+        )
+    flat = weights.reshape(b, -1, p)
+    if isinstance(model.visual, VisionTransformer):
+        projected = dense.projected.flatten(2).transpose(1, 2).to(flat.dtype)  # (B, P, D)
+        out = torch.bmm(flat, projected)
+    else:
+        pooled = torch.bmm(flat, dense.tokens.to(flat.dtype))  # (B, N, D_vis)
+        out = visual_head(model, pooled.reshape(-1, pooled.shape[-1])).reshape(b, flat.shape[1], -1)
+    return out.reshape(*weights.shape[:-1], out.shape[-1])

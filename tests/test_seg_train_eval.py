@@ -1,0 +1,133 @@
+"""train.seg and eval.seg end to end on a tiny ShapeWorld, with a tiny CLIP and SAM trained here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.shapeworld import main as shapeworld_main
+from eval.seg import drop_background_masks
+from eval.seg import main as eval_main
+from segmentation.mask_adapter import load_adapter
+from train.clip import main as clip_main
+from train.sam import main as sam_main
+from train.seg import main as train_main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """64 px ShapeWorld (24 train, 6 test) and a 2-step tiny CLIP and SAM trained on it."""
+    tmp = tmp_path_factory.mktemp("seg")
+    root = tmp / "sw"
+    argv = ["generate", "--out", str(root), "--pretrain", "16", "--train", "24", "--val", "4"]
+    shapeworld_main([*argv, "--test", "6", "--image-size", "64", "--seed", "0", "--workers", "1"])
+    common = ["--preset", "tiny", "--data", str(root), "--device", "cpu", "--batch-size", "8"]
+    assert clip_main([*common, "--out", str(tmp / "clip"), "--steps", "2", "--workers", "1"]) == 0
+    assert sam_main([*common, "--out", str(tmp / "sam"), "--steps", "2", "--no-progress"]) == 0
+    return {"data": root, "clip": tmp / "clip" / "final", "sam": tmp / "sam" / "final", "tmp": tmp}
+
+
+def _models(world: dict[str, Path]) -> list[str]:
+    return ["--clip", str(world["clip"]), "--sam", str(world["sam"])]
+
+
+@pytest.fixture(scope="module")
+def stage1(world) -> Path:
+    out = world["tmp"] / "stage1"
+    argv = ["--data", str(world["data"]), "--out", str(out), "--steps", "12", "--batch-size", "4"]
+    # one batch of 4 images seen every step: the adapter must fit it (random tiny CLIP below)
+    argv += [*_models(world), "--hidden", "16", "--log-every", "2", "--no-progress"]
+    assert train_main([*argv, "--limit", "4", "--lr", "1e-2"]) == 0
+    return out
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_stage1_learns_and_writes_a_checkpoint_with_a_card(stage1):
+    log = _log(stage1)
+    assert len(log) == 6 and all(r["consistency"] == 0 for r in log)
+    assert log[-1]["ce"] < log[0]["ce"] - 0.2  # measured: 3.62 -> 3.08
+    adapter = load_adapter(stage1 / "final")
+    assert adapter.cfg.hidden == 16
+    card = (stage1 / "final" / "MODEL_CARD.md").read_text()
+    assert "stage 1" in card and "--steps 12" in card
+    assert not (stage1 / "last").exists()  # the resumable state is removed when done
+
+
+def test_stage2_uses_matched_proposals_and_the_consistency_loss(world, stage1):
+    out = world["tmp"] / "stage2"
+    argv = ["--data", str(world["data"]), "--out", str(out), "--stage", "2", "--steps", "4"]
+    extra = ["--init", str(stage1 / "final"), "--batch-size", "4", "--log-every", "1"]
+    assert train_main([*argv, *extra, *_models(world), "--no-progress"]) == 0
+    assert (out / "proposals.npz").is_file()
+    log = _log(out)
+    assert len(log) == 4 and np.isfinite([r["loss"] for r in log]).all()
+    # loss = ce + 5 * consistency, logged separately
+    for r in log:
+        assert r["loss"] == pytest.approx(r["ce"] + 5 * r["consistency"], rel=1e-5)
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(world, tmp_path):
+    base = ["--data", str(world["data"]), "--steps", "6", "--batch-size", "4", "--hidden", "8"]
+    base += [*_models(world), "--no-progress", "--save-every", "2"]
+    assert train_main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert train_main([*base, "--out", str(tmp_path / "b"), "--stop-after", "3"]) == 0
+    assert (tmp_path / "b" / "last").is_dir() and not (tmp_path / "b" / "final").exists()
+    with pytest.raises(SystemExit):  # other settings cannot resume this state
+        train_main([*base, "--out", str(tmp_path / "b"), "--resume", "--lr", "5e-3"])
+    assert train_main([*base, "--out", str(tmp_path / "b"), "--resume"]) == 0
+    a = load_adapter(tmp_path / "a" / "final").state_dict()
+    b = load_adapter(tmp_path / "b" / "final").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_eval_benchmark_and_one_image_with_any_vocabulary(world, stage1, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["--data", str(world["data"]), "--limit", "3", *_models(world), "--no-progress"]
+    argv += ["--adapter", f"s1={stage1 / 'final'}", "--json", str(out)]
+    argv += ["--proposals", str(tmp_path / "p.npz")]
+    assert eval_main(argv) == 0
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"mask pooling", "s1"}
+    for r in report["results"].values():
+        assert 0 <= r["gt_mask_acc_seen"] <= 1 and "miou_harmonic" in r
+    assert (tmp_path / "p.npz").is_file()
+    image = next((world["data"] / "test").glob("*.png"))
+    argv = ["--image", str(image), "--vocab", "circle, crimson star,purple hexagon"]
+    argv += [*_models(world), "--overlay", str(tmp_path / "o.png"), "--min-score", "0"]
+    assert eval_main(argv) == 0
+    assert "segments" in capsys.readouterr().out
+    assert (tmp_path / "o.png").is_file()
+
+
+def test_bad_arguments_are_clear(world, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_main(["--out", str(tmp_path / "x"), *_models(world)])
+    assert "exactly one data source" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_main(["--data", str(world["data"]), "--out", str(tmp_path / "x"), "--stage", "2"])
+    assert "--init" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main(["--image", "x.png", "--vocab", " , ", *_models(world)])
+    assert "vocabulary is empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main(["--help"])
+    assert "--vocab" in capsys.readouterr().out
+
+
+def test_background_masks_are_dropped():
+    masks = np.zeros((3, 10, 10), dtype=bool)
+    masks[0] = True  # the whole image
+    masks[1, :5] = True  # exactly half: kept
+    masks[2, :2, :2] = True
+    assert len(drop_background_masks(masks)) == 2
+    assert drop_background_masks(masks[:0]).shape == (0, 10, 10)
