@@ -38,7 +38,6 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from core.config import project_path
 from core.images import load_rgb
 from core.io import atomic_write_text
 from data.datasets import InstanceDataset, shapeworld_paths
@@ -168,18 +167,6 @@ def _markdown(results: dict[str, dict[str, Any]], n: int, split: str) -> str:
     return "\n".join(rows) + "\n"
 
 
-def preset_checkpoints(
-    parser: argparse.ArgumentParser, args: argparse.Namespace
-) -> tuple[Path, Path]:
-    """(CLIP, SAM) checkpoint folders: --clip / --sam, else the preset's."""
-    cfg = PolychromeConfig.from_preset(args.preset)
-    clip = args.clip or (project_path(cfg.clip.checkpoint) if cfg.clip.checkpoint else None)
-    sam = args.sam or (project_path(cfg.sam.checkpoint) if cfg.sam.checkpoint else None)
-    if clip is None or sam is None:
-        parser.error(f"preset {args.preset!r} has no CLIP or SAM checkpoint: pass --clip and --sam")
-    return clip, sam
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m eval.seg",
@@ -215,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --image (with --vocab) to segment one image, or --data to benchmark")
     if args.image is not None and args.vocab is None:
         parser.error("--image needs --vocab")
-    clip_path, sam_path = preset_checkpoints(parser, args)
+    try:
+        preset = PolychromeConfig.from_preset(args.preset)
+        clip_path, sam_path = preset.vision_checkpoints(args.clip, args.sam)
+    except ValueError as err:
+        parser.error(f"--preset {args.preset}: {err}")
     clip, _, tokenizer = load_clip(clip_path)
     sam = load_sam(sam_path)
     adapters = _parse_adapters(args.adapter)

@@ -44,7 +44,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from core.config import project_path
 from core.io import atomic_write_text
 from core.runtime import seed_everything
 from data.datasets import InstanceDataset
@@ -165,18 +164,6 @@ def _write_card(out: Path, args: argparse.Namespace, argv: list[str], info: dict
     atomic_write_text(out / "MODEL_CARD.md", "\n".join(lines) + "\n")
 
 
-def preset_checkpoints(
-    parser: argparse.ArgumentParser, args: argparse.Namespace
-) -> tuple[Path, Path]:
-    """(CLIP, SAM) checkpoint folders: --clip / --sam, else the preset's."""
-    cfg = PolychromeConfig.from_preset(args.preset)
-    clip = args.clip or (project_path(cfg.clip.checkpoint) if cfg.clip.checkpoint else None)
-    sam = args.sam or (project_path(cfg.sam.checkpoint) if cfg.sam.checkpoint else None)
-    if clip is None or sam is None:
-        parser.error(f"preset {args.preset!r} has no CLIP or SAM checkpoint: pass --clip and --sam")
-    return clip, sam
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m train.seg",
@@ -234,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
     device = _device(args.device)
     seed_everything(args.seed)
-    clip_path, sam_path = preset_checkpoints(parser, args)
+    try:
+        preset = PolychromeConfig.from_preset(args.preset)
+        clip_path, sam_path = preset.vision_checkpoints(args.clip, args.sam)
+    except ValueError as err:
+        parser.error(f"--preset {args.preset}: {err}")
 
     dataset = (
         InstanceDataset.from_shapeworld(args.data, "train")

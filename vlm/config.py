@@ -10,9 +10,10 @@ later issues add theirs (vision, generation, segmentation, STAMP) as new fields 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
-from core.config import Config, config_from_dict, load_preset_dict, preset_path
+from core.config import Config, config_from_dict, load_preset_dict, preset_path, project_path
 from data.shapeworld import ShapeWorldConfig
 from generation.diffusion import DiffusionPresetConfig
 from lm.loading import LLMConfig
@@ -54,3 +55,14 @@ class PolychromeConfig(Config):
     def from_preset(cls, name: str) -> PolychromeConfig:
         """Load and validate configs/<name>.json; ValueError listing the presets if unknown."""
         return config_from_dict(cls, load_preset_dict(name), source=str(preset_path(name)))
+
+    def vision_checkpoints(
+        self, clip: Path | None = None, sam: Path | None = None
+    ) -> tuple[Path, Path]:
+        """(CLIP, SAM) checkpoint folders: the given ones, else this preset's (resolved in the
+        project). ValueError when neither is set."""
+        clip = clip or (project_path(self.clip.checkpoint) if self.clip.checkpoint else None)
+        sam = sam or (project_path(self.sam.checkpoint) if self.sam.checkpoint else None)
+        if clip is None or sam is None:
+            raise ValueError("the preset has no CLIP or SAM checkpoint: pass --clip and --sam")
+        return clip, sam
