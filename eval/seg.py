@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         clip_path, sam_path = preset.vision_checkpoints(args.clip, args.sam)
     except ValueError as err:
         parser.error(f"--preset {args.preset}: {err}")
-    clip, _, tokenizer = load_clip(clip_path)
+    clip, preprocess, tokenizer = load_clip(clip_path)
     sam = load_sam(sam_path)
     adapters = _parse_adapters(args.adapter)
     progress = not args.no_progress
@@ -258,10 +258,18 @@ def main(argv: list[str] | None = None) -> int:
             cache.parent.mkdir(parents=True, exist_ok=True)
             save_mask_lists(cache, proposals)
     results: dict[str, dict[str, Any]] = {}
-    for name, adapter in [("mask pooling", None)] + [
-        (name, load_adapter(path)) for name, path in adapters
-    ]:
-        seg = OpenVocabSegmenter(clip, tokenizer, adapter=adapter)
+    configs: list[tuple[str, OpenVocabSegmenter]] = [
+        (
+            "masked crops (two-stage reference)",
+            OpenVocabSegmenter(clip, tokenizer, preprocess=preprocess, crops=True),
+        ),
+        ("mask pooling", OpenVocabSegmenter(clip, tokenizer)),
+    ]
+    configs += [
+        (name, OpenVocabSegmenter(clip, tokenizer, adapter=load_adapter(path)))
+        for name, path in adapters
+    ]
+    for name, seg in configs:
         results[name] = evaluate_classifier(
             seg, dataset, semantic_dir, proposals, n, progress, desc=name
         )

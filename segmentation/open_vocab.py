@@ -40,7 +40,14 @@ from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
 
 from segmentation.mask_adapter import MaskAdapter, clip_pool, mask_pool
-from vision.clip import ClipModel, dense_features, text_classifier
+from vision.clip import (
+    ClipModel,
+    background_fill,
+    dense_features,
+    encode_images,
+    object_crop,
+    text_classifier,
+)
 from vision.sam import AMG_SETTINGS
 
 __all__ = [
@@ -170,7 +177,10 @@ class SegmentationResult:
 
 
 class OpenVocabSegmenter:
-    """SAM proposals (or masks you pass) classified by Mask-Adapter (or mask pooling)."""
+    """SAM proposals (or masks you pass) classified by Mask-Adapter, mask pooling, or (with
+    ``preprocess`` and ``crops=True``) the two-stage reference: each mask cut out as a masked
+    crop on the mean background colour and embedded by CLIP as a whole image (eval.clip's
+    protocol, one CLIP forward per mask)."""
 
     def __init__(
         self,
@@ -179,9 +189,15 @@ class OpenVocabSegmenter:
         sam: Sam | None = None,
         adapter: MaskAdapter | None = None,
         amg_settings: dict[str, Any] | None = None,
+        preprocess: Any = None,
+        crops: bool = False,
     ) -> None:
+        if crops and (preprocess is None or adapter is not None):
+            raise ValueError("crops=True needs the CLIP preprocess and no adapter")
         self.clip = clip.eval()
         self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.crops = crops
         self.pool = clip_pool(clip)
         self.adapter = adapter.eval() if adapter is not None else None
         self.generator = (
@@ -204,15 +220,33 @@ class OpenVocabSegmenter:
         """(M, C + 1) probabilities of masks (M, H, W) of one image; last column = void."""
         if len(masks) == 0:
             return np.zeros((0, len(vocabulary) + 1), dtype=np.float32)
+        scale = float(self.clip.logit_scale.exp().clamp(max=100.0))
+        if self.crops:
+            return self._classify_crops(image, masks, vocabulary, scale)
         dense = dense_features(self.clip, whole_image_pixels(self.clip, [image]))
         m = torch.from_numpy(masks.astype(np.float32))[None].to(dense.projected.device)
         if self.adapter is not None:
             emb = self.adapter(dense, m, self.pool)[0]
         else:
             emb = mask_pool(dense, m, self.pool)[0]
-        scale = float(self.clip.logit_scale.exp().clamp(max=100.0))
         probs = mask_probabilities(emb, self.text_heads(vocabulary), self.adapter, scale)
         return probs.cpu().numpy()
+
+    def _classify_crops(
+        self, image: np.ndarray, masks: np.ndarray, vocabulary: Sequence[str], scale: float
+    ) -> np.ndarray:
+        fill = background_fill(image, np.asarray(masks.any(axis=0)))
+        size = self.clip.visual.preprocess_cfg["size"]
+        side = size if isinstance(size, int) else size[0]
+        keep = [i for i, m in enumerate(masks) if m.any()]
+        probs = np.zeros((len(masks), len(vocabulary) + 1), dtype=np.float32)
+        probs[:, -1] = 1.0  # empty masks: void
+        if keep:
+            crops = [object_crop(image, masks[i].astype(bool), side, fill) for i in keep]
+            emb = encode_images(self.clip, self.preprocess, crops)
+            p = mask_probabilities(emb, self.text_heads(vocabulary), None, scale)
+            probs[keep] = p.cpu().numpy()
+        return probs
 
     def segment(
         self,

@@ -205,3 +205,27 @@ def test_segmenter_on_given_masks_with_any_vocabulary(tiny_clip):
         seg.segment(image, ["circle"])
     with pytest.raises(ValueError, match="uint8"):
         seg.segment(image.astype(np.float32), ["circle"], masks=masks)
+
+
+def test_crop_classifier_reads_each_mask_as_its_own_image(tiny_clip):
+    """The two-stage reference: a mask's probabilities equal CLIP's zero-shot probabilities of
+    its masked crop embedded alone; an empty mask is void."""
+    from vision.clip import background_fill, encode_images, object_crop
+
+    model, tokenizer = tiny_clip
+    torch.manual_seed(0)
+    _, preprocess, _ = build_clip("tiny-vit")
+    seg = OpenVocabSegmenter(model, tokenizer, preprocess=preprocess, crops=True)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, size=(64, 64, 3), dtype=np.uint8)
+    masks = np.zeros((2, 64, 64), dtype=bool)
+    masks[0, 5:20, 5:30] = True
+    probs = seg.classify_masks(image, masks, ["circle", "star"])
+    crop = object_crop(image, masks[0], 64, background_fill(image, masks[0]))
+    emb = encode_images(model, preprocess, [crop])[0]
+    scale = float(model.logit_scale.exp())
+    logits = torch.cat([scale * emb @ seg.text_heads(["circle", "star"]).T, torch.zeros(1)])
+    np.testing.assert_allclose(probs[0], logits.softmax(0).numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(probs[1], [0, 0, 1])
+    with pytest.raises(ValueError, match="preprocess"):
+        OpenVocabSegmenter(model, tokenizer, crops=True)

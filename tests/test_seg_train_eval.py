@@ -97,7 +97,7 @@ def test_eval_benchmark_and_one_image_with_any_vocabulary(world, stage1, tmp_pat
     argv += ["--proposals", str(tmp_path / "p.npz")]
     assert eval_main(argv) == 0
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {"mask pooling", "s1"}
+    assert set(report["results"]) == {"masked crops (two-stage reference)", "mask pooling", "s1"}
     for r in report["results"].values():
         assert 0 <= r["gt_mask_acc_seen"] <= 1 and "miou_harmonic" in r
     assert (tmp_path / "p.npz").is_file()
