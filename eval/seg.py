@@ -4,12 +4,13 @@
     python -m eval.seg --data out/shapeworld --split test --limit 200 \\
         --adapter stage1=out/seg/stage1/final --adapter stage2=out/seg/stage2/final \\
         --json out/seg.json --markdown out/seg.md
-    # one image, any vocabulary (synonyms and attribute phrases too); writes an overlay PNG
+    # one image, any vocabulary (synonyms and attribute phrases too); writes an overlay PNG.
+    # Masks are classified by the --adapter if given, else as masked crops (--classifier)
     python -m eval.seg --image photo.png --vocab "circle,star,heart,purple hexagon" \\
-        --adapter checkpoints/shapes/mask_adapter --overlay out/seg.png
+        --overlay out/seg.png
 
-Two measurements per classifier (mask pooling, then every ``--adapter NAME=PATH``), on the same
-images:
+Two measurements per classifier (masked crops, mask pooling, then every ``--adapter NAME=PATH``),
+on the same images:
 
 - ground-truth mask classification (the Mask-Adapter paper's ADE experiment, 51 % with pooling vs
   69 % with the adapter): every ground-truth instance mask of the split, classified among all the
@@ -189,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--vocab", help='comma-separated vocabulary, e.g. "circle,star,heart"')
     one.add_argument("--overlay", type=Path, help="write the coloured segmentation here (PNG)")
     one.add_argument("--min-score", type=float, default=0.3, help="instances printed above this")
+    one.add_argument(
+        "--classifier",
+        choices=["adapter", "pooling", "crops"],
+        help="how masks are classified (default: the --adapter if given, else masked crops)",
+    )
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--data", type=Path, help="ShapeWorld folder")
     bench.add_argument("--split", default="test")
@@ -218,11 +224,15 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             parser.error(str(e))
         image = np.asarray(load_rgb(args.image))
-        adapter = load_adapter(adapters[-1][1]) if adapters else None
-        seg = OpenVocabSegmenter(clip, tokenizer, sam=sam, adapter=adapter)
+        which = args.classifier or ("adapter" if adapters else "crops")
+        if which == "adapter" and not adapters:
+            parser.error("--classifier adapter needs --adapter PATH")
+        adapter = load_adapter(adapters[-1][1]) if which == "adapter" else None
+        seg = OpenVocabSegmenter(
+            clip, tokenizer, sam=sam, adapter=adapter, preprocess=preprocess, crops=which == "crops"
+        )
         masks, _ = sam_proposals(seg.generator, image)
         result = seg.segment(image, vocab, masks=drop_background_masks(masks), min_score=0.0)
-        which = adapters[-1][0] if adapters else "mask pooling"
         print(f"{args.image.name}: {len(result.instances)} segments ({which})")
         for s in result.instances:
             if s.score >= args.min_score:
