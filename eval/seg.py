@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--split", default="test")
     bench.add_argument("--limit", type=int, default=200, help="first N images")
     bench.add_argument("--proposals", type=Path, help="SAM proposal cache (.npz; made if missing)")
+    bench.add_argument(
+        "--no-baselines", action="store_true", help="evaluate the --adapter rows only"
+    )
     bench.add_argument("--json", type=Path)
     bench.add_argument("--markdown", type=Path)
     parser.add_argument("--no-progress", action="store_true")
@@ -268,13 +271,15 @@ def main(argv: list[str] | None = None) -> int:
             cache.parent.mkdir(parents=True, exist_ok=True)
             save_mask_lists(cache, proposals)
     results: dict[str, dict[str, Any]] = {}
-    configs: list[tuple[str, OpenVocabSegmenter]] = [
-        (
-            "masked crops (two-stage reference)",
-            OpenVocabSegmenter(clip, tokenizer, preprocess=preprocess, crops=True),
-        ),
-        ("mask pooling", OpenVocabSegmenter(clip, tokenizer)),
-    ]
+    configs: list[tuple[str, OpenVocabSegmenter]] = []
+    if not args.no_baselines:
+        configs += [
+            (
+                "masked crops (two-stage reference)",
+                OpenVocabSegmenter(clip, tokenizer, preprocess=preprocess, crops=True),
+            ),
+            ("mask pooling", OpenVocabSegmenter(clip, tokenizer)),
+        ]
     configs += [
         (name, OpenVocabSegmenter(clip, tokenizer, adapter=load_adapter(path)))
         for name, path in adapters
