@@ -9,6 +9,11 @@
 - binary_pv.py: Binary Paragraph Vector (binary codes, Hamming retrieval; ``BinaryPVEncoder``)
   and its baseline, random-projection hashing of TF-IDF (``TfidfHasher``).
 - sense_skipgram.py: Disambiguated Skip-gram (K senses per word, differentiable selection).
+- dupmae.py: RetroMAE v2 / DupMAE pretraining of a BERT-class encoder (enhanced decoder with
+  per-row visibility, bag-of-words loss) and the MLM-only baseline.
+- dse.py: a bi-encoder student distilled from a cross-encoder teacher's scores (DSE).
+- defsent.py: DefSent+ entry embeddings from definitions, ICA whitening, the frozen entry
+  classifier, isotropy measures.
 
 The lexinvariant language model is ``lm.lexinvariant``.
 """
@@ -21,6 +26,9 @@ from lm.embeddings.binary_pv import (
     hamming_distances,
     load_binary_pv,
 )
+from lm.embeddings.defsent import DefSentPlus, EntryClassifier, Whitening
+from lm.embeddings.dse import BiEncoder, CrossEncoder, distillation_kl
+from lm.embeddings.dupmae import DupMAEConfig, DupMAEModel
 from lm.embeddings.matryoshka2d import (
     OBJECTIVES,
     Matryoshka2dConfig,
@@ -49,16 +57,24 @@ __all__ = [
     "OBJECTIVES",
     "POOLINGS",
     "PROMPTS",
+    "BiEncoder",
     "BinaryPVConfig",
     "BinaryPVEncoder",
     "BinaryParagraphVector",
+    "CrossEncoder",
+    "DefSentPlus",
     "DisambiguatedSkipGram",
+    "DupMAEConfig",
+    "DupMAEModel",
+    "EntryClassifier",
     "LMEmbedder",
     "Matryoshka2dConfig",
     "Matryoshka2dEncoder",
     "MatryoshkaLossOutput",
     "SenseSkipGramConfig",
     "TfidfHasher",
+    "Whitening",
+    "distillation_kl",
     "format_prompt",
     "full_dim_loss",
     "hamming_distances",
