@@ -151,9 +151,9 @@ def _parse_adapters(items: list[str]) -> list[tuple[str, Path]]:
     return out
 
 
-def _markdown(results: dict[str, dict[str, Any]], n: int, split: str) -> str:
+def _markdown(results: dict[str, dict[str, Any]], n: int, split: str, proposals: str) -> str:
     rows = [
-        f"| classifier (SAM proposals, ShapeWorld {split}, {n} images) | GT-mask acc seen "
+        f"| classifier ({proposals} proposals, {split}, {n} images) | GT-mask acc seen "
         "| GT-mask acc unseen | mIoU seen | mIoU unseen | harmonic | classify s / image |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = evaluate_classifier(
             seg, dataset, semantic_dir, proposals, n, progress, desc=name
         )
-    table = _markdown(results, n, args.split)
+    source = "SAM" if cache is None else f"{cache.name}"
+    table = _markdown(results, n, args.split, source)
     print(table)
     report = {
         "data": str(args.data),
