@@ -14,8 +14,8 @@
 Data: the ``train`` split of a ShapeWorld folder (it holds only the seen classes) or any COCO
 instances file. The CLIP image tower is frozen, so its dense features (``vision.clip.
 dense_features`` of the whole image, ``segmentation.open_vocab.whole_image_pixels``) are computed
-once for the first ``--images`` images and kept in memory (fp16). The text heads are the seen
-class names with the CLIP prompt templates averaged.
+once for the first ``--limit`` images (stage 2: ``--proposal-images``) and kept in memory
+(fp16). The text heads are the seen class names with the CLIP prompt templates averaged.
 
 Stage 2 needs proposals from a frozen proposal model: SAM's automatic masks (the preset's SAM
 checkpoint), computed once and cached in ``<out>/proposals.npz`` (or ``--proposals``). Each
@@ -233,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         else InstanceDataset.from_coco(args.images, args.instances_json)
     )
     n = min(args.limit, len(dataset))
+    if args.stage == 2:  # stage 2 trains on the images that have proposals
+        n = min(n, args.proposal_images)
     names = sorted({c for c in dataset.category_names.values() if c not in dataset.unseen})
     label_of = {name: i for i, name in enumerate(names)}
     void_label = len(names)
@@ -258,11 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     n_train = n
     if args.stage == 2:
         cache = args.proposals or args.out / "proposals.npz"
-        n_train = min(n, args.proposal_images)
         if cache.is_file():
             proposals = load_mask_lists(cache)[:n_train]
             if len(proposals) < n_train:
                 parser.error(f"{cache} holds {len(proposals)} images' proposals, need {n_train}")
+            wrong = [i for i in range(n_train) if proposals[i].shape[1:] != images[i].shape[:2]]
+            if wrong:
+                parser.error(
+                    f"{cache}: proposals of image {wrong[0]} are {proposals[wrong[0]].shape[1:]}, "
+                    f"the image is {images[wrong[0]].shape[:2]}: a cache of other data?"
+                )
         else:
             from segment_anything import SamAutomaticMaskGenerator
 
