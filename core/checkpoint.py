@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -34,8 +34,10 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "load_checkpoint",
+    "load_module",
     "load_state_strict",
     "save_checkpoint",
+    "save_module",
     "verify_checkpoint",
 ]
 
@@ -176,3 +178,41 @@ def load_state_strict(
                 f"received {tuple(value.shape)}"
             )
     module.load_state_dict(dict(state), strict=True)
+
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+
+
+def save_module(
+    directory: str | os.PathLike[str],
+    stem: str,
+    module: torch.nn.Module,
+    config: Mapping[str, Any],
+    metadata: Mapping[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """One module's whole state dict as ``<stem>.safetensors`` in fp16 (floating tensors only),
+    with its config in the manifest: the layout of the small heads we train."""
+    state = {k: v.half() if v.is_floating_point() else v for k, v in module.state_dict().items()}
+    return save_checkpoint(directory, {stem: state}, config, metadata, overwrite=overwrite)
+
+
+def load_module(
+    directory: str | os.PathLike[str], stem: str, build: Callable[[dict[str, Any]], ModuleT]
+) -> ModuleT:
+    """What ``save_module`` wrote: ``build(config)`` makes the module, the tensors load strictly
+    (sha256 checked) in the module's own dtypes; returned in eval mode."""
+    ckpt = load_checkpoint(directory)
+    if stem not in ckpt.tensors:
+        raise CheckpointError(
+            f"{directory}: expected {stem}.safetensors, found {sorted(ckpt.tensors)}"
+        )
+    module = build(ckpt.config)
+    own = module.state_dict()
+    state = {
+        k: v.to(own[k].dtype) if k in own and v.is_floating_point() else v
+        for k, v in ckpt.tensors[stem].items()
+    }
+    load_state_strict(module, state, what=f"{stem} checkpoint {directory}")
+    return module.eval()

@@ -50,7 +50,7 @@ from timm.layers import LayerNorm2d
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 
-from core.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
+from core.checkpoint import load_module, save_module
 from core.config import Config
 from vision.clip import ClipModel, DenseFeatures, weighted_pool
 
@@ -218,22 +218,14 @@ def save_adapter(
     overwrite: bool = False,
 ) -> Path:
     """A core.checkpoint folder: ``adapter.safetensors`` (fp16) + the config in the manifest."""
-    state = {k: v.half() if v.is_floating_point() else v for k, v in adapter.state_dict().items()}
-    return save_checkpoint(
-        directory, {"adapter": state}, adapter.cfg.to_dict(), metadata, overwrite=overwrite
+    return save_module(
+        directory, "adapter", adapter, adapter.cfg.to_dict(), metadata, overwrite=overwrite
     )
 
 
 def load_adapter(directory: str | os.PathLike[str]) -> MaskAdapter:
-    """The adapter saved by ``save_adapter`` (sha256-checked, strict), fp32, eval mode."""
-    ckpt = load_checkpoint(directory)
-    if "adapter" not in ckpt.tensors:
-        raise CheckpointError(
-            f"{directory}: expected adapter.safetensors, found {sorted(ckpt.tensors)}"
-        )
-    cfg = MaskAdapterConfig.from_dict(ckpt.config, source=f"{directory}/manifest.json config")
-    adapter = MaskAdapter(cfg)
-    saved = ckpt.tensors["adapter"]
-    state = {k: v.float() if v.is_floating_point() else v for k, v in saved.items()}
-    load_state_strict(adapter, state, what=f"Mask-Adapter checkpoint {directory}")
-    return adapter.eval()
+    """The Mask-Adapter saved by ``save_adapter`` (sha256-checked, strict), fp32, eval mode."""
+    source = f"{directory}/manifest.json config"
+    return load_module(
+        directory, "adapter", lambda c: MaskAdapter(MaskAdapterConfig.from_dict(c, source=source))
+    )

@@ -82,7 +82,7 @@ from scipy.optimize import linear_sum_assignment
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from core.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
+from core.checkpoint import load_module, save_module
 from core.config import Config
 from segmentation.mask_adapter import mask_iou_matrix
 from segmentation.open_vocab import whole_image_pixels
@@ -706,22 +706,14 @@ def save_decoder(
     overwrite: bool = False,
 ) -> Path:
     """A core.checkpoint folder: ``decoder.safetensors`` (fp16) + the config in the manifest."""
-    state = {k: v.half() if v.is_floating_point() else v for k, v in decoder.state_dict().items()}
-    return save_checkpoint(
-        directory, {"decoder": state}, decoder.cfg.to_dict(), metadata, overwrite=overwrite
+    return save_module(
+        directory, "decoder", decoder, decoder.cfg.to_dict(), metadata, overwrite=overwrite
     )
 
 
 def load_decoder(directory: str | os.PathLike[str]) -> QueryDecoder:
-    """The decoder saved by ``save_decoder`` (sha256-checked, strict), fp32, eval mode."""
-    ckpt = load_checkpoint(directory)
-    if "decoder" not in ckpt.tensors:
-        raise CheckpointError(
-            f"{directory}: expected decoder.safetensors, found {sorted(ckpt.tensors)}"
-        )
-    cfg = QueryDecoderConfig.from_dict(ckpt.config, source=f"{directory}/manifest.json config")
-    decoder = QueryDecoder(cfg)
-    saved = ckpt.tensors["decoder"]
-    state = {k: v.float() if v.is_floating_point() else v for k, v in saved.items()}
-    load_state_strict(decoder, state, what=f"query-decoder checkpoint {directory}")
-    return decoder.eval()
+    """The query-decoder saved by ``save_decoder`` (sha256-checked, strict), fp32, eval mode."""
+    source = f"{directory}/manifest.json config"
+    return load_module(
+        directory, "decoder", lambda c: QueryDecoder(QueryDecoderConfig.from_dict(c, source=source))
+    )
