@@ -85,6 +85,9 @@ def evaluate_classifier(
     unseen = {i for i, n in enumerate(names) if n in dataset.unseen}
     correct = {"seen": [0, 0], "unseen": [0, 0]}
     matrix = ConfusionMatrix(len(names) + 1)  # 0 = background, i + 1 = names[i]
+    lut = np.zeros(max(ids) + 1, dtype=np.int64)  # semantic maps hold category ids: -> 1 + index
+    for cid in ids:
+        lut[cid] = index_of[cid] + 1
     seconds = []
     for i in tqdm(range(limit), desc=desc, disable=not progress):
         item = dataset[i]
@@ -103,10 +106,6 @@ def evaluate_classifier(
             pred = semantic_inference(masks, probs)
             seconds.append(time.perf_counter() - t0)
             target = np.asarray(Image.open(semantic_dir / dataset.file_names[i]), dtype=np.int64)
-            # semantic maps hold category ids; map them to 1 + index (0 stays background)
-            lut = np.zeros(max(ids) + 1, dtype=np.int64)
-            for cid in ids:
-                lut[cid] = index_of[cid] + 1
             matrix.update(pred, lut[target])
     result: dict[str, Any] = {
         "gt_mask_acc_seen": correct["seen"][0] / max(correct["seen"][1], 1),
