@@ -29,10 +29,19 @@ from data.formats import (
     read_coco_captions,
     read_coco_instances,
     read_imagefolder,
+    read_refs,
     rle_to_mask,
 )
 
-__all__ = ["CaptionDataset", "Instance", "InstanceDataset", "InstanceItem", "shapeworld_paths"]
+__all__ = [
+    "CaptionDataset",
+    "Instance",
+    "InstanceDataset",
+    "InstanceItem",
+    "ReferringDataset",
+    "ReferringItem",
+    "shapeworld_paths",
+]
 
 
 def shapeworld_paths(root: str | os.PathLike[str], split: str) -> dict[str, Path]:
@@ -188,3 +197,64 @@ class InstanceDataset:
     def from_shapeworld(cls, root: str | os.PathLike[str], split: str) -> InstanceDataset:
         paths = shapeworld_paths(root, split)
         return cls.from_coco(paths["images"], paths["instances"])
+
+
+@dataclass
+class ReferringItem:
+    image_path: Path
+    expression: str  # the sentence as written (RefSentence.raw)
+    mask: np.ndarray  # (H, W) bool, the referred object
+    expression_type: str  # "attribute" / "spatial" / "ordinal" (ShapeWorld); "" when not given
+    ref_id: int
+
+
+@dataclass
+class ReferringDataset:
+    """Referring expressions with the mask they pick: one item per sentence of a RefCOCO-style refs
+    file (every sentence of a ref is its own sample, as RefCOCO evaluation counts them)."""
+
+    images_root: Path
+    items: list[tuple[str, str, CocoAnnotation, tuple[int, int], str, int]]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> ReferringItem:
+        file_name, sentence, ann, (h, w), kind, ref_id = self.items[index]
+        return ReferringItem(
+            self.images_root / file_name,
+            sentence,
+            rle_to_mask(ann.segmentation, h, w),
+            kind,
+            ref_id,
+        )
+
+    @classmethod
+    def from_refcoco(
+        cls,
+        images_root: str | os.PathLike[str],
+        refs_json: str | os.PathLike[str],
+        instances_json: str | os.PathLike[str],
+    ) -> ReferringDataset:
+        """Refs + the instances they refer to; a ref whose ann_id is missing raises FormatError."""
+        coco = read_coco_instances(instances_json)
+        images = {im.id: im for im in coco.images}
+        anns = {a.id: a for a in coco.annotations}
+        items = []
+        for i, ref in enumerate(read_refs(refs_json)):
+            ann = anns.get(ref.ann_id)
+            if ann is None or ref.image_id not in images:
+                raise FormatError(
+                    f"{refs_json}: refs[{i}] (ref_id={ref.ref_id}): ann_id {ref.ann_id} / "
+                    f"image_id {ref.image_id} not found in {instances_json}"
+                )
+            im = images[ref.image_id]
+            kind = str(ref.extra.get("expression_type", ""))
+            for sent in ref.sentences:
+                items.append((im.file_name, sent.raw, ann, (im.height, im.width), kind, ref.ref_id))
+        return cls(Path(images_root), items)
+
+    @classmethod
+    def from_shapeworld(cls, root: str | os.PathLike[str], split: str) -> ReferringDataset:
+        paths = shapeworld_paths(root, split)
+        return cls.from_refcoco(paths["images"], paths["refs"], paths["instances"])

@@ -178,6 +178,7 @@ class PolychromeVLM(nn.Module):
             raise ValueError(
                 f"the CLIP grid {grid[0]}x{grid[1]} is not divisible by projector.merge={s}"
             )
+        self.patch_grid = grid  # CLIP's patch grid (rows, cols) of one image
         self._tokens_per_image = (grid[0] // s) * (grid[1] // s)
         self._lock = threading.Lock()
 
@@ -215,6 +216,37 @@ class PolychromeVLM(nn.Module):
         vlm = cls(config, llm, tokenizer, clip, projector)
         vlm.added_embeddings.data = vlm.added_embeddings.data.to(device)
         return vlm
+
+    def add_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """Add special tokens with their own trainable input rows (STAMP's ``<seg>``, GILL's
+        ``[IMG0]``...); returns their ids. Tokens already added are left as they are.
+
+        New rows start at the mean text embedding, like the first ones. The frozen matrix is not
+        resized, so text-only logits stay bitwise the bare LLM's.
+        """
+        new = [t for t in tokens if t not in self.config.added_tokens]
+        if len(set(new)) != len(new):
+            raise ValueError(f"tokens has duplicates: {list(tokens)}")
+        if new:
+            self.tokenizer.add_special_tokens(
+                {"additional_special_tokens": new}, replace_extra_special_tokens=False
+            )
+            self.config.added_tokens = [*self.config.added_tokens, *new]
+            self.added_ids += [int(cast(int, self.tokenizer.convert_tokens_to_ids(t))) for t in new]
+            emb = cast(torch.Tensor, self.llm.get_input_embeddings().weight)
+            rows = emb.detach().float().mean(0, keepdim=True).repeat(len(new), 1)
+            self.added_embeddings = nn.Parameter(
+                torch.cat([self.added_embeddings.data, rows.to(self.added_embeddings.device)])
+            )
+        return [self.token_id(t) for t in tokens]
+
+    def token_id(self, token: str) -> int:
+        """The id of an added token; ValueError naming the added tokens when it is not one."""
+        if token not in self.config.added_tokens:
+            raise ValueError(
+                f"{token!r} is not an added token of this VLM; added: {self.config.added_tokens}"
+            )
+        return self.added_ids[self.config.added_tokens.index(token)]
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
         """Only what we train: the projector and the added token rows."""

@@ -1,0 +1,239 @@
+"""STAMP's model-agnostic parts: the mask pass's attention mask, the head, the loss, SAM refinement.
+
+STAMP (Simultaneous Textual All-Mask Prediction, arXiv 2512.00395) segments what a reply refers
+to in one extra forward pass: at each ``<seg>`` of the reply, N ``<mask>`` tokens, one per patch
+of a grid over the image, are appended after the cached prefix. Each mask token's input is the
+``<mask>`` embedding plus that patch's visual feature; mask tokens see the whole prefix and each
+other (bidirectional), the prefix stays causal; a linear head turns each mask token's last hidden
+state into one foreground logit. The LLM side lives in vlm.stamp; what does not need the LLM is
+here:
+
+    mask = mask_pass_attention(prefix_mask, n_mask, dtype)          # (B, 1, N, P + N) additive
+    targets = grid_targets(gt_masks, grid)                           # (B, N) area fractions
+    bce, dice = stamp_losses(logits, targets)                        # paper: 0.3 BCE + 0.7 Dice
+    full = upsample_logits(logits, grid, (H, W))                     # (B, H, W); > 0 = foreground
+    refined = refine_with_sam(predictor, logits_hw)                  # optional SAM refinement
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.config import Config
+
+__all__ = [
+    "MaskHead",
+    "StampConfig",
+    "grid_targets",
+    "mask_like_clip_input",
+    "mask_pass_attention",
+    "refine_with_sam",
+    "sample_points",
+    "stamp_losses",
+    "upsample_logits",
+]
+
+
+@dataclass
+class StampConfig(Config):
+    """STAMP's settings (REFERENCE.md: loss weights 0.3 BCE + 0.7 Dice, head Linear(hidden, 1))."""
+
+    # CLIP patches merged per mask token side. 0 = the VLM's own visual tokens (the paper: one
+    # mask token per visual token). Our shapes VLM merges 4x4 patches into one visual token to keep
+    # the prompt short, and a 4x4 grid (32-pixel cells on 128-pixel scenes) is too coarse for masks,
+    # so the shapes preset uses 2 (an 8x8 grid) with its own small projector of the same patches.
+    mask_merge: int = 2
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+    )
+    lm_weight: float = 1.0  # the <seg> decision and the end of turn after it
+    bce_weight: float = 0.3
+    dice_weight: float = 0.7
+    threshold: float = 0.0  # logit above which a pixel is foreground
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.mask_merge <= 16:
+            raise ValueError(f"mask_merge must be in [0, 16], received {self.mask_merge}")
+        if self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1, received {self.lora_rank}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout must be in [0, 1), received {self.lora_dropout}")
+        if not self.lora_targets:
+            raise ValueError("lora_targets must name at least one module")
+        for name in ("lm_weight", "bce_weight", "dice_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, received {getattr(self, name)}")
+
+
+class MaskHead(nn.Module):
+    """Linear(hidden, 1): one foreground logit per mask token."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 1)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden).squeeze(-1)  # (B, N, H) -> (B, N)
+
+
+def mask_pass_attention(prefix_mask: torch.Tensor, n_mask: int, dtype: torch.dtype) -> torch.Tensor:
+    """The mask pass's additive attention mask: (B, P) prefix validity -> (B, 1, N, P + N).
+
+    Mask tokens attend to every real prefix position and to each other (bidirectional); padded
+    prefix positions (``prefix_mask == 0``) are hidden. The prefix itself is not recomputed, so
+    its causal mask is the cache's. 0 = attend, the dtype's minimum = blocked (transformers' own
+    convention for an already prepared 4D mask, which it passes through unchanged).
+    """
+    if prefix_mask.ndim != 2:
+        raise ValueError(
+            f"prefix_mask must be (batch, prefix length), received shape {tuple(prefix_mask.shape)}"
+        )
+    if n_mask < 1:
+        raise ValueError(f"n_mask must be >= 1, received {n_mask}")
+    b, p = prefix_mask.shape
+    keep = torch.cat(
+        [prefix_mask.bool(), torch.ones(b, n_mask, dtype=torch.bool, device=prefix_mask.device)], 1
+    )  # (B, P + N)
+    mask = torch.zeros(b, 1, n_mask, p + n_mask, dtype=dtype, device=prefix_mask.device)
+    return mask.masked_fill(~keep[:, None, None, :], torch.finfo(dtype).min)
+
+
+def grid_targets(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) ground-truth masks -> (B, gh * gw) foreground fraction of each grid cell.
+
+    The ground truth "downsampled to the grid" of the paper, by area so that a cell half covered
+    asks for probability 0.5 (soft targets for both BCE and Dice).
+    """
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be (batch, H, W), received shape {tuple(masks.shape)}")
+    pooled = F.adaptive_avg_pool2d(masks.float()[:, None], grid)  # (B, 1, gh, gw)
+    return pooled.flatten(1)
+
+
+def stamp_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) logits and (B, N) targets in [0, 1] -> (BCE, Dice), each a mean over the batch.
+
+    Dice is LISA's / STAMP's soft form per sample: 1 - (2 sum(p t) + 1) / (sum p + sum t + 1).
+    """
+    if logits.shape != targets.shape:
+        raise ValueError(
+            f"logits and targets must have the same shape, received {tuple(logits.shape)} and "
+            f"{tuple(targets.shape)}"
+        )
+    logits = logits.float()
+    bce = F.binary_cross_entropy_with_logits(logits, targets)
+    p = logits.sigmoid()
+    dice = 1 - (2 * (p * targets).sum(-1) + 1) / (p.sum(-1) + targets.sum(-1) + 1)
+    return bce, dice.mean()
+
+
+def upsample_logits(
+    logits: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]
+) -> torch.Tensor:
+    """(B, gh * gw) patch logits -> (B, H, W) pixel logits, bilinear (corners not aligned)."""
+    b = logits.shape[0]
+    if logits.shape[1] != grid[0] * grid[1]:
+        raise ValueError(
+            f"expected {grid[0]}x{grid[1]}={grid[0] * grid[1]} logits per sample, received "
+            f"{logits.shape[1]}"
+        )
+    x = logits.float().reshape(b, 1, *grid)
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def sample_points(
+    logits: npt.NDArray[np.floating[Any]], n_pos: int = 3, n_neg: int = 1, threshold: float = 0.0
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.int64]]:
+    """Point prompts from (H, W) pixel logits: (K, 2) xy coordinates and (K,) labels (1 / 0).
+
+    Positive points are the highest-logit pixels of the predicted foreground, taken greedily at
+    least an eighth of the image apart so they spread over the object; negative points the
+    lowest-logit pixels. No positive point when nothing is above the threshold.
+    """
+    h, w = logits.shape
+    flat = logits.reshape(-1)
+    order = np.argsort(-flat, kind="stable")
+    gap = max(h, w) / 8
+    coords: list[tuple[float, float]] = []
+    labels: list[int] = []
+    for idx in order:
+        if len(coords) >= n_pos or flat[idx] <= threshold:
+            break
+        y, x = divmod(int(idx), w)
+        if all((x - cx) ** 2 + (y - cy) ** 2 >= gap**2 for cx, cy in coords):
+            coords.append((float(x), float(y)))
+            labels.append(1)
+    for idx in order[::-1][:n_neg] if coords else ():
+        y, x = divmod(int(idx), w)
+        coords.append((float(x), float(y)))
+        labels.append(0)
+    return np.asarray(coords, dtype=np.float64).reshape(-1, 2), np.asarray(labels, dtype=np.int64)
+
+
+def refine_with_sam(
+    predictor: Any,
+    logits: npt.NDArray[np.floating[Any]],
+    threshold: float = 0.0,
+    n_pos: int = 3,
+    n_neg: int = 1,
+) -> npt.NDArray[np.bool_]:
+    """SAM refinement of STAMP's (H, W) pixel logits, H x W the image size ``predictor`` holds.
+
+    The prompt is the paper's: SAM's dense mask input (the logits resized to SAM's 4x-embedding
+    low-resolution grid) plus points sampled from them (`sample_points`). SAM's single-mask
+    output is used when there are several points, its best-scored multimask output otherwise.
+    The refined mask replaces the coarse one only when it overlaps it (IoU >= 0.5); an empty coarse
+    mask stays empty.
+    """
+    coarse = logits > threshold
+    if not coarse.any():
+        return coarse
+    coords, labels = sample_points(logits, n_pos, n_neg, threshold)
+    model = predictor.model
+    low = model.prompt_encoder.mask_input_size  # (4h, 4w) of the image embedding
+    # SAM's mask input lives on the padded, resized image: resize the logits as the image was.
+    h, w = logits.shape
+    new_h, new_w = predictor.transform.get_preprocess_shape(h, w, model.image_encoder.img_size)
+    side = model.image_encoder.img_size
+    t = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32))[None, None]
+    t = F.interpolate(t, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    t = F.pad(t, (0, side - new_w, 0, side - new_h), value=float(logits.min()))
+    mask_input = F.interpolate(t, size=low, mode="bilinear", align_corners=False)[0].numpy()
+    multimask = int(labels.sum()) < 2
+    masks, scores, _ = predictor.predict(
+        point_coords=coords,
+        point_labels=labels,
+        mask_input=mask_input,
+        multimask_output=multimask,
+    )
+    refined = masks[int(np.argmax(scores))].astype(bool)
+    inter = np.logical_and(refined, coarse).sum()
+    union = np.logical_or(refined, coarse).sum()
+    return refined if union and inter / union >= 0.5 else coarse
+
+
+def mask_like_clip_input(mask: npt.ArrayLike, size: int) -> torch.Tensor:
+    """(H, W) mask -> (size, size) float mask aligned with CLIP's input for the same image.
+
+    open_clip's eval transform resizes the shorter side to `size` and centre-crops; the mask goes
+    the same way (bilinear on the 0/1 mask, so boundary pixels get fractions).
+    """
+    m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be (H, W), received shape {tuple(m.shape)}")
+    h, w = m.shape
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    m = F.interpolate(m[None, None], size=(nh, nw), mode="bilinear", align_corners=False)[0, 0]
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return m[top : top + size, left : left + size]

@@ -1,0 +1,314 @@
+"""STAMP on the tiny preset: one-pass masks, cache reuse, frozen chat, training."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from data.shapeworld import main as shapeworld_main
+from segmentation.stamp import (
+    StampConfig,
+    grid_targets,
+    mask_like_clip_input,
+    mask_pass_attention,
+    refine_with_sam,
+    sample_points,
+    stamp_losses,
+)
+from vlm.config import PolychromeConfig
+from vlm.model import PolychromeVLM, VLMConfig
+from vlm.stamp import StampVLM
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CFG = StampConfig(mask_merge=2, lora_rank=4, lora_targets=["q_proj", "v_proj", "down_proj"])
+
+
+def _vlm() -> PolychromeVLM:
+    cfg = PolychromeConfig.from_preset("tiny")
+    torch.manual_seed(0)
+    return PolychromeVLM.build(VLMConfig(llm=cfg.llm, vision=cfg.clip, projector=cfg.vlm.projector))
+
+
+def _stamp(lora_scale: float = 0.5) -> StampVLM:
+    """Tiny STAMP with non-zero LoRA B matrices (peft starts them at zero: a no-op adapter)."""
+    model = StampVLM(_vlm(), CFG)
+    with torch.no_grad():
+        for name, p in model.vlm.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, lora_scale)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def stamp() -> StampVLM:
+    return _stamp()
+
+
+def _image(seed: int = 0, size: int = 64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+def _prompt(text: str = "Segment the red circle.", seed: int = 0) -> list[dict]:
+    return [{"role": "user", "content": text, "images": [_image(seed)]}]
+
+
+# -- the model-agnostic parts ---------------------------------------------------------------------
+
+
+def test_mask_pass_attention_sees_real_prefix_and_all_mask_tokens():
+    mask = mask_pass_attention(torch.tensor([[0, 1, 1], [1, 1, 1]]), 2, torch.float32)
+    low = torch.finfo(torch.float32).min
+    assert mask.shape == (2, 1, 2, 5)
+    assert mask[0, 0].tolist() == [[low, 0, 0, 0, 0], [low, 0, 0, 0, 0]]
+    assert (mask[1] == 0).all()
+    with pytest.raises(ValueError, match="n_mask"):
+        mask_pass_attention(torch.ones(1, 3), 0, torch.float32)
+
+
+def test_grid_targets_are_cell_area_fractions():
+    m = torch.zeros(1, 4, 4)
+    m[0, :2, :2] = 1  # the whole top-left cell of a 2x2 grid
+    m[0, 2, 2] = 1  # a quarter of the bottom-right cell
+    assert grid_targets(m, (2, 2)).tolist() == [[1.0, 0.0, 0.0, 0.25]]
+
+
+def test_stamp_losses_match_hand_computation():
+    logits = torch.tensor([[0.0, 2.0, -1.0]])
+    targets = torch.tensor([[1.0, 1.0, 0.0]])
+    p = [0.5, 1 / (1 + np.exp(-2)), 1 / (1 + np.exp(1))]
+    bce = -(np.log(p[0]) + np.log(p[1]) + np.log(1 - p[2])) / 3
+    dice = 1 - (2 * (p[0] + p[1]) + 1) / (sum(p) + 2 + 1)
+    got_bce, got_dice = stamp_losses(logits, targets)
+    assert float(got_bce) == pytest.approx(bce, rel=1e-5)
+    assert float(got_dice) == pytest.approx(dice, rel=1e-5)
+
+
+def test_mask_follows_clips_resize_and_centre_crop():
+    mask = np.zeros((4, 8), bool)
+    mask[:, 6:] = True  # the two right-most columns: outside the centre crop of width 4
+    mask[:, 3] = True  # inside it, at crop column 1
+    out = mask_like_clip_input(mask, 4)
+    assert out.shape == (4, 4)
+    assert out[:, 1].min() > 0.4 and out[:, 3].max() == 0.0
+
+
+def test_sample_points_spread_over_foreground_and_one_negative():
+    logits = np.full((32, 32), -5.0)
+    logits[4:12, 4:12] = 3.0
+    logits[20:28, 20:28] = 2.0
+    logits[31, 0] = -9.0
+    coords, labels = sample_points(logits, n_pos=2, n_neg=1)
+    assert labels.tolist() == [1, 1, 0]
+    pos = coords[:2].astype(int)
+    assert all(logits[y, x] > 0 for x, y in pos)
+    assert np.hypot(*(pos[0] - pos[1])) >= 4  # spread, not two neighbours of the same blob
+    assert coords[2].tolist() == [0.0, 31.0]
+    assert sample_points(np.full((8, 8), -1.0))[0].shape == (0, 2)
+
+
+def test_sam_refinement_keeps_shape_and_empty_stays_empty():
+    from segment_anything import SamPredictor
+
+    from vision.sam import SAM_VARIANTS, build_sam
+
+    torch.manual_seed(0)
+    predictor = SamPredictor(build_sam(SAM_VARIANTS["tiny"]).eval())
+    image = np.asarray(_image(1, 48))
+    predictor.set_image(image)
+    logits = np.full((48, 48), -4.0, np.float32)
+    logits[10:30, 12:36] = 4.0
+    out = refine_with_sam(predictor, logits)
+    assert out.shape == (48, 48) and out.dtype == bool
+    coarse = logits > 0
+    # A random SAM's mask rarely overlaps the coarse one: then the coarse mask is kept.
+    inter, union = (out & coarse).sum(), (out | coarse).sum()
+    assert np.array_equal(out, coarse) or inter / union >= 0.5
+    assert not refine_with_sam(predictor, np.full((48, 48), -1.0, np.float32)).any()
+
+
+# -- the mask pass on the LLM ---------------------------------------------------------------------
+
+
+def test_cached_mask_pass_equals_one_uncached_forward(stamp, monkeypatch):
+    """The mask pass over a cache == one forward over [prefix, <seg>, masks] with STAMP's mask
+    (prefix causal, mask tokens seeing everything), computed from scratch. LoRA is kept off in
+    both, because the reference cannot switch it between positions."""
+    monkeypatch.setattr(StampVLM, "lora", lambda self: contextlib.nullcontext())
+    prompts = [_prompt("Segment it.", 0), _prompt("Please segment the blue square now.", 1)]
+    ids, attn, pixels, last = stamp._batch(prompts)
+    visual, feats = stamp.image_features(pixels)
+    with torch.no_grad():
+        _, cache = stamp.prefix(ids, attn, visual)
+        stamp.step(torch.full((2,), stamp.seg_id), attn, cache)
+        kv = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+        got = stamp.mask_pass(feats[last], kv, cache)
+        # reference: everything in one pass
+        seq = torch.cat([ids, torch.full((2, 1), stamp.seg_id)], 1)
+        embeds = stamp.vlm.embed(seq, visual)
+        row = stamp.vlm.added_embeddings[stamp.vlm.added_ids.index(stamp.mask_id)]
+        embeds = torch.cat([embeds, row + feats[last]], 1)
+        t, n = seq.shape[1], feats.shape[1]
+        allowed = torch.zeros(2, t + n, t + n, dtype=torch.bool)
+        allowed[:, :t, :t] = torch.tril(torch.ones(t, t, dtype=torch.bool))
+        allowed[:, t:, :] = True
+        allowed &= torch.cat([kv, torch.ones(2, n, dtype=kv.dtype)], 1).bool()[:, None, :]
+        allowed |= torch.eye(t + n, dtype=torch.bool)  # padded rows attend to themselves
+        full = torch.zeros(2, 1, t + n, t + n).masked_fill(~allowed[:, None], -1e30)
+        positions = torch.cat(
+            [(kv.cumsum(-1) - 1).clamp(min=0), kv.sum(-1, keepdim=True) + torch.arange(n)], 1
+        )
+        hidden = stamp.vlm.llm.base_model(
+            inputs_embeds=embeds, attention_mask=full, position_ids=positions
+        ).last_hidden_state
+        want = stamp.head(hidden[:, t:])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_chat_logits_stay_bitwise_the_vlm_cores_and_lora_serves_the_mask_pass():
+    core = _vlm()
+    text = core.prepare([{"role": "user", "content": "Hello there"}])
+    image = core.prepare(_prompt("What is this?"))
+    with torch.no_grad():
+        before = [core(**text).logits, core(**image).logits]
+    model = _stamp()  # a second VLM from the same seed, with STAMP attached
+    assert model.vlm.llm is not core.llm
+    with torch.no_grad():
+        model.segment([_prompt()])  # a mask pass in between must leave LoRA off again
+        after = [model.vlm(**text).logits, model.vlm(**image).logits]
+        on = model.segment([_prompt()])[0]
+        with torch.no_grad():
+            for name, p in model.vlm.llm.named_parameters():
+                if "lora_B" in name:
+                    p.zero_()
+        off = model.segment([_prompt()])[0]
+    for a, b in zip(before, after, strict=True):
+        assert torch.equal(a, b)
+    assert not np.allclose(on, off)  # the adapters are active in the mask pass
+
+
+def test_prefix_is_read_once_and_each_seg_gives_a_mask(stamp):
+    prompt = _prompt()
+    n_prompt = int(stamp.vlm.prepare(prompt)["input_ids"].shape[1])
+    n_mask = stamp.mask_grid[0] * stamp.mask_grid[1]
+    with torch.no_grad():
+        stamp.seg_bias.fill_(1e4)  # the model now answers <seg> at every step
+    try:
+        stamp.tokens_processed = 0
+        reply = stamp.reply(prompt, max_new_tokens=3)
+    finally:
+        with torch.no_grad():
+            stamp.seg_bias.zero_()
+    assert len(reply.masks) == 3 and reply.masks[0].shape == (64, 64)
+    # prompt once, then per <seg>: the <seg> token and N mask tokens; nothing recomputed
+    assert stamp.tokens_processed == n_prompt + 3 * (1 + n_mask)
+
+
+def test_decoding_continues_unchanged_after_a_mask_pass(stamp):
+    ids, attn, pixels, last = stamp._batch([_prompt()])
+    visual, feats = stamp.image_features(pixels)
+    with torch.no_grad():
+        _, cache_a = stamp.prefix(ids, attn, visual)
+        _, cache_b = stamp.prefix(ids, attn, visual)
+        stamp.step(torch.tensor([stamp.seg_id]), attn, cache_a)
+        stamp.step(torch.tensor([stamp.seg_id]), attn, cache_b)
+        kv = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+        stamp.mask_pass(feats[last], kv, cache_a)
+        assert cache_a.get_seq_length() == cache_b.get_seq_length() == kv.shape[1]
+        a = stamp.step(torch.tensor([42]), kv, cache_a)
+        b = stamp.step(torch.tensor([42]), kv, cache_b)
+    assert torch.equal(a, b)
+
+
+def test_text_only_prompts_never_segment(stamp):
+    with torch.no_grad():
+        stamp.seg_bias.fill_(1e4)
+    try:
+        reply = stamp.reply([{"role": "user", "content": "hi"}], max_new_tokens=2)
+    finally:
+        with torch.no_grad():
+            stamp.seg_bias.zero_()
+    assert reply.masks == []
+
+
+def test_training_fits_a_mask_and_learns_when_to_segment():
+    from conftest import sharpened_tiny_vlm
+
+    # The plain random tiny LLM's last hidden state hardly depends on the prompt's words; the
+    # sharpened one's does, so a <seg> row can tell a segmentation request from a question.
+    model = StampVLM(sharpened_tiny_vlm(), CFG).train()
+    torch.manual_seed(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in params} == {id(p) for p in model.trainable_parameters()}
+    assert not any(p.requires_grad for p in model.vlm.projector.parameters())
+    size = int(model.vlm.pixel_values([_image()]).shape[-1])
+    gt = torch.zeros(1, size, size)
+    gt[0, : size // 2, : size // 2] = 1  # the top-left quarter
+    seg, other = [_prompt()], [_prompt("Describe the image.")]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    first = None
+    for _ in range(40):
+        losses = model.training_losses(seg, gt, other)
+        first = first or {k: float(v.detach()) for k, v in losses.items()}
+        losses["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    last = {k: float(v) for k, v in losses.items()}
+    # lm cannot fall far: half of it is the near-uniform random LLM's own next-token entropy
+    assert last["dice"] < first["dice"] / 2 and last["lm"] < first["lm"]
+    pred = model.segment(seg)[0] > 0
+    want = grid_targets(gt, model.mask_grid)[0].reshape(model.mask_grid).numpy() > 0.5
+    assert (pred == want).mean() > 0.9
+    assert len(model.reply(seg[0], max_new_tokens=2).masks) == 1  # it now chooses <seg> itself
+    assert model.reply(other[0], max_new_tokens=1).masks == []  # and answers this one in text
+    lora_b = [p for n, p in model.vlm.llm.named_parameters() if "lora_B" in n]
+    assert all(p.abs().sum() > 0 for p in lora_b)  # peft starts B at zero: the adapters trained
+
+
+def test_save_and_load_round_trip(stamp, tmp_path):
+    folder = stamp.save_pretrained(tmp_path / "stamp")
+    tensors = load_file(str(folder / "stamp.safetensors"))
+    assert any("lora_A" in k for k in tensors) and "seg_out" in tensors
+    assert not any(k.endswith("q_proj.base_layer.weight") for k in tensors)  # no frozen weights
+    again = StampVLM.from_pretrained(folder)
+    a = stamp.segment([_prompt()])[0]
+    b = again.segment([_prompt()])[0]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# -- the scripts ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shapeworld(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("stamp-data") / "sw"
+    args = ["generate", "--out", str(root), "--train", "6", "--val", "2", "--test", "3"]
+    shapeworld_main([*args, "--pretrain", "0", "--image-size", "64", "--workers", "1"])
+    return root
+
+
+def test_train_resumes_exactly(shapeworld, tmp_path):
+    from train.stamp import main as train_main
+
+    common = ["--preset", "tiny", "--data", str(shapeworld), "--steps", "3", "--batch-size", "2"]
+    common += ["--negatives", "1", "--save-every", "1", "--lr", "1e-2", "--no-progress"]
+    common += ["--mask-merge", "2", "--lora-rank", "4"]
+    assert train_main([*common, "--out", str(tmp_path / "straight")]) == 0
+    assert train_main([*common, "--out", str(tmp_path / "cut"), "--stop-at", "2"]) == 0
+    assert train_main([*common, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    a = load_file(str(tmp_path / "straight" / "final" / "stamp.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "final" / "stamp.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    with pytest.raises(SystemExit):
+        train_main([*common, "--out", str(tmp_path / "x"), "--negatives", "-1"])
+    with pytest.raises(SystemExit):
+        train_main(["--preset", "tiny", "--refs", "r.json", "--out", str(tmp_path / "y")])

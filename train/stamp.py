@@ -1,0 +1,261 @@
+"""Train STAMP on referring expressions: LoRA (mask pass only), mask head, <seg>/<mask> rows.
+
+    # ShapeWorld (python -m data.shapeworld generate --out /work/data/sw)
+    python -m train.stamp --data /work/data/sw --out /work/runs/stamp --steps 600
+    # any RefCOCO-style refs file with its instances file and image folder
+    python -m train.stamp --refs refs_train.json --instances instances_train.json \
+        --images train2014/ --out runs/stamp_refcoco
+
+Starts from the preset's trained VLM core (``--vlm`` to choose another), which stays frozen. Each
+step: B segmentation requests ("Segment the red circle.", the reply target ``<seg>`` + end of
+turn, the mask on the patch grid) and ``--negatives`` ordinary questions about the same images,
+whose target is the bare LLM's own first token (so ``<seg>`` does not fire on them). Loss =
+LM + 0.3 BCE + 0.7 Dice (segmentation.stamp). Resumable (``--resume``), ``--max-minutes`` stops
+cleanly with everything saved; ``<out>/final`` is a StampVLM.save_pretrained folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from core.config import project_path
+from core.runtime import resolve_device, seed_everything
+from data.conversations import DESCRIBE_PROMPTS, SHORT_ANSWER
+from data.datasets import ReferringDataset, shapeworld_paths
+from segmentation.stamp import StampConfig, mask_like_clip_input
+from train.common import (
+    batch_indices,
+    cosine_with_warmup,
+    load_training_state,
+    resume_mismatches,
+    save_training_state,
+)
+from vlm.config import PolychromeConfig
+from vlm.model import PolychromeVLM
+from vlm.stamp import SEG_PROMPTS, StampVLM
+
+RESUME_KEYS = ("stamp", "vlm", "seed", "batch_size", "negatives", "lr", "steps", "data")
+# Questions the model must answer in text, never with <seg>.
+OTHER_QUESTIONS = (
+    *DESCRIBE_PROMPTS,
+    f"How many shapes are there? {SHORT_ANSWER}",
+    f"What colour is the largest shape? {SHORT_ANSWER}",
+    "Is there a circle in the image?",
+    "What is the leftmost shape?",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.stamp",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--preset", default="shapes", help="preset name (configs/*.json)")
+    parser.add_argument(
+        "--vlm", type=Path, default=None, help="VLM core checkpoint (default: the preset's)"
+    )
+    src = parser.add_argument_group("data (--data, or --refs with --instances and --images)")
+    src.add_argument("--data", type=Path, help="a ShapeWorld folder")
+    src.add_argument("--split", default="train", help="ShapeWorld split (default train)")
+    src.add_argument("--refs", type=Path, help="RefCOCO-style refs JSON")
+    src.add_argument("--instances", type=Path, help="COCO instances JSON the refs point into")
+    src.add_argument("--images", type=Path, help="folder of the instances file's images")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (last/, final/)")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps in all")
+    parser.add_argument("--batch-size", type=int, default=8, help="segmentation requests per step")
+    parser.add_argument(
+        "--negatives", type=int, default=2, help="ordinary questions per step (default 2)"
+    )
+    parser.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
+    parser.add_argument("--mask-merge", type=int, default=None, help="override StampConfig")
+    parser.add_argument("--lora-rank", type=int, default=None, help="override StampConfig")
+    parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default 3%%)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    parser.add_argument("--save-every", type=int, default=50, help="steps between <out>/last")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop after this time")
+    parser.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (default fp32)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    refcoco = (args.refs, args.instances, args.images)
+    if args.data is not None and any(x is not None for x in refcoco):
+        parser.error("give --data or --refs/--instances/--images, not both")
+    if args.data is None and not all(x is not None for x in refcoco):
+        parser.error("give --data (ShapeWorld) or all three of --refs, --instances, --images")
+    if args.data is not None:
+        try:
+            shapeworld_paths(args.data, args.split)
+        except FileNotFoundError as err:
+            parser.error(str(err))
+    for name in ("steps", "batch_size", "save_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
+    if args.negatives < 0:
+        parser.error(f"--negatives must be >= 0, received {args.negatives}")
+    if args.lr <= 0:
+        parser.error(f"--lr must be > 0, received {args.lr}")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
+    if args.resume and not (args.out / "last").is_dir():
+        parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
+
+
+def load_dataset(args: argparse.Namespace) -> tuple[ReferringDataset, str]:
+    if args.data is not None:
+        return ReferringDataset.from_shapeworld(args.data, args.split), (
+            f"ShapeWorld {args.data} split {args.split}"
+        )
+    return ReferringDataset.from_refcoco(args.images, args.refs, args.instances), (
+        f"refs {args.refs}"
+    )
+
+
+def build_model(
+    preset: PolychromeConfig, vlm_dir: Path | None, cfg: StampConfig, device: torch.device
+) -> StampVLM:
+    """The frozen VLM core (trained projector) with fresh STAMP parts."""
+    if vlm_dir is None and preset.vlm.checkpoint:
+        vlm_dir = project_path(preset.vlm.checkpoint)
+    if vlm_dir is None:
+        from vlm.model import VLMConfig
+
+        vlm = PolychromeVLM.build(
+            VLMConfig(llm=preset.llm, vision=preset.clip, projector=preset.vlm.projector),
+            device=device,
+        )
+    else:
+        vlm = PolychromeVLM.from_pretrained(vlm_dir, device=device)
+    return StampVLM(vlm, cfg)
+
+
+def batch_for(
+    data: ReferringDataset, indices: np.ndarray, step: int, seed: int, size: int, negatives: int
+) -> tuple[list[list[dict[str, Any]]], torch.Tensor, list[list[dict[str, Any]]]]:
+    """(segmentation prompts, their (B, S, S) masks at CLIP's input, ordinary prompts): a pure
+    function of (indices, step, seed)."""
+    rng = np.random.default_rng([seed, step])
+    prompts, masks = [], []
+    for i in indices:
+        item = data[int(i)]
+        text = SEG_PROMPTS[int(rng.integers(len(SEG_PROMPTS)))].format(item.expression)
+        prompts.append([{"role": "user", "content": text, "images": [item.image_path]}])
+        masks.append(mask_like_clip_input(item.mask, size))
+    others = []
+    for k in range(negatives):
+        item = data[int(indices[k % len(indices)])]
+        q = OTHER_QUESTIONS[int(rng.integers(len(OTHER_QUESTIONS)))]
+        others.append([{"role": "user", "content": q, "images": [item.image_path]}])
+    return prompts, torch.stack(masks), others
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    command = "python -m train.stamp " + shlex.join(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = PolychromeConfig.from_preset(args.preset)
+    overrides = {
+        k: v
+        for k, v in (("mask_merge", args.mask_merge), ("lora_rank", args.lora_rank))
+        if v is not None
+    }
+    cfg = StampConfig.from_dict({**StampConfig().to_dict(), **overrides}, source="arguments")
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    model = build_model(preset, args.vlm, cfg, device)
+    data, data_desc = load_dataset(args)
+    size = int(model.vlm.pixel_values([np.zeros((8, 8, 3), np.uint8)]).shape[-1])
+    print(
+        f"{len(data)} referring expressions from {data_desc}; mask grid {model.mask_grid}, "
+        f"{model.vlm.tokens_per_image} visual tokens"
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps * 3 // 100)
+    scheduler = cosine_with_warmup(optimizer, warmup, args.steps)
+    run_config = {
+        "stamp": cfg.to_dict(),
+        "vlm": str(args.vlm or preset.vlm.checkpoint),
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "negatives": args.negatives,
+        "lr": args.lr,
+        "steps": args.steps,
+        "data": data_desc,
+    }
+    start = 0
+    if args.resume:
+        why = resume_mismatches(args.out, run_config, RESUME_KEYS)
+        if why:
+            parser.error(f"--resume: {why}")
+        start = load_training_state(args.out, model, optimizer, scheduler)
+        print(f"resumed from {args.out / 'last'} at step {start}")
+    model.train()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = (args.out / "loss.jsonl").open("a", encoding="utf-8")
+    batches = batch_indices(len(data), args.batch_size, args.seed, start)
+    stop = args.stop_at or args.steps
+    bar = tqdm(total=stop, initial=start, desc="train stamp", unit="step", disable=args.no_progress)
+    began = time.monotonic()
+    done = start
+    for step in range(start, stop):
+        prompts, masks, others = batch_for(
+            data, next(batches), step, args.seed, size, args.negatives
+        )
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            losses = model.training_losses(prompts, masks, others)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        row = {k: round(float(v.detach()), 5) for k, v in losses.items()}
+        log.write(json.dumps({"step": step + 1, **row}) + "\n")
+        log.flush()
+        bar.set_postfix(row)
+        bar.update(1)
+        done = step + 1
+        elapsed = time.monotonic() - began
+        out_of_time = args.max_minutes is not None and elapsed > 60 * args.max_minutes
+        if done % args.save_every == 0 or done == stop or out_of_time:
+            save_training_state(args.out, model, optimizer, scheduler, done, run_config)
+        if out_of_time:
+            print(f"--max-minutes {args.max_minutes} reached after step {done}")
+            break
+    bar.close()
+    log.close()
+    minutes = (time.monotonic() - began) / 60
+    metadata = {
+        "command": command,
+        "steps_run": done,
+        "steps_planned": args.steps,
+        "train_minutes_this_run": round(minutes, 2),
+        "data": data_desc,
+    }
+    final = model.save_pretrained(args.out / "final", metadata=metadata, overwrite=True)
+    print(f"wrote {final} ({done} of {args.steps} steps, {minutes:.1f} min this run)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
