@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.config import Config
+from vision.sam import SamPresetConfig
 
 __all__ = [
+    "METHODS",
     "MaskHead",
     "StampConfig",
     "grid_targets",
@@ -40,10 +42,20 @@ __all__ = [
     "upsample_logits",
 ]
 
+METHODS = ("stamp", "text4seg", "lisa")
+
 
 @dataclass
 class StampConfig(Config):
-    """STAMP's settings (REFERENCE.md: loss weights 0.3 BCE + 0.7 Dice, head Linear(hidden, 1))."""
+    """STAMP's settings (REFERENCE.md: loss weights 0.3 BCE + 0.7 Dice, head Linear(hidden, 1)).
+
+    ``method`` picks how the mask is made after ``<seg>`` on the same model, data and LoRA:
+    "stamp" (N mask tokens in one pass), or the issue's two baselines, "text4seg" (the LLM writes
+    one label token per cell of the same grid, autoregressively) and "lisa" (the ``<seg>`` hidden
+    state prompts SAM's mask decoder, which is trained with it).
+    """
+
+    method: str = "stamp"
 
     # CLIP patches merged per mask token side. 0 = the VLM's own visual tokens (the paper: one
     # mask token per visual token). Our shapes VLM merges 4x4 patches into one visual token to keep
@@ -60,8 +72,11 @@ class StampConfig(Config):
     bce_weight: float = 0.3
     dice_weight: float = 0.7
     threshold: float = 0.0  # logit above which a pixel is foreground
+    sam: SamPresetConfig = field(default_factory=SamPresetConfig)  # the "lisa" method's SAM
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {list(METHODS)}, received {self.method!r}")
         if not 0 <= self.mask_merge <= 16:
             raise ValueError(f"mask_merge must be in [0, 16], received {self.mask_merge}")
         if self.lora_rank < 1:

@@ -32,7 +32,7 @@ from core.config import project_path
 from core.runtime import resolve_device, seed_everything
 from data.conversations import DESCRIBE_PROMPTS, SHORT_ANSWER
 from data.datasets import ReferringDataset, shapeworld_paths
-from segmentation.stamp import StampConfig, mask_like_clip_input
+from segmentation.stamp import METHODS, StampConfig
 from train.common import (
     batch_indices,
     cosine_with_warmup,
@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--negatives", type=int, default=2, help="ordinary questions per step (default 2)"
     )
     parser.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default="stamp",
+        help="stamp, or a baseline on the same model: text4seg (one label token per grid cell, "
+        "written autoregressively) or lisa (the <seg> state prompts SAM's mask decoder)",
+    )
     parser.add_argument("--mask-merge", type=int, default=None, help="override StampConfig")
     parser.add_argument("--lora-rank", type=int, default=None, help="override StampConfig")
     parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default 3%%)")
@@ -146,23 +153,23 @@ def build_model(
 
 
 def batch_for(
-    data: ReferringDataset, indices: np.ndarray, step: int, seed: int, size: int, negatives: int
-) -> tuple[list[list[dict[str, Any]]], torch.Tensor, list[list[dict[str, Any]]]]:
-    """(segmentation prompts, their (B, S, S) masks at CLIP's input, ordinary prompts): a pure
-    function of (indices, step, seed)."""
+    data: ReferringDataset, indices: np.ndarray, step: int, seed: int, negatives: int
+) -> tuple[list[list[dict[str, Any]]], list[np.ndarray], list[list[dict[str, Any]]]]:
+    """(segmentation prompts, their (H, W) masks, ordinary prompts): a pure function of
+    (indices, step, seed)."""
     rng = np.random.default_rng([seed, step])
     prompts, masks = [], []
     for i in indices:
         item = data[int(i)]
         text = SEG_PROMPTS[int(rng.integers(len(SEG_PROMPTS)))].format(item.expression)
         prompts.append([{"role": "user", "content": text, "images": [item.image_path]}])
-        masks.append(mask_like_clip_input(item.mask, size))
+        masks.append(item.mask)
     others = []
     for k in range(negatives):
         item = data[int(indices[k % len(indices)])]
         q = OTHER_QUESTIONS[int(rng.integers(len(OTHER_QUESTIONS)))]
         others.append([{"role": "user", "content": q, "images": [item.image_path]}])
-    return prompts, torch.stack(masks), others
+    return prompts, masks, others
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,17 +181,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = PolychromeConfig.from_preset(args.preset)
-    overrides = {
+    overrides: dict[str, Any] = {
         k: v
         for k, v in (("mask_merge", args.mask_merge), ("lora_rank", args.lora_rank))
         if v is not None
     }
+    overrides["method"] = args.method
+    overrides["sam"] = preset.sam.to_dict()  # the lisa baseline's SAM: the preset's
     cfg = StampConfig.from_dict({**StampConfig().to_dict(), **overrides}, source="arguments")
     device = resolve_device(args.device)
     seed_everything(args.seed)
     model = build_model(preset, args.vlm, cfg, device)
     data, data_desc = load_dataset(args)
-    size = int(model.vlm.pixel_values([np.zeros((8, 8, 3), np.uint8)]).shape[-1])
     print(
         f"{len(data)} referring expressions from {data_desc}; mask grid {model.mask_grid}, "
         f"{model.vlm.tokens_per_image} visual tokens"
@@ -219,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     done = start
     for step in range(start, stop):
-        prompts, masks, others = batch_for(
-            data, next(batches), step, args.seed, size, args.negatives
-        )
+        prompts, masks, others = batch_for(data, next(batches), step, args.seed, args.negatives)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             losses = model.training_losses(prompts, masks, others)
         losses["loss"].backward()

@@ -35,20 +35,25 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 from transformers import DynamicCache
 
 from core.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
+from core.config import project_path
 from core.images import load_rgb
 from segmentation.stamp import (
     MaskHead,
     StampConfig,
     grid_targets,
+    mask_like_clip_input,
     mask_pass_attention,
     stamp_losses,
     upsample_logits,
 )
 from vision.clip import dense_features
+from vision.sam import build_sam_model, load_sam, predict_masks_batched, prepare_image
 from vlm.model import PolychromeVLM, Projector, VLMConfig
 
 __all__ = [
@@ -85,7 +90,7 @@ class StampReply:
 class StampVLM(nn.Module):
     """A PolychromeVLM with STAMP's mask pass (module docstring)."""
 
-    def __init__(self, vlm: PolychromeVLM, config: StampConfig) -> None:
+    def __init__(self, vlm: PolychromeVLM, config: StampConfig, sam: Sam | None = None) -> None:
         super().__init__()
         self.vlm = vlm
         self.config = config
@@ -110,20 +115,37 @@ class StampVLM(nn.Module):
         self._lora_params = [p for name, p in llm.named_parameters() if "lora_" in name]
         self._set_lora(False)
         vlm.projector.requires_grad_(False)  # the VLM core stays as it was trained
-        self.head = MaskHead(hidden)
         self.seg_out = nn.Parameter(torch.zeros(hidden))  # the <seg> row beside the LM head
         self.seg_bias = nn.Parameter(torch.zeros(()))
-        if config.mask_merge:
-            gh, gw = vlm.patch_grid
-            if gh % config.mask_merge or gw % config.mask_merge:
-                raise ValueError(
-                    f"mask_merge={config.mask_merge} does not divide the CLIP patch grid {gh}x{gw}"
-                )
-            pm = vlm.config.projector.merge
-            width = int(vlm.projector.norm.normalized_shape[0]) // (pm * pm)
-            self.mask_projector: Projector | None = Projector(width, hidden, config.mask_merge)
-        else:
-            self.mask_projector = None
+        self.head: MaskHead | None = None
+        self.mask_projector: Projector | None = None
+        self.seg_proj: nn.Sequential | None = None
+        self.sam: Sam | None = None
+        if config.method == "stamp":
+            self.head = MaskHead(hidden)
+            if config.mask_merge:
+                gh, gw = vlm.patch_grid
+                if gh % config.mask_merge or gw % config.mask_merge:
+                    raise ValueError(
+                        f"mask_merge={config.mask_merge} does not divide the CLIP patch grid "
+                        f"{gh}x{gw}"
+                    )
+                pm = vlm.config.projector.merge
+                width = int(vlm.projector.norm.normalized_shape[0]) // (pm * pm)
+                self.mask_projector = Projector(width, hidden, config.mask_merge)
+        elif config.method == "text4seg":
+            labels = [vlm.tokenizer.encode(t, add_special_tokens=False) for t in ("0", "1")]
+            if any(len(ids) != 1 for ids in labels):
+                raise ValueError(f"text4seg needs '0' and '1' to be single tokens, got {labels}")
+            self.label_ids = [ids[0] for ids in labels]
+        else:  # lisa: the <seg> hidden state -> SAM prompt token (LISA's text_hidden_fcs)
+            self.sam = sam if sam is not None else _load_sam(config)
+            self.sam.image_encoder.requires_grad_(False)
+            self.sam.prompt_encoder.requires_grad_(False)
+            dim = int(self.sam.prompt_encoder.embed_dim)
+            self.seg_proj = nn.Sequential(
+                nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim)
+            )
         self.to(vlm.device)
         self.tokens_processed = 0  # tokens the LLM has read (inputs of every forward)
 
@@ -150,27 +172,36 @@ class StampVLM(nn.Module):
         super().train(mode)
         self.vlm.train(mode)
         self.vlm.projector.eval()  # the VLM core's projector is frozen here
+        if self.sam is not None:
+            self.sam.image_encoder.eval()
+            self.sam.prompt_encoder.eval()
         return self
 
+    def _trained_modules(self) -> dict[str, nn.Module]:
+        parts: dict[str, nn.Module | None] = {
+            "head": self.head,
+            "mask_projector": self.mask_projector,
+            "seg_proj": self.seg_proj,
+            "sam_mask_decoder": None if self.sam is None else self.sam.mask_decoder,
+        }
+        return {k: v for k, v in parts.items() if v is not None}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """What STAMP trains (module docstring); the VLM core's projector is left out."""
-        params = [p for n, p in self.vlm.llm.named_parameters() if "lora_" in n]
+        """What is trained (module docstring); the VLM core and SAM's encoders are left out."""
+        params = list(self._lora_params)
         params += [self.vlm.added_embeddings, self.seg_out, self.seg_bias]
-        params += list(self.head.parameters())
-        if self.mask_projector is not None:
-            params += list(self.mask_projector.parameters())
+        for module in self._trained_modules().values():
+            params += list(module.parameters())
         return params
 
     # -- saving ---------------------------------------------------------------------------------
 
     def stamp_state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"llm.{n}": p.data for n, p in self.vlm.llm.named_parameters() if "lora_" in n}
-        state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        for name, module in self._trained_modules().items():
+            state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         state["seg_out"] = self.seg_out.data
         state["seg_bias"] = self.seg_bias.data
-        if self.mask_projector is not None:
-            mp = self.mask_projector.state_dict()
-            state.update({f"mask_projector.{k}": v for k, v in mp.items()})
         return state
 
     def load_stamp_state(self, state: dict[str, torch.Tensor], what: str) -> None:
@@ -191,17 +222,15 @@ class StampVLM(nn.Module):
                         f"{tuple(value.shape)}"
                     )
                 target.data.copy_(value)
-        head = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-        load_state_strict(self.head, head, what=what)
+        for name, module in self._trained_modules().items():
+            sub = {
+                k.removeprefix(f"{name}."): v for k, v in state.items() if k.startswith(f"{name}.")
+            }
+            own_sub = module.state_dict()
+            sub = {k: v.to(own_sub[k].dtype) if k in own_sub else v for k, v in sub.items()}
+            load_state_strict(module, sub, what=what)
         self.seg_out.data.copy_(state["seg_out"])
         self.seg_bias.data.copy_(state["seg_bias"])
-        if self.mask_projector is not None:
-            mp = {
-                k.removeprefix("mask_projector."): v
-                for k, v in state.items()
-                if k.startswith("mask_projector.")
-            }
-            load_state_strict(self.mask_projector, mp, what=what)
 
     def save_pretrained(
         self,
@@ -327,27 +356,123 @@ class StampVLM(nn.Module):
                 )
         finally:
             cache.crop(length - cache.get_seq_length())  # a negative count removes
+        assert self.head is not None, "the mask pass is the 'stamp' method's"
         return self.head(out.last_hidden_state.float())
+
+    def _seg_step(self, kv: torch.Tensor, cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed ``<seg>`` to every row: (its last hidden (B, H), the extended kv mask). LoRA is on
+        for it only in the "lisa" baseline, whose mask prompt is this hidden state."""
+        ids = torch.full((kv.shape[0],), self.seg_id)
+        with self.lora() if self.config.method == "lisa" else contextlib.nullcontext():
+            hidden = self.step(ids, kv, cache)
+        return hidden, torch.cat([kv, torch.ones_like(kv[:, :1])], 1)
+
+    def _label_pass(
+        self, kv: torch.Tensor, cache: DynamicCache, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Text4Seg-style: the LLM (LoRA on) writes one label token, "0" or "1", per grid cell
+        after the cache, starting from the ``<mask>`` token. With `labels` (B, N) the pass is
+        teacher-forced in one forward; without, it decodes greedily one token at a time (what
+        the baseline costs). Returns (B, N, 2) logits of the two label tokens. The cache is
+        cropped back afterwards."""
+        b = kv.shape[0]
+        n = self.mask_grid[0] * self.mask_grid[1]
+        length = cache.get_seq_length()
+        head = self.vlm.llm.get_output_embeddings()
+        ids = torch.tensor(self.label_ids, device=kv.device)
+        start = torch.full((b, 1), self.mask_id, device=kv.device)
+        try:
+            with self.lora():
+                if labels is not None:
+                    seq = torch.cat([start, ids[labels[:, :-1]]], 1)  # (B, N)
+                    mask = torch.cat([kv, torch.ones_like(seq)], 1)
+                    positions = kv.sum(-1, keepdim=True) + torch.arange(n, device=kv.device)
+                    out = self._forward(
+                        self.vlm.embed(seq),
+                        attention_mask=mask,
+                        position_ids=positions,
+                        cache=cache,
+                    )
+                    return head(out.last_hidden_state)[..., ids].float()
+                steps, token = [], start[:, 0]
+                for _ in range(n):
+                    hidden = self.step(token, kv, cache)
+                    kv = torch.cat([kv, torch.ones_like(kv[:, :1])], 1)
+                    logits = head(hidden)[..., ids].float()  # (B, 2)
+                    steps.append(logits)
+                    token = ids[logits.argmax(-1)]
+                return torch.stack(steps, 1)
+        finally:
+            cache.crop(length - cache.get_seq_length())
+
+    def _sam_inputs(
+        self, images: Sequence[Any]
+    ) -> tuple[torch.Tensor, list[tuple[tuple[int, int], tuple[int, int]]]]:
+        """SAM's image embeddings (B, C, h, w) (frozen encoder) and each image's (input size,
+        original size) for SAM's postprocessing."""
+        assert self.sam is not None
+        side = int(self.sam.image_encoder.img_size)
+        transform = ResizeLongestSide(side)
+        batch: list[torch.Tensor] = []
+        frames: list[tuple[tuple[int, int], tuple[int, int]]] = []
+        for image in images:
+            rgb = prepare_image(image, side)
+            resized = transform.apply_image(rgb)
+            t = torch.as_tensor(resized, device=self.vlm.device).permute(2, 0, 1).float()
+            batch.append(self.sam.preprocess(t[None]))
+            frames.append(((resized.shape[0], resized.shape[1]), (rgb.shape[0], rgb.shape[1])))
+        with torch.no_grad():
+            return self.sam.image_encoder(torch.cat(batch)), frames
+
+    def _sam_decode(self, hidden: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """LISA-style: the ``<seg>`` hidden states (B, H) as SAM prompt tokens -> (B, 4h, 4w)."""
+        assert self.sam is not None and self.seg_proj is not None
+        sparse = self.seg_proj(hidden.float())[:, None]  # (B, 1, C)
+        b, _, h, w = embeddings.shape
+        pe = self.sam.prompt_encoder
+        dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, h, w)
+        low, _ = predict_masks_batched(
+            self.sam.mask_decoder, embeddings, pe.get_dense_pe(), sparse, dense, False
+        )
+        return low[:, 0]
+
+    def _sam_targets(self, masks: Sequence[npt.ArrayLike]) -> torch.Tensor:
+        """Ground-truth masks in SAM's low-resolution frame (resized, padded, area-pooled)."""
+        assert self.sam is not None
+        side = int(self.sam.image_encoder.img_size)
+        low = tuple(self.sam.prompt_encoder.mask_input_size)
+        out = []
+        for mask in masks:
+            m = np.asarray(mask, dtype=np.float32)
+            nh, nw = ResizeLongestSide.get_preprocess_shape(m.shape[0], m.shape[1], side)
+            t = F.interpolate(torch.from_numpy(m)[None, None], size=(nh, nw), mode="bilinear")
+            t = F.pad(t, (0, side - nw, 0, side - nh))
+            out.append(F.adaptive_avg_pool2d(t, low)[0, 0])
+        return torch.stack(out).flatten(1)
 
     # -- training -------------------------------------------------------------------------------
 
     def training_losses(
         self,
         seg_prompts: Sequence[Sequence[dict[str, Any]]],
-        gt_masks: torch.Tensor,
+        masks: Sequence[npt.ArrayLike],
         other_prompts: Sequence[Sequence[dict[str, Any]]] = (),
     ) -> dict[str, torch.Tensor]:
         """Losses of one batch. seg_prompts: conversations ending with a user turn asking to segment
-        (its last image is the one segmented); gt_masks: (B, H, W) at CLIP's input size. The
-        reply target is ``<seg>`` then the end of turn. other_prompts: prompts the LLM answers in
-        text: their target is the bare LLM's own first token, so ``<seg>`` learns not to fire.
+        (its last image is the one segmented); masks: the referred objects, (H, W) on those
+        images. The reply target is ``<seg>`` then the end of turn. other_prompts: prompts the LLM
+        answers in text: their target is the bare LLM's own first token, so ``<seg>`` learns not
+        to fire on them.
 
-        Returns {"loss", "lm", "bce", "dice"}; "loss" = lm_weight * lm + 0.3 bce + 0.7 dice.
+        Returns {"loss", "lm", "bce", "dice"}; "loss" = lm_weight * lm + 0.3 bce + 0.7 dice
+        ("text4seg": the label tokens' cross-entropy takes the place of bce, and dice is 0).
         """
         cfg = self.config
         b = len(seg_prompts)
+        if len(masks) != b:
+            raise ValueError(f"expected {b} masks (one per seg prompt), received {len(masks)}")
         prompts = [*seg_prompts, *other_prompts]
-        ids, attn, pixels, last_image = self._batch(prompts)
+        ids, attn, pixels, last_image, images = self._batch(prompts)
         visual, mask_feats = self.image_features(pixels)
         with torch.no_grad():
             last, cache = self.prefix(ids, attn, visual)
@@ -358,28 +483,39 @@ class StampVLM(nn.Module):
         if other_prompts:
             targets[b:] = logits[b:, :vocab].argmax(-1)
         lm = F.cross_entropy(logits, targets)
-        # The rows that segment: <seg> (its input row trains through this step), then the mask pass.
+        # The rows that segment: <seg> (its input row trains through this step), then the mask.
         cache.batch_select_indices(torch.arange(b, device=attn.device))
-        kv = attn[:b]
-        seg_hidden = self.step(torch.full((b,), self.seg_id), kv, cache)
+        seg_hidden, kv = self._seg_step(attn[:b], cache)
         eos = int(cast(int, self.vlm.tokenizer.eos_token_id))
         lm_eos = F.cross_entropy(
             self.decision_logits(seg_hidden),
             torch.full((b,), eos, dtype=torch.long, device=logits.device),
         )
-        kv = torch.cat([kv, torch.ones_like(kv[:, :1])], 1)
-        patch_logits = self.mask_pass(mask_feats[last_image[:b]], kv, cache)
-        targets_grid = grid_targets(gt_masks.to(patch_logits.device), self.mask_grid)
-        bce, dice = stamp_losses(patch_logits, targets_grid)
         lm_total = (lm + lm_eos) / 2
+        zero = lm_total.new_zeros(())
+        size = int(pixels.shape[-1])
+        if cfg.method == "lisa":
+            embeddings, _ = self._sam_inputs(images[:b])
+            mask_logits = self._sam_decode(seg_hidden, embeddings).flatten(1)
+            bce, dice = stamp_losses(mask_logits, self._sam_targets(masks).to(mask_logits.device))
+        else:
+            clip_masks = torch.stack([mask_like_clip_input(m, size) for m in masks])
+            grid = grid_targets(clip_masks, self.mask_grid).to(kv.device)
+            if cfg.method == "stamp":
+                patch_logits = self.mask_pass(mask_feats[last_image[:b]], kv, cache)
+                bce, dice = stamp_losses(patch_logits, grid)
+            else:
+                label_logits = self._label_pass(kv, cache, (grid > 0.5).long())
+                bce = F.cross_entropy(label_logits.flatten(0, 1), (grid > 0.5).long().flatten())
+                dice = zero
         loss = cfg.lm_weight * lm_total + cfg.bce_weight * bce + cfg.dice_weight * dice
         return {"loss": loss, "lm": lm_total.detach(), "bce": bce.detach(), "dice": dice.detach()}
 
     def _batch(
         self, prompts: Sequence[Sequence[dict[str, Any]]]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[Any]]:
         """Left-padded prompts with the generation prompt; pixels of every image; for each prompt
-        the index (into the pixels) of its last image. Every prompt needs an image."""
+        the index (into the pixels) of its last image, and that image. Every prompt needs one."""
         tok = self.vlm.tokenizer
         rendered = [self.vlm.render(p, add_generation_prompt=True) for p in prompts]
         side = tok.padding_side
@@ -391,29 +527,60 @@ class StampVLM(nn.Module):
         images: list[Any] = []
         last: list[int] = []
         for i, p in enumerate(prompts):
-            ims = [im for m in p for im in (m.get("images") or ())]
+            ims = [load_rgb(im) for m in p for im in (m.get("images") or ())]
             if not ims:
                 raise ValueError(f"prompt {i} has no image; STAMP segments the last image")
             images += ims
             last.append(len(images) - 1)
-        pixels = torch.stack([self.vlm.preprocess(load_rgb(im)) for im in images])
-        return enc["input_ids"], enc["attention_mask"], pixels, torch.tensor(last)
+        pixels = torch.stack([self.vlm.preprocess(im) for im in images])
+        lasts = [images[i] for i in last]
+        return enc["input_ids"], enc["attention_mask"], pixels, torch.tensor(last), lasts
 
     # -- inference ------------------------------------------------------------------------------
 
+    def _masks_after_seg(
+        self,
+        seg_hidden: torch.Tensor,
+        kv: torch.Tensor,
+        cache: DynamicCache,
+        mask_feats: torch.Tensor | None,
+        images: Sequence[Any],
+    ) -> list[npt.NDArray[np.float32]]:
+        """The method's mask for each row once ``<seg>`` is in the cache: (H, W) pixel logits of
+        each row's image."""
+        if self.config.method == "lisa":
+            assert self.sam is not None
+            embeddings, frames = self._sam_inputs(images)
+            low = self._sam_decode(seg_hidden, embeddings)
+            return [
+                self.sam.postprocess_masks(row[None, None], frame[0], frame[1])[0, 0]
+                .float()
+                .cpu()
+                .numpy()
+                for row, frame in zip(low, frames, strict=True)
+            ]
+        if self.config.method == "stamp":
+            assert mask_feats is not None
+            grid = self.mask_pass(mask_feats, kv, cache)
+        else:
+            labels = self._label_pass(kv, cache)
+            grid = labels[..., 1] - labels[..., 0]
+        h, w = self.mask_grid
+        return [
+            self.pixel_logits(row.reshape(h, w).float().cpu().numpy(), load_rgb(im).size)
+            for row, im in zip(grid, images, strict=True)
+        ]
+
     @torch.inference_mode()
     def segment(self, prompts: Sequence[Sequence[dict[str, Any]]]) -> list[npt.NDArray[np.float32]]:
-        """Forced segmentation: each prompt's reply is ``<seg>``; (h, w) logits on the mask grid
-        for each. One prefix pass, one ``<seg>`` step and one mask pass for the whole batch."""
-        ids, attn, pixels, last_image = self._batch(prompts)
+        """Forced segmentation: each prompt's reply is ``<seg>``; (H, W) pixel logits of each
+        prompt's last image. One prefix pass for the batch, one ``<seg>`` step, then the method's
+        mask (STAMP: one mask pass)."""
+        ids, attn, pixels, last_image, images = self._batch(prompts)
         visual, mask_feats = self.image_features(pixels)
         _, cache = self.prefix(ids, attn, visual)
-        kv = attn.to(self.vlm.device)
-        self.step(torch.full((len(prompts),), self.seg_id), kv, cache)
-        kv = torch.cat([kv, torch.ones_like(kv[:, :1])], 1)
-        logits = self.mask_pass(mask_feats[last_image], kv, cache)
-        h, w = self.mask_grid
-        return [row.reshape(h, w).cpu().numpy() for row in logits]
+        seg_hidden, kv = self._seg_step(attn.to(self.vlm.device), cache)
+        return self._masks_after_seg(seg_hidden, kv, cache, mask_feats[last_image], images)
 
     def pixel_logits(
         self, grid_logits: npt.NDArray[np.float32], size: tuple[int, int]
@@ -471,11 +638,9 @@ class StampVLM(nn.Module):
             ids = tok(rendered, return_tensors="pt", add_special_tokens=False)["input_ids"]
             attn = torch.ones_like(ids)
             visual = mask_feats = None
-            size = (0, 0)
             if images:
                 pixels = self.vlm.pixel_values(images)
                 visual, mask_feats = self.image_features(pixels)
-                size = load_rgb(images[-1]).size
             last, cache = self.prefix(ids, attn, visual)
             kv = attn.to(self.vlm.device)
             vocab = int(cast(torch.Tensor, self.vlm.llm.get_output_embeddings().weight).shape[0])
@@ -493,12 +658,10 @@ class StampVLM(nn.Module):
                 if token == eos:
                     break
                 if token == vocab:  # <seg>
-                    last = self.step(torch.tensor([self.seg_id]), kv, cache)
-                    kv = torch.cat([kv, torch.ones_like(kv[:, :1])], 1)
+                    last, kv = self._seg_step(kv, cache)
                     assert mask_feats is not None
-                    grid = self.mask_pass(mask_feats[-1:], kv, cache)
-                    h, w = self.mask_grid
-                    yield "", self.pixel_logits(grid[0].reshape(h, w).cpu().numpy(), size)
+                    masks = self._masks_after_seg(last, kv, cache, mask_feats[-1:], images[-1:])
+                    yield "", masks[0]
                     continue
                 generated.append(token)
                 text = str(tok.decode(generated, skip_special_tokens=True))
@@ -507,3 +670,12 @@ class StampVLM(nn.Module):
                     emitted = text
                 last = self.step(torch.tensor([token]), kv, cache)
                 kv = torch.cat([kv, torch.ones_like(kv[:, :1])], 1)
+
+
+def _load_sam(config: StampConfig) -> Sam:
+    """The "lisa" baseline's SAM: the configured checkpoint, else random weights from seed 0."""
+    if config.sam.checkpoint:
+        return load_sam(project_path(config.sam.checkpoint))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build_sam_model(config.sam.model).eval()
