@@ -367,3 +367,67 @@ def test_lisa_prompts_sam_with_the_seg_state_and_trains_its_decoder():
     assert all(torch.equal(encoder[k], v) for k, v in model.sam.image_encoder.state_dict().items())
     out = model.eval().segment(seg)[0]
     assert out.shape == (48, 64)  # SAM's postprocessing back to the image's own size
+
+
+def test_evaluate_scores_an_oracle_and_an_empty_segmenter(shapeworld):
+    from data.datasets import ReferringDataset
+    from eval.stamp import evaluate, markdown
+
+    data = ReferringDataset.from_shapeworld(shapeworld, "test")
+    by_text = {}
+    for i in range(len(data)):
+        item = data[i]
+        by_text[f"Segment {item.expression}."] = item.mask
+
+    def oracle(prompts):
+        return [np.where(by_text[p[-1]["content"]], 1.0, -1.0) for p in prompts]
+
+    def empty(prompts):
+        return [np.full(by_text[p[-1]["content"]].shape, -1.0) for p in prompts]
+
+    result = evaluate(
+        data,
+        {"oracle": oracle, "empty": empty},
+        batch_size=2,
+        timing_samples=2,
+        repeats=1,
+        progress=False,
+    )
+    assert result["samples"] == len(data)
+    assert result["methods"]["oracle"]["cIoU"] == 1.0 and result["methods"]["oracle"]["gIoU"] == 1.0
+    assert result["methods"]["empty"]["cIoU"] == 0.0
+    kinds = {data[i].expression_type for i in range(len(data))}
+    assert set(result["methods"]["oracle"]["by_type"]) == kinds
+    assert sum(v["n"] for v in result["methods"]["empty"]["by_type"].values()) == len(data)
+    assert result["methods"]["empty"]["seconds_per_sample"] >= 0
+    assert "| oracle | 100.0 | 100.0 |" in markdown(result)
+
+
+def test_eval_script_scores_the_trained_methods_side_by_side(shapeworld, tmp_path):
+    import json
+
+    from core.checkpoint import save_checkpoint
+    from eval.stamp import main as eval_main
+    from train.stamp import main as train_main
+    from vision.sam import SAM_VARIANTS, build_sam
+
+    common = ["--preset", "tiny", "--data", str(shapeworld), "--steps", "1", "--batch-size", "2"]
+    common += ["--no-progress", "--lora-rank", "4"]
+    for method in ("stamp", "text4seg"):
+        assert train_main([*common, "--out", str(tmp_path / method), "--method", method]) == 0
+    sam = tmp_path / "sam"
+    save_checkpoint(
+        sam, {"model": build_sam(SAM_VARIANTS["tiny"]).state_dict()}, SAM_VARIANTS["tiny"].to_dict()
+    )
+    out = tmp_path / "eval.json"
+    args = ["--data", str(shapeworld), "--split", "test", "--limit", "3", "--no-progress"]
+    args += ["--checkpoint", f"stamp={tmp_path / 'stamp' / 'final'}"]
+    args += ["--checkpoint", f"text4seg={tmp_path / 'text4seg' / 'final'}"]
+    args += ["--sam-refine", "stamp", "--sam", str(sam), "--timing-samples", "1", "--repeats", "1"]
+    assert eval_main([*args, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["methods"]) == {"stamp", "text4seg", "stamp + SAM"}
+    for row in result["methods"].values():
+        assert 0.0 <= row["cIoU"] <= 1.0 and row["seconds_per_sample"] > 0
+    with pytest.raises(SystemExit):
+        eval_main([*args, "--sam-refine", "nope"])

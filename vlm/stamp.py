@@ -572,6 +572,15 @@ class StampVLM(nn.Module):
         ]
 
     @torch.inference_mode()
+    def chooses_seg(self, prompts: Sequence[Sequence[dict[str, Any]]]) -> list[bool]:
+        """Whether greedy decoding would open each prompt's reply with ``<seg>``."""
+        ids, attn, pixels, _, _ = self._batch(prompts)
+        visual, _ = self.image_features(pixels)
+        last, _ = self.prefix(ids, attn, visual)
+        logits = self.decision_logits(last)
+        return (logits.argmax(-1) == logits.shape[-1] - 1).tolist()
+
+    @torch.inference_mode()
     def segment(self, prompts: Sequence[Sequence[dict[str, Any]]]) -> list[npt.NDArray[np.float32]]:
         """Forced segmentation: each prompt's reply is ``<seg>``; (H, W) pixel logits of each
         prompt's last image. One prefix pass for the batch, one ``<seg>`` step, then the method's

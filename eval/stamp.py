@@ -1,0 +1,277 @@
+"""Evaluate referring segmentation: STAMP, STAMP + SAM, and the baselines, side by side.
+
+    python -m eval.stamp --data /work/data/sw --split test --limit 300 \\
+        --checkpoint stamp=/work/runs/stamp/final --checkpoint text4seg=/work/runs/t4s/final \\
+        --checkpoint lisa=/work/runs/lisa/final --sam-refine stamp --json out/stamp.json
+    # any RefCOCO-style refs file
+    python -m eval.stamp --refs refs_val.json --instances instances_val.json --images val2014/ \\
+        --checkpoint stamp=checkpoints/shapes/stamp
+
+Each ``--checkpoint NAME=PATH`` is a train.stamp ``final/`` folder (its method is in its config);
+``--sam-refine NAME`` adds a row "NAME + SAM" that refines NAME's masks with the preset's SAM
+prompted by the mask logits and points sampled from them (segmentation.stamp.refine_with_sam).
+
+Every sample is the request "Segment <expression>." on its image; the reply is forced to
+``<seg>`` so the mask is scored whatever the model would have said, and "seg rate" reports how
+often the model opens its reply with ``<seg>`` by itself. cIoU (total intersection / total
+union) and gIoU (mean per-sample IoU), overall and by expression type. Time: seconds per sample
+at batch 1, every method on the same sample in turn (interleaved, so load on the machine hits
+them alike), median over ``--timing-samples`` x ``--repeats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from tqdm.auto import tqdm
+
+from core.config import project_path
+from core.images import load_rgb
+from core.io import atomic_write_text
+from data.datasets import ReferringDataset, shapeworld_paths
+from eval.metrics import ciou, giou
+from segmentation.stamp import refine_with_sam
+from vision.sam import load_sam
+from vlm.config import PolychromeConfig
+from vlm.stamp import SEG_PROMPTS, StampVLM
+
+__all__ = ["evaluate", "main", "markdown"]
+
+Prompt = list[dict[str, Any]]
+Segmenter = Callable[[list[Prompt]], list[npt.NDArray[np.float32]]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.stamp",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--preset", default="shapes", help="preset (its SAM refines)")
+    parser.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a train.stamp final/ folder; repeat for several",
+    )
+    parser.add_argument(
+        "--sam-refine",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also score NAME's masks refined by SAM (row 'NAME + SAM')",
+    )
+    parser.add_argument("--sam", type=Path, default=None, help="SAM folder (default: preset's)")
+    src = parser.add_argument_group("data (--data, or --refs with --instances and --images)")
+    src.add_argument("--data", type=Path, help="a ShapeWorld folder")
+    src.add_argument("--split", default="test", help="ShapeWorld split (default test)")
+    src.add_argument("--refs", type=Path, help="RefCOCO-style refs JSON")
+    src.add_argument("--instances", type=Path, help="COCO instances JSON the refs point into")
+    src.add_argument("--images", type=Path, help="folder of the instances file's images")
+    parser.add_argument("--limit", type=int, default=None, help="first N expressions")
+    parser.add_argument("--batch-size", type=int, default=8, help="expressions per forward")
+    parser.add_argument(
+        "--timing-samples", type=int, default=10, help="samples timed at batch 1 (default 10)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timing repeats per sample")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _parse_checkpoints(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"--checkpoint must be NAME=PATH, received {spec!r}")
+        if name in out:
+            parser.error(f"--checkpoint name {name!r} given twice")
+        if not Path(path).is_dir():
+            parser.error(f"--checkpoint {name}: folder {path} not found")
+        out[name] = Path(path)
+    return out
+
+
+def evaluate(
+    data: ReferringDataset,
+    segmenters: dict[str, Segmenter],
+    *,
+    batch_size: int = 8,
+    timing_samples: int = 10,
+    repeats: int = 3,
+    progress: bool = True,
+    seg_rate: dict[str, Callable[[list[Prompt]], list[bool]]] | None = None,
+) -> dict[str, Any]:
+    """Score every segmenter on every item of `data`; see the module docstring."""
+    if len(data) == 0:
+        raise ValueError("no referring expressions to evaluate")
+    items = [data[i] for i in range(len(data))]
+    prompts: list[Prompt] = [
+        [
+            {
+                "role": "user",
+                "content": SEG_PROMPTS[0].format(it.expression),
+                "images": [it.image_path],
+            }
+        ]
+        for it in items
+    ]
+    types = sorted({it.expression_type for it in items})
+    results: dict[str, Any] = {"samples": len(items), "methods": {}}
+    for name, segment in segmenters.items():
+        preds: list[npt.NDArray[np.bool_]] = []
+        bar = tqdm(total=len(items), desc=f"eval {name}", unit="expr", disable=not progress)
+        for start in range(0, len(items), batch_size):
+            chunk = prompts[start : start + batch_size]
+            preds += [logits > 0 for logits in segment(chunk)]
+            bar.update(len(chunk))
+        bar.close()
+        targets = [it.mask for it in items]
+        row: dict[str, Any] = {
+            "cIoU": ciou(preds, targets),
+            "gIoU": giou(preds, targets),
+            "by_type": {},
+        }
+        for kind in types:
+            idx = [i for i, it in enumerate(items) if it.expression_type == kind]
+            row["by_type"][kind or "untyped"] = {
+                "n": len(idx),
+                "cIoU": ciou([preds[i] for i in idx], [targets[i] for i in idx]),
+                "gIoU": giou([preds[i] for i in idx], [targets[i] for i in idx]),
+            }
+        if seg_rate and name in seg_rate:
+            chosen: list[bool] = []
+            for start in range(0, len(items), batch_size):
+                chosen += seg_rate[name](prompts[start : start + batch_size])
+            row["seg_rate"] = float(np.mean(chosen))
+        results["methods"][name] = row
+    # Timing: batch 1, the methods in turn on each sample.
+    times: dict[str, list[float]] = {name: [] for name in segmenters}
+    for i in range(min(timing_samples, len(items))):
+        for _ in range(repeats):
+            for name, segment in segmenters.items():
+                began = time.perf_counter()
+                segment([prompts[i]])
+                times[name].append(time.perf_counter() - began)
+    for name, ts in times.items():
+        if ts:
+            results["methods"][name]["seconds_per_sample"] = statistics.median(ts)
+    return results
+
+
+def markdown(result: dict[str, Any]) -> str:
+    methods = result["methods"]
+    types = sorted({t for row in methods.values() for t in row["by_type"]})
+    head = ["method", "cIoU", "gIoU", *[f"{t} cIoU" for t in types], "s / sample", "seg rate"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
+    lines[1] = "|---|" + "---:|" * (len(head) - 1)
+    for name, row in methods.items():
+        cells = [name, f"{100 * row['cIoU']:.1f}", f"{100 * row['gIoU']:.1f}"]
+        cells += [f"{100 * row['by_type'][t]['cIoU']:.1f}" for t in types]
+        sec = row.get("seconds_per_sample")
+        cells.append("" if sec is None else f"{sec:.3f}")
+        rate = row.get("seg_rate")
+        cells.append("" if rate is None else f"{100 * rate:.0f}%")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _sam_refined(model: StampVLM, sam_dir: Path) -> Segmenter:
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(load_sam(sam_dir))
+    thr = model.config.threshold
+
+    def segment(prompts: list[Prompt]) -> list[npt.NDArray[np.float32]]:
+        coarse = model.segment(prompts)
+        out = []
+        for prompt, logits in zip(prompts, coarse, strict=True):
+            image = load_rgb(prompt[-1]["images"][-1])
+            predictor.set_image(np.asarray(image))
+            refined = refine_with_sam(predictor, logits, threshold=thr)
+            out.append(np.where(refined, 1.0, -1.0).astype(np.float32))
+        return out
+
+    return segment
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    checkpoints = _parse_checkpoints(parser, args.checkpoint)
+    if not checkpoints:
+        parser.error("give at least one --checkpoint NAME=PATH")
+    for name in args.sam_refine:
+        if name not in checkpoints:
+            parser.error(f"--sam-refine {name}: no --checkpoint named {name!r}")
+    refcoco = (args.refs, args.instances, args.images)
+    if args.data is not None and any(x is not None for x in refcoco):
+        parser.error("give --data or --refs/--instances/--images, not both")
+    if args.data is None and not all(x is not None for x in refcoco):
+        parser.error("give --data (ShapeWorld) or all three of --refs, --instances, --images")
+    for name in ("batch_size", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, received {args.limit}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.data is not None:
+        try:
+            shapeworld_paths(args.data, args.split)
+        except FileNotFoundError as err:
+            parser.error(str(err))
+        data = ReferringDataset.from_shapeworld(args.data, args.split)
+    else:
+        data = ReferringDataset.from_refcoco(args.images, args.refs, args.instances)
+    if args.limit is not None:
+        data.items = data.items[: args.limit]
+    segmenters: dict[str, Segmenter] = {}
+    rates: dict[str, Callable[[list[Prompt]], list[bool]]] = {}
+    for name, path in checkpoints.items():
+        model = StampVLM.from_pretrained(path).eval()
+        segmenters[name] = model.segment
+        rates[name] = model.chooses_seg
+        if name in args.sam_refine:
+            sam_dir = args.sam
+            if sam_dir is None:
+                preset = PolychromeConfig.from_preset(args.preset)
+                if not preset.sam.checkpoint:
+                    parser.error(f"--sam-refine: preset {args.preset!r} has no SAM; pass --sam")
+                sam_dir = project_path(preset.sam.checkpoint)
+            segmenters[f"{name} + SAM"] = _sam_refined(model, sam_dir)
+    with torch.inference_mode():
+        result = evaluate(
+            data,
+            segmenters,
+            batch_size=args.batch_size,
+            timing_samples=args.timing_samples,
+            repeats=args.repeats,
+            progress=not args.no_progress,
+            seg_rate=rates,
+        )
+    result["command"] = "python -m eval.stamp " + shlex.join(argv)
+    result["checkpoints"] = {k: str(v) for k, v in checkpoints.items()}
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
