@@ -21,7 +21,7 @@ import gradio as gr
 
 from core.config import list_presets
 from core.runtime import resolve_device
-from vlm.assistant import DECODING_METHODS, Assistant, ChatMessage, SamplingSettings
+from vlm.assistant import DECODING_METHODS, Assistant, ChatMessage, Reply, SamplingSettings
 from vlm.config import PolychromeConfig
 from vlm.examples import example_images
 
@@ -37,6 +37,7 @@ IMAGE_EXAMPLES = [  # (example image name, question)
     ("shapes-2", "What colour is the leftmost shape?"),
     ("astronaut", "What do you see in this picture?"),
 ]
+SEG_EXAMPLES = [("shapes-0", "Segment the largest red shape.")]  # shown when STAMP is loaded
 IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"]
 MAX_UPLOAD = "10mb"
 
@@ -108,6 +109,15 @@ def history_for_model(history: Sequence[dict[str, Any]]) -> list[ChatMessage]:
     return turns
 
 
+def reply_messages(reply: Reply) -> str | list[Any]:
+    """A Reply as ChatInterface output: its text, then its masks painted over their image."""
+    painted = reply.painted()
+    if painted is None:
+        return reply.text
+    # PNG: Gradio's default WebP would blur the mask edges.
+    return [reply.text, gr.Image(value=painted, format="png", show_label=False)]
+
+
 def make_respond(assistant: Assistant) -> Any:
     """The ChatInterface callback: stream the reply; failures become a message in the chat."""
 
@@ -118,7 +128,7 @@ def make_respond(assistant: Assistant) -> Any:
         temperature: float,
         seed: float,
         method: str = "default",
-    ) -> Iterator[str]:
+    ) -> Iterator[str | list[Any]]:
         turns = history_for_model(history)
         if isinstance(message, dict):  # the multimodal textbox: {"text": ..., "files": [...]}
             text = str(message.get("text") or "")
@@ -137,7 +147,8 @@ def make_respond(assistant: Assistant) -> Any:
                 seed=int(seed) if seed is not None and seed >= 0 else None,
                 method=str(method or "default"),
             )
-            yield from assistant.chat(turns, text, images=files or None, settings=settings)
+            for reply in assistant.respond(turns, text, images=files or None, settings=settings):
+                yield reply_messages(reply)
         except ValueError as err:
             text = str(err)
             for path in files:  # name the user's file, not where the server keeps it
@@ -164,8 +175,8 @@ def build_demo(
         gr.Markdown(
             f"# Polychrome\nPreset **{cfg.name}**: {cfg.description}  \n"
             "A frozen LLM that reads images through a trained projector. Upload an image "
-            "(or pick an example) and ask about it. Generation, retrieval and segmentation "
-            "come next."
+            "(or pick an example) and ask about it"
+            + (", or ask it to segment something in it (STAMP)." if assistant.stamp else ".")
         )
         with gr.Accordion("Decoding", open=False):
             max_new_tokens = gr.Slider(
@@ -193,7 +204,8 @@ def build_demo(
         if assistant.vlm is not None:
             paths = example_images(cfg.shapeworld)
             examples += [
-                [{"text": q, "files": [str(paths[name])]}, *knobs] for name, q in IMAGE_EXAMPLES
+                [{"text": q, "files": [str(paths[name])]}, *knobs]
+                for name, q in (*IMAGE_EXAMPLES, *(SEG_EXAMPLES if assistant.stamp else ()))
             ]
         examples += [[{"text": e, "files": []}, *knobs] for e in TEXT_EXAMPLES]
         gr.ChatInterface(

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["MAX_SIDE", "ImageError", "load_rgb", "to_rgb"]
+__all__ = ["MAX_SIDE", "ImageError", "load_rgb", "paint_labels", "to_rgb"]
 
 MAX_SIDE = 4096  # pixels, per side
 # PIL refuses files above ~179 MP as decompression bombs; we stop far earlier (MAX_SIDE^2).
@@ -135,3 +135,37 @@ def load_rgb(source: str | os.PathLike[str] | bytes | Image.Image | np.ndarray) 
         raise ImageError(f"{what}: {err}") from None
     except (OSError, SyntaxError) as err:
         raise ImageError(f"{what}: corrupt or truncated image ({err})") from None
+
+
+def paint_labels(
+    image: np.ndarray | Image.Image,
+    labels: np.ndarray,
+    alpha: float = 0.55,
+    legend: list[str] | None = None,
+) -> Image.Image:
+    """The image with each label > 0 painted in a fixed colour (0 untouched); for people to look at.
+
+    labels: (H, W) ints on the image's grid. Colours come from a seeded palette, so label k is the
+    same colour in every picture. legend: names of labels 1, 2, ... written in their colours in
+    the top-left corner.
+    """
+    rgb = np.asarray(to_rgb(image) if isinstance(image, Image.Image) else image)
+    if labels.shape != rgb.shape[:2]:
+        raise ValueError(
+            f"labels must be the image's (H, W) = {rgb.shape[:2]}, received {labels.shape}"
+        )
+    top = max(int(labels.max()), len(legend or ())) + 1
+    palette = np.random.default_rng(0).integers(40, 256, size=(top, 3))
+    out = rgb.astype(np.float32).copy()
+    fg = labels > 0
+    out[fg] = (1 - alpha) * out[fg] + alpha * palette[labels[fg]]
+    painted = Image.fromarray(out.round().astype(np.uint8))
+    if legend:
+        from PIL import ImageDraw
+
+        draw = ImageDraw.Draw(painted)
+        for k, name in enumerate(legend, start=1):
+            y = 2 + 12 * (k - 1)
+            draw.rectangle((2, y, 10, y + 8), fill=tuple(int(c) for c in palette[k]))
+            draw.text((13, y - 1), name, fill=(0, 0, 0))
+    return painted

@@ -39,7 +39,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from core.images import load_rgb
+from core.images import load_rgb, paint_labels
 from core.io import atomic_write_text
 from data.datasets import InstanceDataset, shapeworld_paths
 from eval.metrics import ConfusionMatrix, seen_unseen_miou
@@ -133,11 +133,7 @@ def evaluate_classifier(
 
 def overlay(image: np.ndarray, semantic: np.ndarray, alpha: float = 0.55) -> Image.Image:
     """The image with each predicted class painted in a fixed colour (background untouched)."""
-    palette = np.random.default_rng(0).integers(40, 256, size=(int(semantic.max()) + 1, 3))
-    out = image.astype(np.float32).copy()
-    fg = semantic > 0
-    out[fg] = (1 - alpha) * out[fg] + alpha * palette[semantic[fg]]
-    return Image.fromarray(out.round().astype(np.uint8))
+    return paint_labels(image, semantic, alpha)
 
 
 def _parse_adapters(items: list[str]) -> list[tuple[str, Path]]:

@@ -33,6 +33,7 @@ __all__ = [
     "METHODS",
     "MaskHead",
     "StampConfig",
+    "StampPresetConfig",
     "grid_targets",
     "mask_like_clip_input",
     "mask_pass_attention",
@@ -88,6 +89,14 @@ class StampConfig(Config):
         for name in ("lm_weight", "bce_weight", "dice_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, received {getattr(self, name)}")
+
+
+@dataclass
+class StampPresetConfig(Config):
+    """The "stamp" entry of a preset: where its trained STAMP model is (None = no segmentation
+    in the chat)."""
+
+    checkpoint: str | None = None  # a train.stamp final/ folder (it holds its VLM core too)
 
 
 class MaskHead(nn.Module):

@@ -72,26 +72,61 @@ def sharp_vlm():
     return sharpened_tiny_vlm()
 
 
-@pytest.fixture(scope="module")
-def demo_server():
-    """The demo on the sharpened tiny VLM, served on a free local port: (assistant, url).
-
-    Replies are greedy and at most 8 tokens long.
-    """
+def serve_demo(assistant):
+    """Serve the demo over `assistant` on a free local port; yields the URL, closes afterwards."""
     import socket
 
     import app
-    from vlm.assistant import Assistant, SamplingSettings
     from vlm.config import PolychromeConfig
 
-    vlm = sharpened_tiny_vlm()
-    settings = SamplingSettings(max_new_tokens=8)
-    assistant = Assistant(vlm.llm, vlm.tokenizer, vlm=vlm, default_settings=settings)
     demo = app.build_demo(assistant, PolychromeConfig.from_preset("tiny"))
     demo.queue(max_size=8)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    yield assistant, f"http://127.0.0.1:{port}/"
-    demo.close()
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+def chromium_page(url):
+    """A headless Chromium page (Playwright) open at `url`; yields it, closes the browser after.
+
+    Needs Debian's ``chromium`` (installed by .ci/run) or POLYCHROME_CHROMIUM set to a
+    Chromium/Chrome executable."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    path = os.environ.get("POLYCHROME_CHROMIUM") or shutil.which("chromium")
+    if not path:
+        pytest.fail(
+            "no Chromium found: install Debian's chromium (`apt-get install chromium`, as .ci/run "
+            "does) or set POLYCHROME_CHROMIUM to a Chromium executable"
+        )
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, headless=True)
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(url)
+        page.wait_for_selector("textarea", timeout=60_000)
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def demo_server():
+    """The demo on the sharpened tiny VLM, served on a free local port: (assistant, url).
+
+    Replies are greedy and at most 8 tokens long.
+    """
+    from vlm.assistant import Assistant, SamplingSettings
+
+    vlm = sharpened_tiny_vlm()
+    settings = SamplingSettings(max_new_tokens=8)
+    assistant = Assistant(vlm.llm, vlm.tokenizer, vlm=vlm, default_settings=settings)
+    for url in serve_demo(assistant):
+        yield assistant, url

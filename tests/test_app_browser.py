@@ -7,12 +7,11 @@ artifacts/screenshots/ (git-ignored) for a person to look at.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import chromium_page
 from PIL import Image
 
 import app
@@ -23,16 +22,6 @@ SHOTS = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
 SETTINGS = SamplingSettings(max_new_tokens=8)  # greedy
 
 
-def _chromium() -> str:
-    path = os.environ.get("POLYCHROME_CHROMIUM") or shutil.which("chromium")
-    if not path:
-        pytest.fail(
-            "no Chromium found: install Debian's chromium (`apt-get install chromium`, as .ci/run "
-            "does) or set POLYCHROME_CHROMIUM to a Chromium executable"
-        )
-    return path
-
-
 @pytest.fixture(scope="module")
 def server(demo_server):
     return demo_server
@@ -40,15 +29,7 @@ def server(demo_server):
 
 @pytest.fixture(scope="module")
 def page(server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=_chromium(), headless=True)
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
-        page.goto(server[1])
-        page.wait_for_selector("textarea", timeout=60_000)
-        yield page
-        browser.close()
+    yield from chromium_page(server[1])
 
 
 def _bot_messages(page) -> list[str]:

@@ -1,12 +1,15 @@
 """The Assistant: one chat turn in, a streamed reply out.
 
 It chats with the frozen LLM and, when built on a :class:`vlm.model.PolychromeVLM`, reads images
-attached to any user turn; GILL adds image outputs and STAMP adds masks through the same ``chat``
-call (they extend ``Assistant.chat``'s reply, a plain string today).
+attached to any user turn. With STAMP (:class:`vlm.stamp.StampVLM`) the model may answer a turn
+that has an image with ``<seg>``: the reply then carries a mask of the conversation's last image
+(``respond``; ``chat`` yields the text only). GILL's image outputs join ``Reply`` the same way.
 
     assistant = Assistant.from_config(PolychromeConfig.from_preset("shapes"))
     for partial in assistant.chat(history=[], message="What shapes are there?", images=[img]):
         print(partial)  # the reply so far, growing token by token
+    for reply in assistant.respond([], "Segment the red circle.", images=[img]):
+        reply.text, reply.masks  # masks: (H, W) bool arrays on reply.mask_image
 
 History turns are ``{"role": ..., "content": str, "images"?: [image, ...]}``; images are paths,
 bytes, PIL images or arrays (core.images.load_rgb converts them; bad ones raise ImageError, a
@@ -17,25 +20,31 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
+import numpy as np
+import numpy.typing as npt
 import torch
+from PIL import Image
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from core.config import project_path
+from core.images import load_rgb, paint_labels
 from lm.decoding import generate_with
 from lm.loading import LLMConfig, load_causal_lm
 from lm.streaming import stream_generate
 from vlm.config import PolychromeConfig
 from vlm.model import PolychromeVLM, VLMConfig
+from vlm.stamp import StampVLM
 
 __all__ = [
     "DECODING_METHODS",
     "MAX_MESSAGE_CHARS",
     "Assistant",
     "ChatMessage",
+    "Reply",
     "SamplingSettings",
 ]
 
@@ -80,6 +89,27 @@ class SamplingSettings:
             raise ValueError(f"top_p must be in (0, 1], received {self.top_p}")
 
 
+@dataclass
+class Reply:
+    """A reply so far: its text, and the masks it made (``<seg>``), each on ``mask_image``."""
+
+    text: str
+    masks: list[npt.NDArray[np.bool_]] = field(default_factory=list)
+    mask_image: Any = None  # the conversation's last image, as the user gave it
+
+    def painted(self) -> Image.Image | None:
+        """The masks painted over their image, with a legend naming each "mask k" as the text
+        does; None without masks."""
+        if not self.masks:
+            return None
+        image = np.asarray(load_rgb(self.mask_image))
+        labels = np.zeros(image.shape[:2], dtype=np.int64)
+        for k, mask in enumerate(self.masks, start=1):
+            labels[mask] = k
+        legend = [f"mask {k}" for k in range(1, len(self.masks) + 1)]
+        return paint_labels(image, labels, legend=legend)
+
+
 def _clean(text: str, what: str) -> str:
     if not isinstance(text, str):
         raise ValueError(f"{what} must be a string, received {type(text).__name__}")
@@ -104,6 +134,7 @@ class Assistant:
         max_context_tokens: int = 2048,
         default_settings: SamplingSettings | None = None,
         vlm: PolychromeVLM | None = None,
+        stamp: StampVLM | None = None,
     ) -> None:
         if tokenizer.chat_template is None:
             raise ValueError("the tokenizer has no chat template; the Assistant needs one")
@@ -115,6 +146,9 @@ class Assistant:
         if vlm is not None and (vlm.llm is not model or vlm.tokenizer is not tokenizer):
             raise ValueError("vlm must wrap the same model and tokenizer as the Assistant")
         self.vlm = vlm  # None: text only
+        if stamp is not None and stamp.vlm is not vlm:
+            raise ValueError("stamp must wrap the Assistant's vlm")
+        self.stamp = stamp  # None: no segmentation
         if vlm is not None:
             self._lock = vlm._lock  # one generation at a time on the shared LLM
         # One generate() at a time per model: the app's queue bounds concurrency, this guards
@@ -134,8 +168,14 @@ class Assistant:
 
     @classmethod
     def from_config(cls, cfg: PolychromeConfig, device: str = "cpu") -> Assistant:
-        """The preset's VLM (its trained checkpoint, else a random projector) as an Assistant."""
-        if cfg.vlm.checkpoint:
+        """The preset's VLM (its trained checkpoint, else a random projector) as an Assistant,
+        with STAMP when the preset names a STAMP checkpoint (its VLM core is then the one
+        saved with it)."""
+        stamp = None
+        if cfg.stamp.checkpoint:
+            stamp = StampVLM.from_pretrained(project_path(cfg.stamp.checkpoint), device=device)
+            vlm = stamp.vlm
+        elif cfg.vlm.checkpoint:
             vlm = PolychromeVLM.from_pretrained(project_path(cfg.vlm.checkpoint), device=device)
             if vlm.config.llm.source != cfg.llm.source:  # --llm override: same projector width?
                 raise ValueError(
@@ -152,6 +192,7 @@ class Assistant:
             max_context_tokens=cfg.llm.max_context_tokens,
             default_settings=SamplingSettings(max_new_tokens=cfg.llm.max_new_tokens),
             vlm=vlm,
+            stamp=stamp,
         )
 
     def build_messages(
@@ -209,6 +250,15 @@ class Assistant:
 
         The oldest exchanges (with their images) are dropped until the prompt fits the context.
         """
+        return self._fit(history, message, images)[1]
+
+    def _fit(
+        self,
+        history: Sequence[ChatMessage],
+        message: str,
+        images: Sequence[Any] | None = None,
+    ) -> tuple[list[ChatMessage], dict[str, torch.Tensor]]:
+        """(the messages that fit the context, their prompt batch); see `encode`."""
         messages = self.build_messages(history, message, images)
         first = 1 if messages[0]["role"] == "system" else 0
         while True:
@@ -225,7 +275,7 @@ class Assistant:
                 f"the message alone is {ids.shape[1]} tokens; the context limit is "
                 f"{self.max_context_tokens}"
             )
-        return batch
+        return messages, batch
 
     def _decode_with(self, batch: dict[str, torch.Tensor], settings: SamplingSettings) -> str:
         """The whole reply from one of lm.decoding's methods (text-only prompts)."""
@@ -254,14 +304,33 @@ class Assistant:
         images: Sequence[Any] | None = None,
         settings: SamplingSettings | None = None,
     ) -> Iterator[str]:
-        """Yield the reply so far after each decoded chunk; the last value is the whole reply.
+        """Yield the reply's text so far after each decoded chunk; the last value is the whole
+        reply. ``images`` belong to the new message (shown before its text, LLaVA's layout)."""
+        for reply in self.respond(history, message, images, settings):
+            yield reply.text
 
-        ``images`` belong to the new message (shown before its text, LLaVA's layout).
+    def respond(
+        self,
+        history: Sequence[ChatMessage],
+        message: str,
+        images: Sequence[Any] | None = None,
+        settings: SamplingSettings | None = None,
+    ) -> Iterator[Reply]:
+        """Like `chat`, with the masks: yields the Reply so far; the last one is the whole reply.
+
+        With STAMP and an image in the conversation, the model may emit ``<seg>``: its mask (of
+        the conversation's last image) is added to the reply, and ``[mask k]`` marks the place in
+        the text. STAMP decodes with its own loop (greedy, or sampling at the temperature; top-p
+        is not applied there).
         """
         settings = settings or self.default_settings
-        batch = self.encode(history, message, images)
+        messages, batch = self._fit(history, message, images)
         if settings.method != "default":
-            yield self._decode_with(batch, settings)
+            yield Reply(self._decode_with(batch, settings))
+            return
+        all_images = [im for m in messages for im in (m.get("images") or ())]
+        if self.stamp is not None and all_images:
+            yield from self._respond_stamp(messages, all_images[-1], settings)
             return
         gen_kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens}
         if settings.temperature > 0:
@@ -281,6 +350,24 @@ class Assistant:
         reply = ""
         for chunk in chunks:
             reply += chunk
-            yield reply
+            yield Reply(reply)
         if not reply:
-            yield reply
+            yield Reply(reply)
+
+    def _respond_stamp(
+        self, messages: list[ChatMessage], image: Any, settings: SamplingSettings
+    ) -> Iterator[Reply]:
+        assert self.stamp is not None
+        text, masks = "", []
+        thr = self.stamp.config.threshold
+        with self._lock:
+            stream = self.stamp.stream(
+                messages, settings.max_new_tokens, settings.temperature, settings.seed
+            )
+            for chunk, logits in stream:
+                if logits is not None:
+                    masks.append(logits > thr)
+                    chunk = f"[mask {len(masks)}]"
+                text += chunk
+                yield Reply(text, list(masks), image if masks else None)
+        yield Reply(text.strip(), list(masks), image if masks else None)

@@ -17,6 +17,7 @@ from core.config import Config, config_from_dict, load_preset_dict, preset_path,
 from data.shapeworld import ShapeWorldConfig
 from generation.diffusion import DiffusionPresetConfig
 from lm.loading import LLMConfig
+from segmentation.stamp import StampPresetConfig
 from vision.clip import ClipPresetConfig
 from vision.sam import SamPresetConfig
 from vlm.model import VLMPresetConfig
@@ -50,6 +51,7 @@ class PolychromeConfig(Config):
     sam: SamPresetConfig = field(default_factory=SamPresetConfig)
     diffusion: DiffusionPresetConfig = field(default_factory=DiffusionPresetConfig)
     vlm: VLMPresetConfig = field(default_factory=VLMPresetConfig)
+    stamp: StampPresetConfig = field(default_factory=StampPresetConfig)
 
     @classmethod
     def from_preset(cls, name: str) -> PolychromeConfig:
