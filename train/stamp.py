@@ -259,8 +259,40 @@ def main(argv: list[str] | None = None) -> int:
         "data": data_desc,
     }
     final = model.save_pretrained(args.out / "final", metadata=metadata, overwrite=True)
+    write_model_card(final, run_config, metadata)
     print(f"wrote {final} ({done} of {args.steps} steps, {minutes:.1f} min this run)")
     return 0
+
+
+def write_model_card(folder: Path, run_config: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """<folder>/MODEL_CARD.md: what was trained, how, on what; eval figures are added by hand."""
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    cfg = run_config["stamp"]
+    lines = [
+        f"# Referring segmentation, method `{cfg['method']}` (`StampVLM`, train/stamp.py)",
+        "",
+        f"On the frozen VLM core `{run_config['vlm']}` (its LLM, CLIP and projector unchanged). "
+        f"Trained: LoRA r={cfg['lora_rank']} on {cfg['lora_targets']} (active only while the "
+        "mask is made), the <seg>/<mask> rows, the <seg> output row, and the method's head.",
+        "",
+        "## Command",
+        "",
+        f"    {metadata['command']}",
+        "",
+        "## Run",
+        "",
+        *(f"- {k}: {v}" for k, v in run_config.items()),
+        *(f"- {k}: {v}" for k, v in metadata.items() if k not in run_config and k != "command"),
+        "",
+        "## Files (sha256, also in manifest.json)",
+        "",
+        *(
+            f"- {name}: {info['sha256']} ({info['bytes']} bytes)"
+            for name, info in manifest["files"].items()
+        ),
+        "",
+    ]
+    (folder / "MODEL_CARD.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 if __name__ == "__main__":
