@@ -14,6 +14,7 @@ Items are plain Python/numpy (PIL image, captions, masks); the scripts add their
 
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ __all__ = [
     "InstanceItem",
     "ReferringDataset",
     "ReferringItem",
+    "add_referring_arguments",
+    "referring_dataset_from_args",
     "shapeworld_paths",
 ]
 
@@ -258,3 +261,30 @@ class ReferringDataset:
     def from_shapeworld(cls, root: str | os.PathLike[str], split: str) -> ReferringDataset:
         paths = shapeworld_paths(root, split)
         return cls.from_refcoco(paths["images"], paths["refs"], paths["instances"])
+
+
+def add_referring_arguments(parser: argparse.ArgumentParser, default_split: str) -> None:
+    """The data options of a script over referring expressions: a ShapeWorld folder and split,
+    or a RefCOCO-style refs file with its instances file and image folder."""
+    src = parser.add_argument_group("data (--data, or --refs with --instances and --images)")
+    src.add_argument("--data", type=Path, help="a ShapeWorld folder")
+    src.add_argument("--split", default=default_split, help=f"ShapeWorld split ({default_split})")
+    src.add_argument("--refs", type=Path, help="RefCOCO-style refs JSON")
+    src.add_argument("--instances", type=Path, help="COCO instances JSON the refs point into")
+    src.add_argument("--images", type=Path, help="folder of the instances file's images")
+
+
+def referring_dataset_from_args(args: argparse.Namespace) -> tuple[ReferringDataset, str]:
+    """(dataset, one-line description) from `add_referring_arguments`' options; ValueError
+    (FileNotFoundError, FormatError) saying what is missing or wrong."""
+    refcoco = (args.refs, args.instances, args.images)
+    if args.data is not None and any(x is not None for x in refcoco):
+        raise ValueError("give --data or --refs/--instances/--images, not both")
+    if args.data is None and not all(x is not None for x in refcoco):
+        raise ValueError("give --data (ShapeWorld) or all three of --refs, --instances, --images")
+    if args.data is not None:
+        data = ReferringDataset.from_shapeworld(args.data, args.split)
+        return data, f"ShapeWorld {args.data} split {args.split}"
+    return ReferringDataset.from_refcoco(
+        args.images, args.refs, args.instances
+    ), f"refs {args.refs}"

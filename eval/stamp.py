@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from core.config import project_path
 from core.images import load_rgb
 from core.io import atomic_write_text
-from data.datasets import ReferringDataset, shapeworld_paths
+from data.datasets import ReferringDataset, add_referring_arguments, referring_dataset_from_args
 from eval.metrics import ciou, giou
 from segmentation.stamp import refine_with_sam
 from vision.sam import load_sam
@@ -74,12 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also score NAME's masks refined by SAM (row 'NAME + SAM')",
     )
     parser.add_argument("--sam", type=Path, default=None, help="SAM folder (default: preset's)")
-    src = parser.add_argument_group("data (--data, or --refs with --instances and --images)")
-    src.add_argument("--data", type=Path, help="a ShapeWorld folder")
-    src.add_argument("--split", default="test", help="ShapeWorld split (default test)")
-    src.add_argument("--refs", type=Path, help="RefCOCO-style refs JSON")
-    src.add_argument("--instances", type=Path, help="COCO instances JSON the refs point into")
-    src.add_argument("--images", type=Path, help="folder of the instances file's images")
+    add_referring_arguments(parser, default_split="test")
     parser.add_argument("--limit", type=int, default=None, help="first N expressions")
     parser.add_argument("--batch-size", type=int, default=8, help="expressions per forward")
     parser.add_argument(
@@ -219,11 +214,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.sam_refine:
         if name not in checkpoints:
             parser.error(f"--sam-refine {name}: no --checkpoint named {name!r}")
-    refcoco = (args.refs, args.instances, args.images)
-    if args.data is not None and any(x is not None for x in refcoco):
-        parser.error("give --data or --refs/--instances/--images, not both")
-    if args.data is None and not all(x is not None for x in refcoco):
-        parser.error("give --data (ShapeWorld) or all three of --refs, --instances, --images")
     for name in ("batch_size", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
@@ -231,14 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--limit must be >= 1, received {args.limit}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.data is not None:
-        try:
-            shapeworld_paths(args.data, args.split)
-        except FileNotFoundError as err:
-            parser.error(str(err))
-        data = ReferringDataset.from_shapeworld(args.data, args.split)
-    else:
-        data = ReferringDataset.from_refcoco(args.images, args.refs, args.instances)
+    try:
+        data, _ = referring_dataset_from_args(args)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
     if args.limit is not None:
         data.items = data.items[: args.limit]
     segmenters: dict[str, Segmenter] = {}

@@ -40,6 +40,7 @@ __all__ = [
     "resume_mismatches",
     "save_training_state",
     "trainable_state",
+    "write_model_card",
 ]
 
 
@@ -146,6 +147,42 @@ def resume_mismatches(
     return f"{Path(out) / 'last'} was trained with other settings: " + ", ".join(
         f"{k} {saved.get(k)!r} -> {run_config.get(k)!r}" for k in changed
     )
+
+
+def write_model_card(
+    folder: Path,
+    title: str,
+    intro: str,
+    run_config: dict[str, Any],
+    metadata: dict[str, Any],
+    skip: tuple[str, ...] = (),
+) -> None:
+    """<folder>/MODEL_CARD.md: title, what was trained, the command, the run's settings and the
+    files' sha256 (from manifest.json). Evaluation figures are added by hand."""
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    lines = [
+        f"# {title}",
+        "",
+        intro,
+        "",
+        "## Command",
+        "",
+        f"    {metadata['command']}",
+        "",
+        "## Run",
+        "",
+        *(f"- {k}: {v}" for k, v in run_config.items() if k not in skip),
+        *(f"- {k}: {v}" for k, v in metadata.items() if k not in run_config and k != "command"),
+        "",
+        "## Files (sha256, also in manifest.json)",
+        "",
+        *(
+            f"- {name}: {info['sha256']} ({info['bytes']} bytes)"
+            for name, info in manifest["files"].items()
+        ),
+        "",
+    ]
+    (folder / "MODEL_CARD.md").write_text("\n".join(lines), encoding="utf-8")
 
 
 def remove_training_state(out: str | os.PathLike[str]) -> None:

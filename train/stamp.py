@@ -31,8 +31,13 @@ from tqdm.auto import tqdm
 from core.config import project_path
 from core.runtime import resolve_device, seed_everything
 from data.conversations import DESCRIBE_PROMPTS, SHORT_ANSWER
-from data.datasets import ReferringDataset, shapeworld_paths
+from data.datasets import (
+    ReferringDataset,
+    add_referring_arguments,
+    referring_dataset_from_args,
+)
 from segmentation.stamp import METHODS, StampConfig
+from train import common
 from train.common import (
     batch_indices,
     cosine_with_warmup,
@@ -65,12 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--vlm", type=Path, default=None, help="VLM core checkpoint (default: the preset's)"
     )
-    src = parser.add_argument_group("data (--data, or --refs with --instances and --images)")
-    src.add_argument("--data", type=Path, help="a ShapeWorld folder")
-    src.add_argument("--split", default="train", help="ShapeWorld split (default train)")
-    src.add_argument("--refs", type=Path, help="RefCOCO-style refs JSON")
-    src.add_argument("--instances", type=Path, help="COCO instances JSON the refs point into")
-    src.add_argument("--images", type=Path, help="folder of the instances file's images")
+    add_referring_arguments(parser, default_split="train")
     parser.add_argument("--out", type=Path, required=True, help="run folder (last/, final/)")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps in all")
     parser.add_argument("--batch-size", type=int, default=8, help="segmentation requests per step")
@@ -101,16 +101,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    refcoco = (args.refs, args.instances, args.images)
-    if args.data is not None and any(x is not None for x in refcoco):
-        parser.error("give --data or --refs/--instances/--images, not both")
-    if args.data is None and not all(x is not None for x in refcoco):
-        parser.error("give --data (ShapeWorld) or all three of --refs, --instances, --images")
-    if args.data is not None:
-        try:
-            shapeworld_paths(args.data, args.split)
-        except FileNotFoundError as err:
-            parser.error(str(err))
     for name in ("steps", "batch_size", "save_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
@@ -122,16 +112,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
     if args.resume and not (args.out / "last").is_dir():
         parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
-
-
-def load_dataset(args: argparse.Namespace) -> tuple[ReferringDataset, str]:
-    if args.data is not None:
-        return ReferringDataset.from_shapeworld(args.data, args.split), (
-            f"ShapeWorld {args.data} split {args.split}"
-        )
-    return ReferringDataset.from_refcoco(args.images, args.refs, args.instances), (
-        f"refs {args.refs}"
-    )
 
 
 def build_model(
@@ -177,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    try:
+        data, data_desc = referring_dataset_from_args(args)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
     command = "python -m train.stamp " + shlex.join(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -192,7 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     seed_everything(args.seed)
     model = build_model(preset, args.vlm, cfg, device)
-    data, data_desc = load_dataset(args)
     print(
         f"{len(data)} referring expressions from {data_desc}; mask grid {model.mask_grid}, "
         f"{model.vlm.tokens_per_image} visual tokens"
@@ -266,33 +249,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_model_card(folder: Path, run_config: dict[str, Any], metadata: dict[str, Any]) -> None:
     """<folder>/MODEL_CARD.md: what was trained, how, on what; eval figures are added by hand."""
-    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     cfg = run_config["stamp"]
-    lines = [
-        f"# Referring segmentation, method `{cfg['method']}` (`StampVLM`, train/stamp.py)",
-        "",
+    title = f"Referring segmentation, method `{cfg['method']}` (`StampVLM`, train/stamp.py)"
+    intro = (
         f"On the frozen VLM core `{run_config['vlm']}` (its LLM, CLIP and projector unchanged). "
         f"Trained: LoRA r={cfg['lora_rank']} on {cfg['lora_targets']} (active only while the "
-        "mask is made), the <seg>/<mask> rows, the <seg> output row, and the method's head.",
-        "",
-        "## Command",
-        "",
-        f"    {metadata['command']}",
-        "",
-        "## Run",
-        "",
-        *(f"- {k}: {v}" for k, v in run_config.items()),
-        *(f"- {k}: {v}" for k, v in metadata.items() if k not in run_config and k != "command"),
-        "",
-        "## Files (sha256, also in manifest.json)",
-        "",
-        *(
-            f"- {name}: {info['sha256']} ({info['bytes']} bytes)"
-            for name, info in manifest["files"].items()
-        ),
-        "",
-    ]
-    (folder / "MODEL_CARD.md").write_text("\n".join(lines), encoding="utf-8")
+        "mask is made), the <seg>/<mask> rows, the <seg> output row, and the method's head."
+    )
+    common.write_model_card(folder, title, intro, run_config, metadata)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from core.checkpoint import load_checkpoint
 from core.runtime import resolve_device, seed_everything
 from data.conversations import caption_conversation, instruct_conversation, read_chat_records
 from data.datasets import shapeworld_paths
+from train import common
 from train.common import (
     batch_indices,
     cosine_with_warmup,
@@ -285,34 +286,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_model_card(folder: Path, run_config: dict[str, Any], metadata: dict[str, Any]) -> None:
     """<folder>/MODEL_CARD.md: what was trained, how, on what; eval figures are added by hand."""
-    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     vlm = run_config["vlm"]
-    lines = [
-        "# VLM projector (`PolychromeVLM`)",
-        "",
+    intro = (
         f"Frozen LLM `{vlm['llm']['source']}`, frozen CLIP `{vlm['vision']['model']}` "
         f"(`{vlm['vision']['checkpoint']}`); trained: the projector (patch merge "
         f"{vlm['projector']['merge']}x{vlm['projector']['merge']}, 2-layer MLP) and the added "
-        f"token rows {vlm['added_tokens']}.",
-        "",
-        "## Command",
-        "",
-        f"    {metadata['command']}",
-        "",
-        "## Run",
-        "",
-        *(f"- {k}: {v}" for k, v in run_config.items() if k != "vlm"),
-        *(f"- {k}: {v}" for k, v in metadata.items() if k not in run_config and k != "command"),
-        "",
-        "## Files (sha256, also in manifest.json)",
-        "",
-        *(
-            f"- {name}: {info['sha256']} ({info['bytes']} bytes)"
-            for name, info in manifest["files"].items()
-        ),
-        "",
-    ]
-    (folder / "MODEL_CARD.md").write_text("\n".join(lines), encoding="utf-8")
+        f"token rows {vlm['added_tokens']}."
+    )
+    common.write_model_card(
+        folder, "VLM projector (`PolychromeVLM`)", intro, run_config, metadata, skip=("vlm",)
+    )
 
 
 def _plot_curve(curve: Path, png: Path, align_steps: int) -> None:
