@@ -45,6 +45,7 @@ from data.datasets import InstanceDataset, shapeworld_paths
 from eval.metrics import ConfusionMatrix, seen_unseen_miou
 from segmentation.mask_adapter import load_adapter
 from segmentation.open_vocab import (
+    EnsembleSegmenter,
     OpenVocabSegmenter,
     load_mask_lists,
     parse_vocabulary,
@@ -70,7 +71,7 @@ def drop_background_masks(masks: np.ndarray, max_fraction: float = MAX_MASK_FRAC
 
 
 def evaluate_classifier(
-    segmenter: OpenVocabSegmenter,
+    segmenter: OpenVocabSegmenter | EnsembleSegmenter,
     dataset: InstanceDataset,
     semantic_dir: Path | None,
     proposals: list[np.ndarray] | None,
@@ -198,6 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument(
         "--no-baselines", action="store_true", help="evaluate the --adapter rows only"
     )
+    bench.add_argument(
+        "--ensemble",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also evaluate adapter NAME in FC-CLIP's geometric ensemble with the masked-crop "
+        "CLIP classifier (seen classes = the split's classes not flagged unseen)",
+    )
+    bench.add_argument("--ensemble-alpha", type=float, default=0.4, help="CLIP weight, seen")
+    bench.add_argument("--ensemble-beta", type=float, default=0.8, help="CLIP weight, unseen")
     bench.add_argument("--json", type=Path)
     bench.add_argument("--markdown", type=Path)
     parser.add_argument("--no-progress", action="store_true")
@@ -266,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             cache.parent.mkdir(parents=True, exist_ok=True)
             save_mask_lists(cache, proposals)
     results: dict[str, dict[str, Any]] = {}
-    configs: list[tuple[str, OpenVocabSegmenter]] = []
+    configs: list[tuple[str, OpenVocabSegmenter | EnsembleSegmenter]] = []
     if not args.no_baselines:
         configs += [
             (
@@ -279,9 +290,22 @@ def main(argv: list[str] | None = None) -> int:
         (name, OpenVocabSegmenter(clip, tokenizer, adapter=load_adapter(path)))
         for name, path in adapters
     ]
-    for name, seg in configs:
+    for name in args.ensemble:
+        path = dict(adapters).get(name)
+        if path is None:
+            parser.error(f"--ensemble {name}: no --adapter named {name!r}")
+        seen = [n for n in dataset.category_names.values() if n not in dataset.unseen]
+        inner = OpenVocabSegmenter(clip, tokenizer, adapter=load_adapter(path))
+        outer = OpenVocabSegmenter(clip, tokenizer, preprocess=preprocess, crops=True)
+        configs.append(
+            (
+                f"{name} x masked crops (geometric ensemble)",
+                EnsembleSegmenter(inner, outer, seen, args.ensemble_alpha, args.ensemble_beta),
+            )
+        )
+    for name, classifier in configs:
         results[name] = evaluate_classifier(
-            seg, dataset, semantic_dir, proposals, n, progress, desc=name
+            classifier, dataset, semantic_dir, proposals, n, progress, desc=name
         )
     source = "SAM" if cache is None else f"{cache.name}"
     table = _markdown(results, n, args.split, source)

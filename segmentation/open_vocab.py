@@ -52,9 +52,11 @@ from vision.sam import AMG_SETTINGS
 
 __all__ = [
     "POOLING_VOID_LOGIT",
+    "EnsembleSegmenter",
     "OpenVocabSegmenter",
     "Segment",
     "SegmentationResult",
+    "geometric_ensemble",
     "instance_inference",
     "load_mask_lists",
     "mask_probabilities",
@@ -275,6 +277,62 @@ class OpenVocabSegmenter:
             instances=instance_inference(masks, probs, min_score),
             seconds={"proposals": t1 - t0, "classify": t2 - t1},
         )
+
+
+def geometric_ensemble(
+    p_in: np.ndarray,
+    p_out: np.ndarray,
+    seen: np.ndarray,
+    alpha: float = 0.4,
+    beta: float = 0.8,
+) -> np.ndarray:
+    """FC-CLIP's geometric ensemble (which Mask-Adapter evaluates with) of two (M, C + 1) class
+    probabilities, void last: an in-vocabulary classifier trained on the seen classes (the
+    adapter) and the frozen CLIP's out-of-vocabulary one. Class c gets
+    p_in^(1 - a) * p_out^a with a = alpha for seen classes, beta for unseen ones (FC-CLIP's 0.4
+    and 0.8: trust CLIP more where the trained head never saw the class); void takes the seen
+    weight. Rows are renormalised to sum to 1.
+    """
+    if p_in.shape != p_out.shape or p_in.shape[1] != len(seen) + 1:
+        raise ValueError(
+            f"expected two (M, C + 1) arrays and C = {len(seen)} seen flags, received "
+            f"{p_in.shape} and {p_out.shape}"
+        )
+    for name, v in (("alpha", alpha), ("beta", beta)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], received {v}")
+    a = np.append(np.where(seen, alpha, beta), alpha)  # (C + 1,)
+    eps = 1e-12
+    p = np.exp((1 - a) * np.log(p_in + eps) + a * np.log(p_out + eps))
+    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+class EnsembleSegmenter:
+    """Two mask classifiers in a geometric ensemble (`geometric_ensemble`): ``inner`` is the
+    in-vocabulary one, trained on the classes named in ``seen``; ``outer`` the frozen CLIP one."""
+
+    def __init__(
+        self,
+        inner: OpenVocabSegmenter,
+        outer: OpenVocabSegmenter,
+        seen: Sequence[str],
+        alpha: float = 0.4,
+        beta: float = 0.8,
+    ) -> None:
+        self.inner, self.outer = inner, outer
+        self.seen = set(seen)
+        self.alpha, self.beta = alpha, beta
+
+    def classify_masks(
+        self, image: np.ndarray, masks: np.ndarray, vocabulary: Sequence[str]
+    ) -> np.ndarray:
+        """(M, C + 1) probabilities of masks (M, H, W); last column = void."""
+        p_in = self.inner.classify_masks(image, masks, vocabulary)
+        if len(masks) == 0:
+            return p_in
+        p_out = self.outer.classify_masks(image, masks, vocabulary)
+        seen = np.array([v in self.seen for v in vocabulary], dtype=bool)
+        return geometric_ensemble(p_in, p_out, seen, self.alpha, self.beta)
 
 
 def save_mask_lists(path: str | os.PathLike[str], masks: Sequence[np.ndarray]) -> None:

@@ -94,10 +94,16 @@ def test_eval_benchmark_and_one_image_with_any_vocabulary(world, stage1, tmp_pat
     out = tmp_path / "r.json"
     argv = ["--data", str(world["data"]), "--limit", "3", *_models(world), "--no-progress"]
     argv += ["--adapter", f"s1={stage1 / 'final'}", "--json", str(out)]
-    argv += ["--proposals", str(tmp_path / "p.npz")]
+    argv += ["--proposals", str(tmp_path / "p.npz"), "--ensemble", "s1"]
     assert eval_main(argv) == 0
     report = json.loads(out.read_text())
-    assert set(report["results"]) == {"masked crops (two-stage reference)", "mask pooling", "s1"}
+    ensemble = "s1 x masked crops (geometric ensemble)"
+    assert set(report["results"]) == {
+        "masked crops (two-stage reference)",
+        "mask pooling",
+        "s1",
+        ensemble,
+    }
     for r in report["results"].values():
         assert 0 <= r["gt_mask_acc_seen"] <= 1 and "miou_harmonic" in r
     assert (tmp_path / "p.npz").is_file()
@@ -131,3 +137,22 @@ def test_background_masks_are_dropped():
     masks[2, :2, :2] = True
     assert len(drop_background_masks(masks)) == 2
     assert drop_background_masks(masks[:0]).shape == (0, 10, 10)
+
+
+def test_geometric_ensemble_matches_hand_computation():
+    from segmentation.open_vocab import geometric_ensemble
+
+    p_in = np.array([[0.5, 0.3, 0.2]])  # seen class, unseen class, void
+    p_out = np.array([[0.2, 0.6, 0.2]])
+    raw = [0.5**0.6 * 0.2**0.4, 0.3**0.2 * 0.6**0.8, 0.2**0.6 * 0.2**0.4]
+    got = geometric_ensemble(p_in, p_out, np.array([True, False]), alpha=0.4, beta=0.8)
+    np.testing.assert_allclose(got[0], np.array(raw) / sum(raw), rtol=1e-5)
+    # alpha = beta = 0 is the in-vocabulary classifier alone, 1 the CLIP one alone
+    np.testing.assert_allclose(
+        geometric_ensemble(p_in, p_out, np.array([True, False]), 0, 0), p_in, rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        geometric_ensemble(p_in, p_out, np.array([True, False]), 1, 1), p_out, rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="seen flags"):
+        geometric_ensemble(p_in, p_out, np.array([True]))
