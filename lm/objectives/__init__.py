@@ -5,6 +5,8 @@
   SFT (MEAPSFTCollator: a masked copy of each long-answer example); ensure_mask_token.
 - ``ernie_gram``: ERNIE-Gram for bidirectional encoders: t-test n-gram lexicon, explicit n-gram
   masking (ErnieGramCollator), ErnieGramForPretraining (coarse + fine heads, generator).
+- ``mlm``: the masked-LM baselines ERNIE-Gram is compared with: BERT token masking and SpanBERT
+  contiguous span masking (SpanMaskingCollator).
 
 Collators take an optional ``torch.Generator``: a training loop that seeds it from (seed, step)
 draws the same masks again when it resumes.
@@ -32,6 +34,7 @@ from lm.objectives.meap import (
     meap_mask_positions,
     meap_sft_examples,
 )
+from lm.objectives.mlm import MLMBatch, SpanMaskingCollator, span_mask_positions
 from lm.objectives.ntp import IGNORE_INDEX, NTPCollator, pad_sequences
 
 __all__ = [
@@ -46,9 +49,11 @@ __all__ = [
     "MEAPBatch",
     "MEAPCollator",
     "MEAPSFTCollator",
+    "MLMBatch",
     "NGramLexicon",
     "NTPCollator",
     "SFTExample",
+    "SpanMaskingCollator",
     "build_ngram_lexicon",
     "ensure_mask_token",
     "meap_mask_positions",
@@ -56,4 +61,5 @@ __all__ = [
     "ngram_t_scores",
     "pad_sequences",
     "sample_from_logits",
+    "span_mask_positions",
 ]
