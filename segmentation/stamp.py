@@ -73,11 +73,18 @@ class StampConfig(Config):
     bce_weight: float = 0.3
     dice_weight: float = 0.7
     threshold: float = 0.0  # logit above which a pixel is foreground
+    # Side of the square the mask logits are upsampled to (bilinear) before the loss, 0 = the
+    # grid itself (the paper). ShapeWorld's objects cover 1-2 cells of the 8x8 grid: on the grid,
+    # a cell half covered asks for probability 0.5 and no cell passes the threshold, so the loss
+    # is taken on what inference thresholds, the upsampled logits, at 4x the grid.
+    loss_resolution: int = 32
     sam: SamPresetConfig = field(default_factory=SamPresetConfig)  # the "lisa" method's SAM
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, received {self.method!r}")
+        if self.loss_resolution < 0:
+            raise ValueError(f"loss_resolution must be >= 0, received {self.loss_resolution}")
         if not 0 <= self.mask_merge <= 16:
             raise ValueError(f"mask_merge must be in [0, 16], received {self.mask_merge}")
         if self.lora_rank < 1:
@@ -144,10 +151,15 @@ def grid_targets(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     return pooled.flatten(1)
 
 
-def stamp_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def stamp_losses(
+    logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1e-3
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, N) logits and (B, N) targets in [0, 1] -> (BCE, Dice), each a mean over the batch.
 
-    Dice is LISA's / STAMP's soft form per sample: 1 - (2 sum(p t) + 1) / (sum p + sum t + 1).
+    Dice is LISA's soft form per sample: 1 - (2 sum(p t) + s) / (sum p + sum t + s); LISA's
+    code divides the sums by 1000 and adds 1e-6, which is s = 1e-3 in these units. (A smoothing
+    of 1 would swamp objects that cover one or two cells: predicting nothing would then cost
+    little.)
     """
     if logits.shape != targets.shape:
         raise ValueError(
@@ -157,7 +169,7 @@ def stamp_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     logits = logits.float()
     bce = F.binary_cross_entropy_with_logits(logits, targets)
     p = logits.sigmoid()
-    dice = 1 - (2 * (p * targets).sum(-1) + 1) / (p.sum(-1) + targets.sum(-1) + 1)
+    dice = 1 - (2 * (p * targets).sum(-1) + smooth) / (p.sum(-1) + targets.sum(-1) + smooth)
     return bce, dice.mean()
 
 

@@ -503,7 +503,13 @@ class StampVLM(nn.Module):
             grid = grid_targets(clip_masks, self.mask_grid).to(kv.device)
             if cfg.method == "stamp":
                 patch_logits = self.mask_pass(mask_feats[last_image[:b]], kv, cache)
-                bce, dice = stamp_losses(patch_logits, grid)
+                if cfg.loss_resolution:
+                    side = (cfg.loss_resolution, cfg.loss_resolution)
+                    up = upsample_logits(patch_logits, self.mask_grid, side).flatten(1)
+                    fine = grid_targets(clip_masks, side).to(up.device)
+                    bce, dice = stamp_losses(up, fine)
+                else:
+                    bce, dice = stamp_losses(patch_logits, grid)
             else:
                 label_logits = self._label_pass(kv, cache, (grid > 0.5).long())
                 bce = F.cross_entropy(label_logits.flatten(0, 1), (grid > 0.5).long().flatten())
