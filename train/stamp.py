@@ -26,9 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from core.config import project_path
+from core.io import atomic_write_text
 from core.runtime import resolve_device, seed_everything
 from data.conversations import DESCRIBE_PROMPTS, SHORT_ANSWER
 from data.datasets import (
@@ -174,12 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     overrides["sam"] = preset.sam.to_dict()  # the lisa baseline's SAM: the preset's
     cfg = StampConfig.from_dict({**StampConfig().to_dict(), **overrides}, source="arguments")
     device = resolve_device(args.device)
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    device = accelerator.device
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if args.batch_size % world or args.negatives % world:
+        parser.error(
+            f"--batch-size {args.batch_size} and --negatives {args.negatives} are global: each "
+            f"must divide over the {world} processes"
+        )
     seed_everything(args.seed)
     model = build_model(preset, args.vlm, cfg, device)
-    print(
-        f"{len(data)} referring expressions from {data_desc}; mask grid {model.mask_grid}, "
-        f"{model.vlm.tokens_per_image} visual tokens"
-    )
+    if accelerator.is_main_process:
+        print(
+            f"{len(data)} referring expressions from {data_desc}; mask grid {model.mask_grid}, "
+            f"{model.vlm.tokens_per_image} visual tokens; {world} process(es), "
+            f"{args.batch_size // world} requests each per step"
+        )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     warmup = args.warmup if args.warmup is not None else max(1, args.steps * 3 // 100)
@@ -202,37 +214,68 @@ def main(argv: list[str] | None = None) -> int:
         start = load_training_state(args.out, model, optimizer, scheduler)
         print(f"resumed from {args.out / 'last'} at step {start}")
     model.train()
+    # Data parallel: each process takes its slice of the global batch; DDP averages gradients,
+    # so N processes take the steps one process takes with the whole batch.
+    ddp, optimizer = accelerator.prepare(model, optimizer)
+    main_process = accelerator.is_main_process
     args.out.mkdir(parents=True, exist_ok=True)
-    log = (args.out / "loss.jsonl").open("a", encoding="utf-8")
+    curve = args.out / "loss.jsonl"
+    if main_process:  # rows logged after the state we resume from are dropped
+        rows = curve.read_text(encoding="utf-8").splitlines() if curve.is_file() else []
+        kept = [r for r in rows if json.loads(r)["step"] <= start]
+        atomic_write_text(curve, "".join(r + "\n" for r in kept))
     batches = batch_indices(len(data), args.batch_size, args.seed, start)
     stop = args.stop_at or args.steps
-    bar = tqdm(total=stop, initial=start, desc="train stamp", unit="step", disable=args.no_progress)
+    bar = tqdm(
+        total=stop,
+        initial=start,
+        desc="train stamp",
+        unit="step",
+        disable=args.no_progress or not main_process,
+    )
+    per_rank, neg_per_rank = args.batch_size // world, args.negatives // world
     began = time.monotonic()
     done = start
     for step in range(start, stop):
         prompts, masks, others = batch_for(data, next(batches), step, args.seed, args.negatives)
+        part = slice(rank * per_rank, (rank + 1) * per_rank)
+        others = others[rank * neg_per_rank : (rank + 1) * neg_per_rank]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            losses = model.training_losses(prompts, masks, others)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+            losses = ddp(prompts[part], masks[part], others)
+        accelerator.backward(losses["loss"])
+        accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        row = {k: round(float(v.detach()), 5) for k, v in losses.items()}
-        log.write(json.dumps({"step": step + 1, **row}) + "\n")
-        log.flush()
+        mean = {k: accelerator.reduce(v.detach(), "mean") for k, v in losses.items()}
+        row = {k: round(float(v), 5) for k, v in mean.items()}
+        if main_process:
+            with curve.open("a", encoding="utf-8") as log:
+                log.write(json.dumps({"step": step + 1, **row}) + "\n")
         bar.set_postfix(row)
         bar.update(1)
         done = step + 1
         elapsed = time.monotonic() - began
-        out_of_time = args.max_minutes is not None and elapsed > 60 * args.max_minutes
+        # one decision for every process, or they would wait for each other forever
+        out_of_time = bool(
+            accelerator.reduce(
+                torch.tensor(
+                    float(args.max_minutes is not None and elapsed > 60 * args.max_minutes),
+                    device=device,
+                ),
+                "max",
+            )
+        )
         if done % args.save_every == 0 or done == stop or out_of_time:
-            save_training_state(args.out, model, optimizer, scheduler, done, run_config)
+            accelerator.wait_for_everyone()
+            if main_process:
+                save_training_state(args.out, model, optimizer, scheduler, done, run_config)
         if out_of_time:
             print(f"--max-minutes {args.max_minutes} reached after step {done}")
             break
     bar.close()
-    log.close()
+    if not main_process:
+        return 0
     minutes = (time.monotonic() - began) / 60
     metadata = {
         "command": command,

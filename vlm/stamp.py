@@ -517,6 +517,15 @@ class StampVLM(nn.Module):
         loss = cfg.lm_weight * lm_total + cfg.bce_weight * bce + cfg.dice_weight * dice
         return {"loss": loss, "lm": lm_total.detach(), "bce": bce.detach(), "dice": dice.detach()}
 
+    def forward(
+        self,
+        seg_prompts: Sequence[Sequence[dict[str, Any]]],
+        masks: Sequence[npt.ArrayLike],
+        other_prompts: Sequence[Sequence[dict[str, Any]]] = (),
+    ) -> dict[str, torch.Tensor]:
+        """`training_losses`, as the module's forward (what DistributedDataParallel wraps)."""
+        return self.training_losses(seg_prompts, masks, other_prompts)
+
     def _batch(
         self, prompts: Sequence[Sequence[dict[str, Any]]]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[Any]]:
