@@ -32,7 +32,10 @@ import torch.nn.functional as F
 __all__ = [
     "ConfusionMatrix",
     "ciou",
+    "ciou_from_counts",
     "giou",
+    "giou_from_counts",
+    "intersection_union",
     "macro_f1",
     "mask_iou",
     "perplexity",
@@ -282,13 +285,7 @@ def ciou(preds: Sequence[npt.ArrayLike], targets: Sequence[npt.ArrayLike]) -> fl
     samples but pred i and target i must match. Large objects weigh more than in `giou`.
     Returns 1.0 if the total union is 0 (every mask empty).
     """
-    _check_pairs(preds, targets)
-    total_inter = total_union = 0
-    for i, (pred, target) in enumerate(zip(preds, targets, strict=True)):
-        inter, union = _intersection_union(pred, target, index=i)
-        total_inter += inter
-        total_union += union
-    return 1.0 if total_union == 0 else total_inter / total_union
+    return ciou_from_counts(_pair_counts(preds, targets))
 
 
 def giou(preds: Sequence[npt.ArrayLike], targets: Sequence[npt.ArrayLike]) -> float:
@@ -298,12 +295,38 @@ def giou(preds: Sequence[npt.ArrayLike], targets: Sequence[npt.ArrayLike]) -> fl
     shape. Empty prediction vs empty target scores 1.0, so no-target expressions (gRefCOCO)
     reward predicting nothing; empty prediction vs non-empty target scores 0.0.
     """
+    return giou_from_counts(_pair_counts(preds, targets))
+
+
+def intersection_union(pred: npt.ArrayLike, target: npt.ArrayLike) -> tuple[int, int]:
+    """(|pred ∩ target|, |pred ∪ target|) of one mask pair: what cIoU and gIoU are made of, so
+    that shards of a dataset can be scored apart and merged (`ciou_from_counts`)."""
+    return _intersection_union(pred, target)
+
+
+def ciou_from_counts(counts: Sequence[tuple[int, int]]) -> float:
+    """`ciou` from per-sample (intersection, union) pairs."""
+    if len(counts) == 0:
+        raise ValueError("no samples; need at least one (intersection, union) pair")
+    total_union = sum(u for _, u in counts)
+    return 1.0 if total_union == 0 else sum(i for i, _ in counts) / total_union
+
+
+def giou_from_counts(counts: Sequence[tuple[int, int]]) -> float:
+    """`giou` from per-sample (intersection, union) pairs."""
+    if len(counts) == 0:
+        raise ValueError("no samples; need at least one (intersection, union) pair")
+    return float(np.mean([1.0 if u == 0 else i / u for i, u in counts]))
+
+
+def _pair_counts(
+    preds: Sequence[npt.ArrayLike], targets: Sequence[npt.ArrayLike]
+) -> list[tuple[int, int]]:
     _check_pairs(preds, targets)
-    ious = []
-    for i, (pred, target) in enumerate(zip(preds, targets, strict=True)):
-        inter, union = _intersection_union(pred, target, index=i)
-        ious.append(1.0 if union == 0 else inter / union)
-    return float(np.mean(ious))
+    return [
+        _intersection_union(p, t, index=i)
+        for i, (p, t) in enumerate(zip(preds, targets, strict=True))
+    ]
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,10 @@ often the model opens its reply with ``<seg>`` by itself. cIoU (total intersecti
 union) and gIoU (mean per-sample IoU), overall and by expression type. Time: seconds per sample
 at batch 1, every method on the same sample in turn (interleaved, so load on the machine hits
 them alike), median over ``--timing-samples`` x ``--repeats``.
+
+Under ``accelerate launch --multi_gpu --num_processes N`` the expressions are split over the N
+processes and their per-sample counts gathered: the metrics are the whole set's, the same as one
+process gives (tests/test_scaling.py).
 """
 
 from __future__ import annotations
@@ -34,13 +38,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from core.config import project_path
 from core.images import load_rgb
 from core.io import atomic_write_text
 from data.datasets import ReferringDataset, add_referring_arguments, referring_dataset_from_args
-from eval.metrics import ciou, giou
+from eval.metrics import ciou_from_counts, giou_from_counts, intersection_union
 from segmentation.stamp import refine_with_sam
 from vision.sam import load_sam
 from vlm.config import PolychromeConfig
@@ -110,11 +116,20 @@ def evaluate(
     repeats: int = 3,
     progress: bool = True,
     seg_rate: dict[str, Callable[[list[Prompt]], list[bool]]] | None = None,
+    shard: tuple[int, int] = (0, 1),
+    gather: Callable[[list[Any]], list[Any]] | None = None,
 ) -> dict[str, Any]:
-    """Score every segmenter on every item of `data`; see the module docstring."""
+    """Score every segmenter on every item of `data`; see the module docstring.
+
+    shard = (rank, world): this process scores items rank, rank + world, ...; `gather` (e.g.
+    accelerate's gather_object) collects every process's per-sample counts, so the metrics are
+    the whole dataset's on every process. Timing runs on the samples of shard 0 only.
+    """
     if len(data) == 0:
         raise ValueError("no referring expressions to evaluate")
-    items = [data[i] for i in range(len(data))]
+    rank, world = shard
+    mine = list(range(rank, len(data), world))
+    items = [data[i] for i in mine]
     prompts: list[Prompt] = [
         [
             {
@@ -125,43 +140,52 @@ def evaluate(
         ]
         for it in items
     ]
-    types = sorted({it.expression_type for it in items})
-    results: dict[str, Any] = {"samples": len(items), "methods": {}}
+    # per sample: (dataset index, expression type, {method: (intersection, union)}, {method: seg})
+    rows: list[tuple[int, str, dict[str, tuple[int, int]], dict[str, bool]]] = [
+        (i, it.expression_type, {}, {}) for i, it in zip(mine, items, strict=True)
+    ]
     for name, segment in segmenters.items():
-        preds: list[npt.NDArray[np.bool_]] = []
         bar = tqdm(total=len(items), desc=f"eval {name}", unit="expr", disable=not progress)
         for start in range(0, len(items), batch_size):
             chunk = prompts[start : start + batch_size]
-            preds += [logits > 0 for logits in segment(chunk)]
+            for k, logits in enumerate(segment(chunk)):
+                row = rows[start + k]
+                row[2][name] = intersection_union(logits > 0, items[start + k].mask)
+            if seg_rate and name in seg_rate:
+                for k, chosen in enumerate(seg_rate[name](chunk)):
+                    rows[start + k][3][name] = bool(chosen)
             bar.update(len(chunk))
         bar.close()
-        targets = [it.mask for it in items]
-        row: dict[str, Any] = {
-            "cIoU": ciou(preds, targets),
-            "gIoU": giou(preds, targets),
+    if gather is not None:
+        rows = sorted(gather(rows), key=lambda r: r[0])
+    results: dict[str, Any] = {"samples": len(rows), "methods": {}}
+    types = sorted({r[1] for r in rows})
+    for name in segmenters:
+        counts = [r[2][name] for r in rows]
+        entry: dict[str, Any] = {
+            "cIoU": ciou_from_counts(counts),
+            "gIoU": giou_from_counts(counts),
             "by_type": {},
         }
         for kind in types:
-            idx = [i for i, it in enumerate(items) if it.expression_type == kind]
-            row["by_type"][kind or "untyped"] = {
-                "n": len(idx),
-                "cIoU": ciou([preds[i] for i in idx], [targets[i] for i in idx]),
-                "gIoU": giou([preds[i] for i in idx], [targets[i] for i in idx]),
+            sub = [r[2][name] for r in rows if r[1] == kind]
+            entry["by_type"][kind or "untyped"] = {
+                "n": len(sub),
+                "cIoU": ciou_from_counts(sub),
+                "gIoU": giou_from_counts(sub),
             }
         if seg_rate and name in seg_rate:
-            chosen: list[bool] = []
-            for start in range(0, len(items), batch_size):
-                chosen += seg_rate[name](prompts[start : start + batch_size])
-            row["seg_rate"] = float(np.mean(chosen))
-        results["methods"][name] = row
-    # Timing: batch 1, the methods in turn on each sample.
+            entry["seg_rate"] = float(np.mean([r[3][name] for r in rows]))
+        results["methods"][name] = entry
+    # Timing: batch 1, the methods in turn on each sample (shard 0's samples).
     times: dict[str, list[float]] = {name: [] for name in segmenters}
-    for i in range(min(timing_samples, len(items))):
-        for _ in range(repeats):
-            for name, segment in segmenters.items():
-                began = time.perf_counter()
-                segment([prompts[i]])
-                times[name].append(time.perf_counter() - began)
+    if rank == 0:
+        for i in range(min(timing_samples, len(items))):
+            for _ in range(repeats):
+                for name, segment in segmenters.items():
+                    began = time.perf_counter()
+                    segment([prompts[i]])
+                    times[name].append(time.perf_counter() - began)
     for name, ts in times.items():
         if ts:
             results["methods"][name]["seconds_per_sample"] = statistics.median(ts)
@@ -241,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                     parser.error(f"--sam-refine: preset {args.preset!r} has no SAM; pass --sam")
                 sam_dir = project_path(preset.sam.checkpoint)
             segmenters[f"{name} + SAM"] = _sam_refined(model, sam_dir)
+    state = PartialState(cpu=True)
+    gather = gather_object if state.num_processes > 1 else None
     with torch.inference_mode():
         result = evaluate(
             data,
@@ -250,7 +276,12 @@ def main(argv: list[str] | None = None) -> int:
             repeats=args.repeats,
             progress=not args.no_progress,
             seg_rate=rates,
+            shard=(state.process_index, state.num_processes),
+            gather=gather,
         )
+    if not state.is_main_process:
+        return 0
+    print(f"{result['samples']} expressions scored over {state.num_processes} process(es)")
     result["command"] = "python -m eval.stamp " + shlex.join(argv)
     result["checkpoints"] = {k: str(v) for k, v in checkpoints.items()}
     if args.json is not None:

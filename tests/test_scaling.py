@@ -105,6 +105,28 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(shapeworl
     assert _curve(killed) == pytest.approx(_curve(straight), rel=1e-4)
 
 
+def test_evaluation_sharded_over_two_processes_gives_the_metrics_of_one(shapeworld, tmp_path):
+    from eval.stamp import main as eval_main
+
+    assert train_main(_args(shapeworld, tmp_path / "m", 1, 1)) == 0
+    args = ["--data", str(shapeworld), "--split", "test", "--no-progress", "--batch-size", "3"]
+    args += ["--checkpoint", f"stamp={tmp_path / 'm' / 'final'}", "--timing-samples", "0"]
+    assert eval_main([*args, "--json", str(tmp_path / "one.json")]) == 0
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
+    run = subprocess.run(
+        [*launch, "--dynamo_backend", "no", "-m", "eval.stamp", *args,
+         "--json", str(tmp_path / "two.json")],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "over 2 process(es)" in run.stdout
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert one["samples"] == two["samples"] > 3
+    assert one["methods"] == two["methods"]
+
+
 @pytest.mark.parametrize(
     ("name", "kind", "processes"),
     [
