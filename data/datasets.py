@@ -27,6 +27,7 @@ from core.images import load_rgb
 from data.formats import (
     CocoAnnotation,
     FormatError,
+    mask_to_rle,
     read_coco_captions,
     read_coco_instances,
     read_imagefolder,
@@ -200,6 +201,70 @@ class InstanceDataset:
     def from_shapeworld(cls, root: str | os.PathLike[str], split: str) -> InstanceDataset:
         paths = shapeworld_paths(root, split)
         return cls.from_coco(paths["images"], paths["instances"])
+
+    def semantic_map(self, index: int) -> np.ndarray:
+        """(H, W) int64 category-id map of image `index` (0 = background) painted from its
+        instances, largest first so that a small object on a large one stays visible."""
+        h, w = self.sizes[index]
+        out = np.zeros((h, w), dtype=np.int64)
+        anns = sorted((a for a in self.annotations[index] if not a.iscrowd), key=lambda a: -a.area)
+        for a in anns:
+            out[rle_to_mask(a.segmentation, h, w)] = a.category_id
+        return out
+
+    @classmethod
+    def from_semantic(
+        cls,
+        images_root: str | os.PathLike[str],
+        semantic_root: str | os.PathLike[str],
+        class_names: list[str],
+        unseen: set[str] | None = None,
+    ) -> InstanceDataset:
+        """ADE-style semantic data: every image of `images_root` with a label map
+        ``semantic_root/<stem>.png`` whose pixel value k >= 1 is class_names[k - 1] (0 = no
+        class). Each class present becomes one instance (its whole region)."""
+        images_root, semantic_root = Path(images_root), Path(semantic_root)
+        suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+        files = sorted(p for p in images_root.iterdir() if p.suffix.lower() in suffixes)
+        if not files:
+            raise FileNotFoundError(f"{images_root}: no images ({sorted(suffixes)})")
+        sizes, annotations = [], []
+        next_id = 1
+        for image_id, path in enumerate(files, start=1):
+            label_path = semantic_root / f"{path.stem}.png"
+            if not label_path.is_file():
+                raise FileNotFoundError(f"{label_path}: missing label map for {path.name}")
+            labels = np.asarray(Image.open(label_path))
+            if labels.ndim != 2:
+                raise FormatError(
+                    f"{label_path}: expected a single-channel label map, got shape {labels.shape}"
+                )
+            top = int(labels.max())
+            if top > len(class_names):
+                raise FormatError(
+                    f"{label_path}: label {top} but only {len(class_names)} class names given"
+                )
+            anns = []
+            for k in (int(v) for v in np.unique(labels) if v > 0):
+                mask = labels == k
+                ys, xs = np.nonzero(mask)
+                x0, y0 = float(xs.min()), float(ys.min())
+                bbox = [x0, y0, float(xs.max()) - x0 + 1, float(ys.max()) - y0 + 1]
+                anns.append(
+                    CocoAnnotation(next_id, image_id, k, mask_to_rle(mask), float(mask.sum()), bbox)
+                )
+                next_id += 1
+            sizes.append((labels.shape[0], labels.shape[1]))
+            annotations.append(anns)
+        return cls(
+            images_root=images_root,
+            file_names=[p.name for p in files],
+            image_ids=list(range(1, len(files) + 1)),
+            sizes=sizes,
+            annotations=annotations,
+            category_names={k: n for k, n in enumerate(class_names, start=1)},
+            unseen=set(unseen or ()),
+        )
 
 
 @dataclass

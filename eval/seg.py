@@ -4,6 +4,11 @@
     python -m eval.seg --data out/shapeworld --split test --limit 200 \\
         --adapter stage1=out/seg/stage1/final --adapter stage2=out/seg/stage2/final \\
         --json out/seg.json --markdown out/seg.md
+    # your data: COCO instances (semantic targets painted from them, or --semantic maps), or
+    # ADE-style label maps with a class list (value k = line k)
+    python -m eval.seg --images val2017/ --instances instances_val2017.json --limit 100
+    python -m eval.seg --images ade/images --semantic ade/labels --classes ade/classes.txt \\
+        --unseen "lamp,vase" --adapter out/seg/stage2/final
     # one image, any vocabulary (synonyms and attribute phrases too); writes an overlay PNG.
     # Masks are classified by the --adapter if given, else as masked crops (--classifier)
     python -m eval.seg --image photo.png --vocab "circle,star,heart,purple hexagon" \\
@@ -32,6 +37,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +79,14 @@ def drop_background_masks(masks: np.ndarray, max_fraction: float = MAX_MASK_FRAC
 def evaluate_classifier(
     segmenter: OpenVocabSegmenter | EnsembleSegmenter,
     dataset: InstanceDataset,
-    semantic_dir: Path | None,
+    semantic: Callable[[int], np.ndarray] | None,
     proposals: list[np.ndarray] | None,
     limit: int,
     progress: bool = True,
     desc: str = "eval",
 ) -> dict[str, Any]:
-    """Ground-truth mask accuracy and (with proposals + semantic maps) semantic mIoU."""
+    """Ground-truth mask accuracy and (with proposals and ``semantic``, image index -> its (H, W)
+    category-id map, 0 = background) semantic mIoU."""
     names = [dataset.category_names[k] for k in sorted(dataset.category_names)]
     ids = sorted(dataset.category_names)
     index_of = {cid: i for i, cid in enumerate(ids)}
@@ -100,14 +107,13 @@ def evaluate_classifier(
                 which = "unseen" if index_of[inst.category_id] in unseen else "seen"
                 correct[which][0] += int(int(np.argmax(p)) == index_of[inst.category_id])
                 correct[which][1] += 1
-        if proposals is not None and semantic_dir is not None:
+        if proposals is not None and semantic is not None:
             masks = drop_background_masks(proposals[i])
             t0 = time.perf_counter()
             probs = segmenter.classify_masks(image, masks, names)
             pred = semantic_inference(masks, probs)
             seconds.append(time.perf_counter() - t0)
-            target = np.asarray(Image.open(semantic_dir / dataset.file_names[i]), dtype=np.int64)
-            matrix.update(pred, lut[target])
+            matrix.update(pred, lut[semantic(i)])
     result: dict[str, Any] = {
         "gt_mask_acc_seen": correct["seen"][0] / max(correct["seen"][1], 1),
         "gt_mask_acc_unseen": correct["unseen"][0] / max(correct["unseen"][1], 1),
@@ -130,6 +136,39 @@ def evaluate_classifier(
             classify_seconds_median=float(np.median(seconds)),
         )
     return result
+
+
+def _benchmark_data(
+    args: argparse.Namespace,
+) -> tuple[InstanceDataset, Callable[[int], np.ndarray]]:
+    """The benchmark's instances and semantic targets: ShapeWorld (--data), COCO (--images +
+    --instances [+ --semantic]) or ADE-style (--images + --semantic + --classes)."""
+    if (args.data is None) == (args.images is None):
+        raise ValueError("give --data (ShapeWorld) or --images with --instances or --semantic")
+    if args.data is not None:
+        dataset = InstanceDataset.from_shapeworld(args.data, args.split)
+        folder = shapeworld_paths(args.data, args.split)["semantic"]
+    elif args.instances is not None:
+        dataset = InstanceDataset.from_coco(args.images, args.instances)
+        if args.semantic is None:
+            return dataset, dataset.semantic_map
+        folder = args.semantic
+    else:
+        if args.semantic is None or args.classes is None:
+            raise ValueError("ADE-style data needs --semantic and --classes (or give --instances)")
+        names = [n.strip() for n in args.classes.read_text(encoding="utf-8").splitlines()]
+        names = [n for n in names if n]
+        unseen = {n.strip() for n in args.unseen.split(",") if n.strip()}
+        if unknown := unseen - set(names):
+            raise ValueError(f"--unseen names classes not in {args.classes}: {sorted(unknown)}")
+        dataset = InstanceDataset.from_semantic(args.images, args.semantic, names, unseen)
+        folder = args.semantic
+
+    def target(i: int) -> np.ndarray:
+        path = folder / f"{Path(dataset.file_names[i]).stem}.png"
+        return np.asarray(Image.open(path), dtype=np.int64)
+
+    return dataset, target
 
 
 def overlay(image: np.ndarray, semantic: np.ndarray, alpha: float = 0.55) -> Image.Image:
@@ -192,8 +231,23 @@ def main(argv: list[str] | None = None) -> int:
         help="how masks are classified (default: the --adapter if given, else masked crops)",
     )
     bench = parser.add_argument_group("benchmark")
-    bench.add_argument("--data", type=Path, help="ShapeWorld folder")
+    bench.add_argument("--data", type=Path, help="ShapeWorld folder (with --split)")
     bench.add_argument("--split", default="test")
+    bench.add_argument("--images", type=Path, help="your image folder (instead of --data)")
+    bench.add_argument(
+        "--instances",
+        type=Path,
+        help='COCO instances JSON of --images (categories flagged "unseen": true are unseen); '
+        "the semantic targets are painted from the instances unless --semantic is given",
+    )
+    bench.add_argument(
+        "--semantic",
+        type=Path,
+        help="folder of <image stem>.png label maps. With --instances: values are category ids. "
+        "Without (ADE-style): value k is line k of --classes, 0 = no class",
+    )
+    bench.add_argument("--classes", type=Path, help="ADE-style: class names, one per line")
+    bench.add_argument("--unseen", default="", help="ADE-style: comma-separated unseen classes")
     bench.add_argument("--limit", type=int, default=200, help="first N images")
     bench.add_argument("--proposals", type=Path, help="SAM proposal cache (.npz; made if missing)")
     bench.add_argument(
@@ -213,8 +267,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--markdown", type=Path)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if (args.image is None) == (args.data is None):
-        parser.error("give --image (with --vocab) to segment one image, or --data to benchmark")
+    benchmark = args.data is not None or args.images is not None
+    if (args.image is None) == (not benchmark):
+        parser.error(
+            "give --image (with --vocab) to segment one image, or --data / --images to benchmark"
+        )
     if args.image is not None and args.vocab is None:
         parser.error("--image needs --vocab")
     try:
@@ -256,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.overlay}")
         return 0
 
-    dataset = InstanceDataset.from_shapeworld(args.data, args.split)
-    semantic_dir = shapeworld_paths(args.data, args.split)["semantic"]
+    try:
+        dataset, semantic = _benchmark_data(args)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
     n = min(args.limit, len(dataset))
     cache = args.proposals
     proposals: list[np.ndarray] | None = None
@@ -305,14 +364,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     for name, classifier in configs:
         results[name] = evaluate_classifier(
-            classifier, dataset, semantic_dir, proposals, n, progress, desc=name
+            classifier, dataset, semantic, proposals, n, progress, desc=name
         )
     source = "SAM" if cache is None else f"{cache.name}"
-    table = _markdown(results, n, args.split, source)
+    table = _markdown(results, n, args.split if args.data is not None else "yours", source)
     print(table)
     report = {
-        "data": str(args.data),
-        "split": args.split,
+        "data": str(args.data or args.images),
+        "split": args.split if args.data is not None else None,
         "images": n,
         "adapters": {name: str(path) for name, path in adapters},
         "sam_seconds_median": float(np.median(t_sam)) if t_sam else None,

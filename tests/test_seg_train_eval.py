@@ -156,3 +156,50 @@ def test_geometric_ensemble_matches_hand_computation():
     )
     with pytest.raises(ValueError, match="seen flags"):
         geometric_ensemble(p_in, p_out, np.array([True]))
+
+
+def test_eval_reads_coco_and_ade_style_data_like_shapeworld(world, stage1, tmp_path):
+    """The same test split given three ways: ShapeWorld, COCO (+ its semantic maps, or painted
+    from the instances) and ADE-style label maps; the semantic figures must agree."""
+    from PIL import Image
+
+    from data.formats import read_coco_instances
+
+    data = world["data"]
+    cache = ["--proposals", str(tmp_path / "p.npz"), "--limit", "3", "--no-progress"]
+    common = [*_models(world), "--adapter", f"s1={stage1 / 'final'}", *cache]
+
+    def run(*argv: str) -> dict:
+        out = tmp_path / f"r{len(list(tmp_path.glob('r*.json')))}.json"
+        assert eval_main([*argv, *common, "--json", str(out)]) == 0
+        results = json.loads(out.read_text())["results"]
+        for r in results.values():
+            del r["classify_seconds_median"]  # a time, not a figure
+        return results
+
+    ref = run("--data", str(data), "--split", "test")
+    coco = ["--images", str(data / "test"), "--instances"]
+    coco.append(str(data / "annotations" / "instances_test.json"))
+    with_maps = run(*coco, "--semantic", str(data / "semantic" / "test"))
+    painted = run(*coco)
+    assert with_maps == ref
+    assert painted == ref  # ShapeWorld's visible masks do not overlap: painting order is moot
+    # ADE-style: label k = line k of the classes file
+    cats = read_coco_instances(data / "annotations" / "instances_test.json").categories
+    names = [c.name for c in cats]
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    lut = np.zeros(max(c.id for c in cats) + 1, dtype=np.uint8)
+    for k, c in enumerate(cats, start=1):
+        lut[c.id] = k
+    ade = tmp_path / "ade"
+    ade.mkdir()
+    for png in sorted((data / "semantic" / "test").glob("*.png")):
+        Image.fromarray(lut[np.asarray(Image.open(png))]).save(ade / png.name)
+    unseen = ",".join(c.name for c in cats if c.extra.get("unseen"))
+    ade_args = ["--images", str(data / "test"), "--semantic", str(ade)]
+    ade_run = run(*ade_args, "--classes", str(tmp_path / "classes.txt"), "--unseen", unseen)
+    for name, r in ref.items():
+        for key in ("miou_seen", "miou_unseen", "per_class_iou"):
+            assert ade_run[name][key] == pytest.approx(r[key], nan_ok=True)
+    with pytest.raises(SystemExit):
+        eval_main([*ade_args, *_models(world)])  # ADE-style without --classes
