@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from core.config import project_path
 from core.images import load_rgb
 from core.io import atomic_write_text
+from data.conversations import read_chat_records
 from data.datasets import ReferringDataset, add_referring_arguments, referring_dataset_from_args
 from eval.metrics import ciou_from_counts, giou_from_counts, intersection_union
 from segmentation.stamp import refine_with_sam
@@ -87,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--timing-samples", type=int, default=10, help="samples timed at batch 1 (default 10)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats per sample")
+    parser.add_argument(
+        "--false-seg-questions",
+        type=int,
+        default=200,
+        help="ShapeWorld: how many of the split's ordinary questions to check for a <seg> the "
+        "model should not emit (0 = skip)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -196,6 +204,7 @@ def markdown(result: dict[str, Any]) -> str:
     methods = result["methods"]
     types = sorted({t for row in methods.values() for t in row["by_type"]})
     head = ["method", "cIoU", "gIoU", *[f"{t} cIoU" for t in types], "s / sample", "seg rate"]
+    head.append("false seg rate")
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     lines[1] = "|---|" + "---:|" * (len(head) - 1)
     for name, row in methods.items():
@@ -203,10 +212,23 @@ def markdown(result: dict[str, Any]) -> str:
         cells += [f"{100 * row['by_type'][t]['cIoU']:.1f}" for t in types]
         sec = row.get("seconds_per_sample")
         cells.append("" if sec is None else f"{sec:.3f}")
-        rate = row.get("seg_rate")
-        cells.append("" if rate is None else f"{100 * rate:.0f}%")
+        for key in ("seg_rate", "false_seg_rate"):
+            rate = row.get(key)
+            cells.append("" if rate is None else f"{100 * rate:.0f}%")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _split_questions(folder: Path, limit: int) -> list[Prompt]:
+    """The split's own questions about its images (data.conversations QA), the first `limit`:
+    ordinary turns on which a model should answer in text, never with ``<seg>``."""
+    out: list[Prompt] = []
+    for record in read_chat_records(folder):
+        for qa in record.qa:
+            out.append([{"role": "user", "content": qa["question"], "images": [record.image]}])
+            if len(out) >= limit:
+                return out
+    return out
 
 
 def _sam_refined(model: StampVLM, sam_dir: Path) -> Segmenter:
@@ -282,6 +304,17 @@ def main(argv: list[str] | None = None) -> int:
     if not state.is_main_process:
         return 0
     print(f"{result['samples']} expressions scored over {state.num_processes} process(es)")
+    if args.data is not None and args.false_seg_questions:
+        with torch.inference_mode():
+            questions = _split_questions(args.data / args.split, args.false_seg_questions)
+            for name in checkpoints:
+                fired = [
+                    c
+                    for start in range(0, len(questions), args.batch_size)
+                    for c in rates[name](questions[start : start + args.batch_size])
+                ]
+                result["methods"][name]["false_seg_rate"] = float(np.mean(fired))
+        result["false_seg_questions"] = len(questions)
     result["command"] = "python -m eval.stamp " + shlex.join(argv)
     result["checkpoints"] = {k: str(v) for k, v in checkpoints.items()}
     if args.json is not None:

@@ -429,5 +429,7 @@ def test_eval_script_scores_the_trained_methods_side_by_side(shapeworld, tmp_pat
     assert set(result["methods"]) == {"stamp", "text4seg", "stamp + SAM"}
     for row in result["methods"].values():
         assert 0.0 <= row["cIoU"] <= 1.0 and row["seconds_per_sample"] > 0
+    assert result["false_seg_questions"] > 0
+    assert 0.0 <= result["methods"]["stamp"]["false_seg_rate"] <= 1.0
     with pytest.raises(SystemExit):
         eval_main([*args, "--sam-refine", "nope"])
