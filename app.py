@@ -37,7 +37,12 @@ IMAGE_EXAMPLES = [  # (example image name, question)
     ("shapes-2", "What colour is the leftmost shape?"),
     ("astronaut", "What do you see in this picture?"),
 ]
-SEG_EXAMPLES = [("shapes-0", "Segment the largest red shape.")]  # shown when STAMP is loaded
+SEG_EXAMPLES = [("shapes-1", "Segment the largest red shape.")]  # shown when STAMP is loaded
+GILL_EXAMPLES = [  # shown when GILL is loaded: it retrieves or generates an image
+    "Show me this: A red circle next to a blue star.",
+    "Show me this: The image shows three green squares, a blue star and a red circle.",
+    "generate: A white arrow.",
+]
 IMAGE_TYPES = [".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"]
 MAX_UPLOAD = "10mb"
 
@@ -110,12 +115,20 @@ def history_for_model(history: Sequence[dict[str, Any]]) -> list[ChatMessage]:
 
 
 def reply_messages(reply: Reply) -> str | list[Any]:
-    """A Reply as ChatInterface output: its text, then its masks painted over their image."""
+    """A Reply as ChatInterface output: its text, then its masks painted over their image, then
+    the images it showed (GILL), each labelled with its source as the text's ``[image k: ...]``."""
     painted = reply.painted()
-    if painted is None:
+    if painted is None and not reply.images:
         return reply.text
-    # PNG: Gradio's default WebP would blur the mask edges.
-    return [reply.text, gr.Image(value=painted, format="png", show_label=False)]
+    out: list[Any] = [reply.text]
+    if painted is not None:
+        # PNG: Gradio's default WebP would blur the mask edges.
+        out.append(gr.Image(value=painted, format="png", show_label=False))
+    for k, shown in enumerate(reply.images, start=1):
+        where = f" ({os.path.basename(shown.path)})" if shown.path else ""
+        label = f"image {k}: {shown.source}{where}"
+        out.append(gr.Image(value=shown.image, format="png", label=label, show_label=True))
+    return out
 
 
 def make_respond(assistant: Assistant) -> Any:
@@ -177,6 +190,13 @@ def build_demo(
             "A frozen LLM that reads images through a trained projector. Upload an image "
             "(or pick an example) and ask about it"
             + (", or ask it to segment something in it (STAMP)." if assistant.stamp else ".")
+            + (
+                "  \nGILL: ask it to show you something; it retrieves a picture from its index "
+                "or draws one (`generate:` / `retrieve:` at the start of a message pick the "
+                "source)."
+                if assistant.gill
+                else ""
+            )
         )
         with gr.Accordion("Decoding", open=False):
             max_new_tokens = gr.Slider(
@@ -207,7 +227,8 @@ def build_demo(
                 [{"text": q, "files": [str(paths[name])]}, *knobs]
                 for name, q in (*IMAGE_EXAMPLES, *(SEG_EXAMPLES if assistant.stamp else ()))
             ]
-        examples += [[{"text": e, "files": []}, *knobs] for e in TEXT_EXAMPLES]
+        gill_examples = GILL_EXAMPLES if assistant.gill else []
+        examples += [[{"text": e, "files": []}, *knobs] for e in [*TEXT_EXAMPLES, *gill_examples]]
         gr.ChatInterface(
             make_respond(assistant),
             multimodal=True,
@@ -237,6 +258,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="another LLM source (name, hf-hub:ORG/NAME, or folder); chat is then text only",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    parser.add_argument("--gill", default=None, help="a GILL checkpoint (overrides the preset's)")
+    parser.add_argument(
+        "--gill-index", default=None, help="its image index (python -m vlm.gill index)"
+    )
     parser.add_argument(
         "--host",
         default="127.0.0.1",
@@ -254,6 +279,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = PolychromeConfig.from_preset(args.preset)
     if args.llm:
         cfg = cfg.replace(llm=cfg.llm.replace(source=args.llm))
+    if args.gill or args.gill_index:
+        cfg = cfg.replace(
+            gill=cfg.gill.replace(
+                checkpoint=args.gill or cfg.gill.checkpoint,
+                index=args.gill_index or cfg.gill.index,
+            )
+        )
     device = str(resolve_device(args.device))
     if args.llm:  # another LLM: the preset's VLM projector does not fit it, so chat in text
         logger.info("loading LLM %s (text only)", cfg.llm.source)

@@ -56,6 +56,7 @@ __all__ = [
     "GILLMapper",
     "GILLMapperConfig",
     "GILLModules",
+    "GILLPresetConfig",
     "RetrievalHeads",
     "RetrievalOutput",
     "build_gill",
@@ -159,6 +160,15 @@ class GILLConfig(Config):
             )
         mapper = (mapper or GILLMapperConfig()).replace(out_tokens=int(tokens), out_dim=int(dim))
         return cls(llm_dim=llm_dim, clip_dim=clip_dim, mapper=mapper, **changes)
+
+
+@dataclass
+class GILLPresetConfig(Config):
+    """The "gill" entry of a preset: the trained GILL model and the index it retrieves from
+    (None = no image outputs in the chat)."""
+
+    checkpoint: str | None = None  # a train.gill final/ folder (it holds its VLM core too)
+    index: str | None = None  # an index folder built by `python -m vlm.gill index`; None: generate
 
 
 # --------------------------------------------------------------------------------------------

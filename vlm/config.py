@@ -16,6 +16,7 @@ from typing import Literal
 from core.config import Config, config_from_dict, load_preset_dict, preset_path, project_path
 from data.shapeworld import ShapeWorldConfig
 from generation.diffusion import DiffusionPresetConfig
+from generation.gill import GILLPresetConfig
 from lm.loading import LLMConfig
 from segmentation.stamp import StampPresetConfig
 from vision.clip import ClipPresetConfig
@@ -52,6 +53,7 @@ class PolychromeConfig(Config):
     diffusion: DiffusionPresetConfig = field(default_factory=DiffusionPresetConfig)
     vlm: VLMPresetConfig = field(default_factory=VLMPresetConfig)
     stamp: StampPresetConfig = field(default_factory=StampPresetConfig)
+    gill: GILLPresetConfig = field(default_factory=GILLPresetConfig)
 
     @classmethod
     def from_preset(cls, name: str) -> PolychromeConfig:

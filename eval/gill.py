@@ -1,0 +1,405 @@
+"""Evaluate a GILL checkpoint on ShapeWorld: retrieval, generation, the decision, [IMG0] emission.
+
+    python -m eval.gill --checkpoint /work/runs/gill/final --data /work/data/sw --split test \\
+        --n 200 --gen-data out/shapeworld_diffusion --single 25 --two 25 --json out/gill.json
+
+Prints markdown tables; --json writes every figure. ``evaluate_gill(...)`` is what the CLI and the
+test call. Protocol:
+
+- Requests are ``vlm.gill.request_prompt(caption)`` ("Show me this: <caption>"), the reply forced
+  to open with [IMG0..7] (``GILLVLM.request_states``).
+- Retrieval (text -> image): the first ``--n`` images of ``--split`` are indexed in the model's
+  retrieval space (``GILLImageEmbedder``, exact FAISS index); each image's query is its listing
+  caption (the shortest naming every object by colour and class). Recall@1/5/10 = the image
+  itself among the top k. Reference row: the ShapeWorld CLIP's own text tower on the same
+  captions against its image embeddings (what a retrieval head could at most inherit from CLIP).
+- Generation: the first ``--single`` one-object and ``--two`` two-object images of ``--gen-data``
+  (the decoder's held-out split, eval.generation.load_prompts: its protocol, judge and seeds). Each
+  prompt is drawn from the mapper's prompt_embeds and, as the upper bound, from the decoder's own
+  text encoding of the same caption; eval.generation's judge (SAM masks + CLIP crops) checks that
+  every requested object is there. Also: the mean generation loss (per-token distance) of the
+  mapper's output to that encoding.
+- Decision: the scenes' requests are labelled retrieve (their images are in the index), the
+  generation prompts' requests generate (one or two objects, not in the index); accuracy per
+  class and macro-F1, and retrieve-accuracy split by the scene's object count (two-object scenes
+  read like compositions).
+- Emission: how often greedy decoding opens the reply with [IMG0] on the requests, and on ordinary
+  prompts (held-out text-only questions and image questions about the scenes) where it should not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from core.config import project_path
+from core.io import atomic_write_text
+from core.runtime import resolve_device
+from data.conversations import DESCRIBE_PROMPTS
+from data.scene import COLOURS, SHAPES
+from data.shapeworld import read_manifest
+from eval.generation import GenerationJudge, PromptItem, labels_satisfy, load_prompts
+from generation.diffusion import (
+    encode_prompts,
+    generate,
+    load_pipeline,
+    pipeline_from_preset,
+    set_scheduler,
+)
+from generation.gill import GENERATE, RETRIEVE, generation_loss
+from generation.index import ImageIndex, clip_embedder
+from vision.clip import build_clip, load_clip
+from vision.sam import build_sam_model, load_sam
+from vlm.config import PolychromeConfig
+from vlm.gill import GILLVLM, ImgTokenStates, SceneItem, load_scenes, request_prompt
+
+__all__ = ["OTHER_PROMPTS", "evaluate_gill", "format_tables", "main", "recall_at"]
+
+# Held-out ordinary prompts (none is in train.gill's list): the reply should not open with [IMG0].
+OTHER_PROMPTS = (
+    "What is the weather usually like in spring?",
+    "Summarise the plot of Romeo and Juliet in one sentence.",
+    "Describe a blue square in words.",
+    "Which shape has three sides?",
+    "Give me three tips for learning to draw.",
+    "What is two plus two?",
+)
+KS = (1, 5, 10)
+
+
+def recall_at(ranked: Sequence[Sequence[int]], truth: Sequence[int], ks: Sequence[int] = KS):
+    """{k: fraction of queries whose true id is among the first k of its ranking}."""
+    return {
+        k: float(np.mean([t in list(r[:k]) for r, t in zip(ranked, truth, strict=True)]))
+        for k in ks
+    }
+
+
+def _states(
+    gill: GILLVLM,
+    prompts: Sequence[list[dict[str, Any]]],
+    batch_size: int,
+    progress: bool,
+    desc: str,
+) -> tuple[torch.Tensor, ImgTokenStates]:
+    lasts, hidden, embeds = [], [], []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
+        with torch.inference_mode():
+            last, st = gill.request_states(prompts[start : start + batch_size])
+        lasts.append(last)
+        hidden.append(st.hidden)
+        embeds.append(st.input_embeds)
+    return torch.cat(lasts), ImgTokenStates(torch.cat(hidden), torch.cat(embeds))
+
+
+def _opens_with_img(gill: GILLVLM, prompts: Sequence[list[dict[str, Any]]]) -> list[bool]:
+    out = []
+    for p in prompts:  # one at a time: no padding, exactly the chat's prefix
+        with torch.inference_mode():
+            ids, attn, visual = gill._batch([p])
+            last, _ = gill.prefix(ids, attn, visual)
+            out.append(int(gill.decision_logits(last)[0].argmax()) == gill.vocab_size)
+    return out
+
+
+def _macro_f1(pred: np.ndarray, truth: np.ndarray) -> float:
+    f1s = []
+    for c in (RETRIEVE, GENERATE):
+        tp = float(((pred == c) & (truth == c)).sum())
+        prec = tp / max(float((pred == c).sum()), 1.0)
+        rec = tp / max(float((truth == c).sum()), 1.0)
+        f1s.append(0.0 if prec + rec == 0 else 2 * prec * rec / (prec + rec))
+    return float(np.mean(f1s))
+
+
+@torch.inference_mode()
+def evaluate_gill(
+    gill: GILLVLM,
+    pipe: Any,
+    judge: GenerationJudge,
+    clip_reference: Any | None,
+    data_root: str | Path,
+    split: str,
+    n: int,
+    gen_root: str | Path,
+    gen_split: str = "val",
+    n_single: int = 25,
+    n_two: int = 25,
+    *,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 4.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """All figures of the module docstring as a JSON-ready dict (fractions in [0, 1])."""
+    gill.eval()
+    scenes: list[SceneItem] = load_scenes(data_root, split, n)
+    if len(scenes) < 2:
+        raise ValueError(
+            f"{data_root} split {split!r}: need at least 2 images, found {len(scenes)}"
+        )
+    results: dict[str, Any] = {"split": split, "n_images": len(scenes)}
+    # -- retrieval --------------------------------------------------------------------------
+    embedder = gill.image_embedder()
+    paths = [str(s.image_path.resolve()) for s in scenes]
+    index = ImageIndex(embedder.name, embedder.dim, "exact")
+    index.add(embedder([s.image_path for s in scenes]), paths, model=embedder.name)
+    requests = [request_prompt(s.listing) for s in scenes]
+    last, states = _states(gill, requests, batch_size, progress, "scene requests")
+    k = min(max(KS), len(scenes))
+    hits = index.search(gill.retrieval_queries(states).cpu().numpy(), k)
+    truth = list(range(len(scenes)))
+    results["recall"] = recall_at(hits.ids.tolist(), truth)
+    if clip_reference is not None:
+        img = clip_reference([s.image_path for s in scenes])
+        txt = clip_reference.embed_text([s.listing for s in scenes])
+        order = np.argsort(-(txt @ img.T), axis=1)[:, :k]
+        results["clip_recall"] = recall_at(order.tolist(), truth)
+    # -- generation ---------------------------------------------------------------------------
+    single, two = load_prompts(gen_root, gen_split, n_single, n_two)
+    items: list[PromptItem] = single + two
+    prompts = [it.prompt for it in items]
+    _, gen_states = _states(gill, [request_prompt(p) for p in prompts], batch_size, progress, "gen")
+    with torch.inference_mode():
+        mapped = gill.prompt_embeds(gen_states).float()
+        own = encode_prompts(pipe, prompts).float()
+        results["generation_distance"] = float(generation_loss(mapped, own))
+    seeds = [seed + i for i in range(len(items))]
+    for name, embeds in (("mapper", mapped), ("decoder_text", own)):
+        images = []
+        for start in tqdm(range(0, len(items), batch_size), desc=name, disable=not progress):
+            images += generate(
+                pipe,
+                prompt_embeds=embeds[start : start + batch_size],
+                seed=seeds[start : start + batch_size],
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+            )
+        found = [judge.objects(im) for im in images]
+        ok = [labels_satisfy(f, it.objects) for f, it in zip(found, items, strict=True)]
+        m = len(single)
+        results[f"{name}_single_acc"] = float(np.mean(ok[:m])) if single else None
+        results[f"{name}_two_acc"] = float(np.mean(ok[m:])) if two else None
+        results[f"{name}_clip_score"] = float(np.mean(judge.clip_score(images, prompts)))
+        results[f"_{name}_images"] = images
+    results["gen_prompts"] = {"single": len(single), "two": len(two), "split": gen_split}
+    results["num_inference_steps"], results["guidance_scale"] = num_inference_steps, guidance_scale
+    # -- decision -------------------------------------------------------------------------------
+    with torch.inference_mode():
+        p_scene = gill.p_generate(states).cpu().numpy()
+        p_gen = gill.p_generate(gen_states).cpu().numpy()
+    pred = np.concatenate([p_scene > 0.5, p_gen > 0.5]).astype(int)
+    truth_d = np.array([RETRIEVE] * len(scenes) + [GENERATE] * len(items))
+    two_obj = np.array([len(s.objects) == 2 for s in scenes])
+    results["decision"] = {
+        "accuracy": float((pred == truth_d).mean()),
+        "macro_f1": _macro_f1(pred, truth_d),
+        "retrieve_acc": float((p_scene <= 0.5).mean()),
+        "generate_acc": float((p_gen > 0.5).mean()),
+        "retrieve_acc_two_objects": float((p_scene[two_obj] <= 0.5).mean())
+        if two_obj.any()
+        else None,
+        "retrieve_acc_3plus_objects": (
+            float((p_scene[~two_obj] <= 0.5).mean()) if (~two_obj).any() else None
+        ),
+        "n_two_object_scenes": int(two_obj.sum()),
+        "n_retrieve": len(scenes),
+        "n_generate": len(items),
+    }
+    # -- emission -------------------------------------------------------------------------------
+    with torch.inference_mode():
+        req_emit = (gill.decision_logits(last).argmax(-1) == gill.vocab_size).float().mean()
+    n_img_q = min(len(scenes), 20)
+    ordinary = [[{"role": "user", "content": q}] for q in OTHER_PROMPTS] + [
+        [
+            {
+                "role": "user",
+                "content": DESCRIBE_PROMPTS[i % len(DESCRIBE_PROMPTS)],
+                "images": [scenes[i].image_path],
+            }
+        ]
+        for i in range(n_img_q)
+    ]
+    fires = _opens_with_img(gill, ordinary)
+    results["emission"] = {
+        "requests": float(req_emit),
+        "text_prompts": float(np.mean(fires[: len(OTHER_PROMPTS)])),
+        "image_prompts": float(np.mean(fires[len(OTHER_PROMPTS) :])),
+        "n_text_prompts": len(OTHER_PROMPTS),
+        "n_image_prompts": n_img_q,
+    }
+    return results
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def format_tables(r: dict[str, Any]) -> str:
+    """Markdown tables of `evaluate_gill`'s figures (percentages)."""
+    rec = r["recall"]
+    lines = [
+        f"| text -> image, {r['n_images']} ShapeWorld {r['split']} images | R@1 | R@5 | R@10 |",
+        "| --- | ---: | ---: | ---: |",
+        f"| GILL ([IMG0] state -> retrieval head) | {_pct(rec[1])} | {_pct(rec[5])} | "
+        f"{_pct(rec[10])} |",
+    ]
+    if "clip_recall" in r:
+        c = r["clip_recall"]
+        lines.append(
+            f"| reference: ShapeWorld CLIP text tower | {_pct(c[1])} | {_pct(c[5])} | "
+            f"{_pct(c[10])} |"
+        )
+    g = r["gen_prompts"]
+    lines += [
+        "",
+        f"| generation, decoder's {g['split']} prompts ({r['num_inference_steps']} steps, "
+        f"guidance {r['guidance_scale']}) | mapper prompt_embeds | decoder's own text "
+        "encoding (upper bound) | n |",
+        "| --- | ---: | ---: | ---: |",
+        f"| single-object accuracy (judge) | {_pct(r['mapper_single_acc'])} | "
+        f"{_pct(r['decoder_text_single_acc'])} | {g['single']} |",
+        f"| two-object accuracy (judge) | {_pct(r['mapper_two_acc'])} | "
+        f"{_pct(r['decoder_text_two_acc'])} | {g['two']} |",
+        f"| CLIP image-text cosine | {r['mapper_clip_score']:.3f} | "
+        f"{r['decoder_text_clip_score']:.3f} | {g['single'] + g['two']} |",
+        f"| mean per-token distance to the decoder's encoding | "
+        f"{r['generation_distance']:.2f} | 0 | {g['single'] + g['two']} |",
+    ]
+    d, e = r["decision"], r["emission"]
+    lines += [
+        "",
+        "| decision (retrieve vs generate) | value | n |",
+        "| --- | ---: | ---: |",
+        f"| accuracy | {_pct(d['accuracy'])} | {d['n_retrieve'] + d['n_generate']} |",
+        f"| macro-F1 | {_pct(d['macro_f1'])} | {d['n_retrieve'] + d['n_generate']} |",
+        f"| scene requests -> retrieve | {_pct(d['retrieve_acc'])} | {d['n_retrieve']} |",
+        f"| ... scenes of two objects | {_pct(d['retrieve_acc_two_objects'])} | "
+        f"{d['n_two_object_scenes']} |",
+        f"| ... scenes of three or more | {_pct(d['retrieve_acc_3plus_objects'])} | "
+        f"{d['n_retrieve'] - d['n_two_object_scenes']} |",
+        f"| composition requests -> generate | {_pct(d['generate_acc'])} | {d['n_generate']} |",
+        "",
+        "| greedy reply opens with [IMG0] | rate | n |",
+        "| --- | ---: | ---: |",
+        f"| image requests (should) | {_pct(e['requests'])} | {d['n_retrieve']} |",
+        f"| ordinary text-only prompts (should not) | {_pct(e['text_prompts'])} | "
+        f"{e['n_text_prompts']} |",
+        f"| ordinary image questions (should not) | {_pct(e['image_prompts'])} | "
+        f"{e['n_image_prompts']} |",
+    ]
+    return "\n".join(lines)
+
+
+def _judge(preset: PolychromeConfig, args: argparse.Namespace, gen_root: Path) -> GenerationJudge:
+    """eval.generation's judge: the preset's CLIP and SAM (random weights from seed 0 where the
+    preset has none, as the tiny preset)."""
+    clip_dir = args.clip or (
+        project_path(preset.clip.checkpoint) if preset.clip.checkpoint else None
+    )
+    sam_dir = args.sam or (project_path(preset.sam.checkpoint) if preset.sam.checkpoint else None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        clip, preprocess, tokenizer = (
+            load_clip(clip_dir) if clip_dir else build_clip(preset.clip.model)
+        )
+        sam = load_sam(sam_dir) if sam_dir else build_sam_model(preset.sam.model)
+    try:
+        manifest = read_manifest(gen_root)
+        classes = [s["name"] for s in manifest["shapes"]]
+        colours = [c["name"] for c in manifest["colours"]]
+    except (FileNotFoundError, KeyError):
+        classes, colours = list(SHAPES), list(COLOURS)
+    return GenerationJudge(clip, preprocess, tokenizer, sam, classes, colours)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.gill",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a train.gill final/ folder")
+    parser.add_argument("--preset", default="shapes", help="preset: decoder, judge CLIP and SAM")
+    parser.add_argument("--diffusion", type=Path, help="decoder checkpoint (default: the preset's)")
+    parser.add_argument("--data", type=Path, required=True, help="ShapeWorld folder (retrieval)")
+    parser.add_argument("--split", default="test", help="its split (default test)")
+    parser.add_argument("--n", type=int, default=200, help="images indexed and queried")
+    parser.add_argument("--gen-data", type=Path, required=True, help="the decoder's data folder")
+    parser.add_argument("--gen-split", default="val", help="its held-out split (default val)")
+    parser.add_argument("--single", type=int, default=25, help="one-object prompts")
+    parser.add_argument("--two", type=int, default=25, help="two-object prompts")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (preset's)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance (preset's)")
+    parser.add_argument("--clip", type=Path, help="judge CLIP checkpoint (default: the preset's)")
+    parser.add_argument("--sam", type=Path, help="judge SAM checkpoint (default: the preset's)")
+    parser.add_argument("--no-clip-reference", action="store_true", help="skip the CLIP row")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--grid", type=Path, help="PNG: mapper images above decoder-text ones")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.n < 2:
+        parser.error(f"--n must be >= 2, received {args.n}")
+    preset = PolychromeConfig.from_preset(args.preset)
+    device = resolve_device(args.device)
+    gill = GILLVLM.from_pretrained(args.checkpoint, device=device).eval()
+    pipe = (
+        load_pipeline(args.diffusion) if args.diffusion else pipeline_from_preset(preset.diffusion)
+    )
+    set_scheduler(pipe, preset.diffusion.scheduler)
+    judge = _judge(preset, args, args.gen_data)
+    reference = None
+    if not args.no_clip_reference:
+        reference, _ = clip_embedder(args.preset, args.clip)
+    results = evaluate_gill(
+        gill,
+        pipe,
+        judge,
+        reference,
+        args.data,
+        args.split,
+        args.n,
+        args.gen_data,
+        args.gen_split,
+        args.single,
+        args.two,
+        num_inference_steps=args.steps or preset.diffusion.num_inference_steps,
+        guidance_scale=args.guidance or preset.diffusion.guidance_scale,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    print(format_tables(results))
+    if args.grid is not None:
+        from generation.diffusion import image_grid
+
+        mapped, own = results["_mapper_images"], results["_decoder_text_images"]
+        cols = min(len(mapped), 10)
+        image_grid([*mapped[:cols], *own[:cols]], columns=cols).save(args.grid)
+    if args.json is not None:
+        public = {k: v for k, v in results.items() if not k.startswith("_")}
+        public["checkpoint"] = str(args.checkpoint)
+        public["command"] = "python -m eval.gill " + " ".join(
+            sys.argv[1:] if argv is None else argv
+        )
+        atomic_write_text(args.json, json.dumps(public, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

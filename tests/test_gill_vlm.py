@@ -1,0 +1,345 @@
+"""GILL on the tiny preset: frozen chat, [IMG] tokens, routing, save/load, training, eval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from data.render import LayoutConfig
+from data.shapeworld import ShapeWorldConfig, SplitSizes, generate
+from data.shapeworld import main as shapeworld_main
+from generation.diffusion import build_pipeline, encode_prompts, get_diffusion_config
+from generation.gill import GENERATE, RETRIEVE, GILLMapperConfig
+from generation.index import IndexMismatchError
+from vlm.assistant import Assistant
+from vlm.config import PolychromeConfig
+from vlm.gill import GILLVLM, IMG_TOKENS, ImageMaker, gill_config_for, request_prompt
+from vlm.model import PolychromeVLM, VLMConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SMALL = GILLMapperConfig(width=32, encoder_layers=1, decoder_layers=1, heads=4, ffn_dim=64)
+
+
+def _vlm() -> PolychromeVLM:
+    cfg = PolychromeConfig.from_preset("tiny")
+    torch.manual_seed(0)
+    return PolychromeVLM.build(VLMConfig(llm=cfg.llm, vision=cfg.clip, projector=cfg.vlm.projector))
+
+
+def _gill() -> GILLVLM:
+    vlm = _vlm()
+    cfg = gill_config_for(vlm, get_diffusion_config("tiny-ldm"), mapper=SMALL, retrieval_dim=16)
+    return GILLVLM(vlm, cfg).eval()
+
+
+def _image(seed: int = 0, size: int = 64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    return build_pipeline("tiny-ldm")
+
+
+@pytest.fixture(scope="module")
+def gill() -> GILLVLM:
+    return _gill()
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("gill-images")
+    for i in range(4):
+        _image(10 + i).save(root / f"im{i}.png")
+    return root
+
+
+@pytest.fixture
+def maker(gill, pipe, image_dir) -> ImageMaker:
+    return ImageMaker(gill, gill.build_index(image_dir), pipe, num_inference_steps=2)
+
+
+def _set(param: torch.Tensor, value: float) -> None:
+    with torch.no_grad():
+        param.fill_(value)
+
+
+def test_chat_logits_stay_bitwise_the_vlm_cores(pipe):
+    core = _vlm()
+    text = core.prepare([{"role": "user", "content": "Hello there"}])
+    image = core.prepare([{"role": "user", "content": "What is this?", "images": [_image()]}])
+    with torch.no_grad():
+        before = [core(**text).logits, core(**image).logits]
+    model = _gill()  # a second VLM from the same seed, with GILL attached and trained a little
+    assert model.vlm.llm is not core.llm
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.normal_(0, 0.1)
+        model.vlm.added_embeddings.normal_(0, 1.0)
+    maker = ImageMaker(model, None, pipe, num_inference_steps=2)
+    list(model.stream(request_prompt("a red circle"), maker, max_new_tokens=2, force="image"))
+    with torch.no_grad():
+        after = [model.vlm(**text).logits, model.vlm(**image).logits]
+    for a, b in zip(before, after, strict=True):
+        assert torch.equal(a, b)
+    # the gill loop's vocabulary logits are the frozen head's: [IMG0]'s row only adds a column
+    ids, attn, visual = model._batch([[{"role": "user", "content": "Hello there"}]])
+    with torch.no_grad():
+        last, _ = model.prefix(ids, attn, visual)
+        logits = model.decision_logits(last)
+    torch.testing.assert_close(logits[0, :-1], before[0][0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_img0_appends_exactly_seven_tokens_and_the_mapper_reads_their_states(gill, maker):
+    prompt = request_prompt("a red circle")
+    n_prompt = int(gill.vlm.prepare(prompt)["input_ids"].shape[1])
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hook = gill.heads.mapper.register_forward_pre_hook(
+        lambda _m, args: seen.append((args[0].clone(), args[1].clone()))
+    )
+    _set(gill.img_bias, 1e4)  # the model now answers [IMG0] at every step
+    _set(gill.heads.decision.fc.bias, 0.0)
+    with torch.no_grad():
+        gill.heads.decision.fc.bias[GENERATE] = 1e3  # always generate: the mapper runs
+    try:
+        gill.tokens_processed = 0
+        events = list(gill.stream(prompt, maker, max_new_tokens=2, back_to_back=True))
+        n_read = gill.tokens_processed
+        blocked = list(gill.stream(prompt, maker, max_new_tokens=2))  # no text in between
+    finally:
+        hook.remove()
+        _set(gill.img_bias, 0.0)
+        _set(gill.heads.decision.fc.bias, 0.0)
+    images = [e[1] for e in events if e[1] is not None]
+    assert [im.source for im in images] == ["generated", "generated"]
+    assert sum(e[1] is not None for e in blocked) == 1
+    # the prompt once, then per [IMG0]: itself and the 7 appended tokens, nothing recomputed
+    assert n_read == n_prompt + 2 * len(IMG_TOKENS)
+    hidden, embeds = seen[0]
+    assert hidden.shape == embeds.shape == (1, 8, gill.config.llm_dim)
+    # naive reference: the whole sequence (prompt + [IMG0..7]) in one forward pass
+    ids = gill.vlm.prepare(prompt)["input_ids"]
+    full = torch.cat([ids, torch.tensor([gill.img_ids])], 1)
+    with torch.no_grad():
+        ref = gill.vlm.llm.base_model(inputs_embeds=gill.vlm.embed(full)).last_hidden_state
+    torch.testing.assert_close(hidden, ref[:, -8:], rtol=1e-4, atol=1e-4)
+    rows = [gill.vlm.config.added_tokens.index(t) for t in IMG_TOKENS]
+    assert torch.equal(embeds[0], gill.vlm.added_embeddings[rows].detach())
+
+
+def test_decision_routes_to_the_index_or_the_pipeline(gill, maker, image_dir):
+    prompts = [request_prompt(d) for d in ("a red circle", "a blue star", "a white ring")]
+    for winner, source in ((RETRIEVE, "retrieved"), (GENERATE, "generated")):
+        _set(gill.heads.decision.fc.bias, 0.0)
+        with torch.no_grad():
+            gill.heads.decision.fc.bias[winner] = 1e3
+        maker.calls = {"retrieved": 0, "generated": 0}
+        images = gill.images_for(prompts, maker)
+        assert [im.source for im in images] == [source] * 3
+        assert maker.calls[source] == 1 and sum(maker.calls.values()) == 1  # one batch
+        if source == "retrieved":
+            assert all(Path(im.path).parent == image_dir.resolve() for im in images)
+            assert all(-1.0 <= im.score <= 1.0 for im in images)
+        else:
+            assert all(im.path is None and im.image.size == (64, 64) for im in images)
+    _set(gill.heads.decision.fc.bias, 0.0)
+    with torch.no_grad():
+        gill.heads.decision.fc.bias[GENERATE] = 1e3
+    forced = gill.images_for(prompts[:1], maker, force="retrieved")  # the head is overruled
+    assert forced[0].source == "retrieved"
+    _set(gill.heads.decision.fc.bias, 0.0)
+
+
+def test_an_index_of_other_retrieval_weights_is_refused(gill, pipe, image_dir):
+    index = gill.build_index(image_dir)
+    other = _gill()
+    with torch.no_grad():
+        other.heads.retrieval.image_proj.weight.add_(0.01)
+    with pytest.raises(IndexMismatchError, match="model"):
+        ImageMaker(other, index, pipe)
+
+
+def test_assistant_shows_images_and_the_text_goes_on(gill, maker):
+    assistant = Assistant(
+        gill.vlm.llm, gill.vlm.tokenizer, vlm=gill.vlm, gill=gill, image_maker=maker
+    )
+    from vlm.assistant import SamplingSettings
+
+    settings = SamplingSettings(max_new_tokens=4)
+    for prefix, source in (("generate:", "generated"), ("retrieve:", "retrieved")):
+        gill.tokens_processed = 0
+        reply = list(assistant.respond([], f"{prefix} a red circle", settings=settings))[-1]
+        assert [im.source for im in reply.images] == [source]
+        assert f"[image 1: {source}]" in reply.text
+        n_prompt = int(gill.vlm.prepare(request_prompt("a red circle"))["input_ids"].shape[1])
+        # decoding went on after the 8 image tokens (or stopped at the end-of-turn token)
+        assert gill.tokens_processed >= n_prompt + 8
+    with pytest.raises(ValueError, match="after"):
+        list(assistant.respond([], "generate:   ", settings=settings))
+    plain = list(assistant.respond([], "Hello there", settings=settings))[-1]
+    assert plain.images == []
+
+
+def test_reply_messages_show_the_images(gill, maker):
+    import gradio as gr
+
+    from app import reply_messages
+    from vlm.assistant import Reply
+
+    images = gill.images_for([request_prompt("a red circle")], maker, force="retrieved")
+    out = reply_messages(Reply("Here: [image 1: retrieved]", images=images))
+    assert isinstance(out, list) and out[0] == "Here: [image 1: retrieved]"
+    assert isinstance(out[1], gr.Image) and "retrieved" in out[1].label
+    assert reply_messages(Reply("just text")) == "just text"
+
+
+def test_save_and_load_round_trip(gill, tmp_path):
+    model = _gill()
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.normal_(0, 0.1)
+        model.vlm.added_embeddings.normal_()
+        model.img_out.normal_()
+        model.img_bias.fill_(0.7)
+    path = model.save_pretrained(tmp_path / "gill")
+    loaded = GILLVLM.from_pretrained(path)
+    for a, b in ((model.gill_state_dict(), loaded.gill_state_dict()),
+                 (model.vlm.trained_state_dict(), loaded.vlm.trained_state_dict())):  # fmt: skip
+        assert set(a) == set(b)
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert loaded.vlm.config.added_tokens == model.vlm.config.added_tokens
+    tensors = load_file(path / "gill.safetensors")
+    assert not any(k.startswith("llm") or "embed_tokens" in k for k in tensors)  # trained only
+    prompt = [request_prompt("a red circle")]
+    with torch.no_grad():
+        a = model.prompt_embeds(model.request_states(prompt)[1])
+        b = loaded.prompt_embeds(loaded.request_states(prompt)[1])
+    torch.testing.assert_close(a, b)
+
+
+def test_training_steps_lower_each_loss(pipe):
+    images = [_image(i) for i in range(4)]
+    captions = [
+        [
+            {"role": "user", "content": "Describe the image.", "images": [im]},
+            {"role": "assistant", "content": text},
+        ]
+        for im, text in zip(images[:2], ["A red circle.", "Two blue stars."], strict=True)
+    ]
+    texts = ["A red circle.", "Two blue stars.", "A white ring.", "A green square."]
+    requests = [request_prompt(t) for t in texts]
+    targets = encode_prompts(pipe, texts).float()
+    labels = torch.tensor([RETRIEVE, RETRIEVE, GENERATE, GENERATE])
+    others = [[{"role": "user", "content": "Hello there"}]]
+    # Each loss trained on its own (in the tiny random model they compete for the same rows);
+    # the sum on top.
+    for key in ("loss", "caption", "emit", "retrieval", "generation", "decision"):
+        torch.manual_seed(0)
+        model = _gill().train()
+        model.heads.decision.dropout.p = 0.0  # a deterministic decision loss to compare
+        # captioning lowers [IMG0]'s mass on caption text: give it some to lose
+        _set(model.img_bias, 3.0 if key == "caption" else 0.0)
+        embeds = model.clip_image_embeds(images[:3])
+        opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-3)
+        rows = [model.vlm.config.added_tokens.index(t) for t in IMG_TOKENS]
+        image_row = model.vlm.added_embeddings[0].detach().clone()  # <image>: must not move
+        history = []
+        for _ in range(6):
+            losses = model.training_losses(captions, requests, targets, embeds, labels, others)
+            losses[key].backward()
+            if key == "loss":
+                assert model.vlm.added_embeddings.grad[rows].abs().sum() > 0
+                assert model.vlm.added_embeddings.grad[0].abs().sum() == 0  # only [IMG] rows
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            history.append(float(losses[key].detach()))
+        assert history[-1] < history[0], (key, history)
+        assert torch.equal(model.vlm.added_embeddings[0].detach(), image_row)
+
+
+# -- the scripts ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shapeworld(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("gill-data") / "sw"
+    args = ["generate", "--out", str(root), "--train", "6", "--val", "2", "--test", "3"]
+    shapeworld_main([*args, "--pretrain", "0", "--image-size", "64", "--workers", "1"])
+    return root
+
+
+@pytest.fixture(scope="module")
+def compositions(tmp_path_factory) -> Path:
+    """The decoder's kind of data: 64 px scenes of one or two objects, 12 val images."""
+    root = tmp_path_factory.mktemp("gill-gen") / "world"
+    cfg = ShapeWorldConfig(
+        seed=0,
+        layout=LayoutConfig(image_size=64, min_objects=1, max_objects=2, min_size=0.08),
+        splits=SplitSizes(train=0, val=12, test=0, pretrain=0),
+    )
+    generate(root, cfg, workers=1, progress=False)
+    return root
+
+
+TRAIN_ARGS = [
+    "--preset", "tiny", "--steps", "4", "--batch-size", "2", "--compositions", "1",
+    "--caption-batch", "1", "--negatives", "1", "--mapper-width", "32", "--mapper-layers", "1",
+    "--retrieval-dim", "16", "--save-every", "1", "--no-progress", "--threads", "1",
+]  # fmt: skip
+
+
+def test_train_resumes_exactly(shapeworld, tmp_path):
+    from train.gill import main as train_main
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train_main([*TRAIN_ARGS, "--data", str(shapeworld), "--out", str(straight)]) == 0
+    args = [*TRAIN_ARGS, "--data", str(shapeworld), "--out", str(split)]
+    assert train_main([*args, "--stop-at", "2"]) == 0
+    assert train_main([*args, "--resume"]) == 0
+    a = load_file(straight / "final" / "gill.safetensors")
+    b = load_file(split / "final" / "gill.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    va = load_file(straight / "final" / "vlm.safetensors")["added_embeddings"]
+    vb = load_file(split / "final" / "vlm.safetensors")["added_embeddings"]
+    assert torch.equal(va, vb)
+    losses = [line for line in (split / "loss.jsonl").read_text().splitlines() if line]
+    assert len(losses) == 4
+    with pytest.raises(SystemExit):  # other settings cannot resume this run
+        train_main([*args, "--resume", "--lr", "0.5"])
+
+
+def test_eval_runs_on_a_tiny_shapeworld(shapeworld, compositions, tmp_path):
+    import json
+
+    from eval.gill import main as eval_main
+    from eval.gill import recall_at
+    from train.gill import main as train_main
+
+    run = tmp_path / "run"
+    assert train_main([*TRAIN_ARGS, "--data", str(shapeworld), "--out", str(run)]) == 0
+    out = tmp_path / "gill.json"
+    args = [
+        "--checkpoint", str(run / "final"), "--preset", "tiny", "--data", str(shapeworld),
+        "--split", "test", "--n", "3", "--gen-data", str(compositions), "--single", "1",
+        "--two", "1", "--steps", "2", "--json", str(out), "--no-progress", "--batch-size", "2",
+    ]  # fmt: skip
+    assert eval_main(args) == 0
+    r = json.loads(out.read_text())
+    assert r["n_images"] == 3
+    assert r["recall"]["10"] == 1.0  # 3 images: each is among the top 3
+    assert r["recall"]["1"] <= r["recall"]["5"] <= r["recall"]["10"]
+    assert r["decision"]["n_retrieve"] == 3 and r["decision"]["n_generate"] == 2
+    assert 0 <= r["decision"]["macro_f1"] <= 1
+    for key in ("mapper_single_acc", "decoder_text_two_acc", "generation_distance"):
+        assert r[key] is not None
+    assert recall_at([[2, 0, 1], [0, 1, 2]], [0, 2], ks=(1, 2, 3)) == {1: 0.0, 2: 0.5, 3: 1.0}

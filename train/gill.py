@@ -1,0 +1,375 @@
+"""Train GILL on ShapeWorld: the [IMG] rows, the [IMG0] output row, mapper, retrieval, decision.
+
+    python -m train.gill --data /work/data/sw --out /work/runs/gill --steps 600 --max-minutes 25
+    python -m train.gill --data /work/data/sw --out /work/runs/gill --resume   # continue
+
+Starts from the preset's trained VLM core (``--vlm`` for another) and its diffusion decoder; both
+stay frozen (the decoder only encodes captions here). Each step (Koh et al. 2023's three losses,
+generation/gill.py, vlm/gill.py):
+
+- captioning: ``--caption-batch`` images with a question -> one of their captions; CE over the
+  vocabulary plus [IMG0]. The VLM core is frozen, so this pass trains only the [IMG0] output row
+  (not to fire inside ordinary text); GILL's captioning pass trained its visual prefix, which is
+  our frozen VLM projector.
+- requests: ``--batch-size`` ShapeWorld scenes and ``--compositions`` novel compositions, asked
+  for with one of vlm.gill.REQUEST_TEMPLATES ("Show me this: <caption>"); the reply is [IMG0]
+  then the 7 appended tokens. Losses: CE of emitting [IMG0]; InfoNCE between the [IMG0] state
+  and the CLIP embeddings of the scenes' images (in-batch negatives); generation = per-token
+  distance of the mapper's output to the decoder's own encoding of the caption.
+- decision (our labels, as GILL's PartiPrompts votes are not ours to have): a scene caption
+  describes an image of the kind the index holds (a ShapeWorld picture of 2-7 objects, its own
+  listing caption) -> retrieve; a novel composition of one or two objects in phrasings the
+  scenes' captions never use (vlm.gill.compose_description, "A red circle next to a blue star.")
+  -> generate. CE on the detached [IMG0] state.
+- negatives: ``--negatives`` text-only ordinary prompts whose emission target is the bare LLM's
+  own first token (STAMP's negatives), so [IMG0] does not fire wherever no image is in view.
+
+Loss = caption + emit + retrieval + generation + decision, all weights 1 (the paper's 0.5 x CE of
+its retrieval and its generation passes is one CE here: both read the same tokens, one pass).
+AdamW (betas 0.9/0.95, weight decay 0.01 on the heads only; the token rows get none), cosine
+schedule with warmup, grad clip 1.0 (GILL's); the [IMG0] output row at ``--row-lr-scale`` x the
+rate (its logit starts at 0 against a frozen head whose top logits are ~30). Resumable
+(``--resume``); ``--max-minutes`` stops cleanly with everything saved; ``<out>/final`` is a
+GILLVLM.save_pretrained folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.utils import logging as diffusers_logging
+from tqdm.auto import tqdm
+
+from core.config import project_path
+from core.runtime import resolve_device, seed_everything
+from data.conversations import DESCRIBE_PROMPTS
+from data.datasets import shapeworld_paths
+from generation.diffusion import encode_prompts, expected_embeds_shape, pipeline_from_preset
+from generation.gill import GENERATE, RETRIEVE, GILLMapperConfig
+from train.common import (
+    batch_indices,
+    cosine_with_warmup,
+    load_training_state,
+    resume_mismatches,
+    save_training_state,
+)
+from vlm.config import PolychromeConfig
+from vlm.gill import (
+    GILLVLM,
+    REQUEST_TEMPLATES,
+    SceneItem,
+    compose_description,
+    gill_config_for,
+    load_scenes,
+)
+from vlm.model import PolychromeVLM, VLMConfig
+
+# Text-only prompts the model must answer in text, never with [IMG0]: some about shapes, so that
+# the request phrasing, not the topic, is what makes it fire.
+OTHER_PROMPTS = (
+    "Hello! How are you today?",
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "Describe a red circle in words.",
+    "What is a hexagon?",
+    "How many sides does a pentagon have?",
+    "Tell me a fun fact about stars.",
+    "What colour do you get by mixing blue and yellow?",
+    "Explain what a diamond shape is.",
+    "Can you help me plan my day?",
+)
+RESUME_KEYS = (
+    "gill",
+    "negatives",
+    "row_lr_scale",
+    "vlm",
+    "seed",
+    "batch_size",
+    "compositions",
+    "caption_batch",
+    "lr",
+    "steps",
+    "data",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.gill",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--preset", default="shapes", help="preset name (configs/*.json)")
+    parser.add_argument("--vlm", type=Path, default=None, help="VLM core (default: the preset's)")
+    parser.add_argument("--data", type=Path, required=True, help="a ShapeWorld folder")
+    parser.add_argument("--split", default="train", help="ShapeWorld split (default train)")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N images only")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (last/, final/)")
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps in all")
+    parser.add_argument("--batch-size", type=int, default=16, help="scene requests per step")
+    parser.add_argument(
+        "--compositions", type=int, default=8, help="novel-composition requests per step"
+    )
+    parser.add_argument(
+        "--caption-batch", type=int, default=8, help="captioning conversations per step"
+    )
+    parser.add_argument(
+        "--negatives", type=int, default=4, help="text-only ordinary prompts per step (default 4)"
+    )
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (GILL)")
+    parser.add_argument(
+        "--row-lr-scale",
+        type=float,
+        default=10.0,
+        help="learning-rate multiplier of the [IMG0] output row (it must climb to the frozen "
+        "head's logits, ~30 for SmolLM2)",
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5%%)")
+    parser.add_argument(
+        "--mapper-width",
+        type=int,
+        default=256,
+        help="mapper transformer width (paper 512; smaller for a CPU budget)",
+    )
+    parser.add_argument(
+        "--mapper-layers", type=int, default=2, help="mapper encoder and decoder layers (paper 4)"
+    )
+    parser.add_argument("--retrieval-dim", type=int, default=256, help="shared retrieval space")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    parser.add_argument("--save-every", type=int, default=50, help="steps between <out>/last")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop after this time")
+    parser.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        shapeworld_paths(args.data, args.split)
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    for name in ("steps", "batch_size", "caption_batch", "save_every", "mapper_width"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
+    if args.batch_size < 2:
+        parser.error("--batch-size must be >= 2 (InfoNCE needs in-batch negatives)")
+    if args.compositions < 0 or args.negatives < 0:
+        parser.error("--compositions and --negatives must be >= 0")
+    if args.lr <= 0:
+        parser.error(f"--lr must be > 0, received {args.lr}")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
+    if args.resume and not (args.out / "last").is_dir():
+        parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
+
+
+def build_model(
+    preset: PolychromeConfig, vlm_dir: Path | None, args: argparse.Namespace, decoder: Any
+) -> GILLVLM:
+    """The frozen VLM core (trained projector) with fresh GILL parts sized to the decoder."""
+    if vlm_dir is None and preset.vlm.checkpoint:
+        vlm_dir = project_path(preset.vlm.checkpoint)
+    if vlm_dir is None:
+        vlm = PolychromeVLM.build(
+            VLMConfig(llm=preset.llm, vision=preset.clip, projector=preset.vlm.projector)
+        )
+    else:
+        vlm = PolychromeVLM.from_pretrained(vlm_dir)
+    width = args.mapper_width
+    mapper = GILLMapperConfig(
+        width=width,
+        encoder_layers=args.mapper_layers,
+        decoder_layers=args.mapper_layers,
+        heads=4,
+        ffn_dim=4 * width,
+    )
+    cfg = gill_config_for(vlm, decoder, mapper=mapper, retrieval_dim=args.retrieval_dim)
+    return GILLVLM(vlm, cfg)
+
+
+def batch_for(
+    scenes: list[SceneItem],
+    indices: np.ndarray,
+    step: int,
+    seed: int,
+    n_compositions: int,
+    n_captions: int,
+    n_negatives: int = 0,
+) -> dict[str, Any]:
+    """A pure function of (indices, step, seed): the step's conversations and labels."""
+    rng = np.random.default_rng([seed, step])
+    items = [scenes[int(i)] for i in indices]
+    captions = []
+    for item in items[:n_captions]:
+        question = DESCRIBE_PROMPTS[int(rng.integers(len(DESCRIBE_PROMPTS)))]
+        answer = item.captions[int(rng.integers(len(item.captions)))]
+        captions.append(
+            [
+                {"role": "user", "content": question, "images": [item.image_path]},
+                {"role": "assistant", "content": answer},
+            ]
+        )
+    descriptions = [it.listing for it in items]
+    descriptions += [compose_description(rng) for _ in range(n_compositions)]
+    requests = [
+        [
+            {
+                "role": "user",
+                "content": REQUEST_TEMPLATES[int(rng.integers(len(REQUEST_TEMPLATES)))].format(d),
+            }
+        ]
+        for d in descriptions
+    ]
+    labels = [RETRIEVE] * len(items) + [GENERATE] * n_compositions
+    others = [
+        [{"role": "user", "content": OTHER_PROMPTS[int(rng.integers(len(OTHER_PROMPTS)))]}]
+        for _ in range(n_negatives)
+    ]
+    return {
+        "captions": captions,
+        "requests": requests,
+        "descriptions": descriptions,
+        "images": [it.image_path for it in items],
+        "labels": torch.tensor(labels),
+        "others": others,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    command = "python -m train.gill " + shlex.join(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # Scene captions longer than the decoder's text length are cut by its tokenizer, as in its own
+    # training; diffusers would warn about it at every step.
+    diffusers_logging.set_verbosity_error()
+    preset = PolychromeConfig.from_preset(args.preset)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    pipe = pipeline_from_preset(preset.diffusion)  # frozen; only its text encoder is used here
+    pipe.text_encoder.requires_grad_(False)
+    model = build_model(preset, args.vlm, args, expected_embeds_shape(pipe)).to(device)
+    scenes = load_scenes(args.data, args.split, args.limit)
+    data_desc = f"ShapeWorld {args.data} split {args.split}" + (
+        f" first {args.limit}" if args.limit else ""
+    )
+    print(
+        f"{len(scenes)} scenes from {data_desc}; mapper -> {model.config.mapper.out_tokens} x "
+        f"{model.config.mapper.out_dim} prompt_embeds"
+    )
+    heads = list(model.heads.parameters())
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [model.vlm.added_embeddings], "weight_decay": 0.0},
+            {
+                "params": [model.img_out, model.img_bias],
+                "weight_decay": 0.0,
+                "lr": args.lr * args.row_lr_scale,
+            },
+            {"params": heads, "weight_decay": 0.01},
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    scheduler = cosine_with_warmup(optimizer, warmup, args.steps)
+    run_config = {
+        "gill": model.config.to_dict(),
+        "vlm": str(args.vlm or preset.vlm.checkpoint),
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "compositions": args.compositions,
+        "caption_batch": args.caption_batch,
+        "negatives": args.negatives,
+        "row_lr_scale": args.row_lr_scale,
+        "lr": args.lr,
+        "steps": args.steps,
+        "data": data_desc,
+    }
+    start = 0
+    if args.resume:
+        why = resume_mismatches(args.out, run_config, RESUME_KEYS)
+        if why:
+            parser.error(f"--resume: {why}")
+        start = load_training_state(args.out, model, optimizer, scheduler)
+        print(f"resumed from {args.out / 'last'} at step {start}")
+    model.train()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = (args.out / "loss.jsonl").open("a", encoding="utf-8")
+    batches = batch_indices(len(scenes), args.batch_size, args.seed, start)
+    stop = args.stop_at or args.steps
+    bar = tqdm(total=stop, initial=start, desc="train gill", unit="step", disable=args.no_progress)
+    began = time.monotonic()
+    done = start
+    params = model.trainable_parameters()
+    for step in range(start, stop):
+        batch = batch_for(
+            scenes,
+            next(batches),
+            step,
+            args.seed,
+            args.compositions,
+            args.caption_batch,
+            args.negatives,
+        )
+        with torch.no_grad():
+            targets = encode_prompts(pipe, batch["descriptions"]).float()
+            image_embeds = model.clip_image_embeds(batch["images"])
+        losses = model.training_losses(
+            batch["captions"],
+            batch["requests"],
+            targets,
+            image_embeds,
+            batch["labels"],
+            batch["others"],
+        )
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        row = {k: round(float(v.detach()), 5) for k, v in losses.items()}
+        log.write(json.dumps({"step": step + 1, **row}) + "\n")
+        log.flush()
+        bar.set_postfix(row)
+        bar.update(1)
+        done = step + 1
+        elapsed = time.monotonic() - began
+        out_of_time = args.max_minutes is not None and elapsed > 60 * args.max_minutes
+        if done % args.save_every == 0 or done == stop or out_of_time:
+            save_training_state(args.out, model, optimizer, scheduler, done, run_config)
+        if out_of_time:
+            print(f"--max-minutes {args.max_minutes} reached after step {done}")
+            break
+    bar.close()
+    log.close()
+    minutes = (time.monotonic() - began) / 60
+    metadata = {
+        "command": command,
+        "steps_run": done,
+        "steps_planned": args.steps,
+        "train_minutes_this_run": round(minutes, 2),
+        "data": data_desc,
+        "decoder": str(preset.diffusion.checkpoint or preset.diffusion.model),
+    }
+    final = model.save_pretrained(args.out / "final", metadata=metadata, overwrite=True)
+    print(f"wrote {final} ({done} of {args.steps} steps, {minutes:.1f} min this run)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

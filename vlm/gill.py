@@ -1,0 +1,761 @@
+"""GILL on the Polychrome VLM: the model emits ``[IMG0]``, then retrieves or generates an image.
+
+    gill = GILLVLM.from_pretrained("runs/gill/final")
+    maker = ImageMaker(gill, index=ImageIndex.load("runs/gill/index-test"), pipe=load_pipeline(...))
+    for chunk, image in gill.stream([{"role": "user", "content": "Show me this: ..."}], maker):
+        ...                                   # text chunks, and a GILLImage at each [IMG0]
+    images = gill.images_for(prompts, maker)  # batch: every prompt answered with one image
+
+    python -m vlm.gill index --checkpoint runs/gill/final --images /work/data/sw/test \\
+        --out runs/gill/index-test             # an ImageIndex in GILL's retrieval space
+
+How it follows Koh et al. 2023 (generation/gill.py has the heads and the losses; REFERENCE.md):
+
+- r = 8 tokens ``[IMG0]``..``[IMG7]`` get trainable input rows (PolychromeVLM.add_tokens; a
+  gradient hook zeroes every other added row, as GILL masks the gradient of all rows but its own).
+  ``[IMG0]`` also gets an output row (``img_out``, ``img_bias``) beside the frozen LM head, as
+  STAMP's ``<seg>``: its logit is appended to the vocabulary's and the decoding loop emits it like
+  any token. (GILL's OPT ties input and output rows; our LM head is frozen and not resized.)
+- Once ``[IMG0]`` is chosen, ``[IMG1..7]`` are appended, not sampled: one forward pass of the 8
+  tokens over the reply's KV cache. Their last hidden states and input embeddings feed the
+  GILLMapper (-> the decoder's ``prompt_embeds``), the ``[IMG0]`` state feeds the retrieval head
+  and the decision head. The tokens stay in the cache and the reply continues after them (GILL's
+  users complain that its replies stop at the image).
+- The decision head picks retrieve (cosine top-1 of the ImageIndex) or generate (the diffusion
+  pipeline on the mapper's output). An index for GILL stores ``RetrievalHeads.embed_images`` of
+  the CLIP image embeddings, not raw CLIP vectors (the image side's projection is learned), so
+  its model name carries a hash of the trained projection (``GILLImageEmbedder``): an index built
+  with other weights is refused.
+- Every text token, text-only or with images, goes through the bare frozen LLM and the VLM core:
+  chat logits are bitwise the VLM core's (a test checks it). Trained and saved: the ``[IMG]``
+  rows, ``img_out``/``img_bias`` and GILL's heads; the VLM core is named by its saved tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import DynamicCache
+
+from core.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
+from core.images import load_rgb
+from data.datasets import InstanceDataset, shapeworld_paths
+from data.formats import read_coco_captions
+from data.scene import COLOURS, SHAPES, UNSEEN_COLOURS, UNSEEN_SHAPES
+from generation.diffusion import DiffusionConfig, Pipeline, expected_embeds_shape, generate
+from generation.gill import (
+    GENERATE,
+    NUM_IMG_TOKENS,
+    GILLConfig,
+    GILLMapperConfig,
+    build_gill,
+    generation_loss,
+    info_nce,
+)
+from generation.index import ImageIndex
+from vlm.model import PolychromeVLM, VLMConfig
+
+__all__ = [
+    "GILLVLM",
+    "IMG_TOKENS",
+    "REQUEST_TEMPLATES",
+    "GILLImage",
+    "GILLImageEmbedder",
+    "ImageMaker",
+    "ImgTokenStates",
+    "SceneItem",
+    "compose_description",
+    "gill_config_for",
+    "load_scenes",
+    "main",
+    "request_prompt",
+]
+
+IMG_TOKENS = tuple(f"[IMG{i}]" for i in range(NUM_IMG_TOKENS))
+TENSOR_FILE = "gill"  # <checkpoint>/gill.safetensors beside vlm.safetensors
+# How an image request is phrased in training and by the Assistant's "generate:" / "retrieve:"
+# prefixes ({} = the description, a ShapeWorld caption).
+REQUEST_TEMPLATES = (
+    "Show me this: {}",
+    "Can you show me a picture of this? {}",
+    "I would like to see this: {}",
+    "Picture this: {}",
+)
+Source = Literal["retrieved", "generated"]
+
+
+@dataclass
+class GILLImage:
+    """One image of a reply: where it came from and why."""
+
+    image: Image.Image
+    source: Source  # "retrieved" (from the index) or "generated" (by the decoder)
+    p_generate: float  # the decision head's probability of "generate" (also when forced)
+    path: str | None = None  # the retrieved file
+    score: float | None = None  # cosine of the retrieved image in the retrieval space
+
+
+@dataclass
+class ImgTokenStates:
+    """The r [IMG] tokens of B prompts after the LLM."""
+
+    hidden: torch.Tensor  # (B, r, H) last-layer hidden states
+    input_embeds: torch.Tensor  # (B, r, H) their input embeddings (the trained rows)
+
+    @property
+    def img0(self) -> torch.Tensor:
+        """(B, H) the [IMG0] hidden state (retrieval and decision heads)."""
+        return self.hidden[:, 0]
+
+
+def gill_config_for(
+    vlm: PolychromeVLM,
+    decoder: DiffusionConfig | tuple[int | None, int],
+    mapper: GILLMapperConfig | None = None,
+    **changes: Any,
+) -> GILLConfig:
+    """A GILLConfig whose widths fit `vlm` (LLM hidden size, CLIP embedding width) and `decoder`
+    (a DiffusionConfig, or a loaded pipeline's ``expected_embeds_shape``)."""
+    hidden = int(vlm.llm.config.get_text_config().hidden_size)
+    with torch.no_grad():
+        size = int(vlm.pixel_values([Image.new("RGB", (8, 8))]).shape[-1])
+        probe = torch.zeros(1, 3, size, size, device=vlm.device)
+        clip_dim = int(vlm.clip.encode_image(probe).shape[-1])
+    return GILLConfig.for_decoder(hidden, clip_dim, decoder, mapper=mapper, **changes)
+
+
+class GILLImageEmbedder:
+    """Images -> GILL's retrieval space (a generation.index.ImageEmbedder).
+
+    The name holds a hash of the trained image projection, so an index is tied to the weights it
+    was built with."""
+
+    def __init__(self, gill: GILLVLM, batch_size: int = 64) -> None:
+        self.gill = gill
+        self.batch_size = batch_size
+        proj = gill.heads.retrieval.image_proj
+        digest = hashlib.sha256()
+        for t in (proj.weight, proj.bias):
+            digest.update(t.detach().float().cpu().numpy().tobytes())
+        self.name = f"gill-retrieval@{digest.hexdigest()[:12]}"
+        self.dim = int(proj.out_features)
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[Any]) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            clip = self.gill.clip_image_embeds(images[start : start + self.batch_size])
+            out.append(self.gill.heads.retrieval.embed_images(clip).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
+
+
+class GILLVLM(nn.Module):
+    """A PolychromeVLM with GILL's [IMG] tokens and heads (module docstring)."""
+
+    def __init__(self, vlm: PolychromeVLM, config: GILLConfig) -> None:
+        super().__init__()
+        hidden = int(vlm.llm.config.get_text_config().hidden_size)
+        if config.llm_dim != hidden:
+            raise ValueError(
+                f"config.llm_dim is {config.llm_dim}; the VLM's LLM has hidden size {hidden}"
+            )
+        if not 1 <= config.num_img_tokens <= len(IMG_TOKENS):
+            raise ValueError(
+                f"num_img_tokens must be in [1, {len(IMG_TOKENS)}], received "
+                f"{config.num_img_tokens}"
+            )
+        self.vlm = vlm
+        self.config = config
+        self.img_tokens = list(IMG_TOKENS[: config.num_img_tokens])
+        # Tokens added to `vlm` after this point would replace added_embeddings and drop the
+        # gradient hook below: GILL's tokens are the last ones a GILLVLM's core gets.
+        self.img_ids = vlm.add_tokens(self.img_tokens)
+        vlm.projector.requires_grad_(False)  # the VLM core stays as it was trained
+        rows = [vlm.config.added_tokens.index(t) for t in self.img_tokens]
+        keep = torch.zeros(len(vlm.added_ids), 1)
+        keep[rows] = 1.0
+        self.register_buffer("_row_mask", keep, persistent=False)  # (n_added, 1)
+        vlm.added_embeddings.register_hook(lambda g: g * self._row_mask.to(g.dtype))
+        self.heads = build_gill(config)
+        self.img_out = nn.Parameter(torch.zeros(hidden))  # the [IMG0] row beside the LM head
+        self.img_bias = nn.Parameter(torch.zeros(()))
+        self.to(vlm.device)
+        self.tokens_processed = 0  # tokens the LLM has read (inputs of every forward)
+
+    def train(self, mode: bool = True) -> GILLVLM:
+        super().train(mode)
+        self.vlm.train(mode)
+        self.vlm.projector.eval()  # frozen here
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The added rows (only the [IMG] rows get a gradient), the [IMG0] output row, the heads."""
+        params = [self.vlm.added_embeddings, self.img_out, self.img_bias]
+        return params + list(self.heads.parameters())
+
+    # -- saving ---------------------------------------------------------------------------------
+
+    def gill_state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"heads.{k}": v for k, v in self.heads.state_dict().items()}
+        state["img_out"] = self.img_out.data
+        state["img_bias"] = self.img_bias.data
+        return state
+
+    def load_gill_state(self, state: dict[str, torch.Tensor], what: str) -> None:
+        own = self.gill_state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{what} does not fit this GILL model: missing keys {missing[:10]}, unexpected "
+                f"keys {unexpected[:10]}"
+            )
+        heads = {k.removeprefix("heads."): v for k, v in state.items() if k.startswith("heads.")}
+        load_state_strict(self.heads, heads, what=what)
+        for name in ("img_out", "img_bias"):
+            target = getattr(self, name)
+            if target.shape != state[name].shape:
+                raise CheckpointError(
+                    f"{what}: {name} expected shape {tuple(target.shape)}, received "
+                    f"{tuple(state[name].shape)}"
+                )
+            target.data.copy_(state[name])
+
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype = torch.float32,
+        metadata: dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """The VLM core's trained tensors (its [IMG] rows included) and GILL's; the frozen LLM and
+        CLIP by their sources in the config."""
+        tensors = {
+            "vlm": {k: v.to(dtype) for k, v in self.vlm.trained_state_dict().items()},
+            TENSOR_FILE: {k: v.to(dtype) for k, v in self.gill_state_dict().items()},
+        }
+        config = {"vlm": self.vlm.config.to_dict(), "gill": self.config.to_dict()}
+        return save_checkpoint(directory, tensors, config, metadata, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike[str], device: str | torch.device = "cpu"
+    ) -> GILLVLM:
+        ckpt = load_checkpoint(directory)
+        if set(ckpt.tensors) != {"vlm", TENSOR_FILE} or "gill" not in ckpt.config:
+            raise CheckpointError(
+                f"{directory}: expected a GILL checkpoint (vlm.safetensors + gill.safetensors, "
+                f"config with 'vlm' and 'gill'), found tensor files {sorted(ckpt.tensors)}"
+            )
+        vlm_cfg = VLMConfig.from_dict(ckpt.config["vlm"], source=f"{directory} config.vlm")
+        gill_cfg = GILLConfig.from_dict(ckpt.config["gill"], source=f"{directory} config.gill")
+        base = [t for t in vlm_cfg.added_tokens if t not in IMG_TOKENS]
+        vlm = PolychromeVLM.build(vlm_cfg.replace(added_tokens=base), device=device)
+        model = cls(vlm, gill_cfg)
+        if vlm.config.added_tokens != vlm_cfg.added_tokens:
+            raise CheckpointError(
+                f"{directory}: added tokens {vlm_cfg.added_tokens} are not the core's followed by "
+                f"GILL's ({vlm.config.added_tokens})"
+            )
+        vlm.load_trained_state(ckpt.tensors["vlm"], what=str(directory))
+        model.load_gill_state(ckpt.tensors[TENSOR_FILE], what=str(directory))
+        return model
+
+    # -- the passes -----------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        """V: rows of the frozen LM head; index V of `decision_logits` is [IMG0]."""
+        return int(cast(torch.Tensor, self.vlm.llm.get_output_embeddings().weight).shape[0])
+
+    def decision_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) hidden states -> (..., V + 1) logits: the LM head's, then [IMG0]'s."""
+        vocab = self.vlm.llm.get_output_embeddings()(hidden).float()
+        img = hidden.float() @ self.img_out + self.img_bias
+        return torch.cat([vocab, img[..., None]], -1)
+
+    def _forward(self, embeds: torch.Tensor, **kwargs: Any) -> Any:
+        self.tokens_processed += int(embeds.shape[0] * embeds.shape[1])
+        return self.vlm.llm.base_model(inputs_embeds=embeds, use_cache=True, **kwargs)
+
+    def prefix(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        """Left-padded prompts through the bare LLM: (last hidden (B, H), the KV cache)."""
+        embeds = self.vlm.embed(input_ids.to(self.vlm.device), visual)
+        mask = attention_mask.to(self.vlm.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        out = self._forward(embeds, attention_mask=mask, position_ids=positions, cache=cache)
+        return out.last_hidden_state[:, -1], cache
+
+    def step(
+        self, token_ids: torch.Tensor, kv_mask: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        """One token per row (B,) after the cache, bare LLM; returns its last hidden (B, H)."""
+        ids = token_ids.to(self.vlm.device)[:, None]
+        mask = torch.cat([kv_mask, torch.ones_like(kv_mask[:, :1])], 1)
+        positions = mask.sum(-1, keepdim=True) - 1
+        out = self._forward(
+            self.vlm.embed(ids), attention_mask=mask, position_ids=positions, cache=cache
+        )
+        return cast(torch.Tensor, out.last_hidden_state[:, -1])
+
+    def img_pass(
+        self, kv_mask: torch.Tensor, cache: DynamicCache
+    ) -> tuple[ImgTokenStates, torch.Tensor]:
+        """[IMG0..r-1] appended to every row of the cache in one forward pass (they stay in it).
+
+        kv_mask: (B, T) the cache's attention mask. Returns the tokens' states and the new
+        (B, T + r) mask."""
+        b, r = kv_mask.shape[0], len(self.img_ids)
+        ids = torch.tensor(self.img_ids, device=self.vlm.device).expand(b, r)
+        embeds = self.vlm.embed(ids)  # (B, r, H), the trained rows
+        mask = torch.cat([kv_mask, torch.ones_like(kv_mask[:, :1]).expand(b, r)], 1)
+        positions = kv_mask.sum(-1, keepdim=True) + torch.arange(r, device=kv_mask.device)
+        out = self._forward(embeds, attention_mask=mask, position_ids=positions, cache=cache)
+        return ImgTokenStates(out.last_hidden_state, embeds), mask
+
+    def clip_image_embeds(self, images: Sequence[Any]) -> torch.Tensor:
+        """Images of any kind -> (N, E_clip) unit-norm CLIP image embeddings (frozen CLIP)."""
+        pixels = self.vlm.pixel_values(images).to(self.vlm.device)
+        with torch.no_grad():
+            return self.vlm.clip.encode_image(pixels, normalize=True).float()
+
+    def prompt_embeds(self, states: ImgTokenStates) -> torch.Tensor:
+        """(B, L, D): the mapper's conditioning for the diffusion decoder."""
+        return cast(torch.Tensor, self.heads.mapper(states.hidden.float(), states.input_embeds))
+
+    def retrieval_queries(self, states: ImgTokenStates) -> torch.Tensor:
+        """(B, E_ret) unit-norm queries in the retrieval space."""
+        return self.heads.retrieval.embed_text(states.img0.float())
+
+    def p_generate(self, states: ImgTokenStates) -> torch.Tensor:
+        """(B,) the decision head's probability of "generate" (its dropout off)."""
+        was = self.heads.decision.training
+        self.heads.decision.eval()
+        try:
+            return torch.softmax(self.heads.decision(states.img0.float()), -1)[:, GENERATE]
+        finally:
+            self.heads.decision.train(was)
+
+    def _batch(
+        self, prompts: Sequence[Sequence[dict[str, Any]]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Left-padded prompts with the generation prompt, and their visual tokens (or None)."""
+        tok = self.vlm.tokenizer
+        rendered = [self.vlm.render(p, add_generation_prompt=True) for p in prompts]
+        side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
+        finally:
+            tok.padding_side = side
+        images = [im for p in prompts for m in p for im in (m.get("images") or ())]
+        visual = None
+        if images:
+            with torch.no_grad():
+                visual = self.vlm.encode_images(self.vlm.pixel_values(images))
+        return enc["input_ids"], enc["attention_mask"], visual
+
+    def request_states(
+        self, prompts: Sequence[Sequence[dict[str, Any]]]
+    ) -> tuple[torch.Tensor, ImgTokenStates]:
+        """Each prompt's reply forced to open with [IMG0..r-1]: (the last prompt hidden (B, H),
+        the [IMG] states). The prompt is read without gradient (nothing in it trains); the [IMG]
+        tokens with it, when grad is enabled."""
+        ids, attn, visual = self._batch(prompts)
+        with torch.no_grad():
+            last, cache = self.prefix(ids, attn, visual)
+        states, _ = self.img_pass(attn.to(self.vlm.device), cache)
+        return last, states
+
+    # -- training -------------------------------------------------------------------------------
+
+    def caption_loss(self, captions: Sequence[Sequence[dict[str, Any]]]) -> torch.Tensor:
+        """The captioning pass: conversations [image + question -> caption]; CE over V + [IMG0]
+        on the reply tokens. The VLM core is frozen, so the gradient reaches only the [IMG0]
+        output row: [IMG0] must not fire inside ordinary text."""
+        device = self.vlm.device
+        batch = self.vlm.collate(captions)
+        with torch.no_grad():
+            pixels = batch.get("pixel_values")
+            feats = self.vlm.encode_images(pixels) if pixels is not None else None
+            embeds = self.vlm.embed(batch["input_ids"].to(device), feats)
+            hidden = self.vlm.llm.base_model(
+                inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device)
+            ).last_hidden_state
+        targets = batch["labels"][:, 1:].to(device)
+        keep = targets != -100
+        return F.cross_entropy(self.decision_logits(hidden[:, :-1][keep]), targets[keep])
+
+    def training_losses(
+        self,
+        captions: Sequence[Sequence[dict[str, Any]]],
+        requests: Sequence[Sequence[dict[str, Any]]],
+        decoder_targets: torch.Tensor,
+        image_embeds: torch.Tensor,
+        decision_labels: torch.Tensor,
+        others: Sequence[Sequence[dict[str, Any]]] = (),
+    ) -> dict[str, torch.Tensor]:
+        """The paper's three losses, and the decision head's, on one batch.
+
+        captions: conversations [image + question -> caption] (the captioning pass).
+        requests: B prompts asking for an image; each reply is [IMG0..r-1].
+        decoder_targets: (B, L, D) the frozen decoder's own encoding of each request's caption.
+        image_embeds: (N, E_clip) CLIP embeddings of the images the first N requests describe
+            (N <= B; requests without an image in the batch, N..B-1, get no retrieval loss).
+        decision_labels: (B,) RETRIEVE / GENERATE for each request.
+        others: prompts the LLM answers in text (no image request); their emission target is the
+            bare LLM's own first token, so [IMG0] learns not to fire on them (STAMP's negatives).
+
+        Returns {"loss", "caption", "emit", "retrieval", "generation", "decision"} (each with its
+        graph): loss = caption + emit + retrieval + generation + decision (train.gill's docstring
+        says why these weights).
+        """
+        b = len(requests)
+        n_img = int(image_embeds.shape[0])
+        if decoder_targets.shape[0] != b or decision_labels.shape != (b,) or not 1 < n_img <= b:
+            raise ValueError(
+                f"expected {b} decoder targets and decision labels and 2..{b} image embeddings "
+                f"for {b} requests, received {tuple(decoder_targets.shape)}, "
+                f"{tuple(decision_labels.shape)}, {tuple(image_embeds.shape)}"
+            )
+        device = self.vlm.device
+        caption = self.caption_loss(captions)
+        # 2. requests -> [IMG0]: emitting it (CE, the paper's 0.5 x CE of its retrieval and its
+        # generation passes, which read the same tokens here: one pass serves both) ...
+        last, states = self.request_states(requests)
+        emit_target = torch.full((b,), self.vocab_size, dtype=torch.long, device=device)
+        emit_logits = self.decision_logits(last)  # (B, V + 1)
+        if others:
+            ids, attn, visual = self._batch(others)
+            with torch.no_grad():
+                other_last, _ = self.prefix(ids, attn, visual)
+            other_logits = self.decision_logits(other_last)
+            own = other_logits[:, : self.vocab_size].argmax(-1).detach()
+            emit_logits = torch.cat([emit_logits, other_logits])
+            emit_target = torch.cat([emit_target, own])
+        emit = F.cross_entropy(emit_logits, emit_target)
+        # ... retrieval InfoNCE on the [IMG0] state against the described images ...
+        ret = self.heads.retrieval(states.img0[:n_img].float(), image_embeds.to(device))
+        retrieval = info_nce(ret.text_embeds, ret.image_embeds, ret.logit_scale)
+        # ... generation: distance to the decoder's own encoding of the caption ...
+        generation = generation_loss(self.prompt_embeds(states), decoder_targets.to(device))
+        # ... and the decision head on the detached [IMG0] state (GILL trains it apart, on a
+        # frozen model: it must not pull the [IMG] rows).
+        decision = F.cross_entropy(
+            self.heads.decision(states.img0.detach().float()), decision_labels.to(device)
+        )
+        loss = caption + emit + retrieval + generation + decision
+        return {
+            "loss": loss,
+            "caption": caption,
+            "emit": emit,
+            "retrieval": retrieval,
+            "generation": generation,
+            "decision": decision,
+        }
+
+    # -- inference ------------------------------------------------------------------------------
+
+    def image_embedder(self, batch_size: int = 64) -> GILLImageEmbedder:
+        return GILLImageEmbedder(self, batch_size)
+
+    def build_index(
+        self, folder: str | os.PathLike[str], kind: Literal["exact", "ivf", "hnsw"] = "exact"
+    ) -> ImageIndex:
+        """An ImageIndex of every image under `folder` in this model's retrieval space."""
+        embedder = self.image_embedder()
+        index = ImageIndex(embedder.name, embedder.dim, kind, metadata={"gill": True})
+        index.add_folder(folder, embedder, progress=False)
+        return index
+
+    @torch.inference_mode()
+    def images_for(
+        self,
+        prompts: Sequence[Sequence[dict[str, Any]]],
+        maker: ImageMaker,
+        force: Source | None = None,
+        seed: int = 0,
+    ) -> list[GILLImage]:
+        """One image per prompt, each reply forced to open with [IMG0] (a batch: one LLM pass,
+        one decoder call for all the prompts that generate)."""
+        _, states = self.request_states(prompts)
+        return maker.make(states, force=force, seed=seed)
+
+    def stream(
+        self,
+        messages: Sequence[dict[str, Any]],
+        maker: ImageMaker,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        force: Source | Literal["image"] | None = None,
+        back_to_back: bool = False,
+    ) -> Iterator[tuple[str, GILLImage | None]]:
+        """Yield (text chunk, None) as tokens come and ("", GILLImage) at each [IMG0].
+
+        Greedy at temperature 0, else sampling. One KV cache for the whole reply; an [IMG0] and
+        its 7 appended tokens count as one of the max_new_tokens steps. ``force``: the reply
+        opens with [IMG0] ("image": the decision head chooses; "retrieved" / "generated": that
+        source, the head not consulted). Unless ``back_to_back``, [IMG0] is masked after an image
+        until the reply has written some non-blank text: the frozen LLM, reading the [IMG] tokens,
+        otherwise tends to open a second image at once (docs/results_pending_9b.md)."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, received {max_new_tokens}")
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        tok = self.vlm.tokenizer
+        eos = int(cast(int, tok.eos_token_id))
+        vocab = self.vocab_size
+        with torch.inference_mode():
+            ids, attn, visual = self._batch([messages])
+            last, cache = self.prefix(ids, attn, visual)
+            kv = attn.to(self.vlm.device)
+            generated: list[int] = []
+            emitted = ""
+            n_images = 0
+            for step in range(max_new_tokens):
+                if step == 0 and force is not None:
+                    token = vocab
+                else:
+                    logits = self.decision_logits(last)[0]
+                    if n_images and not back_to_back and not emitted.strip():
+                        logits[vocab] = float("-inf")
+                    if temperature > 0:
+                        probs = torch.softmax(logits / temperature, -1)
+                        token = int(torch.multinomial(probs.cpu(), 1, generator=gen))
+                    else:
+                        token = int(logits.argmax())
+                if token == eos:
+                    break
+                if token == vocab:  # [IMG0]: append the rest, make the image, go on
+                    states, kv = self.img_pass(kv, cache)
+                    source = force if step == 0 and force in ("retrieved", "generated") else None
+                    image = maker.make(states, force=source, seed=(seed or 0) + n_images)[0]
+                    n_images += 1
+                    yield "", image
+                    last = states.hidden[:, -1]
+                    # text after the image starts a new decoded span
+                    generated, emitted = [], ""
+                    continue
+                generated.append(token)
+                text = str(tok.decode(generated, skip_special_tokens=True))
+                if len(text) > len(emitted) and not text.endswith("\ufffd"):
+                    yield text[len(emitted) :], None
+                    emitted = text
+                last = self.step(torch.tensor([token]), kv, cache)
+                kv = torch.cat([kv, torch.ones_like(kv[:, :1])], 1)
+
+
+class ImageMaker:
+    """Turns [IMG] states into images: the decision head, the index, the decoder.
+
+    index: an ImageIndex built with this model's ``image_embedder`` (None: nothing to retrieve
+    from, every image is generated and the decision head is not consulted). pipe: the diffusion
+    pipeline whose conditioning the mapper writes (None: every image is retrieved). At least one
+    of the two."""
+
+    def __init__(
+        self,
+        gill: GILLVLM,
+        index: ImageIndex | None = None,
+        pipe: Pipeline | None = None,
+        *,
+        num_inference_steps: int = 25,
+        guidance_scale: float = 4.0,
+    ) -> None:
+        if index is None and pipe is None:
+            raise ValueError("an ImageMaker needs an image index, a diffusion pipeline, or both")
+        if index is not None:
+            embedder = gill.image_embedder()
+            index.check_model(embedder.name, embedder.dim)  # built with these retrieval weights
+            if len(index) == 0:
+                raise ValueError("the image index is empty")
+        if pipe is not None:
+            want = (gill.config.mapper.out_tokens, gill.config.mapper.out_dim)
+            tokens, dim = expected_embeds_shape(pipe)
+            if dim != want[1] or tokens not in (None, want[0]):
+                raise ValueError(
+                    f"the mapper writes prompt_embeds of shape (B, {want[0]}, {want[1]}); the "
+                    f"pipeline expects (B, {tokens}, {dim})"
+                )
+        self.gill = gill
+        self.index = index
+        self.pipe = pipe
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.calls = {"retrieved": 0, "generated": 0}  # batches sent to each side
+
+    @torch.inference_mode()
+    def make(
+        self, states: ImgTokenStates, force: Source | None = None, seed: int = 0
+    ) -> list[GILLImage]:
+        """One image per row of `states`; retrievals in one search, generations in one batch."""
+        b = int(states.hidden.shape[0])
+        p_gen = self.gill.p_generate(states).float().cpu()
+        if force is not None:
+            choice = [force] * b
+        elif self.index is None:
+            choice = ["generated"] * b
+        elif self.pipe is None:
+            choice = ["retrieved"] * b
+        else:
+            choice = ["generated" if p > 0.5 else "retrieved" for p in p_gen.tolist()]
+        if "retrieved" in choice and self.index is None:
+            raise ValueError("retrieval asked for, but this model has no image index")
+        if "generated" in choice and self.pipe is None:
+            raise ValueError("generation asked for, but this model has no diffusion pipeline")
+        out: list[GILLImage | None] = [None] * b
+        rows = [i for i, c in enumerate(choice) if c == "retrieved"]
+        if rows:
+            assert self.index is not None
+            self.calls["retrieved"] += 1
+            queries = self.gill.retrieval_queries(
+                ImgTokenStates(states.hidden[rows], states.input_embeds[rows])
+            )
+            hits = self.index.search(queries.cpu().numpy(), 1)
+            for k, i in enumerate(rows):
+                path = hits.paths[k][0]
+                assert path is not None
+                out[i] = GILLImage(
+                    load_rgb(path), "retrieved", float(p_gen[i]), path, float(hits.scores[k][0])
+                )
+        rows = [i for i, c in enumerate(choice) if c == "generated"]
+        if rows:
+            self.calls["generated"] += 1
+            embeds = self.gill.prompt_embeds(
+                ImgTokenStates(states.hidden[rows], states.input_embeds[rows])
+            )
+            images = generate(
+                self.pipe,
+                prompt_embeds=embeds.float(),
+                seed=[seed + i for i in rows],
+                num_inference_steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale,
+            )
+            for i, image in zip(rows, images, strict=True):
+                out[i] = GILLImage(image, "generated", float(p_gen[i]))
+        return [o for o in out if o is not None]
+
+
+def request_prompt(description: str, template: int = 0) -> list[dict[str, Any]]:
+    """The user turn asking for an image of `description` (REQUEST_TEMPLATES[template])."""
+    return [{"role": "user", "content": REQUEST_TEMPLATES[template].format(description)}]
+
+
+# --------------------------------------------------------------------------------------------
+# ShapeWorld requests: scenes (in the index: retrieve) and novel compositions (generate)
+# --------------------------------------------------------------------------------------------
+
+# A novel composition names one or two objects in the phrasings of the decoder's training captions
+# (data.shapeworld with 1-2 objects) and in relations ShapeWorld's captions do not use.
+COMPOSITIONS_1 = ("A picture of a {0}.", "A {0}.", "There is one shape: a {0}.")
+COMPOSITIONS_2 = (
+    "A {0} and a {1}.",
+    "A {0} next to a {1}.",
+    "A {0} beside a {1}.",
+    "A {0} together with a {1}.",
+)
+# Objects of compositions: the classes and colours the decoder was trained on (no unseen ones).
+COMPOSE_SHAPES = tuple(s for s in SHAPES if s not in UNSEEN_SHAPES)
+COMPOSE_COLOURS = tuple(c for c in COLOURS if c not in UNSEEN_COLOURS)
+
+
+@dataclass
+class SceneItem:
+    """One ShapeWorld image: its file, its captions, the caption naming every object."""
+
+    image_path: Path
+    captions: list[str]  # all its captions
+    listing: str  # the shortest caption naming every (colour, class), as eval.clip's
+    objects: list[tuple[str, str]]  # (colour, class) per object
+
+
+def _listing(captions: Sequence[str], objects: Sequence[tuple[str, str]]) -> str:
+    pairs = {f"{c} {s}".lower() for c, s in objects}
+    return min(captions, key=lambda t: (-sum(p in t.lower() for p in pairs), len(t)))
+
+
+def load_scenes(
+    root: str | os.PathLike[str], split: str, limit: int | None = None
+) -> list[SceneItem]:
+    """The images of a ShapeWorld split (the first `limit`), each with its captions."""
+    paths = shapeworld_paths(root, split)
+    inst = InstanceDataset.from_shapeworld(root, split)
+    by_image: dict[int, list[str]] = {}
+    for cap in read_coco_captions(paths["captions"]).captions:
+        by_image.setdefault(cap.image_id, []).append(cap.caption)
+    n = len(inst) if limit is None else min(limit, len(inst))
+    items = []
+    for i in range(n):
+        objects = [
+            (str(a.extra.get("colour")), inst.category_names[a.category_id])
+            for a in inst.annotations[i]
+        ]
+        captions = by_image.get(inst.image_ids[i])
+        if not captions:
+            raise ValueError(f"{paths['captions']}: image id {inst.image_ids[i]} has no caption")
+        items.append(
+            SceneItem(
+                inst.images_root / inst.file_names[i],
+                captions,
+                _listing(captions, objects),
+                objects,
+            )
+        )
+    return items
+
+
+def compose_description(rng: np.random.Generator) -> str:
+    """A novel composition of one or two objects (half each), e.g. "A red circle next to a blue
+    star." """
+    n = int(rng.integers(1, 3))
+    names = [
+        f"{COMPOSE_COLOURS[int(rng.integers(len(COMPOSE_COLOURS)))]} "
+        f"{COMPOSE_SHAPES[int(rng.integers(len(COMPOSE_SHAPES)))]}"
+        for _ in range(n)
+    ]
+    templates = COMPOSITIONS_1 if n == 1 else COMPOSITIONS_2
+    return templates[int(rng.integers(len(templates)))].format(*names)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: build an index in a GILL checkpoint's retrieval space
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vlm.gill",
+        description="Build an image index in a GILL checkpoint's retrieval space.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("index", help="index every image under a folder")
+    build.add_argument("--checkpoint", type=Path, required=True, help="a train.gill final/ folder")
+    build.add_argument("--images", type=Path, required=True, help="folder of images (recursive)")
+    build.add_argument("--out", type=Path, required=True, help="index folder to write")
+    build.add_argument("--kind", choices=("exact", "ivf", "hnsw"), default="exact")
+    args = parser.parse_args(argv)
+    gill = GILLVLM.from_pretrained(args.checkpoint).eval()
+    index = gill.build_index(args.images, args.kind)
+    index.metadata["checkpoint"] = str(args.checkpoint.resolve())
+    index.save(args.out)
+    print(f"{args.out}: {len(index)} images, model {index.model}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
