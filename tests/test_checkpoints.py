@@ -177,3 +177,28 @@ def test_query_decoder_checkpoint_keeps_its_figures(val_split, one_thread):
     assert r["instances"]["all"] == 234
     assert r["recall@0.5_all"] >= 0.78
     assert r["recall@0.75_all"] >= 0.52
+
+
+def test_stamp_checkpoint_keeps_its_figures(val_split, one_thread):
+    """Forced segmentation of the first 60 val expressions, and <seg> chosen by the model."""
+    from data.datasets import ReferringDataset
+    from eval.stamp import evaluate
+    from vlm.stamp import StampVLM
+
+    folder = project_path("checkpoints/shapes/stamp")
+    verify_checkpoint(folder)
+    model = StampVLM.from_pretrained(folder).eval()
+    data = ReferringDataset.from_shapeworld(val_split, "val")
+    data.items = data.items[:60]
+    r = evaluate(
+        data,
+        {"stamp": model.segment},
+        timing_samples=0,
+        progress=False,
+        seg_rate={"stamp": model.chooses_seg},
+    )["methods"]["stamp"]
+    # Model card (300 test expressions): see docs/RESULTS.md. On these 60 val expressions it
+    # measured cIoU 0.185 / gIoU 0.179 and chose <seg> for all 60. It finds objects, not yet the
+    # one the expression names (RESULTS); a fresh head predicts nothing (cIoU 0).
+    assert r["cIoU"] >= 0.15 and r["gIoU"] >= 0.14
+    assert r["seg_rate"] >= 0.95
