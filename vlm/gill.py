@@ -49,7 +49,7 @@ from PIL import Image
 from torch import nn
 from transformers import DynamicCache
 
-from core.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
+from core.checkpoint import CheckpointError, load_state_strict
 from core.images import load_rgb
 from data.datasets import InstanceDataset, shapeworld_paths
 from data.formats import read_coco_captions
@@ -65,7 +65,7 @@ from generation.gill import (
     info_nce,
 )
 from generation.index import ImageIndex
-from vlm.model import PolychromeVLM, VLMConfig
+from vlm.model import PolychromeVLM, VLMConfig, load_extension, save_extension
 
 __all__ = [
     "GILLVLM",
@@ -242,27 +242,24 @@ class GILLVLM(nn.Module):
     ) -> Path:
         """The VLM core's trained tensors (its [IMG] rows included) and GILL's; the frozen LLM and
         CLIP by their sources in the config."""
-        tensors = {
-            "vlm": {k: v.to(dtype) for k, v in self.vlm.trained_state_dict().items()},
-            TENSOR_FILE: {k: v.to(dtype) for k, v in self.gill_state_dict().items()},
-        }
-        config = {"vlm": self.vlm.config.to_dict(), "gill": self.config.to_dict()}
-        return save_checkpoint(directory, tensors, config, metadata, overwrite=overwrite)
+        return save_extension(
+            self.vlm,
+            directory,
+            TENSOR_FILE,
+            self.gill_state_dict(),
+            self.config,
+            dtype=dtype,
+            metadata=metadata,
+            overwrite=overwrite,
+        )
 
     @classmethod
     def from_pretrained(
         cls, directory: str | os.PathLike[str], device: str | torch.device = "cpu"
     ) -> GILLVLM:
-        ckpt = load_checkpoint(directory)
-        if set(ckpt.tensors) != {"vlm", TENSOR_FILE} or "gill" not in ckpt.config:
-            raise CheckpointError(
-                f"{directory}: expected a GILL checkpoint (vlm.safetensors + gill.safetensors, "
-                f"config with 'vlm' and 'gill'), found tensor files {sorted(ckpt.tensors)}"
-            )
+        vlm, cfg, ckpt = load_extension(directory, TENSOR_FILE, IMG_TOKENS, device)
+        gill_cfg = GILLConfig.from_dict(cfg, source=f"{directory} config.gill")
         vlm_cfg = VLMConfig.from_dict(ckpt.config["vlm"], source=f"{directory} config.vlm")
-        gill_cfg = GILLConfig.from_dict(ckpt.config["gill"], source=f"{directory} config.gill")
-        base = [t for t in vlm_cfg.added_tokens if t not in IMG_TOKENS]
-        vlm = PolychromeVLM.build(vlm_cfg.replace(added_tokens=base), device=device)
         model = cls(vlm, gill_cfg)
         if vlm.config.added_tokens != vlm_cfg.added_tokens:
             raise CheckpointError(

@@ -53,6 +53,8 @@ __all__ = [
     "VLMConfig",
     "VLMOutput",
     "VLMPresetConfig",
+    "load_extension",
+    "save_extension",
 ]
 
 IMAGE_TOKEN = "<image>"  # one placeholder per visual token in the tokenized prompt
@@ -590,3 +592,46 @@ def _grid(model: Any, size: int) -> tuple[int, int]:
     with torch.no_grad():
         probe = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
         return dense_features(model, probe).grid
+
+
+def save_extension(
+    vlm: PolychromeVLM,
+    directory: str | os.PathLike[str],
+    name: str,
+    state: dict[str, torch.Tensor],
+    config: Config,
+    *,
+    dtype: torch.dtype = torch.float32,
+    metadata: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Save a model built on a PolychromeVLM (STAMP, GILL): ``vlm.safetensors`` with the core's
+    trained tensors (its added rows included), ``<name>.safetensors`` with the extension's, and a
+    config {"vlm": ..., name: ...}; the frozen LLM and CLIP by their sources."""
+    tensors = {
+        TENSOR_FILE: {k: v.to(dtype) for k, v in vlm.trained_state_dict().items()},
+        name: {k: v.to(dtype) for k, v in state.items()},
+    }
+    cfg = {"vlm": vlm.config.to_dict(), name: config.to_dict()}
+    return save_checkpoint(directory, tensors, cfg, metadata, overwrite=overwrite)
+
+
+def load_extension(
+    directory: str | os.PathLike[str],
+    name: str,
+    own_tokens: Sequence[str],
+    device: str | torch.device = "cpu",
+) -> tuple[PolychromeVLM, dict[str, Any], Any]:
+    """Read a `save_extension` folder: (the VLM core built without the extension's own added
+    tokens, the extension's config dict, the checkpoint). The caller attaches the extension (which
+    adds its tokens back), then loads ``ckpt.tensors["vlm"]`` and ``ckpt.tensors[name]``."""
+    ckpt = load_checkpoint(directory)
+    if set(ckpt.tensors) != {TENSOR_FILE, name} or name not in ckpt.config:
+        raise CheckpointError(
+            f"{directory}: expected vlm.safetensors + {name}.safetensors and a config with 'vlm' "
+            f"and {name!r}, found tensor files {sorted(ckpt.tensors)}"
+        )
+    vlm_cfg = VLMConfig.from_dict(ckpt.config["vlm"], source=f"{directory} config.vlm")
+    base = [t for t in vlm_cfg.added_tokens if t not in own_tokens]
+    vlm = PolychromeVLM.build(vlm_cfg.replace(added_tokens=base), device=device)
+    return vlm, ckpt.config[name], ckpt

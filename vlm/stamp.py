@@ -40,7 +40,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 from transformers import DynamicCache
 
-from core.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
+from core.checkpoint import CheckpointError, load_state_strict
 from core.config import project_path
 from core.images import load_rgb
 from segmentation.stamp import (
@@ -54,7 +54,7 @@ from segmentation.stamp import (
 )
 from vision.clip import dense_features
 from vision.sam import build_sam_model, load_sam, predict_masks_batched, prepare_image
-from vlm.model import PolychromeVLM, Projector, VLMConfig
+from vlm.model import PolychromeVLM, Projector, load_extension, save_extension
 
 __all__ = [
     "MASK_TOKEN",
@@ -240,36 +240,23 @@ class StampVLM(nn.Module):
         metadata: dict[str, Any] | None = None,
         overwrite: bool = False,
     ) -> Path:
-        tensors = {
-            "vlm": {k: v.to(dtype) for k, v in self.vlm.trained_state_dict().items()},
-            TENSOR_FILE: {k: v.to(dtype) for k, v in self.stamp_state_dict().items()},
-        }
-        config = {"vlm": self.vlm.config.to_dict(), "stamp": self.config.to_dict()}
-        return save_checkpoint(directory, tensors, config, metadata, overwrite=overwrite)
+        return save_extension(
+            self.vlm,
+            directory,
+            TENSOR_FILE,
+            self.stamp_state_dict(),
+            self.config,
+            dtype=dtype,
+            metadata=metadata,
+            overwrite=overwrite,
+        )
 
     @classmethod
     def from_pretrained(
         cls, directory: str | os.PathLike[str], device: str | torch.device = "cpu"
     ) -> StampVLM:
-        ckpt = load_checkpoint(directory)
-        if set(ckpt.tensors) != {"vlm", TENSOR_FILE} or "stamp" not in ckpt.config:
-            raise CheckpointError(
-                f"{directory}: expected a STAMP checkpoint (vlm.safetensors + stamp.safetensors, "
-                f"config with 'vlm' and 'stamp'), found tensor files {sorted(ckpt.tensors)}"
-            )
-        vlm_cfg = VLMConfig.from_dict(ckpt.config["vlm"], source=f"{directory} config.vlm")
-        stamp_cfg = StampConfig.from_dict(ckpt.config["stamp"], source=f"{directory} config.stamp")
-        base = [t for t in vlm_cfg.added_tokens if t not in (SEG_TOKEN, MASK_TOKEN)]
-        vlm = PolychromeVLM.build(
-            VLMConfig(
-                llm=vlm_cfg.llm,
-                vision=vlm_cfg.vision,
-                projector=vlm_cfg.projector,
-                added_tokens=base,
-            ),
-            device=device,
-        )
-        model = cls(vlm, stamp_cfg)
+        vlm, cfg, ckpt = load_extension(directory, TENSOR_FILE, (SEG_TOKEN, MASK_TOKEN), device)
+        model = cls(vlm, StampConfig.from_dict(cfg, source=f"{directory} config.stamp"))
         vlm.load_trained_state(ckpt.tensors["vlm"], what=str(directory))
         model.load_stamp_state(ckpt.tensors[TENSOR_FILE], what=str(directory))
         return model
