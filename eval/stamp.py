@@ -47,7 +47,7 @@ from core.images import load_rgb
 from core.io import atomic_write_text
 from data.conversations import read_chat_records
 from data.datasets import ReferringDataset, add_referring_arguments, referring_dataset_from_args
-from eval.metrics import ciou_from_counts, giou_from_counts, intersection_union
+from eval.metrics import ciou_from_counts, giou_from_counts, intersection_union, mask_iou
 from segmentation.stamp import refine_with_sam
 from vision.sam import load_sam
 from vlm.config import PolychromeConfig
@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=200,
         help="ShapeWorld: how many of the split's ordinary questions to check for a <seg> the "
         "model should not emit (0 = skip)",
+    )
+    parser.add_argument(
+        "--text-dependence",
+        type=int,
+        default=0,
+        metavar="IMAGES",
+        help="also report, over this many images, the mean IoU between masks predicted for "
+        "expressions naming different objects (1.0 = the words are ignored)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -198,6 +206,34 @@ def evaluate(
         if ts:
             results["methods"][name]["seconds_per_sample"] = statistics.median(ts)
     return results
+
+
+def text_dependence(
+    data: ReferringDataset, segment: Segmenter, images: int = 40
+) -> dict[str, float | int]:
+    """Does the mask follow the words? Over the first `images` images of `data`, the mean IoU
+    between the predicted masks of two expressions of one image that name different objects (their
+    ground-truth masks overlap < 0.5). 1.0: the text is ignored; a perfect model scores ~0."""
+    by_image: dict[Path, list[Any]] = {}
+    for i in range(len(data)):
+        item = data[i]
+        if item.image_path not in by_image and len(by_image) >= images:
+            break
+        by_image.setdefault(item.image_path, []).append(item)
+    ious = []
+    for path, items in by_image.items():
+        if len(items) < 2:
+            continue
+        prompts: list[Prompt] = [
+            [{"role": "user", "content": SEG_PROMPTS[0].format(it.expression), "images": [path]}]
+            for it in items
+        ]
+        preds = [logits > 0 for logits in segment(prompts)]
+        for a in range(len(items)):
+            for b in range(a + 1, len(items)):
+                if mask_iou(items[a].mask, items[b].mask) < 0.5 and (preds[a] | preds[b]).any():
+                    ious.append(mask_iou(preds[a], preds[b]))
+    return {"pairs": len(ious), "mean_iou": float(np.mean(ious)) if ious else float("nan")}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -315,6 +351,15 @@ def main(argv: list[str] | None = None) -> int:
                 ]
                 result["methods"][name]["false_seg_rate"] = float(np.mean(fired))
         result["false_seg_questions"] = len(questions)
+    if args.text_dependence:
+        with torch.inference_mode():
+            for name, segment in segmenters.items():
+                dep = text_dependence(data, segment, args.text_dependence)
+                result["methods"][name]["text_dependence"] = dep
+                print(
+                    f"{name}: masks for different objects overlap at IoU {dep['mean_iou']:.3f} "
+                    f"({dep['pairs']} pairs)"
+                )
     result["command"] = "python -m eval.stamp " + shlex.join(argv)
     result["checkpoints"] = {k: str(v) for k, v in checkpoints.items()}
     if args.json is not None:

@@ -401,6 +401,14 @@ def test_evaluate_scores_an_oracle_and_an_empty_segmenter(shapeworld):
     assert sum(v["n"] for v in result["methods"]["empty"]["by_type"].values()) == len(data)
     assert result["methods"]["empty"]["seconds_per_sample"] >= 0
     assert "| oracle | 100.0 | 100.0 |" in markdown(result)
+    from eval.stamp import text_dependence
+
+    def blob(prompts):  # the same mask whatever the words
+        return [np.where(np.arange(64 * 64).reshape(64, 64) < 300, 1.0, -1.0) for _ in prompts]
+
+    oracle_dep = text_dependence(data, oracle, images=3)
+    assert oracle_dep["pairs"] > 0 and oracle_dep["mean_iou"] == 0.0  # visible masks are disjoint
+    assert text_dependence(data, blob, images=3)["mean_iou"] == 1.0
 
 
 def test_eval_script_scores_the_trained_methods_side_by_side(shapeworld, tmp_path):
