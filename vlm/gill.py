@@ -65,7 +65,14 @@ from generation.gill import (
     info_nce,
 )
 from generation.index import ImageIndex
-from vlm.model import PolychromeVLM, VLMConfig, load_extension, save_extension
+from vlm.model import (
+    PolychromeVLM,
+    VLMConfig,
+    load_extension,
+    load_extension_core,
+    save_extension,
+)
+from vlm.specials import Special, cached_prefix, cached_step, decode_with_specials
 
 __all__ = [
     "GILLVLM",
@@ -255,18 +262,24 @@ class GILLVLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike[str], device: str | torch.device = "cpu"
+        cls,
+        directory: str | os.PathLike[str],
+        device: str | torch.device = "cpu",
+        vlm: PolychromeVLM | None = None,
     ) -> GILLVLM:
-        vlm, cfg, ckpt = load_extension(directory, TENSOR_FILE, IMG_TOKENS, device)
+        """Load a saved GILLVLM; with ``vlm``, attach it to that VLM core (the one it was trained
+        on; vlm.model.load_extension) instead of building its own."""
+        core, cfg, ckpt = load_extension(directory, TENSOR_FILE, IMG_TOKENS, device, vlm)
         gill_cfg = GILLConfig.from_dict(cfg, source=f"{directory} config.gill")
-        vlm_cfg = VLMConfig.from_dict(ckpt.config["vlm"], source=f"{directory} config.vlm")
-        model = cls(vlm, gill_cfg)
-        if vlm.config.added_tokens != vlm_cfg.added_tokens:
-            raise CheckpointError(
-                f"{directory}: added tokens {vlm_cfg.added_tokens} are not the core's followed by "
-                f"GILL's ({vlm.config.added_tokens})"
-            )
-        vlm.load_trained_state(ckpt.tensors["vlm"], what=str(directory))
+        model = cls(core, gill_cfg)
+        if vlm is None:
+            vlm_cfg = VLMConfig.from_dict(ckpt.config["vlm"], source=f"{directory} config.vlm")
+            if core.config.added_tokens != vlm_cfg.added_tokens:
+                raise CheckpointError(
+                    f"{directory}: added tokens {vlm_cfg.added_tokens} are not the core's "
+                    f"followed by GILL's ({core.config.added_tokens})"
+                )
+        load_extension_core(core, ckpt, model.img_tokens, vlm is not None, what=str(directory))
         model.load_gill_state(ckpt.tensors[TENSOR_FILE], what=str(directory))
         return model
 
@@ -280,8 +293,11 @@ class GILLVLM(nn.Module):
     def decision_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) hidden states -> (..., V + 1) logits: the LM head's, then [IMG0]'s."""
         vocab = self.vlm.llm.get_output_embeddings()(hidden).float()
-        img = hidden.float() @ self.img_out + self.img_bias
-        return torch.cat([vocab, img[..., None]], -1)
+        return torch.cat([vocab, self.img_logit(hidden)[..., None]], -1)
+
+    def img_logit(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) hidden states -> (...) logits of the [IMG0] output row."""
+        return hidden.float() @ self.img_out + self.img_bias
 
     def _forward(self, embeds: torch.Tensor, **kwargs: Any) -> Any:
         self.tokens_processed += int(embeds.shape[0] * embeds.shape[1])
@@ -291,24 +307,13 @@ class GILLVLM(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: torch.Tensor | None
     ) -> tuple[torch.Tensor, DynamicCache]:
         """Left-padded prompts through the bare LLM: (last hidden (B, H), the KV cache)."""
-        embeds = self.vlm.embed(input_ids.to(self.vlm.device), visual)
-        mask = attention_mask.to(self.vlm.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        out = self._forward(embeds, attention_mask=mask, position_ids=positions, cache=cache)
-        return out.last_hidden_state[:, -1], cache
+        return cached_prefix(self.vlm, self._forward, input_ids, attention_mask, visual)
 
     def step(
         self, token_ids: torch.Tensor, kv_mask: torch.Tensor, cache: DynamicCache
     ) -> torch.Tensor:
         """One token per row (B,) after the cache, bare LLM; returns its last hidden (B, H)."""
-        ids = token_ids.to(self.vlm.device)[:, None]
-        mask = torch.cat([kv_mask, torch.ones_like(kv_mask[:, :1])], 1)
-        positions = mask.sum(-1, keepdim=True) - 1
-        out = self._forward(
-            self.vlm.embed(ids), attention_mask=mask, position_ids=positions, cache=cache
-        )
-        return cast(torch.Tensor, out.last_hidden_state[:, -1])
+        return cached_step(self.vlm, self._forward, token_ids, kv_mask, cache)
 
     def img_pass(
         self, kv_mask: torch.Tensor, cache: DynamicCache
@@ -511,50 +516,48 @@ class GILLVLM(nn.Module):
         source, the head not consulted). Unless ``back_to_back``, [IMG0] is masked after an image
         until the reply has written some non-blank text: the frozen LLM, reading the [IMG] tokens,
         otherwise tends to open a second image at once (docs/results_pending_9b.md)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, received {max_new_tokens}")
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        tok = self.vlm.tokenizer
-        eos = int(cast(int, tok.eos_token_id))
-        vocab = self.vocab_size
         with torch.inference_mode():
             ids, attn, visual = self._batch([messages])
             last, cache = self.prefix(ids, attn, visual)
-            kv = attn.to(self.vlm.device)
-            generated: list[int] = []
-            emitted = ""
-            n_images = 0
-            for step in range(max_new_tokens):
-                if step == 0 and force is not None:
-                    token = vocab
-                else:
-                    logits = self.decision_logits(last)[0]
-                    if n_images and not back_to_back and not emitted.strip():
-                        logits[vocab] = float("-inf")
-                    if temperature > 0:
-                        probs = torch.softmax(logits / temperature, -1)
-                        token = int(torch.multinomial(probs.cpu(), 1, generator=gen))
-                    else:
-                        token = int(logits.argmax())
-                if token == eos:
-                    break
-                if token == vocab:  # [IMG0]: append the rest, make the image, go on
-                    states, kv = self.img_pass(kv, cache)
-                    source = force if step == 0 and force in ("retrieved", "generated") else None
-                    image = maker.make(states, force=source, seed=(seed or 0) + n_images)[0]
-                    n_images += 1
-                    yield "", image
-                    last = states.hidden[:, -1]
-                    # text after the image starts a new decoded span
-                    generated, emitted = [], ""
-                    continue
-                generated.append(token)
-                text = str(tok.decode(generated, skip_special_tokens=True))
-                if len(text) > len(emitted) and not text.endswith("\ufffd"):
-                    yield text[len(emitted) :], None
-                    emitted = text
-                last = self.step(torch.tensor([token]), kv, cache)
-                kv = torch.cat([kv, torch.ones_like(kv[:, :1])], 1)
+            source = None if force == "image" else force
+            img = self.special(maker, seed, back_to_back, source)
+            events = decode_with_specials(
+                self.vlm.tokenizer,
+                last,
+                attn.to(self.vlm.device),
+                cache,
+                self.step,
+                [img],
+                max_new_tokens,
+                vocab_logits=self.vlm.llm.get_output_embeddings(),
+                temperature=temperature,
+                seed=seed,
+                force=None if force is None else IMG_TOKENS[0],
+            )
+            for event in events:
+                yield event.text, event.payload
+
+    def special(
+        self,
+        maker: ImageMaker,
+        seed: int | None = None,
+        back_to_back: bool = False,
+        source: Source | None = None,
+    ) -> Special:
+        """The [IMG0] Special of decode_with_specials: its payload is a GILLImage. ``source``:
+        where the image comes from when the reply was forced to open with it (None: the decision
+        head chooses)."""
+
+        def act(
+            kv: torch.Tensor, cache: DynamicCache, forced: bool, fired: int
+        ) -> tuple[torch.Tensor, torch.Tensor, GILLImage]:
+            states, kv = self.img_pass(kv, cache)
+            image = maker.make(states, force=source if forced else None, seed=(seed or 0) + fired)
+            return states.hidden[:, -1], kv, image[0]
+
+        return Special(
+            IMG_TOKENS[0], self.img_logit, act, once_per_text=not back_to_back, restart_text=True
+        )
 
 
 class ImageMaker:

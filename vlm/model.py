@@ -621,10 +621,16 @@ def load_extension(
     name: str,
     own_tokens: Sequence[str],
     device: str | torch.device = "cpu",
+    vlm: PolychromeVLM | None = None,
 ) -> tuple[PolychromeVLM, dict[str, Any], Any]:
-    """Read a `save_extension` folder: (the VLM core built without the extension's own added
-    tokens, the extension's config dict, the checkpoint). The caller attaches the extension (which
-    adds its tokens back), then loads ``ckpt.tensors["vlm"]`` and ``ckpt.tensors[name]``."""
+    """Read a `save_extension` folder: (the VLM core, the extension's config dict, the checkpoint).
+
+    Without ``vlm``, the core is built from the checkpoint without the extension's own added
+    tokens. With ``vlm`` (a core shared by several extensions: STAMP and GILL in one Assistant),
+    the extension attaches to it; it must be the core the extension was trained on (same LLM,
+    CLIP and projector config, projector tensors equal), else CheckpointError. The caller then
+    builds the extension (which adds its tokens) and calls `load_extension_core`.
+    """
     ckpt = load_checkpoint(directory)
     if set(ckpt.tensors) != {TENSOR_FILE, name} or name not in ckpt.config:
         raise CheckpointError(
@@ -632,6 +638,52 @@ def load_extension(
             f"and {name!r}, found tensor files {sorted(ckpt.tensors)}"
         )
     vlm_cfg = VLMConfig.from_dict(ckpt.config["vlm"], source=f"{directory} config.vlm")
-    base = [t for t in vlm_cfg.added_tokens if t not in own_tokens]
-    vlm = PolychromeVLM.build(vlm_cfg.replace(added_tokens=base), device=device)
+    if vlm is None:
+        base = [t for t in vlm_cfg.added_tokens if t not in own_tokens]
+        return (
+            PolychromeVLM.build(vlm_cfg.replace(added_tokens=base), device=device),
+            (ckpt.config[name]),
+            ckpt,
+        )
+    mine, theirs = vlm.config.to_dict(), vlm_cfg.to_dict()
+    differ = [k for k in ("llm", "vision", "projector") if mine[k] != theirs[k]]
+    saved = ckpt.tensors[TENSOR_FILE]
+    for key, value in vlm.trained_state_dict().items():
+        if key.startswith("projector.") and not (
+            key in saved
+            and saved[key].shape == value.shape
+            and torch.allclose(saved[key].float().cpu(), value.float().cpu(), atol=1e-3)
+        ):
+            differ.append(key)
+    if differ:
+        raise CheckpointError(
+            f"{directory} was trained on another VLM core than the one it should attach to "
+            f"(differs in: {', '.join(differ[:5])}); load it on its own (no vlm=) or retrain it "
+            "on this core"
+        )
     return vlm, ckpt.config[name], ckpt
+
+
+def load_extension_core(
+    vlm: PolychromeVLM, ckpt: Any, own_tokens: Sequence[str], attached: bool, what: str
+) -> None:
+    """Once the extension has added its tokens: load the checkpoint's core tensors into a core
+    built for it, or, into a shared core (``attached``), only the rows of the extension's own
+    tokens, found by name (their order differs from core to core)."""
+    saved = ckpt.tensors[TENSOR_FILE]
+    if not attached:
+        vlm.load_trained_state(saved, what=what)
+        return
+    saved_tokens = list(ckpt.config["vlm"]["added_tokens"])
+    rows = saved["added_embeddings"]
+    if rows.shape[0] != len(saved_tokens):
+        raise CheckpointError(
+            f"{what}: added_embeddings has {rows.shape[0]} rows for {len(saved_tokens)} tokens"
+        )
+    for token in own_tokens:
+        if token not in saved_tokens:
+            raise CheckpointError(f"{what}: no saved row for {token!r}; saved: {saved_tokens}")
+        target = vlm.config.added_tokens.index(token)
+        vlm.added_embeddings.data[target] = rows[saved_tokens.index(token)].to(
+            vlm.added_embeddings.dtype
+        )

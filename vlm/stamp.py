@@ -54,7 +54,14 @@ from segmentation.stamp import (
 )
 from vision.clip import dense_features
 from vision.sam import build_sam_model, load_sam, predict_masks_batched, prepare_image
-from vlm.model import PolychromeVLM, Projector, load_extension, save_extension
+from vlm.model import (
+    PolychromeVLM,
+    Projector,
+    load_extension,
+    load_extension_core,
+    save_extension,
+)
+from vlm.specials import Special, cached_prefix, cached_step, decode_with_specials
 
 __all__ = [
     "MASK_TOKEN",
@@ -253,11 +260,17 @@ class StampVLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike[str], device: str | torch.device = "cpu"
+        cls,
+        directory: str | os.PathLike[str],
+        device: str | torch.device = "cpu",
+        vlm: PolychromeVLM | None = None,
     ) -> StampVLM:
-        vlm, cfg, ckpt = load_extension(directory, TENSOR_FILE, (SEG_TOKEN, MASK_TOKEN), device)
-        model = cls(vlm, StampConfig.from_dict(cfg, source=f"{directory} config.stamp"))
-        vlm.load_trained_state(ckpt.tensors["vlm"], what=str(directory))
+        """Load a saved StampVLM; with ``vlm``, attach it to that VLM core (the one it was
+        trained on; vlm.model.load_extension) instead of building its own."""
+        own = (SEG_TOKEN, MASK_TOKEN)
+        core, cfg, ckpt = load_extension(directory, TENSOR_FILE, own, device, vlm)
+        model = cls(core, StampConfig.from_dict(cfg, source=f"{directory} config.stamp"))
+        load_extension_core(core, ckpt, own, attached=vlm is not None, what=str(directory))
         model.load_stamp_state(ckpt.tensors[TENSOR_FILE], what=str(directory))
         return model
 
@@ -288,30 +301,23 @@ class StampVLM(nn.Module):
     def decision_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) hidden states -> (..., V + 1) logits: the LM head's, then ``<seg>``'s."""
         vocab = self.vlm.llm.get_output_embeddings()(hidden).float()
-        seg = hidden.float() @ self.seg_out + self.seg_bias
-        return torch.cat([vocab, seg[..., None]], -1)
+        return torch.cat([vocab, self.seg_logit(hidden)[..., None]], -1)
+
+    def seg_logit(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., H) hidden states -> (...) logits of the ``<seg>`` output row."""
+        return hidden.float() @ self.seg_out + self.seg_bias
 
     def prefix(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: torch.Tensor | None
     ) -> tuple[torch.Tensor, DynamicCache]:
         """Left-padded prompts through the bare LLM: (last hidden (B, H), the KV cache)."""
-        embeds = self.vlm.embed(input_ids.to(self.vlm.device), visual)
-        mask = attention_mask.to(self.vlm.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        out = self._forward(embeds, attention_mask=mask, position_ids=positions, cache=cache)
-        return out.last_hidden_state[:, -1], cache
+        return cached_prefix(self.vlm, self._forward, input_ids, attention_mask, visual)
 
     def step(
         self, token_ids: torch.Tensor, kv_mask: torch.Tensor, cache: DynamicCache
     ) -> torch.Tensor:
         """One token per row (B,) after the cache, bare LLM; returns its last hidden (B, H)."""
-        ids = token_ids.to(self.vlm.device)[:, None]
-        embeds = self.vlm.embed(ids)
-        mask = torch.cat([kv_mask, torch.ones_like(kv_mask[:, :1])], 1)
-        positions = mask.sum(-1, keepdim=True) - 1
-        out = self._forward(embeds, attention_mask=mask, position_ids=positions, cache=cache)
-        return cast(torch.Tensor, out.last_hidden_state[:, -1])
+        return cached_step(self.vlm, self._forward, token_ids, kv_mask, cache)
 
     def mask_pass(
         self, mask_features: torch.Tensor, kv_mask: torch.Tensor, cache: DynamicCache
@@ -632,55 +638,65 @@ class StampVLM(nn.Module):
         max_new_tokens: int = 64,
         temperature: float = 0.0,
         seed: int | None = None,
+        force: bool = False,
     ) -> Iterator[tuple[str, npt.NDArray[np.float32] | None]]:
         """Yield (text chunk, None) as tokens come and ("", (H, W) pixel logits) at each ``<seg>``.
 
         Greedy at temperature 0, else sampling. One KV cache for the whole reply; the mask pass
         reuses it. A prompt without an image cannot segment: ``<seg>`` is then never emitted.
+        ``force``: the reply opens with ``<seg>`` (the user asked for a mask).
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, received {max_new_tokens}")
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.inference_mode():
+            last, kv, cache, seg = self.start_reply(messages)
+            if force and not seg.available:
+                raise ValueError("there is no image in the conversation to segment")
+            events = decode_with_specials(
+                self.vlm.tokenizer,
+                last,
+                kv,
+                cache,
+                self.step,
+                [seg],
+                max_new_tokens,
+                vocab_logits=self.vlm.llm.get_output_embeddings(),
+                temperature=temperature,
+                seed=seed,
+                force=SEG_TOKEN if force else None,
+            )
+            for event in events:
+                yield event.text, event.payload
+
+    def start_reply(
+        self, messages: Sequence[dict[str, Any]]
+    ) -> tuple[torch.Tensor, torch.Tensor, DynamicCache, Special]:
+        """The prompt read once (one CLIP pass for the visual and the mask tokens): (its last
+        hidden (1, H), the kv mask, the cache, the ``<seg>`` Special whose payload is the (H, W)
+        pixel logits of the conversation's last image). Call under inference_mode."""
         images = [im for m in messages for im in (m.get("images") or ())]
         tok = self.vlm.tokenizer
-        eos = int(cast(int, tok.eos_token_id))
-        with torch.inference_mode():
-            rendered = self.vlm.render(messages, add_generation_prompt=True)
-            ids = tok(rendered, return_tensors="pt", add_special_tokens=False)["input_ids"]
-            attn = torch.ones_like(ids)
-            visual = mask_feats = None
-            if images:
-                pixels = self.vlm.pixel_values(images)
-                visual, mask_feats = self.image_features(pixels)
-            last, cache = self.prefix(ids, attn, visual)
-            kv = attn.to(self.vlm.device)
-            vocab = int(cast(torch.Tensor, self.vlm.llm.get_output_embeddings().weight).shape[0])
-            generated: list[int] = []
-            emitted = ""
-            for _ in range(max_new_tokens):
-                logits = self.decision_logits(last)[0]
-                if mask_feats is None:
-                    logits[vocab] = float("-inf")
-                if temperature > 0:
-                    probs = torch.softmax(logits / temperature, -1)
-                    token = int(torch.multinomial(probs.cpu(), 1, generator=gen))
-                else:
-                    token = int(logits.argmax())
-                if token == eos:
-                    break
-                if token == vocab:  # <seg>
-                    last, kv = self._seg_step(kv, cache)
-                    assert mask_feats is not None
-                    masks = self._masks_after_seg(last, kv, cache, mask_feats[-1:], images[-1:])
-                    yield "", masks[0]
-                    continue
-                generated.append(token)
-                text = str(tok.decode(generated, skip_special_tokens=True))
-                if len(text) > len(emitted) and not text.endswith("\ufffd"):
-                    yield text[len(emitted) :], None
-                    emitted = text
-                last = self.step(torch.tensor([token]), kv, cache)
-                kv = torch.cat([kv, torch.ones_like(kv[:, :1])], 1)
+        rendered = self.vlm.render(messages, add_generation_prompt=True)
+        ids = tok(rendered, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        attn = torch.ones_like(ids)
+        visual = mask_feats = None
+        if images:
+            visual, mask_feats = self.image_features(self.vlm.pixel_values(images))
+        last, cache = self.prefix(ids, attn, visual)
+
+        def act(
+            kv: torch.Tensor, cache: DynamicCache, forced: bool, fired: int
+        ) -> tuple[torch.Tensor, torch.Tensor, npt.NDArray[np.float32]]:
+            hidden, kv = self._seg_step(kv, cache)
+            assert mask_feats is not None
+            masks = self._masks_after_seg(hidden, kv, cache, mask_feats[-1:], images[-1:])
+            return hidden, kv, masks[0]
+
+        seg = Special(
+            SEG_TOKEN,
+            self.seg_logit,
+            act,
+            available=mask_feats is not None,
+        )
+        return last, attn.to(self.vlm.device), cache, seg
 
 
 def _load_sam(config: StampConfig) -> Sam:

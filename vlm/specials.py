@@ -1,0 +1,170 @@
+"""One decoding loop for the tokens that act: STAMP's ``<seg>``, GILL's ``[IMG0]``, or both at once.
+
+Each extension of the VLM core gives the frozen LM head one more output row (its decision row).
+The loop appends every such row's logit to the vocabulary's and picks the next token as usual
+(greedy at temperature 0, else sampling). A text token is written; a special token runs its
+action over the reply's KV cache (a mask pass, an image) and the reply goes on from the state the
+action leaves:
+
+    specials = [stamp_special, gill_special]         # Special objects, in logit order
+    for event in decode_with_specials(tokenizer, last, kv, cache, step, specials, 64):
+        event.text, event.special, event.payload     # a text chunk, or an action's result
+
+The prompt pass (``cached_prefix``) and the one-token steps (``cached_step``) run through the bare
+LLM (``llm.base_model``: no LoRA switched on, no LM head) with one DynamicCache for the whole
+reply, so a reply that segments and shows an image reads its prompt once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from transformers import DynamicCache
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from vlm.model import PolychromeVLM
+
+__all__ = ["Special", "SpecialEvent", "cached_prefix", "cached_step", "decode_with_specials"]
+
+# (inputs_embeds, **kwargs) -> the bare LLM's output (last_hidden_state), counting what it reads
+Forward = Callable[..., Any]
+
+
+def cached_prefix(
+    vlm: PolychromeVLM,
+    forward: Forward,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    visual: torch.Tensor | None,
+) -> tuple[torch.Tensor, DynamicCache]:
+    """Left-padded prompts through the bare LLM: (last hidden (B, H), the KV cache)."""
+    embeds = vlm.embed(input_ids.to(vlm.device), visual)
+    mask = attention_mask.to(vlm.device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = forward(embeds, attention_mask=mask, position_ids=positions, cache=cache)
+    return out.last_hidden_state[:, -1], cache
+
+
+def cached_step(
+    vlm: PolychromeVLM,
+    forward: Forward,
+    token_ids: torch.Tensor,
+    kv_mask: torch.Tensor,
+    cache: DynamicCache,
+) -> torch.Tensor:
+    """One token per row (B,) after the cache, bare LLM; returns its last hidden (B, H)."""
+    ids = token_ids.to(vlm.device)[:, None]
+    mask = torch.cat([kv_mask, torch.ones_like(kv_mask[:, :1])], 1)
+    positions = mask.sum(-1, keepdim=True) - 1
+    out = forward(vlm.embed(ids), attention_mask=mask, position_ids=positions, cache=cache)
+    return cast(torch.Tensor, out.last_hidden_state[:, -1])
+
+
+@dataclass
+class Special:
+    """A decision row beside the LM head and what happens when decoding picks it.
+
+    logit: (1, H) last hidden -> (1,) logit of the row. act: (kv mask, cache, forced, fired so
+    far) -> (the hidden state to decode the next token from, the new kv mask, the payload the
+    loop yields); ``forced`` is True when ``force`` made it the reply's first token.
+    available: False leaves the row out (its logit is -inf), e.g. ``<seg>`` without an image.
+    once_per_text: after it fires, it stays masked until the reply has written non-blank text.
+    restart_text: text after it is decoded as a new span (the tokens it appended are not text).
+    """
+
+    name: str
+    logit: Callable[[torch.Tensor], torch.Tensor]
+    act: Callable[[torch.Tensor, DynamicCache, bool, int], tuple[torch.Tensor, torch.Tensor, Any]]
+    available: bool = True
+    once_per_text: bool = False
+    restart_text: bool = False
+
+
+@dataclass
+class SpecialEvent:
+    """One yield of the loop: a text chunk (special None), or a special's payload (text "")."""
+
+    text: str
+    special: str | None = None
+    payload: Any = None
+
+
+def decode_with_specials(
+    tokenizer: PreTrainedTokenizerBase,
+    last: torch.Tensor,
+    kv: torch.Tensor,
+    cache: DynamicCache,
+    step: Callable[[torch.Tensor, torch.Tensor, DynamicCache], torch.Tensor],
+    specials: Sequence[Special],
+    max_new_tokens: int,
+    *,
+    vocab_logits: Callable[[torch.Tensor], torch.Tensor],
+    temperature: float = 0.0,
+    seed: int | None = None,
+    force: str | None = None,
+) -> Iterator[SpecialEvent]:
+    """Decode one reply (batch of 1) from the prompt's last hidden state and its cache.
+
+    The logits are the vocabulary's followed by one per special, in order. An action and the
+    tokens it appends count as one of the max_new_tokens steps. ``force``: the name of a special
+    the reply opens with, whatever the logits say. Stops at end of sequence or max_new_tokens.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, received {max_new_tokens}")
+    names = [s.name for s in specials]
+    if force is not None and force not in names:
+        raise ValueError(f"force must name one of the specials {names}, received {force!r}")
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    eos = int(cast(int, tokenizer.eos_token_id))
+    fired = dict.fromkeys(names, 0)
+    blocked: set[str] = set()
+    generated: list[int] = []
+    emitted = ""
+    vocab = -1
+    for index in range(max_new_tokens):
+        if index == 0 and force is not None:
+            choice: int | str = force
+        else:
+            text_logits = vocab_logits(last)[0].float()
+            vocab = text_logits.shape[-1]
+            rows = [
+                s.logit(last)[0].float().reshape(1)
+                if s.available and s.name not in blocked
+                else torch.full((1,), float("-inf"), device=text_logits.device)
+                for s in specials
+            ]
+            logits = torch.cat([text_logits, *rows])
+            if temperature > 0:
+                probs = torch.softmax(logits / temperature, -1)
+                token = int(torch.multinomial(probs.cpu(), 1, generator=gen))
+            else:
+                token = int(logits.argmax())
+            choice = names[token - vocab] if token >= vocab else token
+        if choice == eos:
+            break
+        if isinstance(choice, str):
+            special = specials[names.index(choice)]
+            last, kv, payload = special.act(
+                kv, cache, index == 0 and force == choice, fired[choice]
+            )
+            fired[choice] += 1
+            if special.once_per_text:
+                blocked.add(choice)
+            if special.restart_text:
+                generated, emitted = [], ""
+            yield SpecialEvent("", choice, payload)
+            continue
+        generated.append(choice)
+        text = str(tokenizer.decode(generated, skip_special_tokens=True))
+        if len(text) > len(emitted) and not text.endswith("\ufffd"):
+            chunk = text[len(emitted) :]
+            emitted = text
+            if chunk.strip():
+                blocked.clear()
+            yield SpecialEvent(chunk)
+        last = step(torch.tensor([choice]), kv, cache)
+        kv = torch.cat([kv, torch.ones_like(kv[:, :1])], 1)
