@@ -87,6 +87,22 @@ def test_stamp_and_gill_attach_to_one_core_and_behave_as_alone(saved):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_an_extension_saved_from_a_shared_core_loads_alone(saved, tmp_path):
+    core = PolychromeVLM.from_pretrained(saved["core"])
+    stamp = StampVLM.from_pretrained(saved["stamp"], vlm=core)
+    GILLVLM.from_pretrained(saved["gill"], vlm=core)  # its rows come after STAMP's
+    again = StampVLM.from_pretrained(stamp.save_pretrained(tmp_path / "stamp"))
+    # a differently ordered core: the rows are matched by name, not by position
+    assert again.vlm.config.added_tokens != core.config.added_tokens
+    for token in core.config.added_tokens:
+        torch.testing.assert_close(_rows(again.vlm, [token]), _rows(core, [token]))
+    prompt = [{"role": "user", "content": "Segment it.", "images": [_image(4)]}]
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            again.segment([prompt])[0], stamp.segment([prompt])[0], rtol=1e-4, atol=1e-4
+        )
+
+
 def test_an_extension_trained_on_another_core_is_refused(saved):
     other = PolychromeVLM.from_pretrained(saved["core"])
     with torch.no_grad():

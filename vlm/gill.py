@@ -67,7 +67,6 @@ from generation.gill import (
 from generation.index import ImageIndex
 from vlm.model import (
     PolychromeVLM,
-    VLMConfig,
     load_extension,
     load_extension_core,
     save_extension,
@@ -272,13 +271,6 @@ class GILLVLM(nn.Module):
         core, cfg, ckpt = load_extension(directory, TENSOR_FILE, IMG_TOKENS, device, vlm)
         gill_cfg = GILLConfig.from_dict(cfg, source=f"{directory} config.gill")
         model = cls(core, gill_cfg)
-        if vlm is None:
-            vlm_cfg = VLMConfig.from_dict(ckpt.config["vlm"], source=f"{directory} config.vlm")
-            if core.config.added_tokens != vlm_cfg.added_tokens:
-                raise CheckpointError(
-                    f"{directory}: added tokens {vlm_cfg.added_tokens} are not the core's "
-                    f"followed by GILL's ({core.config.added_tokens})"
-                )
         load_extension_core(core, ckpt, model.img_tokens, vlm is not None, what=str(directory))
         model.load_gill_state(ckpt.tensors[TENSOR_FILE], what=str(directory))
         return model

@@ -669,20 +669,25 @@ def load_extension_core(
 ) -> None:
     """Once the extension has added its tokens: load the checkpoint's core tensors into a core
     built for it, or, into a shared core (``attached``), only the rows of the extension's own
-    tokens, found by name (their order differs from core to core)."""
+    tokens. Rows are matched by token name: their order differs from core to core."""
     saved = ckpt.tensors[TENSOR_FILE]
-    if not attached:
-        vlm.load_trained_state(saved, what=what)
-        return
     saved_tokens = list(ckpt.config["vlm"]["added_tokens"])
     rows = saved["added_embeddings"]
     if rows.shape[0] != len(saved_tokens):
         raise CheckpointError(
             f"{what}: added_embeddings has {rows.shape[0]} rows for {len(saved_tokens)} tokens"
         )
+    wanted = own_tokens if attached else vlm.config.added_tokens
+    missing = [t for t in wanted if t not in saved_tokens]
+    if missing or (not attached and len(saved_tokens) != len(wanted)):
+        raise CheckpointError(
+            f"{what}: saved rows for {saved_tokens}, this model has {list(vlm.config.added_tokens)}"
+        )
+    if not attached:
+        order = [saved_tokens.index(t) for t in vlm.config.added_tokens]
+        vlm.load_trained_state({**saved, "added_embeddings": rows[order]}, what=what)
+        return
     for token in own_tokens:
-        if token not in saved_tokens:
-            raise CheckpointError(f"{what}: no saved row for {token!r}; saved: {saved_tokens}")
         target = vlm.config.added_tokens.index(token)
         vlm.added_embeddings.data[target] = rows[saved_tokens.index(token)].to(
             vlm.added_embeddings.dtype
