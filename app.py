@@ -1,8 +1,13 @@
-"""Polychrome web demo: a Gradio chat in front of the Assistant (text plus image upload).
+"""Polychrome web demo: a Gradio chat in front of the Assistant, and the tools beside it.
 
     python app.py                       # shapes preset (real SmolLM2-135M-Instruct + our VLM)
     python app.py --preset tiny         # random tiny weights, starts in seconds (for UI work)
     python app.py --host 0.0.0.0 --port 8080   # reachable from other machines: only if you mean it
+
+Tabs: Chat (answers, and with STAMP / GILL loaded masks and images; ``segment:``, ``generate:``,
+``retrieve:`` ask explicitly), Segment everything (SAM's automatic masks), Open-vocabulary
+segmentation (your vocabulary), Sketch (draw, then send the drawing to the chat). Every picture
+has a download button; the tools also offer their masks as COCO-style JSON.
 
 Uploads: images only (PNG, JPEG, GIF, BMP, WebP, TIFF), at most 10 MB each and 4096 px a side;
 anything else is answered with a message in the chat while the server keeps serving.
@@ -12,18 +17,23 @@ UI only: parse arguments, build the Assistant, wire callbacks. No tensor code he
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from PIL import Image
 
 from core.config import list_presets
 from core.runtime import resolve_device
 from vlm.assistant import DECODING_METHODS, Assistant, ChatMessage, Reply, SamplingSettings
 from vlm.config import PolychromeConfig
 from vlm.examples import example_images
+from vlm.tools import ToolResult, VisionTools
 
 logger = logging.getLogger("polychrome.app")
 
@@ -37,7 +47,10 @@ IMAGE_EXAMPLES = [  # (example image name, question)
     ("shapes-2", "What colour is the leftmost shape?"),
     ("astronaut", "What do you see in this picture?"),
 ]
-SEG_EXAMPLES = [("shapes-1", "Segment the largest red shape.")]  # shown when STAMP is loaded
+SEG_EXAMPLES = [  # shown when STAMP is loaded
+    ("shapes-1", "Segment the largest red shape."),
+    ("shapes-2", "segment: the leftmost shape"),
+]
 GILL_EXAMPLES = [  # shown when GILL is loaded: it retrieves or generates an image
     "Show me this: A red circle next to a blue star.",
     "Show me this: The image shows three green squares, a blue star and a red circle.",
@@ -141,6 +154,8 @@ def make_respond(assistant: Assistant) -> Any:
         temperature: float,
         seed: float,
         method: str = "default",
+        image_steps: float | None = None,
+        index: str | None = None,
     ) -> Iterator[str | list[Any]]:
         turns = history_for_model(history)
         if isinstance(message, dict):  # the multimodal textbox: {"text": ..., "files": [...]}
@@ -159,6 +174,8 @@ def make_respond(assistant: Assistant) -> Any:
                 temperature=float(temperature),
                 seed=int(seed) if seed is not None and seed >= 0 else None,
                 method=str(method or "default"),
+                image_steps=int(image_steps) if image_steps else None,
+                index=index or None,
             )
             for reply in assistant.respond(turns, text, images=files or None, settings=settings):
                 yield reply_messages(reply)
@@ -178,72 +195,228 @@ def _file_path_or_str(item: Any) -> str | None:
     return item if isinstance(item, str) else _file_path(item)
 
 
+def _safe(err: Exception, files: Sequence[str] = ()) -> str:
+    """An error as a chat/tool message, naming the user's file, not where the server keeps it."""
+    text = str(err)
+    for path in files:
+        text = text.replace(path, os.path.basename(path))
+    return f"{WARNING}{text}"
+
+
+def _result_files(result: ToolResult, stem: str) -> str:
+    """Write the tool's masks as COCO-style JSON into a fresh temporary folder; its path."""
+    folder = Path(tempfile.mkdtemp(prefix="polychrome-"))
+    path = folder / f"{stem}.json"
+    path.write_text(json.dumps(result.coco_json()), encoding="utf-8")
+    return str(path)
+
+
+def make_tool(
+    run: Callable[..., ToolResult], stem: str
+) -> Callable[..., tuple[Any, str, str | None]]:
+    """A tool callback: (painted image, summary, JSON path); failures become the summary."""
+
+    def tool(image: str | None, *args: Any) -> tuple[Any, str, str | None]:
+        if not image:
+            return None, f"{WARNING}Upload an image first.", None
+        try:
+            result = run(image, *args)
+        except ValueError as err:
+            return None, _safe(err, [image]), None
+        except Exception:  # the server must keep serving whatever one request does
+            logger.exception("tool %s failed", stem)
+            return None, f"{WARNING}Something went wrong; the server logged the error.", None
+        return result.painted, result.summary, _result_files(result, stem)
+
+    return tool
+
+
+def sketch_to_chat(sketch: Any, question: str) -> tuple[Any, Any]:
+    """The drawing (flattened onto white) as a PNG attached to the chat's textbox, and the Chat
+    tab selected."""
+    composite = sketch.get("composite") if isinstance(sketch, dict) else None
+    if composite is None or (composite.mode == "RGBA" and composite.getextrema()[3][1] == 0):
+        gr.Warning("Draw something first.")
+        return gr.update(), gr.update()
+    flat = Image.new("RGBA", composite.size, (255, 255, 255, 255))
+    flat.alpha_composite(composite.convert("RGBA"))
+    path = Path(tempfile.mkdtemp(prefix="polychrome-")) / "sketch.png"
+    flat.convert("RGB").save(path)
+    text = question.strip() or "What did I draw?"
+    return {"text": text, "files": [str(path)]}, gr.Tabs(selected="chat")
+
+
 def build_demo(
-    assistant: Assistant, cfg: PolychromeConfig, concurrency_limit: int = 1
+    assistant: Assistant,
+    cfg: PolychromeConfig,
+    concurrency_limit: int = 1,
+    tools: VisionTools | None = None,
 ) -> gr.Blocks:
-    """The Gradio app over an Assistant."""
+    """The Gradio app over an Assistant (and the segmentation tools, when given)."""
     defaults = assistant.default_settings
     default_tokens = defaults.max_new_tokens
+    has_gill = assistant.gill is not None
     with gr.Blocks(title="Polychrome") as demo:
         gr.Markdown(
             f"# Polychrome\nPreset **{cfg.name}**: {cfg.description}  \n"
             "A frozen LLM that reads images through a trained projector. Upload an image "
             "(or pick an example) and ask about it"
-            + (", or ask it to segment something in it (STAMP)." if assistant.stamp else ".")
+            + (
+                ", or ask it to segment something in it (STAMP; `segment:` at the start of a "
+                "message asks for a mask explicitly)."
+                if assistant.stamp
+                else "."
+            )
             + (
                 "  \nGILL: ask it to show you something; it retrieves a picture from its index "
                 "or draws one (`generate:` / `retrieve:` at the start of a message pick the "
                 "source)."
-                if assistant.gill
+                if has_gill
                 else ""
             )
         )
-        with gr.Accordion("Decoding", open=False):
-            max_new_tokens = gr.Slider(
-                1, 1024, value=default_tokens, step=1, label="Max new tokens"
-            )
-            temperature = gr.Slider(
-                0.0, 1.5, value=defaults.temperature, step=0.05, label="Temperature (0 = greedy)"
-            )
-            seed = gr.Number(
-                value=-1 if defaults.seed is None else defaults.seed,
-                precision=0,
-                label="Seed (-1 = random)",
-            )
-            method = gr.Dropdown(
-                ["default", *DECODING_METHODS],
-                value=defaults.method,
-                label="Decoding method (beam methods: text-only turns, whole reply at once)",
-            )
-        knobs = [
-            default_tokens,
-            defaults.temperature,
-            -1 if defaults.seed is None else defaults.seed,
-        ]
-        examples: list[list[Any]] = []
-        if assistant.vlm is not None:
-            paths = example_images(cfg.shapeworld)
-            examples += [
-                [{"text": q, "files": [str(paths[name])]}, *knobs]
-                for name, q in (*IMAGE_EXAMPLES, *(SEG_EXAMPLES if assistant.stamp else ()))
-            ]
-        gill_examples = GILL_EXAMPLES if assistant.gill else []
-        examples += [[{"text": e, "files": []}, *knobs] for e in [*TEXT_EXAMPLES, *gill_examples]]
-        gr.ChatInterface(
-            make_respond(assistant),
-            multimodal=True,
-            textbox=gr.MultimodalTextbox(
-                file_types=IMAGE_TYPES,
-                file_count="multiple",
-                placeholder="Ask about an image, or just chat",
-                sources=["upload"],
-            ),
-            additional_inputs=[max_new_tokens, temperature, seed, method],
-            examples=examples,
-            concurrency_limit=concurrency_limit,
-            api_name="chat",
-        )
+        with gr.Tabs(selected="chat") as tabs:
+            with gr.Tab("Chat", id="chat"):
+                with gr.Accordion("Advanced", open=False):
+                    max_new_tokens = gr.Slider(
+                        1, 1024, value=default_tokens, step=1, label="Max new tokens"
+                    )
+                    temperature = gr.Slider(
+                        0.0,
+                        1.5,
+                        value=defaults.temperature,
+                        step=0.05,
+                        label="Temperature (0 = greedy)",
+                    )
+                    seed = gr.Number(
+                        value=-1 if defaults.seed is None else defaults.seed,
+                        precision=0,
+                        label="Seed (-1 = random)",
+                    )
+                    method = gr.Dropdown(
+                        ["default", *DECODING_METHODS],
+                        value=defaults.method,
+                        label="Decoding method (beam methods: text-only, whole reply at once)",
+                    )
+                    steps = (
+                        assistant.image_maker.num_inference_steps if assistant.image_maker else 25
+                    )
+                    image_steps = gr.Slider(
+                        1,
+                        100,
+                        value=steps,
+                        step=1,
+                        label="Diffusion steps of a generated image",
+                        visible=has_gill,
+                    )
+                    names = list(assistant.indexes)
+                    index = gr.Dropdown(
+                        names or [""],
+                        value=names[0] if names else "",
+                        label="Retrieval index",
+                        visible=bool(names),
+                    )
+                knobs = [
+                    default_tokens,
+                    defaults.temperature,
+                    -1 if defaults.seed is None else defaults.seed,
+                ]
+                examples: list[list[Any]] = []
+                if assistant.vlm is not None:
+                    paths = example_images(cfg.shapeworld)
+                    seg_examples = SEG_EXAMPLES if assistant.stamp else []
+                    examples += [
+                        [{"text": q, "files": [str(paths[name])]}, *knobs]
+                        for name, q in (*IMAGE_EXAMPLES, *seg_examples)
+                    ]
+                gill_examples = GILL_EXAMPLES if has_gill else []
+                examples += [
+                    [{"text": e, "files": []}, *knobs] for e in [*TEXT_EXAMPLES, *gill_examples]
+                ]
+                chat_box = gr.MultimodalTextbox(
+                    file_types=IMAGE_TYPES,
+                    file_count="multiple",
+                    placeholder="Ask about an image, or just chat",
+                    sources=["upload"],
+                )
+                gr.ChatInterface(
+                    make_respond(assistant),
+                    multimodal=True,
+                    textbox=chat_box,
+                    additional_inputs=[
+                        max_new_tokens,
+                        temperature,
+                        seed,
+                        method,
+                        image_steps,
+                        index,
+                    ],
+                    examples=examples,
+                    concurrency_limit=concurrency_limit,
+                    api_name="chat",
+                )
+            if tools is not None:
+                _tool_tabs(tools, cfg, concurrency_limit)
+            if assistant.vlm is not None:
+                with gr.Tab("Sketch", id="sketch"):
+                    gr.Markdown("Draw a scene, then send it to the chat with a question.")
+                    pad = gr.Sketchpad(
+                        type="pil", canvas_size=(384, 384), label="Sketch", image_mode="RGBA"
+                    )
+                    question = gr.Textbox(
+                        label="Question about the sketch", placeholder="What did I draw?"
+                    )
+                    send = gr.Button("Send to chat", variant="primary")
+                    send.click(sketch_to_chat, [pad, question], [chat_box, tabs], api_name=False)
     return demo
+
+
+def _tool_tabs(tools: VisionTools, cfg: PolychromeConfig, concurrency_limit: int) -> None:
+    """The Segment everything and Open-vocabulary segmentation tabs."""
+    example = str(example_images(cfg.shapeworld)["shapes-1"])
+    with gr.Tab("Segment everything", id="everything"):
+        gr.Markdown("Every mask SAM finds in the image (its automatic mask generator).")
+        with gr.Row():
+            image = gr.Image(type="filepath", label="Image", sources=["upload"])
+            painted = gr.Image(format="png", label="Masks", buttons=["download", "fullscreen"])
+        run = gr.Button("Segment everything", variant="primary")
+        summary = gr.Markdown()
+        masks = gr.File(label="Masks (COCO-style JSON)")
+        gr.Examples([[example]], [image])
+        run.click(
+            make_tool(tools.segment_everything, "masks"),
+            [image],
+            [painted, summary, masks],
+            api_name="segment_everything",
+            concurrency_limit=concurrency_limit,
+        )
+    with gr.Tab("Open-vocabulary segmentation", id="vocabulary"):
+        gr.Markdown(
+            "Name what to look for, separated by commas: class names, synonyms or phrases "
+            '("circle, star, purple hexagon"). SAM proposes masks, CLIP names them.'
+        )
+        with gr.Row():
+            image = gr.Image(type="filepath", label="Image", sources=["upload"])
+            painted = gr.Image(
+                format="png", label="Segmentation", buttons=["download", "fullscreen"]
+            )
+        vocabulary = gr.Textbox(label="Vocabulary", value="circle, square, triangle, star")
+        classifier = gr.Dropdown(
+            tools.classifiers,
+            value=tools.classifier,
+            label="Mask classifier (crops: the best on ShapeWorld; adapter: Mask-Adapter)",
+        )
+        run = gr.Button("Segment", variant="primary")
+        summary = gr.Markdown()
+        masks = gr.File(label="Segments (COCO-style JSON)")
+        gr.Examples([[example, "circle, square, triangle, star, hexagon"]], [image, vocabulary])
+        run.click(
+            make_tool(tools.segment_vocabulary, "segments"),
+            [image, vocabulary, classifier],
+            [painted, summary, masks],
+            api_name="segment_vocabulary",
+            concurrency_limit=concurrency_limit,
+        )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -260,7 +433,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     parser.add_argument("--gill", default=None, help="a GILL checkpoint (overrides the preset's)")
     parser.add_argument(
-        "--gill-index", default=None, help="its image index (python -m vlm.gill index)"
+        "--gill-index",
+        action="append",
+        default=None,
+        help="an image index for GILL (python -m vlm.gill index); repeat to offer several in "
+        "the Advanced panel, the first is the default",
+    )
+    parser.add_argument(
+        "--no-tools", action="store_true", help="no Segment everything / vocabulary tabs"
     )
     parser.add_argument(
         "--host",
@@ -279,11 +459,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = PolychromeConfig.from_preset(args.preset)
     if args.llm:
         cfg = cfg.replace(llm=cfg.llm.replace(source=args.llm))
-    if args.gill or args.gill_index:
+    indexes = args.gill_index or []
+    if args.gill or indexes:
         cfg = cfg.replace(
             gill=cfg.gill.replace(
                 checkpoint=args.gill or cfg.gill.checkpoint,
-                index=args.gill_index or cfg.gill.index,
+                index=indexes[0] if indexes else cfg.gill.index,
             )
         )
     device = str(resolve_device(args.device))
@@ -293,7 +474,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         logger.info("loading VLM: LLM %s, CLIP %s", cfg.llm.source, cfg.clip.model)
         assistant = Assistant.from_config(cfg, device=device)
-    demo = build_demo(assistant, cfg, concurrency_limit=args.concurrency)
+        for folder in indexes[1:]:
+            assistant.add_index(os.path.basename(os.path.normpath(folder)), folder)
+    tools = None if args.no_tools else VisionTools.from_config(cfg, device=device)
+    demo = build_demo(assistant, cfg, concurrency_limit=args.concurrency, tools=tools)
     demo.queue(max_size=args.queue_size)
     demo.launch(
         server_name=args.host, server_port=args.port, max_file_size=MAX_UPLOAD, show_error=False

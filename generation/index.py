@@ -31,7 +31,9 @@ L2-normalised and searched by inner product, so scores are cosines. Index kinds:
 
 An index folder holds ``index.json`` (format, model name and width, kind, parameters, the image
 entries as path + mtime + size, and the name and sha256 of the FAISS file) and
-``vectors-<sha>.faiss``. ``save`` writes the FAISS file to a temporary file, renames it into
+``vectors-<sha>.faiss``. Images inside the index folder are stored by their path relative to it,
+so a folder that carries its images can be moved or committed (checkpoints/shapes/gill_index).
+``save`` writes the FAISS file to a temporary file, renames it into
 place, then replaces ``index.json`` atomically: the JSON rename is the commit, so a reader never
 sees a half-written index or a JSON that names vectors it does not match.
 
@@ -506,7 +508,7 @@ class ImageIndex:
             "faiss_file": faiss_name,
             "faiss_sha256": sha,
             "metadata": self.metadata,
-            "entries": [asdict(e) for e in self.entries],
+            "entries": [_portable(asdict(e), directory) for e in self.entries],
         }
         atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1) + "\n")  # the commit
         for stale in directory.glob("vectors-*.faiss"):
@@ -537,7 +539,13 @@ class ImageIndex:
             )
         params = config_from_dict(IndexParams, meta["params"], source=f"{meta_path} params")
         index = cls(meta["model"], int(meta["dim"]), meta["kind"], params, meta.get("metadata"))
-        entries = [IndexEntry(**e) for e in meta["entries"]]
+        root = directory.resolve()
+        entries = [
+            IndexEntry(**{**e, "path": str(root / e["path"])})
+            if not os.path.isabs(e["path"])
+            else IndexEntry(**e)
+            for e in meta["entries"]
+        ]
         if meta["faiss_file"] is None:
             if entries:
                 raise ImageIndexError(f"{meta_path}: {len(entries)} entries but no vectors file")
@@ -561,6 +569,16 @@ class ImageIndex:
         index._positions = {e.path: i for i, e in enumerate(entries)}
         index.trained_on = int(meta.get("trained_on", 0))
         return index
+
+
+def _portable(entry: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """An entry as saved: images inside the index folder by their path relative to it (so the
+    folder can be moved or committed with its images), others by their absolute path."""
+    path = Path(entry["path"])
+    root = directory.resolve()
+    if path.is_relative_to(root):
+        return {**entry, "path": path.relative_to(root).as_posix()}
+    return entry
 
 
 def _duplicates(items: Sequence[str]) -> set[str]:

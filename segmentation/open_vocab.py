@@ -30,7 +30,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ from PIL import Image
 from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
 
+from core.config import Config
 from segmentation.mask_adapter import MaskAdapter, clip_pool, mask_pool
 from vision.clip import (
     ClipModel,
@@ -53,6 +54,7 @@ from vision.sam import AMG_SETTINGS
 __all__ = [
     "POOLING_VOID_LOGIT",
     "EnsembleSegmenter",
+    "OpenVocabPresetConfig",
     "OpenVocabSegmenter",
     "Segment",
     "SegmentationResult",
@@ -70,6 +72,23 @@ __all__ = [
 # The pooling baseline has no void embedding: its void class gets this fixed logit (in units of
 # the CLIP logit scale times cosine). 0 means "void only when every class has cosine < 0".
 POOLING_VOID_LOGIT = 0.0
+
+
+@dataclass
+class OpenVocabPresetConfig(Config):
+    """The "open_vocab" entry of a preset: how the demo classifies SAM's masks.
+
+    classifier: "crops" (each mask cut out and embedded by CLIP as a whole image: the best on
+    ShapeWorld, docs/RESULTS.md), "adapter" (Mask-Adapter on CLIP's dense features, one CLIP
+    pass) or "pooling" (mask pooling, the baseline). adapter: the Mask-Adapter checkpoint the
+    "adapter" classifier needs."""
+
+    classifier: Literal["crops", "adapter", "pooling"] = "crops"
+    adapter: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.classifier == "adapter" and not self.adapter:
+            raise ValueError('classifier "adapter" needs an adapter checkpoint')
 
 
 def parse_vocabulary(text: str) -> list[str]:

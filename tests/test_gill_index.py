@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -328,3 +329,29 @@ def test_retrieval_bench_reports_every_kind_side_by_side(tmp_path):
     assert exact["recall_at_10"] == 1.0
     assert 0 < ivf2["recall_at_10"] <= ivf8["recall_at_10"] <= 1
     assert all(r["ms_per_query_b1"] > 0 and r["ms_per_query_b32"] > 0 for r in result["rows"])
+
+
+def test_an_index_that_holds_its_images_can_be_moved(folder, tmp_path):
+    import shutil
+
+    embedder = CountingEmbedder()
+    home = tmp_path / "home"
+    shutil.copytree(folder, home / "images")
+    outside = tmp_path / "outside.png"
+    _draw(outside, "red", "square")
+    index = ImageIndex(embedder.name, embedder.dim)
+    index.add_folder(home / "images", embedder, progress=False)
+    index.add(embedder([Image.open(outside)]), [str(outside)], model=embedder.name)
+    index.save(home)
+    saved = json.loads((home / "index.json").read_text())["entries"]
+    inside = sorted(e["path"] for e in saved if not os.path.isabs(e["path"]))
+    expected = sorted(p.relative_to(home).as_posix() for p in (home / "images").rglob("*.png"))
+    assert inside == expected and len(inside) >= 4
+    assert str(outside.resolve()) in [e["path"] for e in saved]  # outside: absolute
+    moved = tmp_path / "elsewhere" / "index"
+    shutil.move(home, moved)
+    loaded = ImageIndex.load(moved)
+    target = moved / inside[0]
+    hit = loaded.search(embedder([Image.open(target)]), 1).paths[0][0]
+    assert hit == str(target.resolve())
+    assert Path(hit).is_file()

@@ -26,6 +26,7 @@ ValueError). When the prompt is too long, the oldest exchanges are dropped with 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -90,8 +91,12 @@ class SamplingSettings:
     seed: int | None = None
     method: str = "default"  # "default" (streamed greedy / sampling) or one of DECODING_METHODS
     num_beams: int = 4  # beam width of the beam methods
+    image_steps: int | None = None  # diffusion steps of a generated image (None: the preset's)
+    index: str | None = None  # which of Assistant.indexes GILL retrieves from (None: its own)
 
     def __post_init__(self) -> None:
+        if self.image_steps is not None and not 1 <= self.image_steps <= 200:
+            raise ValueError(f"image_steps must be in [1, 200], received {self.image_steps}")
         if self.method != "default" and self.method not in DECODING_METHODS:
             raise ValueError(
                 f"method must be 'default' or one of {list(DECODING_METHODS)}, received "
@@ -178,10 +183,24 @@ class Assistant:
             raise ValueError("image_maker must serve the Assistant's gill")
         self.gill = gill  # None: no image outputs
         self.image_maker = image_maker
+        # GILL's retrieval indexes by name (settings.index picks one); the maker's own first
+        self.indexes: dict[str, ImageIndex] = {}
+        if image_maker is not None and image_maker.index is not None:
+            self.indexes["default"] = image_maker.index
         # One generation at a time on the model (the VLM's own lock when there is one, so that
         # STAMP's LoRA switch never meets a chat turn): the app's queue bounds concurrency, this
         # guards direct library users who call chat from several threads.
         self._lock = vlm._lock if vlm is not None else threading.Lock()
+
+    def add_index(self, name: str, index: ImageIndex | str | os.PathLike[str]) -> None:
+        """Offer another retrieval index (settings.index = name): an ImageIndex or its folder. It
+        must have been built with this GILL's image embedder (IndexMismatchError otherwise)."""
+        if self.image_maker is None:
+            raise ValueError("this assistant has no GILL: an image index has nothing to serve")
+        if not isinstance(index, ImageIndex):
+            index = ImageIndex.load(index)
+        self.image_maker.check_index(index)
+        self.indexes[name] = index
 
     @classmethod
     def from_llm_config(cls, cfg: LLMConfig, device: str = "cpu") -> Assistant:
@@ -459,7 +478,19 @@ class Assistant:
             if self.gill is not None:
                 assert self.image_maker is not None
                 source = cast(Source, force) if force in ("retrieved", "generated") else None
-                specials.append(self.gill.special(self.image_maker, settings.seed, source=source))
+                if settings.index is not None and settings.index not in self.indexes:
+                    raise ValueError(
+                        f"no retrieval index named {settings.index!r}; loaded: {list(self.indexes)}"
+                    )
+                specials.append(
+                    self.gill.special(
+                        self.image_maker,
+                        settings.seed,
+                        source=source,
+                        num_inference_steps=settings.image_steps,
+                        index=self.indexes.get(settings.index or ""),
+                    )
+                )
             forced = {"segment": SEG_TOKEN, "retrieved": IMG_TOKENS[0], "generated": IMG_TOKENS[0]}
             events = decode_with_specials(
                 self.tokenizer,

@@ -18,6 +18,7 @@ from data.shapeworld import ShapeWorldConfig
 from generation.diffusion import DiffusionPresetConfig
 from generation.gill import GILLPresetConfig
 from lm.loading import LLMConfig
+from segmentation.open_vocab import OpenVocabPresetConfig
 from segmentation.stamp import StampPresetConfig
 from vision.clip import ClipPresetConfig
 from vision.sam import SamPresetConfig
@@ -54,6 +55,7 @@ class PolychromeConfig(Config):
     vlm: VLMPresetConfig = field(default_factory=VLMPresetConfig)
     stamp: StampPresetConfig = field(default_factory=StampPresetConfig)
     gill: GILLPresetConfig = field(default_factory=GILLPresetConfig)
+    open_vocab: OpenVocabPresetConfig = field(default_factory=OpenVocabPresetConfig)
 
     @classmethod
     def from_preset(cls, name: str) -> PolychromeConfig:

@@ -535,16 +535,24 @@ class GILLVLM(nn.Module):
         seed: int | None = None,
         back_to_back: bool = False,
         source: Source | None = None,
+        num_inference_steps: int | None = None,
+        index: ImageIndex | None = None,
     ) -> Special:
         """The [IMG0] Special of decode_with_specials: its payload is a GILLImage. ``source``:
         where the image comes from when the reply was forced to open with it (None: the decision
-        head chooses)."""
+        head chooses); ``num_inference_steps`` / ``index``: ImageMaker.make's."""
 
         def act(
             kv: torch.Tensor, cache: DynamicCache, forced: bool, fired: int
         ) -> tuple[torch.Tensor, torch.Tensor, GILLImage]:
             states, kv = self.img_pass(kv, cache)
-            image = maker.make(states, force=source if forced else None, seed=(seed or 0) + fired)
+            image = maker.make(
+                states,
+                force=source if forced else None,
+                seed=(seed or 0) + fired,
+                num_inference_steps=num_inference_steps,
+                index=index,
+            )
             return states.hidden[:, -1], kv, image[0]
 
         return Special(
@@ -571,11 +579,9 @@ class ImageMaker:
     ) -> None:
         if index is None and pipe is None:
             raise ValueError("an ImageMaker needs an image index, a diffusion pipeline, or both")
+        self.gill = gill
         if index is not None:
-            embedder = gill.image_embedder()
-            index.check_model(embedder.name, embedder.dim)  # built with these retrieval weights
-            if len(index) == 0:
-                raise ValueError("the image index is empty")
+            self.check_index(index)
         if pipe is not None:
             want = (gill.config.mapper.out_tokens, gill.config.mapper.out_dim)
             tokens, dim = expected_embeds_shape(pipe)
@@ -584,41 +590,59 @@ class ImageMaker:
                     f"the mapper writes prompt_embeds of shape (B, {want[0]}, {want[1]}); the "
                     f"pipeline expects (B, {tokens}, {dim})"
                 )
-        self.gill = gill
         self.index = index
         self.pipe = pipe
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.calls = {"retrieved": 0, "generated": 0}  # batches sent to each side
 
+    def check_index(self, index: ImageIndex) -> None:
+        """IndexMismatchError unless `index` was built with this model's retrieval weights;
+        ValueError when it is empty."""
+        embedder = self.gill.image_embedder()
+        index.check_model(embedder.name, embedder.dim)
+        if len(index) == 0:
+            raise ValueError("the image index is empty")
+
     @torch.inference_mode()
     def make(
-        self, states: ImgTokenStates, force: Source | None = None, seed: int = 0
+        self,
+        states: ImgTokenStates,
+        force: Source | None = None,
+        seed: int = 0,
+        num_inference_steps: int | None = None,
+        index: ImageIndex | None = None,
     ) -> list[GILLImage]:
-        """One image per row of `states`; retrievals in one search, generations in one batch."""
+        """One image per row of `states`; retrievals in one search, generations in one batch.
+        ``num_inference_steps`` / ``index`` replace this maker's for this call (an index must
+        have been built with this model's ``image_embedder``: ``check_index``)."""
+        if index is not None:
+            self.check_index(index)
+        index = index if index is not None else self.index
+        steps = num_inference_steps or self.num_inference_steps
         b = int(states.hidden.shape[0])
         p_gen = self.gill.p_generate(states).float().cpu()
         if force is not None:
             choice = [force] * b
-        elif self.index is None:
+        elif index is None:
             choice = ["generated"] * b
         elif self.pipe is None:
             choice = ["retrieved"] * b
         else:
             choice = ["generated" if p > 0.5 else "retrieved" for p in p_gen.tolist()]
-        if "retrieved" in choice and self.index is None:
+        if "retrieved" in choice and index is None:
             raise ValueError("retrieval asked for, but this model has no image index")
         if "generated" in choice and self.pipe is None:
             raise ValueError("generation asked for, but this model has no diffusion pipeline")
         out: list[GILLImage | None] = [None] * b
         rows = [i for i, c in enumerate(choice) if c == "retrieved"]
         if rows:
-            assert self.index is not None
+            assert index is not None
             self.calls["retrieved"] += 1
             queries = self.gill.retrieval_queries(
                 ImgTokenStates(states.hidden[rows], states.input_embeds[rows])
             )
-            hits = self.index.search(queries.cpu().numpy(), 1)
+            hits = index.search(queries.cpu().numpy(), 1)
             for k, i in enumerate(rows):
                 path = hits.paths[k][0]
                 assert path is not None
@@ -635,7 +659,7 @@ class ImageMaker:
                 self.pipe,
                 prompt_embeds=embeds.float(),
                 seed=[seed + i for i in rows],
-                num_inference_steps=self.num_inference_steps,
+                num_inference_steps=steps,
                 guidance_scale=self.guidance_scale,
             )
             for i, image in zip(rows, images, strict=True):

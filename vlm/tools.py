@@ -1,0 +1,176 @@
+"""The tools beside the chat: segment everything, and open-vocabulary segmentation.
+
+    tools = VisionTools.from_config(PolychromeConfig.from_preset("shapes"))
+    everything = tools.segment_everything(image)        # SAM's automatic masks
+    named = tools.segment_vocabulary(image, "circle, star, purple hexagon")
+    named.painted, named.segments, named.coco_json()    # a picture, the masks, a JSON to download
+
+Segment everything is segment_anything's ``SamAutomaticMaskGenerator`` with the preset's SAM
+(``vision.sam.AMG_SETTINGS``). Open-vocabulary segmentation is
+``segmentation.open_vocab.OpenVocabSegmenter``: SAM's masks classified against the user's
+vocabulary by the preset's CLIP, with the preset's classifier (``open_vocab``: CLIP crops,
+Mask-Adapter or mask pooling). Both take any image core.images.load_rgb reads (bounded in size);
+bad input raises ValueError saying what was expected.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from segment_anything import SamAutomaticMaskGenerator
+from segment_anything.modeling import Sam
+
+from core.config import project_path
+from core.images import load_rgb, paint_labels
+from segmentation.mask_adapter import MaskAdapter, load_adapter
+from segmentation.open_vocab import OpenVocabSegmenter, parse_vocabulary, sam_proposals
+from vision.clip import ClipBundle, build_clip, load_clip
+from vision.sam import AMG_SETTINGS, build_sam_model, load_sam
+from vlm.config import PolychromeConfig
+
+__all__ = ["CLASSIFIERS", "MAX_VOCABULARY", "ToolResult", "VisionTools"]
+
+MAX_VOCABULARY = 64  # entries in one vocabulary at most
+CLASSIFIERS = ("crops", "adapter", "pooling")
+
+
+@dataclass
+class ToolResult:
+    """A tool's answer: the masks painted over the image, each segment, a one-line summary."""
+
+    painted: Image.Image
+    segments: list[dict[str, Any]]  # {"label", "score", "area", "bbox", "mask": (H, W) bool}
+    summary: str
+
+    def coco_json(self) -> dict[str, Any]:
+        """The segments as COCO-style results (RLE masks, xywh boxes), for download."""
+        out = []
+        for seg in self.segments:
+            rle = mask_utils.encode(np.asfortranarray(seg["mask"].astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            out.append({k: v for k, v in seg.items() if k != "mask"} | {"segmentation": rle})
+        w, h = self.painted.size
+        return {"width": w, "height": h, "segments": out}
+
+
+def _segment(mask: np.ndarray, label: str, score: float) -> dict[str, Any]:
+    ys, xs = np.nonzero(mask)
+    bbox = [
+        int(xs.min()),
+        int(ys.min()),
+        int(xs.max() - xs.min() + 1),
+        int(ys.max() - ys.min() + 1),
+    ]
+    return {"label": label, "score": round(float(score), 4), "area": int(mask.sum()), "bbox": bbox,
+            "mask": mask}  # fmt: skip
+
+
+class VisionTools:
+    """SAM's automatic masks and the open-vocabulary segmenter over one CLIP and one SAM."""
+
+    def __init__(
+        self,
+        clip: ClipBundle,
+        sam: Sam,
+        adapter: MaskAdapter | None = None,
+        classifier: str = "crops",
+    ) -> None:
+        if classifier not in CLASSIFIERS:
+            raise ValueError(f"classifier must be one of {CLASSIFIERS}, received {classifier!r}")
+        if classifier == "adapter" and adapter is None:
+            raise ValueError('classifier "adapter" needs a Mask-Adapter')
+        self.classifier = classifier
+        self.generator = SamAutomaticMaskGenerator(sam.eval(), **AMG_SETTINGS)
+        self._segmenters = {
+            "crops": OpenVocabSegmenter(clip.model, clip.tokenizer, preprocess=clip.preprocess,
+                                        crops=True),
+            "pooling": OpenVocabSegmenter(clip.model, clip.tokenizer),
+        }  # fmt: skip
+        if adapter is not None:
+            self._segmenters["adapter"] = OpenVocabSegmenter(
+                clip.model, clip.tokenizer, adapter=adapter
+            )
+        # SAM's predictor keeps the image it was set to: one request at a time.
+        self._lock = threading.Lock()
+
+    @property
+    def classifiers(self) -> list[str]:
+        """The classifiers this instance can use (the adapter only when one was loaded)."""
+        return [c for c in CLASSIFIERS if c in self._segmenters]
+
+    @classmethod
+    def from_config(cls, cfg: PolychromeConfig, device: str = "cpu") -> VisionTools:
+        """The preset's CLIP, SAM and open_vocab classifier (random CLIP / SAM from seed 0 where
+        the preset names no checkpoint, as the tiny preset for tests)."""
+        if cfg.clip.checkpoint:
+            clip = load_clip(project_path(cfg.clip.checkpoint))
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                clip = build_clip(cfg.clip.model)
+        if cfg.sam.checkpoint:
+            sam = load_sam(project_path(cfg.sam.checkpoint))
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                sam = build_sam_model(cfg.sam.model)
+        adapter = (
+            load_adapter(project_path(cfg.open_vocab.adapter)) if cfg.open_vocab.adapter else None
+        )
+        clip.model.to(device)
+        sam.to(device)
+        if adapter is not None:
+            adapter.to(device)
+        return cls(clip, sam, adapter, cfg.open_vocab.classifier)
+
+    def _proposals(self, image: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        rgb = np.asarray(load_rgb(image))
+        with self._lock, torch.inference_mode():
+            masks, scores = sam_proposals(self.generator, rgb)
+        return rgb, masks, scores
+
+    def segment_everything(self, image: Any) -> ToolResult:
+        """Every mask SAM finds (largest first; smaller ones painted over larger ones)."""
+        rgb, masks, scores = self._proposals(image)
+        labels = np.zeros(rgb.shape[:2], dtype=np.int64)
+        for k, mask in enumerate(masks, start=1):
+            labels[mask] = k
+        pairs = enumerate(zip(masks, scores, strict=True), start=1)
+        segments = [_segment(m, f"mask {k}", s) for k, (m, s) in pairs]
+        painted = paint_labels(rgb, labels)
+        n = len(segments)
+        return ToolResult(painted, segments, f"{n} mask{'s' if n != 1 else ''} found")
+
+    def segment_vocabulary(
+        self, image: Any, vocabulary: str | Sequence[str], classifier: str | None = None
+    ) -> ToolResult:
+        """Each pixel labelled with a vocabulary entry or background (Mask2Former's semantic
+        inference over SAM's masks); the segments are the masks with their best label."""
+        words = parse_vocabulary(vocabulary) if isinstance(vocabulary, str) else list(vocabulary)
+        words = [w.strip() for w in words if w.strip()]
+        if not words:
+            raise ValueError("the vocabulary is empty: give class names separated by commas")
+        if len(words) > MAX_VOCABULARY:
+            raise ValueError(f"the vocabulary has {len(words)} entries; at most {MAX_VOCABULARY}")
+        name = classifier or self.classifier
+        if name not in self._segmenters:
+            raise ValueError(f"classifier must be one of {self.classifiers}, received {name!r}")
+        rgb, masks, _ = self._proposals(image)
+        with self._lock, torch.inference_mode():
+            result = self._segmenters[name].segment(rgb, words, masks=masks)
+        present = sorted(set(np.unique(result.semantic).tolist()) - {0})
+        # the legend names only the classes found: label k = the k-th of them
+        remap = np.zeros(len(words) + 1, dtype=np.int64)
+        remap[present] = np.arange(1, len(present) + 1)
+        legend = [words[c - 1] for c in present]
+        painted = paint_labels(rgb, remap[result.semantic], legend=legend)
+        segments = [_segment(s.mask, words[s.label], s.score) for s in result.instances]
+        found = ", ".join(words[c - 1] for c in present) or "nothing from the vocabulary"
+        return ToolResult(painted, segments, f"found: {found}")
