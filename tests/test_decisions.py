@@ -117,7 +117,11 @@ def test_the_script_changes_only_the_rows_and_reports_rates(checkpoints, tmp_pat
     result = json.loads((out / "decisions.json").read_text())
     assert result["fit_prompts"]["seg request"] == 6
     for kind in result["eval_after"].values():
-        assert sum(kind.values()) == pytest.approx(1.0)
+        assert kind["text"] + kind["<seg>"] + kind["[IMG0]"] == pytest.approx(1.0)
+        for token in ("<seg>", "[IMG0]"):  # the reply's states include its first one
+            assert kind.get(f"{token} anywhere", kind[token]) >= kind[token]
+    assert "[IMG0] anywhere" in result["eval_after"]["text-only message"]
+    assert "[IMG0] anywhere" not in result["eval_after"]["image request"]
     assert result["loss_first_last"][1] < result["loss_first_last"][0]
     for name, stem, changed in (("stamp", "stamp", {"seg_out", "seg_bias"}),
                                 ("gill", "gill", {"img_out", "img_bias"})):  # fmt: skip
@@ -130,3 +134,28 @@ def test_the_script_changes_only_the_rows_and_reports_rates(checkpoints, tmp_pat
     StampVLM.from_pretrained(out / "stamp")  # loads as any checkpoint
     with pytest.raises(SystemExit):  # refuses to overwrite without --overwrite
         decisions_main([*argv, "--no-progress"])
+
+
+def test_reply_states_match_one_forward_over_the_greedy_reply():
+    from train.decisions import prompt_states
+
+    core = sharpened_tiny_vlm()
+    mapper = GILLMapperConfig(width=32, encoder_layers=1, decoder_layers=1, heads=4, ffn_dim=64)
+    gill = GILLVLM(core, gill_config_for(core, get_diffusion_config("tiny-ldm"), mapper)).eval()
+    prompt = [{"role": "user", "content": "Tell me about shapes."}]
+    st = prompt_states(gill, [prompt], 1, False, "", reply_tokens=3)
+    n = len(st["position"])
+    assert st["position"].tolist() == list(range(n)) and 1 <= n <= 4
+    # reference: the prompt plus the greedy tokens, read in one uncached forward
+    ids = gill._batch([prompt])[0]
+    head = core.llm.get_output_embeddings()
+    with torch.no_grad():
+        for _ in range(n - 1):
+            hidden = core.llm.base_model(inputs_embeds=core.embed(ids)).last_hidden_state
+            ids = torch.cat([ids, head(hidden[:, -1]).argmax(-1, keepdim=True)], 1)
+        hidden = core.llm.base_model(inputs_embeds=core.embed(ids)).last_hidden_state[0]
+    expected = hidden[-n:]
+    torch.testing.assert_close(st["hidden"], expected.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        st["top"], head(expected).float().max(-1).values, rtol=1e-4, atol=1e-4
+    )

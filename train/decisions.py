@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-split", default="val", help="split the rates are measured on")
     parser.add_argument("--per-class", type=int, default=600, help="fitted prompts per kind")
     parser.add_argument("--eval-per-class", type=int, default=200, help="measured per kind")
+    parser.add_argument(
+        "--reply-tokens",
+        type=int,
+        default=16,
+        help="states of the bare LLM's own reply taken per ordinary prompt (default 16): the "
+        "rows must stay off mid-reply too",
+    )
     parser.add_argument("--steps", type=int, default=500, help="full-batch Adam steps")
     parser.add_argument("--lr", type=float, default=0.01, help="Adam learning rate")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per LLM pass")
@@ -133,27 +141,45 @@ def prompts_for(
 
 @torch.inference_mode()
 def prompt_states(
-    gill: GILLVLM, prompts: Sequence[Prompt], batch_size: int, progress: bool, desc: str
+    gill: GILLVLM,
+    prompts: Sequence[Prompt],
+    batch_size: int,
+    progress: bool,
+    desc: str,
+    reply_tokens: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Each prompt's last hidden state (bare LLM) with its vocabulary logits' logsumexp, max and
-    argmax: all the fit needs, since the rows do not change what the prompt reads."""
-    hidden, lse, top, has_image = [], [], [], []
-    head = gill.vlm.llm.get_output_embeddings()
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
-        ids, attn, visual = gill._batch(prompts[start : start + batch_size])
-        last, _ = gill.prefix(ids, attn, visual)
-        logits = head(last).float()
-        hidden.append(last.float().cpu())
-        lse.append(torch.logsumexp(logits, -1).cpu())
-        top.append(logits.max(-1).values.cpu())
-        for p in prompts[start : start + batch_size]:
-            has_image.append(any(m.get("images") for m in p))
-    return {
-        "hidden": torch.cat(hidden),
-        "lse": torch.cat(lse),
-        "top": torch.cat(top),
-        "has_image": torch.tensor(has_image),
+    """The states the decision is made from (bare LLM), with the vocabulary logits' logsumexp
+    and max: all the fit needs, since the rows do not change what the LLM reads. Position 0 is
+    the prompt's last state; with ``reply_tokens`` also the states of the bare LLM's own greedy
+    reply, up to its end of turn (where an image or a mask could fire mid-reply)."""
+    out: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("hidden", "lse", "top", "has_image", "prompt", "position")
     }
+    head = gill.vlm.llm.get_output_embeddings()
+    eos = int(gill.vlm.tokenizer.eos_token_id)
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress):
+        batch = prompts[start : start + batch_size]
+        ids, attn, visual = gill._batch(batch)
+        last, cache = gill.prefix(ids, attn, visual)
+        kv = attn.to(gill.vlm.device)
+        image = torch.tensor([any(m.get("images") for m in p) for p in batch])
+        owner = torch.arange(start, start + len(batch))
+        alive = torch.ones(len(batch), dtype=torch.bool)
+        for position in range(reply_tokens + 1):
+            logits = head(last).float().cpu()
+            out["hidden"].append(last.float().cpu()[alive])
+            out["lse"].append(torch.logsumexp(logits, -1)[alive])
+            out["top"].append(logits.max(-1).values[alive])
+            out["has_image"].append(image[alive])
+            out["prompt"].append(owner[alive])
+            out["position"].append(torch.full((int(alive.sum()),), position))
+            token = logits.argmax(-1)
+            alive = alive & (token != eos)
+            if position == reply_tokens or not alive.any():
+                break
+            last = gill.step(token, kv, cache)
+            kv = torch.cat([kv, torch.ones_like(kv[:, :1])], 1)
+    return {k: torch.cat(v) for k, v in out.items()}
 
 
 def decision_logits(states: dict[str, torch.Tensor], rows: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -203,14 +229,23 @@ def fit_rows(
 def rates(
     states: dict[str, dict[str, torch.Tensor]], rows: dict[str, torch.Tensor]
 ) -> dict[str, dict[str, float]]:
-    """Per kind of prompt: the share of replies greedy decoding opens with text, <seg>, [IMG0]."""
+    """Per kind of prompt: the share of replies greedy decoding opens with text, <seg>, [IMG0];
+    where reply states were taken, also the share of replies in which <seg> / [IMG0] would win
+    at any of them ("... anywhere")."""
     out = {}
     for kind, st in states.items():
         choice = greedy_choice(st, rows)
-        out[kind] = {
-            name: float((choice == c).float().mean())
+        first = st["position"] == 0
+        row = {
+            name: float((choice[first] == c).float().mean())
             for name, c in (("text", TEXT), ("<seg>", SEG), ("[IMG0]", IMG))
         }
+        if bool((st["position"] > 0).any()):
+            prompts = st["prompt"].unique()
+            for name, c in (("<seg>", SEG), ("[IMG0]", IMG)):
+                fired = st["prompt"][choice == c].unique()
+                row[f"{name} anywhere"] = len(fired) / len(prompts)
+        out[kind] = row
     return out
 
 
@@ -221,10 +256,15 @@ def table(before: dict[str, Any], after: dict[str, Any], counts: dict[str, int])
     ]
     for kind in KINDS:
         b, a = before[kind], after[kind]
-        lines.append(
-            f"| {kind} | {counts[kind]} | {100 * b['<seg>']:.1f}% | {100 * a['<seg>']:.1f}% | "
-            f"{100 * b['[IMG0]']:.1f}% | {100 * a['[IMG0]']:.1f}% |"
-        )
+        for where in ("", " anywhere"):
+            if f"<seg>{where}" not in b:
+                continue
+            label = kind if not where else "... at any token of the bare LLM's reply"
+            lines.append(
+                f"| {label} | {counts[kind]} | {100 * b['<seg>' + where]:.1f}% | "
+                f"{100 * a['<seg>' + where]:.1f}% | {100 * b['[IMG0]' + where]:.1f}% | "
+                f"{100 * a['[IMG0]' + where]:.1f}% |"
+            )
     return "\n".join(lines)
 
 
@@ -239,6 +279,13 @@ def _write(source: Path, dest: Path, stem: str, rows: dict[str, torch.Tensor], m
     card = source / "MODEL_CARD.md"
     if card.is_file():
         text = card.read_text(encoding="utf-8")
+        manifest = json.loads((dest / "manifest.json").read_text(encoding="utf-8"))
+        for name, info in manifest["files"].items():  # the card's sha256 lines: the new files'
+            text = re.sub(
+                rf"- {re.escape(name)}: [0-9a-f]{{64}} \(\d+ bytes\)",
+                f"- {name}: {info['sha256']} ({info['bytes']} bytes)",
+                text,
+            )
         text += (
             "\n## Decision row refit\n\n"
             f"The {stem} output row was refit by `train.decisions` (the other tensors are the "
@@ -252,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if args.reply_tokens < 0:
+        parser.error(f"--reply-tokens must be >= 0, received {args.reply_tokens}")
     for name in ("per_class", "eval_per_class", "steps", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
@@ -280,21 +329,29 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         parser.error(str(err))
     progress = not args.no_progress
-    fit_states = {
-        k: prompt_states(gill, v, args.batch_size, progress, f"fit: {k}")
-        for k, v in fit_prompts.items()
-    }
-    eval_states = {
-        k: prompt_states(gill, v, args.batch_size, progress, f"eval: {k}")
-        for k, v in eval_prompts.items()
-    }
+
+    def states(prompts: dict[str, list[Prompt]], what: str) -> dict[str, dict[str, torch.Tensor]]:
+        return {
+            k: prompt_states(
+                gill,
+                v,
+                args.batch_size,
+                progress,
+                f"{what}: {k}",
+                args.reply_tokens if label[k] == TEXT else 0,
+            )
+            for k, v in prompts.items()
+        }
+
+    label = {KINDS[0]: SEG, KINDS[1]: IMG, KINDS[2]: TEXT, KINDS[3]: TEXT}
+    fit_states = states(fit_prompts, "fit")
+    eval_states = states(eval_prompts, "eval")
     init = {
         "seg_out": stamp.seg_out.detach(),
         "seg_bias": stamp.seg_bias.detach(),
         "img_out": gill.img_out.detach(),
         "img_bias": gill.img_bias.detach(),
     }
-    label = {KINDS[0]: SEG, KINDS[1]: IMG, KINDS[2]: TEXT, KINDS[3]: TEXT}
     joined = {
         key: torch.cat([fit_states[k][key] for k in KINDS])
         for key in ("hidden", "lse", "top", "has_image")
