@@ -195,6 +195,17 @@ def _file_path_or_str(item: Any) -> str | None:
     return item if isinstance(item, str) else _file_path(item)
 
 
+class ImageFile(gr.Image):
+    """An image upload handed on as its file path, unopened. The tools read it with
+    core.images.load_rgb, which bounds size and type and says what is wrong; gr.Image's own
+    preprocessing would open it first and fail on a bad file with a generic error."""
+
+    is_template = True  # the front end shows it as gr.Image
+
+    def preprocess(self, payload: Any) -> str | None:
+        return None if payload is None else str(payload.path)
+
+
 def _safe(err: Exception, files: Sequence[str] = ()) -> str:
     """An error as a chat/tool message, naming the user's file, not where the server keeps it."""
     text = str(err)
@@ -377,7 +388,7 @@ def _tool_tabs(tools: VisionTools, cfg: PolychromeConfig, concurrency_limit: int
     with gr.Tab("Segment everything", id="everything"):
         gr.Markdown("Every mask SAM finds in the image (its automatic mask generator).")
         with gr.Row():
-            image = gr.Image(type="filepath", label="Image", sources=["upload"])
+            image = ImageFile(type="filepath", label="Image", sources=["upload"])
             painted = gr.Image(format="png", label="Masks", buttons=["download", "fullscreen"])
         run = gr.Button("Segment everything", variant="primary")
         summary = gr.Markdown()
@@ -396,7 +407,7 @@ def _tool_tabs(tools: VisionTools, cfg: PolychromeConfig, concurrency_limit: int
             '("circle, star, purple hexagon"). SAM proposes masks, CLIP names them.'
         )
         with gr.Row():
-            image = gr.Image(type="filepath", label="Image", sources=["upload"])
+            image = ImageFile(type="filepath", label="Image", sources=["upload"])
             painted = gr.Image(
                 format="png", label="Segmentation", buttons=["download", "fullscreen"]
             )

@@ -72,14 +72,15 @@ def sharp_vlm():
     return sharpened_tiny_vlm()
 
 
-def serve_demo(assistant):
-    """Serve the demo over `assistant` on a free local port; yields the URL, closes afterwards."""
+def serve_demo(assistant, tools=None):
+    """Serve the demo over `assistant` (and `tools`, a VisionTools) on a free local port; yields
+    the URL, closes afterwards."""
     import socket
 
     import app
     from vlm.config import PolychromeConfig
 
-    demo = app.build_demo(assistant, PolychromeConfig.from_preset("tiny"))
+    demo = app.build_demo(assistant, PolychromeConfig.from_preset("tiny"), tools=tools)
     demo.queue(max_size=8)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
