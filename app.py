@@ -95,6 +95,15 @@ def _text_of(content: Any) -> str:
 
 
 WARNING = "⚠️ "
+OUTSIDE = "files must be uploaded through the page; this one is not an upload the server received: "
+
+
+def uploaded(path: str) -> bool:
+    """Whether `path` is in Gradio's upload folder, where every file the page sends (uploads,
+    examples, the sketch) lands. A client can name any path in its request; anything else it
+    names (an image elsewhere on the server, which STAMP would paint and send back) is refused."""
+    root = Path(gr.utils.get_upload_folder()).resolve()
+    return Path(path).resolve().is_relative_to(root)
 
 
 def history_for_model(history: Sequence[dict[str, Any]]) -> list[ChatMessage]:
@@ -163,6 +172,11 @@ def make_respond(assistant: Assistant) -> Any:
             files = [p for p in map(_file_path_or_str, message.get("files") or []) if p]
         else:
             text, files = str(message or ""), []
+        named = [*files, *(im for t in turns for im in t.get("images", ()))]
+        outside = [p for p in named if not uploaded(str(p))]
+        if outside:
+            yield f"{WARNING}{OUTSIDE}{os.path.basename(str(outside[0]))}"
+            return
         if files and not text.strip():
             text = "Describe the image."
         if not text.strip():
@@ -230,6 +244,8 @@ def make_tool(
     def tool(image: str | None, *args: Any) -> tuple[Any, str, str | None]:
         if not image:
             return None, f"{WARNING}Upload an image first.", None
+        if not uploaded(image):
+            return None, f"{WARNING}{OUTSIDE}{os.path.basename(image)}", None
         try:
             result = run(image, *args)
         except ValueError as err:
