@@ -121,6 +121,23 @@ def _macro_f1(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 @torch.inference_mode()
+def retrieval_recall(
+    gill: GILLVLM, scenes: Sequence[SceneItem], batch_size: int = 16, progress: bool = False
+) -> tuple[dict[int, float], torch.Tensor, ImgTokenStates]:
+    """Text -> image recall@{1, 5, 10} of each scene's listing ("Show me this: ...") among the
+    scenes' images, in an exact index of GILL's retrieval space; with the requests' last prompt
+    states and [IMG] states."""
+    embedder = gill.image_embedder()
+    paths = [str(s.image_path.resolve()) for s in scenes]
+    index = ImageIndex(embedder.name, embedder.dim, "exact")
+    index.add(embedder([s.image_path for s in scenes]), paths, model=embedder.name)
+    requests = [request_prompt(s.listing) for s in scenes]
+    last, states = _states(gill, requests, batch_size, progress, "scene requests")
+    hits = index.search(gill.retrieval_queries(states).cpu().numpy(), min(max(KS), len(scenes)))
+    return recall_at(hits.ids.tolist(), list(range(len(scenes)))), last, states
+
+
+@torch.inference_mode()
 def evaluate_gill(
     gill: GILLVLM,
     pipe: Any,
@@ -149,16 +166,9 @@ def evaluate_gill(
         )
     results: dict[str, Any] = {"split": split, "n_images": len(scenes)}
     # -- retrieval --------------------------------------------------------------------------
-    embedder = gill.image_embedder()
-    paths = [str(s.image_path.resolve()) for s in scenes]
-    index = ImageIndex(embedder.name, embedder.dim, "exact")
-    index.add(embedder([s.image_path for s in scenes]), paths, model=embedder.name)
-    requests = [request_prompt(s.listing) for s in scenes]
-    last, states = _states(gill, requests, batch_size, progress, "scene requests")
+    results["recall"], last, states = retrieval_recall(gill, scenes, batch_size, progress)
     k = min(max(KS), len(scenes))
-    hits = index.search(gill.retrieval_queries(states).cpu().numpy(), k)
     truth = list(range(len(scenes)))
-    results["recall"] = recall_at(hits.ids.tolist(), truth)
     if clip_reference is not None:
         img = clip_reference([s.image_path for s in scenes])
         txt = clip_reference.embed_text([s.listing for s in scenes])
