@@ -209,15 +209,18 @@ def _file_path_or_str(item: Any) -> str | None:
     return item if isinstance(item, str) else _file_path(item)
 
 
-class ImageFile(gr.Image):
-    """An image upload handed on as its file path, unopened. The tools read it with
+def image_file(**kwargs: Any) -> gr.Image:
+    """A gr.Image upload handed on as its file path, unopened. The tools read it with
     core.images.load_rgb, which bounds size and type and says what is wrong; gr.Image's own
-    preprocessing would open it first and fail on a bad file with a generic error."""
+    preprocessing would open it first and fail on a bad file with a generic error. (An instance
+    override: a gr.Image subclass would make Gradio write an app.pyi stub beside this file.)"""
+    image = gr.Image(type="filepath", **kwargs)
 
-    is_template = True  # the front end shows it as gr.Image
-
-    def preprocess(self, payload: Any) -> str | None:
+    def unopened(payload: Any) -> str | None:
         return None if payload is None else str(payload.path)
+
+    setattr(image, "preprocess", unopened)  # noqa: B010
+    return image
 
 
 def _safe(err: Exception, files: Sequence[str] = ()) -> str:
@@ -404,7 +407,7 @@ def _tool_tabs(tools: VisionTools, cfg: PolychromeConfig, concurrency_limit: int
     with gr.Tab("Segment everything", id="everything"):
         gr.Markdown("Every mask SAM finds in the image (its automatic mask generator).")
         with gr.Row():
-            image = ImageFile(type="filepath", label="Image", sources=["upload"])
+            image = image_file(label="Image", sources=["upload"])
             painted = gr.Image(format="png", label="Masks", buttons=["download", "fullscreen"])
         run = gr.Button("Segment everything", variant="primary")
         summary = gr.Markdown()
@@ -423,7 +426,7 @@ def _tool_tabs(tools: VisionTools, cfg: PolychromeConfig, concurrency_limit: int
             '("circle, star, purple hexagon"). SAM proposes masks, CLIP names them.'
         )
         with gr.Row():
-            image = ImageFile(type="filepath", label="Image", sources=["upload"])
+            image = image_file(label="Image", sources=["upload"])
             painted = gr.Image(
                 format="png", label="Segmentation", buttons=["download", "fullscreen"]
             )

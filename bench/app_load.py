@@ -4,8 +4,9 @@
     python -m bench.app_load --preset tiny --clients 2 --requests 2   # seconds: the smoke size
     python -m bench.app_load --concurrency 2 --json out/app_load.json
 
-The server is app.py's demo (its Assistant and tools, its queue), started in this process on a
-free local port; the clients are gradio_client sessions in threads, as separate browsers would be.
+The server is ``python app.py --preset ... --concurrency ...`` in its own process on a free local
+port (bench.serve), as a user starts it; the clients are gradio_client sessions in threads, as
+separate browsers would be.
 Client c sends its requests in the order KINDS[(c + i) % len(KINDS)], so every kind is in flight
 beside the others. Each request is timed from submit to its final output (queue wait included);
 a request fails when the client raises or the reply is one of the app's warnings. Reports, per
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import socket
 import sys
 import threading
 import time
@@ -27,15 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-import app
+from bench.serve import serve_app
 from core.io import atomic_write_text
-from vlm.assistant import Assistant, SamplingSettings
 from vlm.config import PolychromeConfig
 from vlm.examples import example_images
-from vlm.tools import VisionTools
+
+WARNING = "⚠️ "  # how app.py opens a refusal or an error shown in the chat
 
 KINDS = ("chat", "image question", "segment", "retrieve", "segment everything", "vocabulary")
 
@@ -51,42 +50,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--requests", type=int, default=5, help="requests per client")
     parser.add_argument("--concurrency", type=int, default=1, help="the app's --concurrency")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="reply length cap")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="the server's OMP_NUM_THREADS (default: all)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     return parser
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def requests_for(
-    assistant: Assistant, tools: VisionTools | None, scene: str
+    cfg: PolychromeConfig, scene: str, max_new_tokens: int
 ) -> dict[str, Callable[[Any], Any]]:
     """kind -> a function of a gradio_client Client that sends one request and returns its
-    output; only the kinds this server can serve."""
+    output; only the kinds the preset's demo serves."""
     from gradio_client import handle_file
 
     def chat(text: str, files: tuple[str, ...] = ()) -> Callable[[Any], Any]:
         message = {"text": text, "files": [handle_file(f) for f in files]}
-        return lambda c: c.predict(message, api_name="/chat")
+        return lambda c: c.predict(message, max_new_tokens, api_name="/chat")
 
     out: dict[str, Callable[[Any], Any]] = {
         "chat": chat("Name three shapes that have straight edges."),
         "image question": chat("How many shapes are there?", (scene,)),
     }
-    if assistant.stamp is not None:
+    if cfg.stamp.checkpoint:
         out["segment"] = chat("Segment the largest red shape.", (scene,))
-    if assistant.gill is not None and assistant.indexes:
+    if cfg.gill.checkpoint and cfg.gill.index:
         out["retrieve"] = chat("retrieve: A red circle next to a blue star.")
-    if tools is not None:
-        image = handle_file(scene)
-        out["segment everything"] = lambda c: c.predict(image, api_name="/segment_everything")
-        out["vocabulary"] = lambda c: c.predict(
-            image, "circle, square, star, triangle", "crops", api_name="/segment_vocabulary"
-        )
+    image = handle_file(scene)
+    out["segment everything"] = lambda c: c.predict(image, api_name="/segment_everything")
+    out["vocabulary"] = lambda c: c.predict(
+        image, "circle, square, star, triangle", "crops", api_name="/segment_vocabulary"
+    )
     return out
 
 
@@ -96,7 +90,7 @@ def _failed(output: Any) -> bool:
         texts = [x for x in output if isinstance(x, str)]
     if isinstance(output, dict):
         texts = [str(output.get("text", ""))]
-    return any(t.startswith(app.WARNING) for t in texts)
+    return any(t.startswith(WARNING) for t in texts)
 
 
 def run_load(
@@ -170,26 +164,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name in ("clients", "requests", "concurrency", "max_new_tokens"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     cfg = PolychromeConfig.from_preset(args.preset)
-    assistant = Assistant.from_config(cfg)
-    assistant.default_settings = SamplingSettings(max_new_tokens=args.max_new_tokens)
-    tools = VisionTools.from_config(cfg)
-    demo = app.build_demo(assistant, cfg, concurrency_limit=args.concurrency, tools=tools)
-    demo.queue(max_size=4 * args.clients * args.requests)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     scene = str(example_images(cfg.shapeworld)["shapes-1"])
-    try:
-        rows, wall = run_load(
-            f"http://127.0.0.1:{port}/",
-            requests_for(assistant, tools, scene),
-            args.clients,
-            args.requests,
-        )
-    finally:
-        demo.close()
+    server = ["--preset", args.preset, "--concurrency", str(args.concurrency)]
+    server += ["--queue-size", str(4 * args.clients * args.requests)]
+    env_threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    with serve_app(server, env=env_threads) as url:
+        kinds = requests_for(cfg, scene, args.max_new_tokens)
+        rows, wall = run_load(url, kinds, args.clients, args.requests)
     summary = summarise(rows)
     result = {
         "command": "python -m bench.app_load " + " ".join(argv),
@@ -198,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "requests_per_client": args.requests,
         "concurrency": args.concurrency,
         "max_new_tokens": args.max_new_tokens,
-        "threads": torch.get_num_threads(),
+        "threads": args.threads,
         "machine": f"{platform.machine()} {platform.python_version()}",
         "wall_s": wall,
         "failed": sum(1 for r in rows if not r["ok"]),

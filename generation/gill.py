@@ -169,6 +169,9 @@ class GILLPresetConfig(Config):
 
     checkpoint: str | None = None  # a train.gill final/ folder (it holds its VLM core too)
     index: str | None = None  # an index folder built by `python -m vlm.gill index`; None: generate
+    # False: a reply ends at its image (for a model whose text after [IMG] tokens is not yet
+    # worth reading; GILL itself goes on writing)
+    text_after_image: bool = True
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,29 +93,16 @@ def serve_demo(assistant, tools=None):
 
 
 def chromium_page(url):
-    """A headless Chromium page (Playwright) open at `url`; yields it, closes the browser after.
+    """A headless Chromium page (Playwright) open at `url` (bench.app_screenshots'); fails the
+    test with the install hint when no Chromium is found."""
+    from bench.app_screenshots import chromium_page as open_page
 
-    Needs Debian's ``chromium`` (installed by .ci/run) or POLYCHROME_CHROMIUM set to a
-    Chromium/Chrome executable."""
-    import shutil
-
-    from playwright.sync_api import sync_playwright
-
-    path = os.environ.get("POLYCHROME_CHROMIUM") or shutil.which("chromium")
-    if not path:
-        pytest.fail(
-            "no Chromium found: install Debian's chromium (`apt-get install chromium`, as .ci/run "
-            "does) or set POLYCHROME_CHROMIUM to a Chromium executable"
-        )
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=path, headless=True)
-        page = browser.new_page(viewport={"width": 1100, "height": 900})
-        page.goto(url)
-        page.wait_for_selector("textarea", timeout=60_000)
-        try:
-            yield page
-        finally:
-            browser.close()
+    try:
+        yield from open_page(url)
+    except RuntimeError as err:
+        if "no Chromium found" not in str(err):
+            raise
+        pytest.fail(str(err))
 
 
 @pytest.fixture(scope="module")

@@ -184,6 +184,13 @@ def test_force_blocking_and_unavailable_rows():
         _run([img], [0], force="seg")
 
 
+def test_an_action_can_end_the_reply():
+    log: list[str] = []
+    img = _scripted("img", [0, 99, 99], log, ends_reply=True)
+    assert _run([img], [1, 0, 0, 0]) == [("b", None), ("", "img")]
+    assert log == ["img:0:0"]
+
+
 def test_with_no_special_firing_the_loop_is_greedy_generate():
     vlm = sharpened_tiny_vlm()
     stamp = StampVLM(vlm, STAMP).eval()

@@ -38,3 +38,12 @@ def test_nothing_imports_app_and_app_imports_no_torch():
     assert "gradio" in app_imports
     # app.py is UI only: no tensor code.
     assert not app_imports & {"torch", "numpy", "transformers"}, app_imports
+
+
+def test_the_app_defines_no_gradio_component_class():
+    """Gradio writes a .pyi stub beside any module that subclasses one of its components (its
+    ComponentMeta): importing app must leave the tree as it is."""
+    import app  # noqa: F401
+
+    root = Path(__file__).resolve().parents[1]
+    assert not (root / "app.pyi").exists()

@@ -51,6 +51,7 @@ from vlm.stamp import SEG_PROMPTS, StampVLM
 
 Prompt = list[dict[str, Any]]
 KINDS = ("seg request", "image request", "question about an image", "text-only message")
+# text-only messages: ordinary ones, and as many segmentation requests without an image
 TEXT, SEG, IMG = 0, 1, 2  # decision classes
 # Ordinary text-only messages held out of the fit: the evaluation's text-only kind.
 EVAL_TEXT_PROMPTS = (
@@ -133,9 +134,10 @@ def prompts_for(
         if len(questions) >= n:
             break
     pool = EVAL_TEXT_PROMPTS if held_out_text else (*OTHER_PROMPTS, *OTHER_QUESTIONS)
-    text: list[Prompt] = [
-        [{"role": "user", "content": pool[i % len(pool)]}] for i in range(min(n, len(pool)))
-    ]
+    k = min(n, len(pool))
+    # and as many segmentation requests with no image to segment: text, not [IMG0]
+    asks = [m["content"] for p in seg[:k] for m in p]
+    text: list[Prompt] = [[{"role": "user", "content": t}] for t in (*pool[:k], *asks)]
     return dict(zip(KINDS, (seg, image, questions[:n], text), strict=True))
 
 

@@ -163,6 +163,7 @@ class Assistant:
         stamp: StampVLM | None = None,
         gill: GILLVLM | None = None,
         image_maker: ImageMaker | None = None,
+        text_after_image: bool = True,
     ) -> None:
         if tokenizer.chat_template is None:
             raise ValueError("the tokenizer has no chat template; the Assistant needs one")
@@ -183,6 +184,7 @@ class Assistant:
             raise ValueError("image_maker must serve the Assistant's gill")
         self.gill = gill  # None: no image outputs
         self.image_maker = image_maker
+        self.text_after_image = text_after_image  # False: a reply ends at its image
         # GILL's retrieval indexes by name (settings.index picks one); the maker's own first
         self.indexes: dict[str, ImageIndex] = {}
         if image_maker is not None and image_maker.index is not None:
@@ -260,6 +262,7 @@ class Assistant:
             stamp=stamp,
             gill=gill,
             image_maker=maker,
+            text_after_image=cfg.gill.text_after_image,
         )
 
     def build_messages(
@@ -489,6 +492,7 @@ class Assistant:
                         source=source,
                         num_inference_steps=settings.image_steps,
                         index=self.indexes.get(settings.index or ""),
+                        text_after=self.text_after_image,
                     )
                 )
             forced = {"segment": SEG_TOKEN, "retrieved": IMG_TOKENS[0], "generated": IMG_TOKENS[0]}

@@ -537,10 +537,12 @@ class GILLVLM(nn.Module):
         source: Source | None = None,
         num_inference_steps: int | None = None,
         index: ImageIndex | None = None,
+        text_after: bool = True,
     ) -> Special:
         """The [IMG0] Special of decode_with_specials: its payload is a GILLImage. ``source``:
         where the image comes from when the reply was forced to open with it (None: the decision
-        head chooses); ``num_inference_steps`` / ``index``: ImageMaker.make's."""
+        head chooses); ``num_inference_steps`` / ``index``: ImageMaker.make's; ``text_after``:
+        False ends the reply at the image."""
 
         def act(
             kv: torch.Tensor, cache: DynamicCache, forced: bool, fired: int
@@ -556,7 +558,12 @@ class GILLVLM(nn.Module):
             return states.hidden[:, -1], kv, image[0]
 
         return Special(
-            IMG_TOKENS[0], self.img_logit, act, once_per_text=not back_to_back, restart_text=True
+            IMG_TOKENS[0],
+            self.img_logit,
+            act,
+            once_per_text=not back_to_back,
+            restart_text=True,
+            ends_reply=not text_after,
         )
 
 

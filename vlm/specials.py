@@ -74,6 +74,7 @@ class Special:
     available: False leaves the row out (its logit is -inf), e.g. ``<seg>`` without an image.
     once_per_text: after it fires, it stays masked until the reply has written non-blank text.
     restart_text: text after it is decoded as a new span (the tokens it appended are not text).
+    ends_reply: the reply stops once it has acted.
     """
 
     name: str
@@ -82,6 +83,7 @@ class Special:
     available: bool = True
     once_per_text: bool = False
     restart_text: bool = False
+    ends_reply: bool = False
 
 
 @dataclass
@@ -157,6 +159,8 @@ def decode_with_specials(
             if special.restart_text:
                 generated, emitted = [], ""
             yield SpecialEvent("", choice, payload)
+            if special.ends_reply:
+                break
             continue
         generated.append(choice)
         text = str(tokenizer.decode(generated, skip_special_tokens=True))
