@@ -165,6 +165,7 @@ def make_respond(assistant: Assistant) -> Any:
         method: str = "default",
         image_steps: float | None = None,
         index: str | None = None,
+        weights: str | None = None,
     ) -> Iterator[str | list[Any]]:
         turns = history_for_model(history)
         if isinstance(message, dict):  # the multimodal textbox: {"text": ..., "files": [...]}
@@ -190,6 +191,7 @@ def make_respond(assistant: Assistant) -> Any:
                 method=str(method or "default"),
                 image_steps=int(image_steps) if image_steps else None,
                 index=index or None,
+                weights="sparse" if weights and weights != "dense" else "dense",
             )
             for reply in assistant.respond(turns, text, images=files or None, settings=settings):
                 yield reply_messages(reply)
@@ -339,6 +341,13 @@ def build_demo(
                         label="Diffusion steps of a generated image",
                         visible=has_gill,
                     )
+                    sparse = assistant.sparsity.label if assistant.sparsity else None
+                    weights = gr.Dropdown(
+                        ["dense", *([sparse] if sparse else [])],
+                        value="dense",
+                        label="LLM weights (dense, or the N:M sparse checkpoint given by --sparse)",
+                        visible=sparse is not None,
+                    )
                     names = list(assistant.indexes)
                     index = gr.Dropdown(
                         names or [""],
@@ -380,6 +389,7 @@ def build_demo(
                         method,
                         image_steps,
                         index,
+                        weights,
                     ],
                     examples=examples,
                     concurrency_limit=concurrency_limit,
@@ -473,6 +483,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--no-tools", action="store_true", help="no Segment everything / vocabulary tabs"
     )
     parser.add_argument(
+        "--sparse",
+        default=None,
+        help="an N:M sparse checkpoint of the LLM (train.sparsify's <out>/sparse: MaskLLM or "
+        "one-shot); the Advanced panel then offers dense or sparse weights per request",
+    )
+    parser.add_argument(
         "--host",
         default="127.0.0.1",
         help="interface to bind; 0.0.0.0 exposes the demo on your network",
@@ -506,6 +522,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         assistant = Assistant.from_config(cfg, device=device)
         for folder in indexes[1:]:
             assistant.add_index(os.path.basename(os.path.normpath(folder)), folder)
+    if args.sparse:
+        logger.info("LLM weights: dense, or %s", assistant.set_sparsity(args.sparse))
     tools = None if args.no_tools else VisionTools.from_config(cfg, device=device)
     demo = build_demo(assistant, cfg, concurrency_limit=args.concurrency, tools=tools)
     demo.queue(max_size=args.queue_size)

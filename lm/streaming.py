@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any, cast
 
 import torch
@@ -26,14 +27,15 @@ def stream_generate(
     tokenizer: PreTrainedTokenizerBase,
     generate_kwargs: dict[str, Any],
     *,
-    lock: threading.Lock | None = None,
+    lock: AbstractContextManager[Any] | None = None,
     seed: int | None = None,
     timeout: float = 300.0,
 ) -> Iterator[str]:
     """Yield decoded text chunks (prompt and special tokens skipped) as ``generate`` makes them.
 
     generate_kwargs: ``input_ids`` or ``inputs_embeds`` plus any generate() settings; a streamer
-    and ``pad_token_id`` (the tokenizer's) are added here.
+    and ``pad_token_id`` (the tokenizer's) are added here. lock: held while generate runs (a
+    threading.Lock, or any context manager that holds one, such as SparsitySwitch.holding).
     """
     streamer = TextIteratorStreamer(
         cast(Any, tokenizer), skip_prompt=True, skip_special_tokens=True, timeout=timeout

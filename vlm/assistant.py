@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -45,6 +46,8 @@ from generation.diffusion import pipeline_from_preset
 from generation.index import ImageIndex
 from lm.decoding import generate_with
 from lm.loading import LLMConfig, load_causal_lm
+from lm.sparsity.checkpoint import load_sparse_checkpoint
+from lm.sparsity.switch import WEIGHTS, SparsitySwitch
 from lm.streaming import stream_generate
 from vlm.config import PolychromeConfig
 from vlm.gill import GILLVLM, IMG_TOKENS, REQUEST_TEMPLATES, GILLImage, ImageMaker, Source
@@ -91,10 +94,13 @@ class SamplingSettings:
     seed: int | None = None
     method: str = "default"  # "default" (streamed greedy / sampling) or one of DECODING_METHODS
     num_beams: int = 4  # beam width of the beam methods
+    weights: str = "dense"  # the LLM's weights: "dense", or "sparse" (Assistant.set_sparsity)
     image_steps: int | None = None  # diffusion steps of a generated image (None: the preset's)
     index: str | None = None  # which of Assistant.indexes GILL retrieves from (None: its own)
 
     def __post_init__(self) -> None:
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {list(WEIGHTS)}, received {self.weights!r}")
         if self.image_steps is not None and not 1 <= self.image_steps <= 200:
             raise ValueError(f"image_steps must be in [1, 200], received {self.image_steps}")
         if self.method != "default" and self.method not in DECODING_METHODS:
@@ -193,6 +199,25 @@ class Assistant:
         # STAMP's LoRA switch never meets a chat turn): the app's queue bounds concurrency, this
         # guards direct library users who call chat from several threads.
         self._lock = vlm._lock if vlm is not None else threading.Lock()
+        self.sparsity: SparsitySwitch | None = None  # set_sparsity: sparse weights on request
+
+    def set_sparsity(self, directory: str | os.PathLike[str]) -> str:
+        """Offer the LLM's N:M sparse weights from a sparse checkpoint of its dense weights
+        (train.sparsify's ``<out>/sparse``: MaskLLM or one-shot); requests pick them with
+        ``settings.weights = "sparse"``. Returns the switch's label ("2:4 sparse (maskllm)")."""
+        self.sparsity = SparsitySwitch(self.model, load_sparse_checkpoint(directory))
+        return self.sparsity.label
+
+    def _guard(self, settings: SamplingSettings) -> AbstractContextManager[Any]:
+        """The model's lock, holding the weights the request asks for."""
+        if self.sparsity is None:
+            if settings.weights != "dense":
+                raise ValueError(
+                    "no sparse weights are loaded (start the demo with --sparse DIR, a "
+                    "train.sparsify output); use the dense weights"
+                )
+            return self._lock
+        return self.sparsity.holding(self._lock, cast(Any, settings.weights))
 
     def add_index(self, name: str, index: ImageIndex | str | os.PathLike[str]) -> None:
         """Offer another retrieval index (settings.index = name): an ImageIndex or its folder. It
@@ -361,7 +386,7 @@ class Assistant:
         }
         if settings.method in ("beam", "conditional_beam"):
             kwargs["num_beams"] = settings.num_beams
-        with self._lock:
+        with self._guard(settings):
             out = generate_with(
                 settings.method, self.model, batch["input_ids"].to(self.model.device), **kwargs
             )
@@ -414,12 +439,18 @@ class Assistant:
         else:
             gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if self.vlm is not None:
-            chunks = self.vlm.stream(batch, gen_kwargs, seed=settings.seed)
+            chunks = self.vlm.stream(
+                batch, gen_kwargs, seed=settings.seed, lock=self._guard(settings)
+            )
         else:
             ids = batch["input_ids"].to(self.model.device)
             gen_kwargs.update(input_ids=ids, attention_mask=torch.ones_like(ids))
             chunks = stream_generate(
-                self.model, self.tokenizer, gen_kwargs, lock=self._lock, seed=settings.seed
+                self.model,
+                self.tokenizer,
+                gen_kwargs,
+                lock=self._guard(settings),
+                seed=settings.seed,
             )
         reply = ""
         for chunk in chunks:
@@ -465,7 +496,7 @@ class Assistant:
         ``[IMG0]`` an image, and the text marks each where it came."""
         text, masks, shown = "", [], []
         last_image = images[-1] if images else None
-        with self._lock, torch.inference_mode():
+        with self._guard(settings), torch.inference_mode():
             specials: list[Special] = []
             if self.stamp is not None:
                 last, kv, cache, seg = self.stamp.start_reply(messages)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -545,12 +546,14 @@ class PolychromeVLM(nn.Module):
         *,
         seed: int | None = None,
         timeout: float = 300.0,
+        lock: AbstractContextManager[Any] | None = None,
     ) -> Iterator[str]:
         """Generate from a prepared prompt, yielding decoded text chunks as they come.
 
         ``generation`` holds transformers ``generate`` keyword arguments (max_new_tokens,
         do_sample, temperature, ...). The prompt goes in as embeddings; the LLM's own KV cache
-        serves the decoding. One generation at a time per model (a lock).
+        serves the decoding. One generation at a time per model (a lock; ``lock`` replaces it
+        with a context manager that holds it, e.g. SparsitySwitch.holding).
         """
         with torch.inference_mode():
             ids = batch["input_ids"].to(self.device)
@@ -563,7 +566,7 @@ class PolychromeVLM(nn.Module):
             "attention_mask": batch["attention_mask"].to(self.device),
         }
         yield from stream_generate(
-            self.llm, self.tokenizer, kwargs, lock=self._lock, seed=seed, timeout=timeout
+            self.llm, self.tokenizer, kwargs, lock=lock or self._lock, seed=seed, timeout=timeout
         )
 
 

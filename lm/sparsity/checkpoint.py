@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -60,9 +60,14 @@ SPARSE_FORMAT = "polychrome-sparse"
 def weights_digest(model: nn.Module, names: Sequence[str]) -> str:
     """sha256 of the named layers' weights as fp32 bytes, in the given order."""
     modules = dict(model.named_modules())
+    return digest_of((name, modules[name].weight) for name in names)
+
+
+def digest_of(weights: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """weights_digest of (name, weight) pairs, in their order."""
     h = hashlib.sha256()
-    for name in names:
-        w = modules[name].weight.detach().float().cpu().contiguous()
+    for name, weight in weights:
+        w = weight.detach().float().cpu().contiguous()
         h.update(name.encode() + b"\0" + str(tuple(w.shape)).encode())
         h.update(w.numpy().tobytes())
     return h.hexdigest()
