@@ -138,7 +138,8 @@ def history_for_model(history: Sequence[dict[str, Any]]) -> list[ChatMessage]:
 
 def reply_messages(reply: Reply) -> str | list[Any]:
     """A Reply as ChatInterface output: its text, then its masks painted over their image, then
-    the images it showed (GILL), each labelled with its source as the text's ``[image k: ...]``."""
+    the images it showed (GILL; a gallery when there are several), each labelled with its source
+    as the text's ``[image k: ...]``."""
     painted = reply.painted()
     if painted is None and not reply.images:
         return reply.text
@@ -146,10 +147,15 @@ def reply_messages(reply: Reply) -> str | list[Any]:
     if painted is not None:
         # PNG: Gradio's default WebP would blur the mask edges.
         out.append(gr.Image(value=painted, format="png", show_label=False))
+    labelled = []
     for k, shown in enumerate(reply.images, start=1):
         where = f" ({os.path.basename(shown.path)})" if shown.path else ""
-        label = f"image {k}: {shown.source}{where}"
-        out.append(gr.Image(value=shown.image, format="png", label=label, show_label=True))
+        labelled.append((shown.image, f"image {k}: {shown.source}{where}"))
+    if len(labelled) == 1:
+        image, label = labelled[0]
+        out.append(gr.Image(value=image, format="png", label=label, show_label=True))
+    elif labelled:  # several: one gallery, each captioned as the text names it
+        out.append(gr.Gallery(value=labelled, format="png", label="images", columns=4))
     return out
 
 

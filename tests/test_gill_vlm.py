@@ -198,6 +198,11 @@ def test_reply_messages_show_the_images(gill, maker):
     assert isinstance(out, list) and out[0] == "Here: [image 1: retrieved]"
     assert isinstance(out[1], gr.Image) and "retrieved" in out[1].label
     assert reply_messages(Reply("just text")) == "just text"
+    two = gill.images_for([request_prompt("a red circle")] * 2, maker, force="generated")
+    out = reply_messages(Reply("[image 1: generated] [image 2: generated]", images=two))
+    assert len(out) == 2 and isinstance(out[1], gr.Gallery)
+    captions = [item["caption"] for item in out[1].value]
+    assert captions == ["image 1: generated", "image 2: generated"]
 
 
 def test_save_and_load_round_trip(gill, tmp_path):
