@@ -263,3 +263,35 @@ def test_from_config_loads_both_on_the_presets_core(saved):
     assistant = Assistant.from_config(cfg)
     assert assistant.stamp is not None and assistant.gill is not None
     assert assistant.stamp.vlm is assistant.vlm is assistant.gill.vlm
+
+
+def test_segment_and_generate_in_one_chat_in_the_browser(both, tmp_path):
+    from conftest import chromium_page, serve_demo
+
+    shots = Path(__file__).resolve().parents[1] / "artifacts" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    image = tmp_path / "scene.png"
+    _image(7, 72).save(image)
+    pictures = "() => document.querySelectorAll(\"[data-testid='bot'] img\").length"
+    defaults = both.default_settings
+    both.default_settings = SamplingSettings(max_new_tokens=1)  # each reply: the asked action
+    try:
+        for url in serve_demo(both):
+            for page in chromium_page(url):
+                page.locator("input[type=file]").first.set_input_files([str(image)])
+                page.wait_for_timeout(800)
+                box = page.locator("textarea").first
+                box.fill("segment: the red circle")
+                box.press("Enter")
+                page.get_by_text("[mask 1]").first.wait_for(timeout=60_000)
+                page.wait_for_function(f"{pictures} >= 1", timeout=60_000)  # the painted scene
+                page.wait_for_function(
+                    "() => !document.querySelector('textarea').disabled", timeout=60_000
+                )
+                box.fill("generate: a blue star")
+                box.press("Enter")
+                page.get_by_text("[image 1: generated]").first.wait_for(timeout=60_000)
+                page.wait_for_function(f"{pictures} >= 2", timeout=60_000)  # and the image
+                page.screenshot(path=str(shots / "11-segment-and-generate.png"), full_page=True)
+    finally:
+        both.default_settings = defaults
