@@ -153,7 +153,7 @@ def reply_messages(reply: Reply) -> str | list[Any]:
         labelled.append((shown.image, f"image {k}: {shown.source}{where}"))
     if len(labelled) == 1:
         image, label = labelled[0]
-        out.append(gr.Image(value=image, format="png", label=label, show_label=True))
+        out.append(gr.Image(value=image, format="png", label=label, show_label=True, width=256))
     elif labelled:  # several: one gallery, each captioned as the text names it
         out.append(gr.Gallery(value=labelled, format="png", label="images", columns=4))
     return out

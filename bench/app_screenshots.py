@@ -81,17 +81,21 @@ def _wait_idle(page: Any) -> None:
         shown = bot.last.inner_html() if bot.count() else ""
         same = same + 1 if shown == last else 0
         if same >= 3 and shown:
+            page.wait_for_function(  # and every picture in the replies has loaded
+                "() => [...document.querySelectorAll(\"[data-testid='bot'] img\")]"
+                ".every(i => i.complete && i.naturalWidth > 0)",
+                timeout=60_000,
+            )
             return
         last = shown
         page.wait_for_timeout(700)
 
 
 def _clear(page: Any) -> None:
-    """A new conversation: the chat's trash button, then a moment for the reset to land."""
-    clear = page.get_by_role("button", name="Clear")
-    if clear.count():
-        clear.first.click()
-        page.wait_for_timeout(1500)
+    """A new conversation: the page reloaded (a new session)."""
+    page.reload()
+    page.wait_for_selector("textarea", timeout=60_000)
+    page.wait_for_timeout(500)
 
 
 def chat_flows(page: Any, cfg: PolychromeConfig, scene: str, out: Path) -> list[str]:
@@ -99,7 +103,11 @@ def chat_flows(page: Any, cfg: PolychromeConfig, scene: str, out: Path) -> list[
     if cfg.stamp.checkpoint:
         flows.append(("02-segment.png", "Segment the largest red shape.", [scene]))
     if cfg.gill.checkpoint:
-        flows.append(("03-retrieve.png", "Show me this: A red circle next to a blue star.", []))
+        # a scene described as the index's captions are: the decision head retrieves
+        scene_text = (
+            "Show me this: The image shows a red circle, a green hexagon and an orange diamond."
+        )
+        flows.append(("03-retrieve.png", scene_text, []))
         flows.append(("04-generate.png", "generate: A white arrow.", []))
     written = []
     for name, text, files in tqdm(flows, desc="chat flows"):
@@ -128,6 +136,7 @@ def tool_flows(page: Any, scene: str, out: Path) -> list[str]:
 
 
 def sketch_flow(page: Any, out: Path) -> list[str]:
+    _clear(page)
     page.get_by_role("tab", name="Sketch").click()
     page.get_by_role("button", name="Brush").click()
     canvas = page.locator("canvas").first
@@ -144,8 +153,10 @@ def sketch_flow(page: Any, out: Path) -> list[str]:
         "() => [...document.querySelectorAll('textarea')].some(t => t.value.includes('draw'))",
         timeout=60_000,
     )
-    _clear(page)
-    page.locator("textarea").first.press("Enter")
+    page.wait_for_timeout(1500)  # the drawing's upload lands before the message is sent
+    box = page.locator("textarea").first
+    box.click()
+    box.press("Enter")
     page.locator("[data-testid='bot']").first.wait_for(timeout=TIMEOUT_MS)
     _wait_idle(page)
     page.screenshot(path=str(out / "07-sketch-in-chat.png"), full_page=True)
@@ -167,9 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     written: list[str] = []
     with serve_app(["--preset", args.preset]) as url:
         for page in chromium_page(url):
-            written += chat_flows(page, cfg, scene, args.out)
-            written += tool_flows(page, scene, args.out)
-            written += sketch_flow(page, args.out)
+            try:
+                written += chat_flows(page, cfg, scene, args.out)
+                written += tool_flows(page, scene, args.out)
+                written += sketch_flow(page, args.out)
+            except Exception:
+                page.screenshot(path=str(args.out / "failed.png"), full_page=True)
+                print(f"a flow failed; the page as it was: {args.out / 'failed.png'}")
+                raise
     for name in written:
         print(args.out / name)
     return 0
