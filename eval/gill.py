@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from core.config import project_path
 from core.io import atomic_write_text
 from core.runtime import resolve_device
 from data.conversations import DESCRIBE_PROMPTS
@@ -56,8 +55,8 @@ from generation.diffusion import (
 )
 from generation.gill import GENERATE, RETRIEVE, generation_loss
 from generation.index import ImageIndex, clip_embedder
-from vision.clip import build_clip, load_clip
-from vision.sam import build_sam_model, load_sam
+from vision.clip import clip_from_preset
+from vision.sam import sam_from_preset
 from vlm.config import PolychromeConfig
 from vlm.gill import GILLVLM, ImgTokenStates, SceneItem, load_scenes, request_prompt
 
@@ -313,16 +312,10 @@ def format_tables(r: dict[str, Any]) -> str:
 def _judge(preset: PolychromeConfig, args: argparse.Namespace, gen_root: Path) -> GenerationJudge:
     """eval.generation's judge: the preset's CLIP and SAM (random weights from seed 0 where the
     preset has none, as the tiny preset)."""
-    clip_dir = args.clip or (
-        project_path(preset.clip.checkpoint) if preset.clip.checkpoint else None
-    )
-    sam_dir = args.sam or (project_path(preset.sam.checkpoint) if preset.sam.checkpoint else None)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        clip, preprocess, tokenizer = (
-            load_clip(clip_dir) if clip_dir else build_clip(preset.clip.model)
-        )
-        sam = load_sam(sam_dir) if sam_dir else build_sam_model(preset.sam.model)
+    clip_cfg = preset.clip.replace(checkpoint=str(args.clip)) if args.clip else preset.clip
+    sam_cfg = preset.sam.replace(checkpoint=str(args.sam)) if args.sam else preset.sam
+    clip, preprocess, tokenizer = clip_from_preset(clip_cfg)
+    sam = sam_from_preset(sam_cfg)
     try:
         manifest = read_manifest(gen_root)
         classes = [s["name"] for s in manifest["shapes"]]

@@ -69,7 +69,7 @@ from tqdm import tqdm
 from core.config import Config, config_from_dict, load_preset_dict, preset_path, project_path
 from core.images import ImageError, load_rgb
 from core.io import atomic_write_text, sha256_file
-from vision.clip import ClipBundle, ClipPresetConfig, build_clip, encode_images, load_clip
+from vision.clip import ClipBundle, ClipPresetConfig, clip_from_preset, encode_images, load_clip
 
 __all__ = [
     "FORMAT",
@@ -684,9 +684,7 @@ def clip_embedder(
         name = f"{manifest['config']['name']}@{sha[:12]}"
         source: dict[str, Any] = {"preset": preset, "clip": str(path)}
     else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            bundle = build_clip(cfg.model)
+        bundle = clip_from_preset(cfg.replace(checkpoint=None))
         name = f"{cfg.model}@random-seed0"
         source = {"preset": preset, "clip": None}
     return ClipEmbedder(bundle, name), source

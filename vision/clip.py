@@ -58,7 +58,7 @@ from open_clip.transformer import VisionTransformer
 from PIL import Image
 
 from core.checkpoint import CheckpointError, load_checkpoint, load_state_strict
-from core.config import Config
+from core.config import Config, project_path
 from core.images import load_rgb
 from core.io import atomic_write_text, cache_dir
 from core.sources import resolve_source
@@ -79,6 +79,7 @@ __all__ = [
     "DenseFeatures",
     "background_fill",
     "build_clip",
+    "clip_from_preset",
     "dense_features",
     "encode_images",
     "encode_text_pooled",
@@ -698,3 +699,13 @@ def weighted_pool(model: ClipModel, dense: DenseFeatures, weights: torch.Tensor)
         pooled = torch.bmm(flat, dense.tokens.to(flat.dtype))  # (B, N, D_vis)
         out = visual_head(model, pooled.reshape(-1, pooled.shape[-1])).reshape(b, flat.shape[1], -1)
     return out.reshape(*weights.shape[:-1], out.shape[-1])
+
+
+def clip_from_preset(preset: ClipPresetConfig) -> ClipBundle:
+    """A preset's CLIP: its checkpoint, else the random tower of ``preset.model`` from seed 0
+    (frozen and never saved, so whoever builds it again gets the same tower)."""
+    if preset.checkpoint:
+        return load_clip(project_path(preset.checkpoint))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build_clip(preset.model)

@@ -47,7 +47,7 @@ from segment_anything.modeling import (
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from core.checkpoint import CheckpointError, load_checkpoint, load_state_strict
-from core.config import Config
+from core.config import Config, project_path
 from core.images import ImageError, load_rgb
 
 __all__ = [
@@ -63,6 +63,7 @@ __all__ = [
     "predict_masks_batched",
     "prepare_image",
     "sam_config",
+    "sam_from_preset",
 ]
 
 # SAM's pixel normalisation (ImageNet mean/std on 0..255), kept for every variant.
@@ -407,3 +408,15 @@ def prepare_image(
                 f"crop it to an aspect ratio under {2 * img_size}:1"
             )
     return np.ascontiguousarray(rgb)
+
+
+def sam_from_preset(preset: SamPresetConfig) -> Sam:
+    """A preset's SAM: its checkpoint (our folder, or Meta's .pth for vit_b/l/h), else random
+    weights of ``preset.model`` from seed 0."""
+    if preset.checkpoint and str(preset.checkpoint).endswith(".pth"):
+        return load_sam_original(preset.model, project_path(preset.checkpoint))
+    if preset.checkpoint:
+        return load_sam(project_path(preset.checkpoint))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build_sam_model(preset.model).eval()

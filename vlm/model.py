@@ -39,11 +39,11 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from core.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
-from core.config import Config, project_path
+from core.config import Config
 from core.images import load_rgb
 from lm.loading import LLMConfig, load_causal_lm
 from lm.streaming import stream_generate
-from vision.clip import ClipBundle, ClipPresetConfig, build_clip, dense_features, load_clip
+from vision.clip import ClipBundle, ClipPresetConfig, clip_from_preset, dense_features
 
 __all__ = [
     "IGNORE_INDEX",
@@ -200,14 +200,9 @@ class PolychromeVLM(nn.Module):
         llm, tokenizer = load_causal_lm(
             config.llm.source, dtype=config.llm.dtype, device=device, frozen=True
         )
-        if config.vision.checkpoint:
-            clip = load_clip(project_path(config.vision.checkpoint))
-        else:
-            # A random tower is frozen and not saved: build it from a fixed seed, so that
-            # from_pretrained rebuilds exactly the tower the projector was trained on.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                clip = build_clip(config.vision.model)
+        # a random tower (no checkpoint) comes from a fixed seed, so that from_pretrained
+        # rebuilds exactly the tower the projector was trained on
+        clip = clip_from_preset(config.vision)
         clip.model.to(device)
         vision_width = _vision_width(clip)
         projector = Projector(

@@ -41,7 +41,6 @@ from torch import nn
 from transformers import DynamicCache
 
 from core.checkpoint import CheckpointError, load_state_strict
-from core.config import project_path
 from core.images import load_rgb
 from segmentation.stamp import (
     MaskHead,
@@ -53,7 +52,7 @@ from segmentation.stamp import (
     upsample_logits,
 )
 from vision.clip import dense_features
-from vision.sam import build_sam_model, load_sam, predict_masks_batched, prepare_image
+from vision.sam import predict_masks_batched, prepare_image, sam_from_preset
 from vlm.model import (
     PolychromeVLM,
     Projector,
@@ -701,8 +700,4 @@ class StampVLM(nn.Module):
 
 def _load_sam(config: StampConfig) -> Sam:
     """The "lisa" baseline's SAM: the configured checkpoint, else random weights from seed 0."""
-    if config.sam.checkpoint:
-        return load_sam(project_path(config.sam.checkpoint))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return build_sam_model(config.sam.model).eval()
+    return sam_from_preset(config.sam).eval()

@@ -31,8 +31,8 @@ from core.config import project_path
 from core.images import load_rgb, paint_labels
 from segmentation.mask_adapter import MaskAdapter, load_adapter
 from segmentation.open_vocab import OpenVocabSegmenter, parse_vocabulary, sam_proposals
-from vision.clip import ClipBundle, build_clip, load_clip
-from vision.sam import AMG_SETTINGS, build_sam_model, load_sam
+from vision.clip import ClipBundle, clip_from_preset
+from vision.sam import AMG_SETTINGS, sam_from_preset
 from vlm.config import PolychromeConfig
 
 __all__ = ["CLASSIFIERS", "MAX_VOCABULARY", "ToolResult", "VisionTools"]
@@ -109,18 +109,8 @@ class VisionTools:
     def from_config(cls, cfg: PolychromeConfig, device: str = "cpu") -> VisionTools:
         """The preset's CLIP, SAM and open_vocab classifier (random CLIP / SAM from seed 0 where
         the preset names no checkpoint, as the tiny preset for tests)."""
-        if cfg.clip.checkpoint:
-            clip = load_clip(project_path(cfg.clip.checkpoint))
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                clip = build_clip(cfg.clip.model)
-        if cfg.sam.checkpoint:
-            sam = load_sam(project_path(cfg.sam.checkpoint))
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                sam = build_sam_model(cfg.sam.model)
+        clip = clip_from_preset(cfg.clip)
+        sam = sam_from_preset(cfg.sam)
         adapter = (
             load_adapter(project_path(cfg.open_vocab.adapter)) if cfg.open_vocab.adapter else None
         )
