@@ -21,11 +21,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from data.formats import FormatError, read_imagefolder
+
+if TYPE_CHECKING:
+    from data.validate import OnBad
 
 __all__ = [
     "DESCRIBE_PROMPTS",
@@ -34,6 +37,7 @@ __all__ = [
     "caption_conversation",
     "instruct_conversation",
     "read_chat_records",
+    "record_from_row",
     "short_question",
 ]
 
@@ -73,7 +77,8 @@ def _strings(value: Any, where: str, name: str) -> list[str]:
     return list(value)
 
 
-def _record(row: dict[str, Any], folder: Path, where: str) -> ChatRecord:
+def record_from_row(row: dict[str, Any], folder: Path, where: str) -> ChatRecord:
+    """One metadata.jsonl row as a ChatRecord; FormatError (prefixed with `where`) without text."""
     captions = _strings(row.get("captions", row.get("caption", [])), where, "captions")
     dialogues: list[list[tuple[str, str]]] = []
     for d, dialogue in enumerate(row.get("dialogues", [])):
@@ -115,12 +120,21 @@ def _record(row: dict[str, Any], folder: Path, where: str) -> ChatRecord:
     return ChatRecord(folder / row["file_name"], captions, dialogues, qa)
 
 
-def read_chat_records(folder: str | os.PathLike[str], limit: int | None = None) -> list[ChatRecord]:
-    """Every row of ``folder/metadata.jsonl`` as a ChatRecord; FormatError names the bad line."""
+def read_chat_records(
+    folder: str | os.PathLike[str], limit: int | None = None, on_bad: OnBad | None = None
+) -> list[ChatRecord]:
+    """Every row of ``folder/metadata.jsonl`` as a ChatRecord; FormatError names the first bad
+    line. ``on_bad`` ("stop" / "skip"): check every record first, images included, and stop
+    listing all the bad ones or skip them (data.validate)."""
     folder = Path(folder)
+    if on_bad is not None:
+        from data.validate import usable_rows
+
+        good = usable_rows(folder, "chat", on_bad)
+        return [record_from_row(row, folder, "") for row in good[:limit]]
     rows = read_imagefolder(folder)[:limit]
     return [
-        _record(row, folder, f"{folder / 'metadata.jsonl'}: line {n}")
+        record_from_row(row, folder, f"{folder / 'metadata.jsonl'}: line {n}")
         for n, row in enumerate(rows, start=1)
     ]
 

@@ -18,7 +18,7 @@ import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -34,6 +34,9 @@ from data.formats import (
     read_refs,
     rle_to_mask,
 )
+
+if TYPE_CHECKING:
+    from data.validate import OnBad
 
 __all__ = [
     "CaptionDataset",
@@ -98,11 +101,21 @@ class CaptionDataset:
         return cls([root / im.file_name for im in keep], [by_image[im.id] for im in keep])
 
     @classmethod
-    def from_imagefolder(cls, folder: str | os.PathLike[str]) -> CaptionDataset:
-        """Rows of metadata.jsonl with "captions" (a list) or "caption" / "text" (a string)."""
+    def from_imagefolder(
+        cls, folder: str | os.PathLike[str], on_bad: OnBad | None = None
+    ) -> CaptionDataset:
+        """Rows of metadata.jsonl with "captions" (a list) or "caption" / "text" (a string).
+        ``on_bad`` ("stop" / "skip"): check every record first, images included, and stop listing
+        all the bad ones or skip them (data.validate); None: the first bad row raises."""
         folder = Path(folder)
         paths, captions = [], []
-        for n, row in enumerate(read_imagefolder(folder), start=1):
+        if on_bad is not None:
+            from data.validate import usable_rows
+
+            rows = usable_rows(folder, "captions", on_bad)
+        else:
+            rows = read_imagefolder(folder)
+        for n, row in enumerate(rows, start=1):
             caps: Any = row.get("captions", row.get("caption", row.get("text")))
             if isinstance(caps, str):
                 caps = [caps]

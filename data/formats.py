@@ -535,31 +535,37 @@ def read_imagefolder(folder: PathLike) -> list[dict[str, Any]]:
     """Read and validate ``folder/metadata.jsonl``; rows come back as written.
 
     Every line must be a JSON object whose "file_name" is a relative path of an existing file
-    inside `folder` (absolute paths, '..' and symlinks leading outside are rejected).
+    inside `folder` (absolute paths, '..' and symlinks leading outside are rejected). The first
+    bad line raises FormatError; data.validate reports every bad line instead, and can skip them.
     """
-    folder = Path(folder)
-    path = folder / METADATA_FILE
+    path, lines = imagefolder_lines(folder)
+    root = Path(folder).resolve()
+    return [parse_imagefolder_line(line, root, f"{path}: line {n}") for n, line in lines]
+
+
+def imagefolder_lines(folder: PathLike) -> tuple[Path, list[tuple[int, str]]]:
+    """(the metadata.jsonl path, its (line number, text) rows); FileNotFoundError without it."""
+    path = Path(folder) / METADATA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (an imagefolder needs {METADATA_FILE})")
-    root = folder.resolve()
-    text = _read_text(path)
-    lines = text.split("\n")
+    lines = _read_text(path).split("\n")
     if lines[-1] == "":
         lines.pop()  # the newline that ends the last row
-    rows: list[dict[str, Any]] = []
-    for n, line in enumerate(lines, start=1):
-        where = f"{path}: line {n}"
-        try:
-            row = json.loads(line, parse_constant=_reject_constant)
-        except json.JSONDecodeError as e:
-            raise FormatError(f"{where}: invalid JSON at column {e.colno}: {e.msg}") from None
-        except _BadConstant as e:
-            raise FormatError(f"{where}: {e}") from None
-        if not isinstance(row, dict):
-            raise FormatError(f"{where}: expected a JSON object, got {_show(row)}")
-        _check_file_name(row, root, where)
-        rows.append(row)
-    return rows
+    return path, list(enumerate(lines, start=1))
+
+
+def parse_imagefolder_line(line: str, root: Path, where: str) -> dict[str, Any]:
+    """One metadata.jsonl row (see read_imagefolder); FormatError naming `where` if it is bad."""
+    try:
+        row = json.loads(line, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"{where}: invalid JSON at column {e.colno}: {e.msg}") from None
+    except _BadConstant as e:
+        raise FormatError(f"{where}: {e}") from None
+    if not isinstance(row, dict):
+        raise FormatError(f"{where}: expected a JSON object, got {_show(row)}")
+    _check_file_name(row, root, where)
+    return row
 
 
 def _check_file_name(row: Any, root: Path, where: str) -> None:

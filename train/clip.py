@@ -77,6 +77,7 @@ from core.runtime import resolve_device, seed_everything
 from core.sources import resolve_source
 from data.datasets import CaptionDataset, InstanceDataset, shapeworld_paths
 from data.shapeworld import read_manifest
+from data.validate import BAD_RECORDS
 from train.common import (
     batch_indices,
     cosine_with_warmup,
@@ -135,7 +136,7 @@ def load_pairs(args: argparse.Namespace, size: int) -> PairData:
             [p for d in datasets for p in d.image_paths], [c for d in datasets for c in d.captions]
         )
     elif args.imagefolder is not None:
-        pairs = CaptionDataset.from_imagefolder(args.imagefolder)
+        pairs = CaptionDataset.from_imagefolder(args.imagefolder, args.bad_records)
         description = {"kind": "imagefolder", "root": str(args.imagefolder)}
     else:
         pairs = CaptionDataset.from_coco(args.images, args.captions_json)
@@ -365,6 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ShapeWorld splits to train on, comma-separated (default pretrain,train)",
     )
     src.add_argument("--imagefolder", type=Path, help="folder with metadata.jsonl captions")
+    src.add_argument(
+        "--bad-records",
+        choices=BAD_RECORDS,
+        default="stop",
+        help="with --imagefolder: every record is checked first (file, image, text); stop listing "
+        "the bad ones (default) or skip them (python -m data.validate FOLDER shows the same)",
+    )
     src.add_argument("--images", type=Path, help="image root of a COCO captions file")
     src.add_argument("--captions-json", type=Path, help="COCO captions JSON (with --images)")
     src.add_argument(
@@ -476,7 +484,10 @@ def main(argv: list[str] | None = None) -> int:
     if set(trained) != set(stored):  # what trains is exactly what the checkpoint stores
         raise AssertionError(f"trainable {sorted(set(trained) ^ set(stored))[:5]} mismatch")
 
-    data = load_pairs(args, cfg.vision.image_size)
+    try:
+        data = load_pairs(args, cfg.vision.image_size)
+    except (ValueError, OSError) as err:  # bad data: say what, no traceback
+        parser.error(str(err))
     objects = None
     if args.object_pairs:
         objects = load_object_pairs(

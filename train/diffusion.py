@@ -69,6 +69,7 @@ from core.runtime import resolve_device, seed_everything
 from data.datasets import CaptionDataset, shapeworld_paths
 from data.shapeworld import generate as generate_shapeworld
 from data.shapeworld import read_manifest
+from data.validate import BAD_RECORDS
 from generation.diffusion import (
     DiffusionConfig,
     assemble_pipeline,
@@ -121,7 +122,7 @@ def load_pairs(args: argparse.Namespace) -> tuple[CaptionDataset, dict[str, Any]
             [p for d in datasets for p in d.image_paths], [c for d in datasets for c in d.captions]
         )
     elif args.imagefolder is not None:
-        pairs = CaptionDataset.from_imagefolder(args.imagefolder)
+        pairs = CaptionDataset.from_imagefolder(args.imagefolder, args.bad_records)
         description = {"kind": "imagefolder", "root": str(args.imagefolder)}
     else:
         pairs = CaptionDataset.from_coco(args.images, args.captions_json)
@@ -589,6 +590,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ShapeWorld splits to train on, comma-separated (default pretrain)",
     )
     src.add_argument("--imagefolder", type=Path, help="folder with metadata.jsonl captions")
+    src.add_argument(
+        "--bad-records",
+        choices=BAD_RECORDS,
+        default="stop",
+        help="with --imagefolder: every record is checked first (file, image, text); stop listing "
+        "the bad ones (default) or skip them (python -m data.validate FOLDER shows the same)",
+    )
     src.add_argument("--images", type=Path, help="image root of a COCO captions file")
     src.add_argument("--captions-json", type=Path, help="COCO captions JSON (with --images)")
     src.add_argument("--limit", type=int, default=None, help="use the first N images only")
@@ -712,7 +720,10 @@ def main(argv: list[str] | None = None) -> int:
                 shapeworld_paths(args.data, split)
             except FileNotFoundError as err:
                 parser.error(str(err))
-    pairs, description = load_pairs(args)
+    try:
+        pairs, description = load_pairs(args)
+    except (ValueError, OSError) as err:  # bad data: say what, no traceback
+        parser.error(str(err))
     if len(pairs) < max(args.batch_size * accelerator.num_processes, args.vae_batch_size):
         parser.error(
             f"need at least one batch: {len(pairs)} images for batches of {args.batch_size} "

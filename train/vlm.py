@@ -39,6 +39,7 @@ from core.checkpoint import load_checkpoint
 from core.runtime import resolve_device, seed_everything
 from data.conversations import caption_conversation, instruct_conversation, read_chat_records
 from data.datasets import shapeworld_paths
+from data.validate import BAD_RECORDS
 from train import common
 from train.common import (
     batch_indices,
@@ -69,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="ShapeWorld splits to train on (default train)",
     )
     src.add_argument("--imagefolder", type=Path, help="folder with metadata.jsonl")
+    src.add_argument(
+        "--bad-records",
+        choices=BAD_RECORDS,
+        default="stop",
+        help="with --imagefolder: every record is checked first (file, image, text); stop listing "
+        "the bad ones (default) or skip them (python -m data.validate FOLDER shows the same)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="run folder (last/, final/)")
     parser.add_argument("--steps", type=int, default=1500, help="optimizer steps in all")
     parser.add_argument(
@@ -168,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         records = [r for s in args.splits for r in read_chat_records(args.data / s)]
         data_desc = f"ShapeWorld {args.data} splits {args.splits}"
     else:
-        records = read_chat_records(args.imagefolder)
+        try:
+            records = read_chat_records(args.imagefolder, on_bad=args.bad_records)
+        except (ValueError, OSError) as err:  # bad data: say what, no traceback
+            parser.error(str(err))
         data_desc = f"imagefolder {args.imagefolder}"
     print(f"{len(records)} images from {data_desc}; {model.tokens_per_image} visual tokens each")
 

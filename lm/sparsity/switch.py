@@ -5,10 +5,11 @@
         model.generate(...)                    # runs on the pruned weights
 
 The demo's "LLM weights" setting: each request names its weights, and the holder of the model's
-lock sets them before it generates (and puts the dense ones back when it is done). Both versions of every pruned layer stay in memory (the
-dense one and the pruned copy: one extra copy of the decoder's linear weights), so switching is a
-pointer swap, not a copy. Layers are found by the checkpoint's names, or under ``<name>.base_layer``
-where an adapter (peft LoRA, as STAMP's) wraps them.
+lock sets them before it generates (and puts the dense ones back when it is done). Both versions
+of every pruned layer stay in memory (the dense one and the pruned copy: one extra copy of the
+decoder's linear weights), so switching is a pointer swap, not a copy. Layers are found by the
+checkpoint's names, or under ``<name>.base_layer`` where an adapter (peft LoRA, as STAMP's)
+wraps them.
 """
 
 from __future__ import annotations

@@ -1,0 +1,138 @@
+"""Your own data: a folder of real photos with captions written here, bad records among them.
+
+The README's tutorial ("Fine-tune on your own images") in test form: data.validate reports every
+bad record with its line, train.vlm and train.clip stop on them or skip them as asked, and the
+segmentation heads train on COCO instances drawn over the same photos.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from core.checkpoint import load_checkpoint
+from data.formats import FormatError
+from data.validate import check_imagefolder, usable_rows
+from data.validate import main as validate_main
+from vlm.config import PolychromeConfig
+from vlm.examples import example_images
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROWS = [  # line: the row (lines 1-3 are good)
+    {"file_name": "photos/astronaut.png", "captions": ["A woman in an orange space suit."],
+     "qa": [{"question": "What is she wearing?", "answer": "A space suit."}]},
+    {"file_name": "photos/coffee.png", "captions": ["A cup of coffee on a saucer."]},
+    {"file_name": "photos/chelsea.png", "captions": ["A tabby cat looking to the left."],
+     "dialogues": [[["What animal is this?", "A cat."]]]},
+    {"file_name": "photos/missing.png", "captions": ["A photo that is not there."]},
+    {"file_name": "notes.png", "captions": ["Text saved with an image's name."]},
+    {"file_name": "photos/coffee.png", "captions": [""]},
+]  # fmt: skip
+BAD_LINES = {  # line: what the report says
+    4: "no such file",
+    5: "notes.png",
+    6: "captions",
+    7: "invalid JSON",
+    8: "inside",
+}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("mine")
+    (root / "photos").mkdir()
+    photos = example_images(PolychromeConfig.from_preset("tiny").shapeworld)
+    for name in ("astronaut", "coffee", "chelsea"):
+        # smaller copies: the test reads them many times
+        Image.open(photos[name]).convert("RGB").resize((96, 96)).save(
+            root / "photos" / f"{name}.png"
+        )
+    (root / "notes.png").write_text("not an image")
+    lines = [json.dumps(r) for r in ROWS]
+    lines.append('{"file_name": "photos/coffee.png", "captions": ["unterminated"')
+    lines.append(json.dumps({"file_name": "../outside.png", "captions": ["Out of the folder."]}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_every_bad_record_is_reported_with_its_line(folder, tmp_path, capsys):
+    report = check_imagefolder(folder, "chat", progress=False)
+    assert [n for n, _ in report.good] == [1, 2, 3]
+    assert [b.line for b in report.bad] == sorted(BAD_LINES)
+    for bad in report.bad:
+        assert BAD_LINES[bad.line] in bad.problem or BAD_LINES[bad.line] in str(bad.file_name), bad
+    assert validate_main([str(folder), "--json", str(tmp_path / "r.json"), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "3 good records, 5 bad" in out and "line 4 (photos/missing.png): " in out
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["good"] == 3 and [b["line"] for b in saved["bad"]] == sorted(BAD_LINES)
+    # the captions kind asks only for captions: the same five lines are bad
+    assert [b.line for b in check_imagefolder(folder, "captions", progress=False).bad] == sorted(
+        BAD_LINES
+    )
+    clean = tmp_path / "clean"
+    shutil.copytree(folder / "photos", clean / "photos")
+    (clean / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS[:3]) + "\n")
+    assert validate_main([str(clean), "--no-progress"]) == 0
+
+
+def test_stop_lists_every_bad_record_and_skip_keeps_the_rest(folder):
+    with pytest.raises(FormatError) as err:
+        usable_rows(folder, "chat", "stop", progress=False)
+    assert all(f"line {n}" in str(err.value) for n in BAD_LINES)
+    assert "--bad-records skip" in str(err.value)
+    with pytest.warns(UserWarning, match="skipping bad records"):
+        rows = usable_rows(folder, "chat", "skip", progress=False)
+    assert [r["file_name"] for r in rows] == [r["file_name"] for r in ROWS[:3]]
+
+
+def test_fine_tune_the_vlm_and_clip_on_your_photos(folder, tmp_path, capsys):
+    from train.clip import main as clip_main
+    from train.vlm import main as vlm_main
+
+    common = ["--preset", "tiny", "--imagefolder", str(folder), "--no-progress"]
+    vlm = [*common, "--steps", "2", "--align-steps", "1", "--batch-size", "2"]
+    with pytest.raises(SystemExit):  # the default: stop, naming every bad line
+        vlm_main([*vlm, "--out", str(tmp_path / "stopped")])
+    err = capsys.readouterr().err
+    assert all(f"line {n}" in err for n in BAD_LINES) and not (tmp_path / "stopped").exists()
+    with pytest.warns(UserWarning, match="skipping bad records"):
+        assert vlm_main([*vlm, "--bad-records", "skip", "--out", str(tmp_path / "vlm")]) == 0
+    assert load_checkpoint(tmp_path / "vlm" / "final").metadata["data"].startswith("imagefolder")
+    clip = ["--preset", "tiny", "--imagefolder", str(folder), "--steps", "2", "--batch-size", "2"]
+    with pytest.warns(UserWarning, match="skipping bad records"):
+        assert clip_main([*clip, "--bad-records", "skip", "--out", str(tmp_path / "clip")]) == 0
+    assert load_checkpoint(tmp_path / "clip" / "final").metadata["data"]["images"] == 3
+
+
+def test_train_the_segmentation_heads_on_coco_instances_of_your_photos(folder, tmp_path):
+    from train.seg import main as seg_main
+
+    # one box-shaped object per photo, as an annotation tool exports them (COCO polygons)
+    names = ("astronaut", "coffee", "chelsea")
+    box = [20.0, 20.0, 76.0, 20.0, 76.0, 80.0, 20.0, 80.0]
+    coco = {
+        "images": [
+            {"id": i + 1, "file_name": f"photos/{n}.png", "height": 96, "width": 96}
+            for i, n in enumerate(names)
+        ],
+        "categories": [
+            {"id": i + 1, "name": c, "supercategory": "thing"}
+            for i, c in enumerate(("person", "cup", "cat"))
+        ],
+        "annotations": [
+            {"id": i + 1, "image_id": i + 1, "category_id": i + 1, "segmentation": [box],
+             "bbox": [20.0, 20.0, 56.0, 60.0], "area": 3360.0, "iscrowd": 0}
+            for i in range(3)
+        ],
+    }  # fmt: skip
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    argv = ["--preset", "shapes", "--images", str(folder), "--instances-json"]
+    argv += [str(tmp_path / "instances.json"), "--out", str(tmp_path / "seg"), "--steps", "2"]
+    assert seg_main([*argv, "--batch-size", "2", "--hidden", "16", "--no-progress"]) == 0
+    assert (tmp_path / "seg" / "final" / "MODEL_CARD.md").is_file()
