@@ -142,3 +142,35 @@ def test_accelerate_configs_load(name, kind, processes):
 
     cfg = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
     assert cfg.distributed_type.value == kind and cfg.num_processes == processes
+
+
+def _vlm_args(data: Path, out: Path) -> list[str]:
+    return [
+        "--preset", "tiny", "--data", str(data), "--out", str(out), "--steps", "3",
+        "--align-steps", "1", "--batch-size", "4", "--lr", "1e-2", "--save-every", "3",
+        "--no-bf16", "--no-progress",
+    ]  # fmt: skip
+
+
+def test_train_vlm_on_two_processes_takes_the_steps_of_one(shapeworld, tmp_path):
+    """The same check on train.vlm, whose loss is a mean over reply tokens: each process's loss
+    is weighted by its share of the batch's tokens, so the average is the global mean's."""
+    from train.vlm import main as vlm_main
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert vlm_main(_vlm_args(shapeworld, one)) == 0
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    launch += ["--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run = subprocess.run(
+        [*launch, "-m", "train.vlm", *_vlm_args(shapeworld, two)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 process(es), 2 conversations each per step" in run.stdout
+    assert _curve(two) == pytest.approx(_curve(one), rel=1e-4)
+    x = load_file(str(one / "final" / "vlm.safetensors"))
+    y = load_file(str(two / "final" / "vlm.safetensors"))
+    assert x.keys() == y.keys()
+    for k in x:
+        torch.testing.assert_close(x[k], y[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -18,13 +18,14 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -33,6 +34,7 @@ from core.images import load_rgb
 from core.io import atomic_dir
 
 __all__ = [
+    "DataParallel",
     "batch_indices",
     "cosine_with_warmup",
     "decode_images",
@@ -42,6 +44,48 @@ __all__ = [
     "trainable_state",
     "write_model_card",
 ]
+
+
+T = TypeVar("T")
+
+
+class DataParallel:
+    """The processes of ``accelerate launch`` (one process without it), as the training scripts
+    use them: every process builds the same global batch (a pure function of seed and step) and
+    takes its own slice of it (`part`); DDP (``prepare``) averages the gradients; the main process
+    logs and saves; a decision to stop is taken by all processes together (`any`), or they would
+    wait for each other forever. N processes thus take the steps one process takes with the
+    whole batch (tests/test_scaling.py)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.accelerator = Accelerator(cpu=device.type == "cpu")
+        self.device = self.accelerator.device
+        self.world = int(self.accelerator.num_processes)
+        self.rank = int(self.accelerator.process_index)
+        self.main = bool(self.accelerator.is_main_process)
+
+    def divides(self, **sizes: int) -> str | None:
+        """Why the global sizes cannot be split over the processes, or None."""
+        bad = {k: v for k, v in sizes.items() if v % self.world}
+        if not bad:
+            return None
+        named = " and ".join(f"--{k.replace('_', '-')} {v}" for k, v in bad.items())
+        return f"{named} are global: each must divide over the {self.world} processes"
+
+    def part(self, items: Sequence[T]) -> list[T]:
+        """This process's slice of a global batch (its size divides over the processes)."""
+        per = len(items) // self.world
+        return list(items[self.rank * per : (self.rank + 1) * per])
+
+    def total(self, value: float) -> float:
+        """The sum of `value` over the processes."""
+        t = torch.tensor(float(value), device=self.device, dtype=torch.float64)
+        return float(self.accelerator.reduce(t, "sum"))
+
+    def any(self, flag: bool) -> bool:
+        """True on every process when `flag` is True on any of them."""
+        t = torch.tensor(float(flag), device=self.device)
+        return bool(self.accelerator.reduce(t, "max"))
 
 
 def batch_indices(n: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[np.ndarray]:

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from core.config import project_path
@@ -41,6 +40,7 @@ from data.datasets import (
 from segmentation.stamp import METHODS, StampConfig
 from train import common
 from train.common import (
+    DataParallel,
     batch_indices,
     cosine_with_warmup,
     load_training_state,
@@ -175,18 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides["method"] = args.method
     overrides["sam"] = preset.sam.to_dict()  # the lisa baseline's SAM: the preset's
     cfg = StampConfig.from_dict({**StampConfig().to_dict(), **overrides}, source="arguments")
-    device = resolve_device(args.device)
-    accelerator = Accelerator(cpu=device.type == "cpu")
-    device = accelerator.device
-    world, rank = accelerator.num_processes, accelerator.process_index
-    if args.batch_size % world or args.negatives % world:
-        parser.error(
-            f"--batch-size {args.batch_size} and --negatives {args.negatives} are global: each "
-            f"must divide over the {world} processes"
-        )
+    dp = DataParallel(resolve_device(args.device))
+    device, world = dp.device, dp.world
+    why = dp.divides(batch_size=args.batch_size, negatives=args.negatives)
+    if why:
+        parser.error(why)
     seed_everything(args.seed)
     model = build_model(preset, args.vlm, cfg, device)
-    if accelerator.is_main_process:
+    if dp.main:
         print(
             f"{len(data)} referring expressions from {data_desc}; mask grid {model.mask_grid}, "
             f"{model.vlm.tokens_per_image} visual tokens; {world} process(es), "
@@ -216,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     model.train()
     # Data parallel: each process takes its slice of the global batch; DDP averages gradients,
     # so N processes take the steps one process takes with the whole batch.
-    ddp, optimizer = accelerator.prepare(model, optimizer)
-    main_process = accelerator.is_main_process
+    ddp, optimizer = dp.accelerator.prepare(model, optimizer)
+    main_process = dp.main
     args.out.mkdir(parents=True, exist_ok=True)
     curve = args.out / "loss.jsonl"
     if main_process:  # rows logged after the state we resume from are dropped
@@ -233,21 +229,18 @@ def main(argv: list[str] | None = None) -> int:
         unit="step",
         disable=args.no_progress or not main_process,
     )
-    per_rank, neg_per_rank = args.batch_size // world, args.negatives // world
     began = time.monotonic()
     done = start
     for step in range(start, stop):
         prompts, masks, others = batch_for(data, next(batches), step, args.seed, args.negatives)
-        part = slice(rank * per_rank, (rank + 1) * per_rank)
-        others = others[rank * neg_per_rank : (rank + 1) * neg_per_rank]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            losses = ddp(prompts[part], masks[part], others)
-        accelerator.backward(losses["loss"])
-        accelerator.clip_grad_norm_(params, 1.0)
+            losses = ddp(dp.part(prompts), dp.part(masks), dp.part(others))
+        dp.accelerator.backward(losses["loss"])
+        dp.accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        mean = {k: accelerator.reduce(v.detach(), "mean") for k, v in losses.items()}
+        mean = {k: dp.accelerator.reduce(v.detach(), "mean") for k, v in losses.items()}
         row = {k: round(float(v), 5) for k, v in mean.items()}
         if main_process:
             with curve.open("a", encoding="utf-8") as log:
@@ -256,18 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         bar.update(1)
         done = step + 1
         elapsed = time.monotonic() - began
-        # one decision for every process, or they would wait for each other forever
-        out_of_time = bool(
-            accelerator.reduce(
-                torch.tensor(
-                    float(args.max_minutes is not None and elapsed > 60 * args.max_minutes),
-                    device=device,
-                ),
-                "max",
-            )
-        )
+        out_of_time = dp.any(args.max_minutes is not None and elapsed > 60 * args.max_minutes)
         if done % args.save_every == 0 or done == stop or out_of_time:
-            accelerator.wait_for_everyone()
+            dp.accelerator.wait_for_everyone()
             if main_process:
                 save_training_state(args.out, model, optimizer, scheduler, done, run_config)
         if out_of_time:

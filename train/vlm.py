@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from core.checkpoint import load_checkpoint
@@ -42,6 +41,7 @@ from data.datasets import shapeworld_paths
 from data.validate import BAD_RECORDS
 from train import common
 from train.common import (
+    DataParallel,
     batch_indices,
     cosine_with_warmup,
     load_training_state,
@@ -166,9 +166,11 @@ def main(argv: list[str] | None = None) -> int:
 
     preset = PolychromeConfig.from_preset(args.preset)
     vlm_cfg = VLMConfig(llm=preset.llm, vision=preset.clip, projector=preset.vlm.projector)
-    device = resolve_device(args.device)
-    accelerator = Accelerator(cpu=device.type == "cpu")
-    device = accelerator.device
+    dp = DataParallel(resolve_device(args.device))
+    device = dp.device
+    why = dp.divides(batch_size=args.batch_size)
+    if why:
+        parser.error(why)
     seed_everything(args.seed)
     model = PolychromeVLM.build(vlm_cfg, device=device)
 
@@ -181,7 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError) as err:  # bad data: say what, no traceback
             parser.error(str(err))
         data_desc = f"imagefolder {args.imagefolder}"
-    print(f"{len(records)} images from {data_desc}; {model.tokens_per_image} visual tokens each")
+    if dp.main:
+        print(
+            f"{len(records)} images from {data_desc}; {model.tokens_per_image} visual tokens "
+            f"each; {dp.world} process(es), {args.batch_size // dp.world} conversations each "
+            "per step"
+        )
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
@@ -211,8 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--resume: {why}")
         start = load_training_state(args.out, model, optimizer, scheduler)
         print(f"resumed from {args.out / 'last'} at step {start}")
-    model, optimizer = accelerator.prepare(model, optimizer)
-    vlm: PolychromeVLM = accelerator.unwrap_model(model)
+    # Data parallel: each process takes its slice of the global batch; DDP averages gradients.
+    model, optimizer = dp.accelerator.prepare(model, optimizer)
+    vlm: PolychromeVLM = dp.accelerator.unwrap_model(model)
     vlm.llm.eval()
     vlm.clip.eval()
 
@@ -221,27 +229,39 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     curve = args.out / "loss.jsonl"  # one row per step, appended as it runs (resumes append)
-    log = curve.open("a", encoding="utf-8")
+    log = curve.open("a", encoding="utf-8") if dp.main else None
     tokens = 0
     batches = batch_indices(len(records), args.batch_size, args.seed, start)
-    bar = tqdm(total=stop, initial=start, desc="train vlm", unit="step", disable=args.no_progress)
+    bar = tqdm(
+        total=stop,
+        initial=start,
+        desc="train vlm",
+        unit="step",
+        disable=args.no_progress or not dp.main,
+    )
     step = start
     for step in range(start, stop):
         indices = next(batches)
-        convs = conversations_for(records, indices, step, args.align_steps, args.seed)
+        # the global batch's conversations (sampled as one process would), then this slice
+        convs = dp.part(conversations_for(records, indices, step, args.align_steps, args.seed))
         batch = vlm.collate(convs, pad_to_multiple_of=args.pad_multiple)
         batch = {k: v.to(device) for k, v in batch.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(**batch)
         assert out.loss is not None
-        accelerator.backward(out.loss)
+        # the loss is a mean over this slice's reply tokens: weighted by the slice's share of
+        # the batch's tokens, DDP's average of the gradients is the global token mean's
+        n_all = dp.total(out.n_labels)
+        share = out.n_labels * dp.world / max(n_all, 1.0)
+        dp.accelerator.backward(out.loss * share if dp.world > 1 else out.loss)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens += int(batch["attention_mask"].sum())
-        loss = float(out.loss.detach())
-        log.write(json.dumps({"step": step + 1, "loss": loss, "tokens": tokens}) + "\n")
-        log.flush()
+        tokens += int(dp.total(int(batch["attention_mask"].sum())))
+        loss = dp.total(float(out.loss.detach()) * out.n_labels) / max(n_all, 1.0)
+        if log is not None:
+            log.write(json.dumps({"step": step + 1, "loss": loss, "tokens": tokens}) + "\n")
+            log.flush()
         elapsed = time.monotonic() - began
         bar.set_postfix(
             loss=f"{loss:.3f}",
@@ -250,13 +270,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         bar.update(1)
         done = step + 1
-        out_of_time = args.max_minutes is not None and elapsed > 60 * args.max_minutes
+        out_of_time = dp.any(args.max_minutes is not None and elapsed > 60 * args.max_minutes)
         if done % args.save_every == 0 or done == stop or out_of_time:
-            save_training_state(args.out, vlm, optimizer, scheduler, done, run_config)
+            dp.accelerator.wait_for_everyone()
+            if dp.main:
+                save_training_state(args.out, vlm, optimizer, scheduler, done, run_config)
         if out_of_time:
             print(f"--max-minutes {args.max_minutes} reached after step {done}")
             break
     bar.close()
+    if log is None:
+        return 0  # the main process writes the results
     log.close()
     done = step + 1 if stop > start else start
     minutes = (time.monotonic() - began) / 60
