@@ -184,27 +184,40 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+COUNTERS = ("tokens", "lr", "seconds", "time", "elapsed", "epoch", "images")
+
+
+def series(rows: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
+    """The curves of a training log: {name: [(step, value)]}, the latest row of each step (a
+    resumed run logs again from its last save), without counters (tokens, learning rate, time,
+    or any series of integers that never decreases)."""
+    by_step = {r["step"]: r for r in rows}
+    ordered = [by_step[s] for s in sorted(by_step)]
+    out: dict[str, list[tuple[float, float]]] = {}
+    for row in ordered:
+        for k, v in row.items():
+            if k != "step" and isinstance(v, int | float) and not isinstance(v, bool):
+                out.setdefault(k, []).append((row["step"], v))
+    for k in list(out):
+        values = [v for _, v in out[k]]
+        rising_ints = all(float(v).is_integer() for v in values) and values == sorted(values)
+        if k in COUNTERS or k.endswith(("_s", "_seconds")) or (rising_ints and len(values) > 2):
+            del out[k]
+    return out
+
+
 def plot_curves(log: Path, dest: Path) -> bool:
-    """One PNG of every numeric series of a per-step training log; False when it has none."""
+    """One PNG of the curves (`series`) of a per-step training log; False when it has none."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = _rows(log)
-    keys = sorted(
-        {
-            k
-            for r in rows
-            for k, v in r.items()
-            if k != "step" and isinstance(v, int | float) and not isinstance(v, bool)
-        }
-    )
-    if not rows or not keys:
+    curves = series(_rows(log))
+    if not curves:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
-    for k in keys:
-        pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), int | float)]
+    for k, pts in sorted(curves.items()):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, linewidth=1)
     ax.set_xlabel("step")
     ax.set_title(str(log.parent), fontsize=8)

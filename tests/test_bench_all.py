@@ -70,6 +70,15 @@ def test_runs_keep_going_record_status_and_resume(tmp_path):
     assert again["ok"]["returncode"] == 0 and again["bad"]["returncode"] == 3
 
 
+def test_curves_drop_counters_and_keep_the_latest_row_of_a_step():
+    rows = [{"step": s, "loss": 1.0 / s, "tokens": 100 * s, "lr": 0.1, "elapsed_s": s}
+            for s in range(1, 6)]  # fmt: skip
+    rows.append({"step": 3, "loss": 9.0, "tokens": 300})  # a resumed run's second step 3
+    curves = bench_all.series(rows)
+    assert list(curves) == ["loss"]
+    assert curves["loss"][2] == (3, 9.0) and [s for s, _ in curves["loss"]] == [1, 2, 3, 4, 5]
+
+
 def test_training_logs_become_plots(tmp_path):
     run = tmp_path / "runs" / "stamp"
     run.mkdir(parents=True)
