@@ -8,9 +8,10 @@
     python -m bench.all --plots-only --runs /work/runs   # training-curve plots of earlier runs
 
 Full mode reads docs/RESULTS.md, so it runs exactly what the document says: each line (or
-backslash-continued group of lines) in a code block or indented block that starts with ``python
--m`` (optionally after environment assignments and ``.venv/bin/``) is one command; comment lines
-and commands of other programs are left out. Each runs in its own process from the repository
+backslash-continued group of lines) in a code block or indented block, or inline code span, that
+starts with ``python -m`` (optionally after environment assignments and ``.venv/bin/``) is one
+command, without its trailing ``# comment``; comment lines, commands of other programs and this
+script's own are left out. Each runs in its own process from the repository
 root with its log in ``<out>/logs/NN.log``; ``<out>/status.json`` records each one's exit status
 and time as soon as it ends, so a failure does not stop the rest and ``--resume`` continues
 after an interruption. Quick mode runs the benchmark scripts at their smoke-test sizes (the
@@ -46,6 +47,7 @@ RESULTS = "docs/RESULTS.md"
 LOG_NAMES = ("loss.jsonl", "log.jsonl", "train_log.jsonl")
 ENV = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S+\s+)*")
 PYTHON = re.compile(r"^(?:\.venv/bin/)?python3?\s+-m\s+")
+SELF = re.compile(r"-m\s+bench\.all\b")  # this script's own commands are not rerun
 PLACEHOLDER = re.compile(r"(?<![\w/-])(DIR|FILE|NAME)(?![\w/-])|<[^>]*>|\.\.\.")
 
 
@@ -100,11 +102,12 @@ def quoted_commands(results: Path) -> list[Command]:
             i += 1
             text = text[:-1].rstrip() + " " + lines[i].strip()
         i += 1
-        if code and PYTHON.match(ENV.sub("", text)):
+        text = re.sub(r"\s+#.*$", "", text)  # a trailing shell comment
+        if code and PYTHON.match(ENV.sub("", text)) and not SELF.search(text):
             out.append(Command(len(out) + 1, section, start + 1, text))
         elif not code:  # `python -m ...` quoted inline in the prose
             for span in re.findall(r"`([^`]+)`", raw):
-                if PYTHON.match(ENV.sub("", span.strip())):
+                if PYTHON.match(ENV.sub("", span.strip())) and not SELF.search(span):
                     out.append(Command(len(out) + 1, section, start + 1, span.strip()))
     return out
 

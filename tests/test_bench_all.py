@@ -25,7 +25,8 @@ pip install something
 
 ## Second section
 
-    python -m eval.clip --checkpoint c --data /d
+    python -m eval.clip --checkpoint c --data /d   # a trailing comment
+    python -m bench.all --quick
     make test
 """
 
