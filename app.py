@@ -17,10 +17,13 @@ UI only: parse arguments, build the Assistant, wire callbacks. No tensor code he
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -239,10 +242,26 @@ def _safe(err: Exception, files: Sequence[str] = ()) -> str:
     return f"{WARNING}{text}"
 
 
+SCRATCH_HOURS = 1.0  # how long the files the app writes for Gradio to pick up are kept
+
+
+def scratch_folder() -> Path:
+    """A fresh folder for a file the app hands to Gradio (which copies it into its own cache).
+    They all live under one root in the system temp folder; those older than SCRATCH_HOURS are
+    deleted here, so a busy server does not fill the disk."""
+    root = Path(tempfile.gettempdir()) / "polychrome-scratch"
+    root.mkdir(exist_ok=True)
+    cutoff = time.time() - 3600 * SCRATCH_HOURS
+    for old in root.iterdir():
+        with contextlib.suppress(OSError):
+            if old.stat().st_mtime < cutoff:
+                shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=root))
+
+
 def _result_files(result: ToolResult, stem: str) -> str:
-    """Write the tool's masks as COCO-style JSON into a fresh temporary folder; its path."""
-    folder = Path(tempfile.mkdtemp(prefix="polychrome-"))
-    path = folder / f"{stem}.json"
+    """Write the tool's masks as COCO-style JSON for download; its path."""
+    path = scratch_folder() / f"{stem}.json"
     path.write_text(json.dumps(result.coco_json()), encoding="utf-8")
     return str(path)
 
@@ -278,7 +297,7 @@ def sketch_to_chat(sketch: Any, question: str) -> tuple[Any, Any]:
         return gr.update(), gr.update()
     flat = Image.new("RGBA", composite.size, (255, 255, 255, 255))
     flat.alpha_composite(composite.convert("RGBA"))
-    path = Path(tempfile.mkdtemp(prefix="polychrome-")) / "sketch.png"
+    path = scratch_folder() / "sketch.png"
     flat.convert("RGB").save(path)
     text = question.strip() or "What did I draw?"
     return {"text": text, "files": [str(path)]}, gr.Tabs(selected="chat")
@@ -526,8 +545,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         logger.info("loading VLM: LLM %s, CLIP %s", cfg.llm.source, cfg.clip.model)
         assistant = Assistant.from_config(cfg, device=device)
-        for folder in indexes[1:]:
-            assistant.add_index(os.path.basename(os.path.normpath(folder)), folder)
+        names = ["default", *(os.path.basename(os.path.normpath(f)) for f in indexes[1:])]
+        if len(set(names)) != len(names):
+            raise SystemExit(
+                f"--gill-index: the Advanced panel names indexes by folder, and these repeat a "
+                f"name: {indexes} (the first is 'default'); rename the folders"
+            )
+        for name, folder in zip(names[1:], indexes[1:], strict=True):
+            assistant.add_index(name, folder)
     if args.sparse:
         logger.info("LLM weights: dense, or %s", assistant.set_sparsity(args.sparse))
     tools = None if args.no_tools else VisionTools.from_config(cfg, device=device)

@@ -26,6 +26,7 @@ natural picture (latency per request kind, speed against sequence length) get on
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -73,7 +74,8 @@ class Command:
         """The command with placeholders replaced (``--set DIR=/data/sw``)."""
         text = self.text
         for name, value in values.items():
-            text = re.sub(rf"(?<![\w/-]){re.escape(name)}(?![\w/-])", value, text)
+            pattern = re.compile(rf"(?<![\w/-]){re.escape(name)}(?![\w/-])")
+            text = pattern.sub(value.replace("\\", "\\\\"), text)  # the value taken literally
         return Command(self.number, self.section, self.line, text)
 
     @property
@@ -141,8 +143,9 @@ def run_commands(
     status = _load_status(status_path) if resume else {}
     jobs = list(jobs)
     for key, argv, env in tqdm(jobs, desc="commands", unit="cmd"):
-        if resume and status.get(key, {}).get("returncode") == 0:
-            continue
+        done = status.get(key, {})
+        if resume and done.get("returncode") == 0 and done.get("command") == shlex.join(argv[1:]):
+            continue  # the same command succeeded before
         began = time.monotonic()
         with (logs / f"{key}.log").open("w", encoding="utf-8") as log:
             log.write("$ " + shlex.join(argv) + "\n")
@@ -193,18 +196,24 @@ COUNTERS = ("tokens", "lr", "seconds", "time", "elapsed", "epoch", "images")
 def series(rows: list[dict[str, Any]]) -> dict[str, list[tuple[float, float]]]:
     """The curves of a training log: {name: [(step, value)]}, the latest row of each step (a
     resumed run logs again from its last save), without counters (tokens, learning rate, time,
-    or any series of integers that never decreases)."""
-    by_step = {r["step"]: r for r in rows}
-    ordered = [by_step[s] for s in sorted(by_step)]
+    or any series of integers that only increases). Rows with a "stage" (train.diffusion's vae
+    then unet, each from step 1) make their own curves, named "<stage> <key>"."""
+    by_step = {(str(r.get("stage", "")), r["step"]): r for r in rows}
+    ordered = [by_step[k] for k in sorted(by_step, key=lambda k: (k[0] != "", k))]
     out: dict[str, list[tuple[float, float]]] = {}
     for row in ordered:
+        stage = f"{row['stage']} " if row.get("stage") else ""
         for k, v in row.items():
             if k != "step" and isinstance(v, int | float) and not isinstance(v, bool):
-                out.setdefault(k, []).append((row["step"], v))
+                out.setdefault(stage + k, []).append((row["step"], v))
     for k in list(out):
         values = [v for _, v in out[k]]
-        rising_ints = all(float(v).is_integer() for v in values) and values == sorted(values)
-        if k in COUNTERS or k.endswith(("_s", "_seconds")) or (rising_ints and len(values) > 2):
+        rising_ints = all(float(v).is_integer() for v in values) and all(
+            a < b for a, b in itertools.pairwise(values)
+        )
+        name = k.split(" ")[-1]
+        counter = name in COUNTERS or name.endswith(("_s", "_seconds"))
+        if counter or (rising_ints and len(values) > 2):
             del out[k]
     return out
 

@@ -80,6 +80,9 @@ def _strings(value: Any, where: str, name: str) -> list[str]:
 def record_from_row(row: dict[str, Any], folder: Path, where: str) -> ChatRecord:
     """One metadata.jsonl row as a ChatRecord; FormatError (prefixed with `where`) without text."""
     captions = _strings(row.get("captions", row.get("caption", [])), where, "captions")
+    for key in ("dialogues", "qa"):
+        if not isinstance(row.get(key, []), list):
+            raise FormatError(f"{where}: {key!r} must be a list, got {row[key]!r:.80}")
     dialogues: list[list[tuple[str, str]]] = []
     for d, dialogue in enumerate(row.get("dialogues", [])):
         if not isinstance(dialogue, list) or not dialogue:

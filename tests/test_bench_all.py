@@ -66,9 +66,13 @@ def test_runs_keep_going_record_status_and_resume(tmp_path):
     assert status["ok"]["returncode"] == 0 and status["bad"]["returncode"] == 3
     assert json.loads((tmp_path / "status.json").read_text()) == status
     assert "fine" in (tmp_path / "logs" / "ok.log").read_text()
-    jobs[0] = ("ok", [sys.executable, "-c", "raise SystemExit(9)"], {})  # would fail if rerun
+    # resumed: what succeeded is skipped, what failed runs again
+    jobs[1] = ("bad", [sys.executable, "-c", "print('fixed')"], {})
     again = bench_all.run_commands(jobs, tmp_path, resume=True)
-    assert again["ok"]["returncode"] == 0 and again["bad"]["returncode"] == 3
+    assert again["ok"]["returncode"] == 0 and again["bad"]["returncode"] == 0
+    # a key whose command changed (the document gained a command above it) runs again
+    jobs[0] = ("ok", [sys.executable, "-c", "raise SystemExit(9)"], {})
+    assert bench_all.run_commands(jobs, tmp_path, resume=True)["ok"]["returncode"] == 9
 
 
 def test_curves_drop_counters_and_keep_the_latest_row_of_a_step():
@@ -78,6 +82,13 @@ def test_curves_drop_counters_and_keep_the_latest_row_of_a_step():
     curves = bench_all.series(rows)
     assert list(curves) == ["loss"]
     assert curves["loss"][2] == (3, 9.0) and [s for s, _ in curves["loss"]] == [1, 2, 3, 4, 5]
+
+
+def test_stages_that_restart_their_steps_make_their_own_curves():
+    rows = [{"stage": "vae", "step": s, "loss": 5.0} for s in (1, 2)]
+    rows += [{"stage": "unet", "step": s, "loss": 1.0} for s in (1, 2, 3)]
+    curves = bench_all.series(rows)
+    assert curves == {"unet loss": [(1, 1.0), (2, 1.0), (3, 1.0)], "vae loss": [(1, 5.0), (2, 5.0)]}
 
 
 def test_training_logs_become_plots(tmp_path):

@@ -244,12 +244,14 @@ def test_one_assistant_segments_and_generates(both, tmp_path):
         list(both.respond([], "segment: the red circle"))
 
 
-def test_explicit_requests_need_their_extension(sharp_vlm):
+def test_explicit_prefixes_are_ordinary_text_without_their_extension(sharp_vlm):
     text_only = Assistant(sharp_vlm.llm, sharp_vlm.tokenizer, vlm=sharp_vlm)
-    with pytest.raises(ValueError, match="needs STAMP"):
-        list(text_only.respond([], "segment: the circle", images=[_image()]))
-    with pytest.raises(ValueError, match="needs GILL"):
-        list(text_only.respond([], "retrieve: a circle"))
+    settings = SamplingSettings(max_new_tokens=4)
+    for message in ("segment: the circle", "Generate: three names for a cat"):
+        reply = list(text_only.respond([], message, settings=settings))[-1]
+        plain = list(text_only.vlm.stream(text_only.encode([], message), {"max_new_tokens": 4,
+                                          "do_sample": False}))  # fmt: skip
+        assert reply.text == "".join(plain) and not reply.masks and not reply.images
 
 
 def test_from_config_loads_both_on_the_presets_core(saved):

@@ -78,12 +78,17 @@ class DataParallel:
         return list(items[self.rank * per : (self.rank + 1) * per])
 
     def total(self, value: float) -> float:
-        """The sum of `value` over the processes."""
+        """The sum of `value` over the processes (float64 there: gloo and NCCL have it; one
+        process, on any device such as MPS which has not, adds nothing)."""
+        if self.world == 1:
+            return float(value)
         t = torch.tensor(float(value), device=self.device, dtype=torch.float64)
         return float(self.accelerator.reduce(t, "sum"))
 
     def any(self, flag: bool) -> bool:
         """True on every process when `flag` is True on any of them."""
+        if self.world == 1:
+            return bool(flag)
         t = torch.tensor(float(flag), device=self.device)
         return bool(self.accelerator.reduce(t, "max"))
 

@@ -461,26 +461,18 @@ class Assistant:
 
     def _explicit_request(self, message: str) -> tuple[str | None, str]:
         """(what the message asks for explicitly: "segment", "generated", "retrieved" or None,
-        the message as the model reads it); see EXPLICIT_PREFIXES."""
+        the message as the model reads it); see EXPLICIT_PREFIXES. A prefix counts only when its
+        extension is loaded: without STAMP, "Segment: ..." is an ordinary message."""
         stripped = message.lstrip() if isinstance(message, str) else ""
         for prefix, kind in EXPLICIT_PREFIXES.items():
-            if not stripped.lower().startswith(prefix):
+            loaded = self.stamp if kind == "segment" else self.gill
+            if loaded is None or not stripped.lower().startswith(prefix):
                 continue
             rest = stripped[len(prefix) :].strip()
             if not rest:
                 raise ValueError(f"say what to {prefix[:-1]} after {prefix!r}")
             if kind == "segment":
-                if self.stamp is None:
-                    raise ValueError(
-                        "'segment:' needs STAMP, and this assistant has none loaded (start the "
-                        "demo with a preset whose stamp.checkpoint is set)"
-                    )
                 return kind, SEG_PROMPTS[0].format(rest.rstrip(".!?"))
-            if self.gill is None:
-                raise ValueError(
-                    f"{prefix!r} needs GILL, and this assistant has none loaded (start the demo "
-                    "with a preset whose gill.checkpoint is set, or pass --gill)"
-                )
             return kind, REQUEST_TEMPLATES[0].format(rest)
         return None, message
 

@@ -7,7 +7,8 @@ action over the reply's KV cache (a mask pass, an image) and the reply goes on f
 action leaves:
 
     specials = [stamp_special, gill_special]         # Special objects, in logit order
-    for event in decode_with_specials(tokenizer, last, kv, cache, step, specials, 64):
+    for event in decode_with_specials(tokenizer, last, kv, cache, step, specials, 64,
+                                      vocab_logits=lm_head):
         event.text, event.special, event.payload     # a text chunk, or an action's result
 
 The prompt pass (``cached_prefix``) and the one-token steps (``cached_step``) run through the bare
