@@ -39,6 +39,7 @@ __all__ = [
     "BadRecord",
     "ImagefolderReport",
     "OnBad",
+    "add_bad_records_argument",
     "check_imagefolder",
     "main",
     "usable_rows",
@@ -148,6 +149,17 @@ def usable_rows(
             raise FormatError(report.describe() + "\nno good record left to train on")
         warnings.warn("skipping bad records:\n" + report.describe(), stacklevel=2)
     return [row for _, row in report.good]
+
+
+def add_bad_records_argument(group: Any) -> None:
+    """The training scripts' ``--bad-records stop|skip`` (with --imagefolder)."""
+    group.add_argument(
+        "--bad-records",
+        choices=BAD_RECORDS,
+        default="stop",
+        help="with --imagefolder: every record is checked first (file, image, text); stop listing "
+        "the bad ones (default) or skip them (python -m data.validate FOLDER shows the same)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,7 +77,7 @@ from core.runtime import resolve_device, seed_everything
 from core.sources import resolve_source
 from data.datasets import CaptionDataset, InstanceDataset, shapeworld_paths
 from data.shapeworld import read_manifest
-from data.validate import BAD_RECORDS
+from data.validate import add_bad_records_argument
 from train.common import (
     batch_indices,
     cosine_with_warmup,
@@ -366,13 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ShapeWorld splits to train on, comma-separated (default pretrain,train)",
     )
     src.add_argument("--imagefolder", type=Path, help="folder with metadata.jsonl captions")
-    src.add_argument(
-        "--bad-records",
-        choices=BAD_RECORDS,
-        default="stop",
-        help="with --imagefolder: every record is checked first (file, image, text); stop listing "
-        "the bad ones (default) or skip them (python -m data.validate FOLDER shows the same)",
-    )
+    add_bad_records_argument(src)
     src.add_argument("--images", type=Path, help="image root of a COCO captions file")
     src.add_argument("--captions-json", type=Path, help="COCO captions JSON (with --images)")
     src.add_argument(

@@ -69,7 +69,7 @@ from core.runtime import resolve_device, seed_everything
 from data.datasets import CaptionDataset, shapeworld_paths
 from data.shapeworld import generate as generate_shapeworld
 from data.shapeworld import read_manifest
-from data.validate import BAD_RECORDS
+from data.validate import add_bad_records_argument
 from generation.diffusion import (
     DiffusionConfig,
     assemble_pipeline,
@@ -590,13 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ShapeWorld splits to train on, comma-separated (default pretrain)",
     )
     src.add_argument("--imagefolder", type=Path, help="folder with metadata.jsonl captions")
-    src.add_argument(
-        "--bad-records",
-        choices=BAD_RECORDS,
-        default="stop",
-        help="with --imagefolder: every record is checked first (file, image, text); stop listing "
-        "the bad ones (default) or skip them (python -m data.validate FOLDER shows the same)",
-    )
+    add_bad_records_argument(src)
     src.add_argument("--images", type=Path, help="image root of a COCO captions file")
     src.add_argument("--captions-json", type=Path, help="COCO captions JSON (with --images)")
     src.add_argument("--limit", type=int, default=None, help="use the first N images only")

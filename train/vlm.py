@@ -38,7 +38,7 @@ from core.checkpoint import load_checkpoint
 from core.runtime import resolve_device, seed_everything
 from data.conversations import caption_conversation, instruct_conversation, read_chat_records
 from data.datasets import shapeworld_paths
-from data.validate import BAD_RECORDS
+from data.validate import add_bad_records_argument
 from train import common
 from train.common import (
     DataParallel,
@@ -70,13 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ShapeWorld splits to train on (default train)",
     )
     src.add_argument("--imagefolder", type=Path, help="folder with metadata.jsonl")
-    src.add_argument(
-        "--bad-records",
-        choices=BAD_RECORDS,
-        default="stop",
-        help="with --imagefolder: every record is checked first (file, image, text); stop listing "
-        "the bad ones (default) or skip them (python -m data.validate FOLDER shows the same)",
-    )
+    add_bad_records_argument(src)
     parser.add_argument("--out", type=Path, required=True, help="run folder (last/, final/)")
     parser.add_argument("--steps", type=int, default=1500, help="optimizer steps in all")
     parser.add_argument(
