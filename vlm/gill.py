@@ -65,13 +65,8 @@ from generation.gill import (
     info_nce,
 )
 from generation.index import ImageIndex
-from vlm.model import (
-    PolychromeVLM,
-    load_extension,
-    load_extension_core,
-    save_extension,
-)
-from vlm.specials import Special, cached_prefix, cached_step, decode_with_specials
+from vlm.model import PolychromeVLM
+from vlm.specials import Special, VLMExtension, decode_with_specials
 
 __all__ = [
     "GILLVLM",
@@ -167,8 +162,13 @@ class GILLImageEmbedder:
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
 
-class GILLVLM(nn.Module):
+class GILLVLM(VLMExtension):
     """A PolychromeVLM with GILL's [IMG] tokens and heads (module docstring)."""
+
+    TENSOR_FILE = TENSOR_FILE
+    OWN_TOKENS = IMG_TOKENS
+    CONFIG = GILLConfig
+    config: GILLConfig
 
     def __init__(self, vlm: PolychromeVLM, config: GILLConfig) -> None:
         super().__init__()
@@ -188,6 +188,7 @@ class GILLVLM(nn.Module):
         # Tokens added to `vlm` after this point would replace added_embeddings and drop the
         # gradient hook below: GILL's tokens are the last ones a GILLVLM's core gets.
         self.img_ids = vlm.add_tokens(self.img_tokens)
+        self.own_tokens = self.img_tokens
         vlm.projector.requires_grad_(False)  # the VLM core stays as it was trained
         rows = [vlm.config.added_tokens.index(t) for t in self.img_tokens]
         keep = torch.zeros(len(vlm.added_ids), 1)
@@ -238,42 +239,8 @@ class GILLVLM(nn.Module):
                 )
             target.data.copy_(state[name])
 
-    def save_pretrained(
-        self,
-        directory: str | os.PathLike[str],
-        *,
-        dtype: torch.dtype = torch.float32,
-        metadata: dict[str, Any] | None = None,
-        overwrite: bool = False,
-    ) -> Path:
-        """The VLM core's trained tensors (its [IMG] rows included) and GILL's; the frozen LLM and
-        CLIP by their sources in the config."""
-        return save_extension(
-            self.vlm,
-            directory,
-            TENSOR_FILE,
-            self.gill_state_dict(),
-            self.config,
-            dtype=dtype,
-            metadata=metadata,
-            overwrite=overwrite,
-        )
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        directory: str | os.PathLike[str],
-        device: str | torch.device = "cpu",
-        vlm: PolychromeVLM | None = None,
-    ) -> GILLVLM:
-        """Load a saved GILLVLM; with ``vlm``, attach it to that VLM core (the one it was trained
-        on; vlm.model.load_extension) instead of building its own."""
-        core, cfg, ckpt = load_extension(directory, TENSOR_FILE, IMG_TOKENS, device, vlm)
-        gill_cfg = GILLConfig.from_dict(cfg, source=f"{directory} config.gill")
-        model = cls(core, gill_cfg)
-        load_extension_core(core, ckpt, model.img_tokens, vlm is not None, what=str(directory))
-        model.load_gill_state(ckpt.tensors[TENSOR_FILE], what=str(directory))
-        return model
+    extension_state_dict = gill_state_dict
+    load_extension_state = load_gill_state
 
     # -- the passes -----------------------------------------------------------------------------
 
@@ -290,22 +257,6 @@ class GILLVLM(nn.Module):
     def img_logit(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) hidden states -> (...) logits of the [IMG0] output row."""
         return hidden.float() @ self.img_out + self.img_bias
-
-    def _forward(self, embeds: torch.Tensor, **kwargs: Any) -> Any:
-        self.tokens_processed += int(embeds.shape[0] * embeds.shape[1])
-        return self.vlm.llm.base_model(inputs_embeds=embeds, use_cache=True, **kwargs)
-
-    def prefix(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, DynamicCache]:
-        """Left-padded prompts through the bare LLM: (last hidden (B, H), the KV cache)."""
-        return cached_prefix(self.vlm, self._forward, input_ids, attention_mask, visual)
-
-    def step(
-        self, token_ids: torch.Tensor, kv_mask: torch.Tensor, cache: DynamicCache
-    ) -> torch.Tensor:
-        """One token per row (B,) after the cache, bare LLM; returns its last hidden (B, H)."""
-        return cached_step(self.vlm, self._forward, token_ids, kv_mask, cache)
 
     def img_pass(
         self, kv_mask: torch.Tensor, cache: DynamicCache

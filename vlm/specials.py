@@ -1,4 +1,9 @@
-"""One decoding loop for the tokens that act: STAMP's ``<seg>``, GILL's ``[IMG0]``, or both at once.
+"""What the extensions of the VLM core share: a base class, and one decoding loop for the tokens
+that act (STAMP's ``<seg>``, GILL's ``[IMG0]``, or both at once).
+
+``VLMExtension`` is STAMP's and GILL's base: the bare-LLM passes over one KV cache (``prefix``,
+``step``, counting ``tokens_processed``) and the checkpoint layout of vlm.model.save_extension
+(``save_pretrained``; ``from_pretrained``, alone or attached to a shared core).
 
 Each extension of the VLM core gives the frozen LM head one more output row (its decision row).
 The loop appends every such row's logit to the vocabulary's and picks the next token as usual
@@ -18,17 +23,29 @@ reply, so a reply that segments and shows an image reads its prompt once.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar, cast
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from vlm.model import PolychromeVLM
+from core.config import Config
+from vlm.model import PolychromeVLM, load_extension, load_extension_core, save_extension
 
-__all__ = ["Special", "SpecialEvent", "cached_prefix", "cached_step", "decode_with_specials"]
+__all__ = [
+    "Special",
+    "SpecialEvent",
+    "VLMExtension",
+    "cached_prefix",
+    "cached_step",
+    "decode_with_specials",
+]
+E = TypeVar("E", bound="VLMExtension")
 
 # (inputs_embeds, **kwargs) -> the bare LLM's output (last_hidden_state), counting what it reads
 Forward = Callable[..., Any]
@@ -63,6 +80,83 @@ def cached_step(
     positions = mask.sum(-1, keepdim=True) - 1
     out = forward(vlm.embed(ids), attention_mask=mask, position_ids=positions, cache=cache)
     return cast(torch.Tensor, out.last_hidden_state[:, -1])
+
+
+class VLMExtension(nn.Module):
+    """A model built on one PolychromeVLM that adds tokens, an output row and its own tensors.
+
+    Subclasses set TENSOR_FILE (the checkpoint's ``<name>.safetensors`` and config key),
+    OWN_TOKENS (every token the extension may add), CONFIG (its Config class) and, in __init__,
+    ``vlm``, ``config``, ``own_tokens`` (the tokens this instance added) and
+    ``tokens_processed = 0``; they implement extension_state_dict / load_extension_state."""
+
+    TENSOR_FILE: ClassVar[str]
+    OWN_TOKENS: ClassVar[tuple[str, ...]]
+    CONFIG: ClassVar[type[Config]]
+    vlm: PolychromeVLM
+    config: Config
+    own_tokens: Sequence[str]
+    tokens_processed: int
+
+    def extension_state_dict(self) -> dict[str, torch.Tensor]:
+        """The extension's own trained tensors (what ``<TENSOR_FILE>.safetensors`` holds)."""
+        raise NotImplementedError
+
+    def load_extension_state(self, state: dict[str, torch.Tensor], what: str) -> None:
+        raise NotImplementedError
+
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        dtype: torch.dtype = torch.float32,
+        metadata: dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> Path:
+        """The VLM core's trained tensors (the extension's rows included) and the extension's;
+        the frozen LLM and CLIP by their sources in the config."""
+        return save_extension(
+            self.vlm,
+            directory,
+            self.TENSOR_FILE,
+            self.extension_state_dict(),
+            self.config,
+            dtype=dtype,
+            metadata=metadata,
+            overwrite=overwrite,
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls: type[E],
+        directory: str | os.PathLike[str],
+        device: str | torch.device = "cpu",
+        vlm: PolychromeVLM | None = None,
+    ) -> E:
+        """Load a saved extension; with ``vlm``, attach it to that VLM core (the one it was
+        trained on; vlm.model.load_extension) instead of building its own."""
+        name = cls.TENSOR_FILE
+        core, cfg, ckpt = load_extension(directory, name, cls.OWN_TOKENS, device, vlm)
+        model = cls(core, cls.CONFIG.from_dict(cfg, source=f"{directory} config.{name}"))
+        load_extension_core(core, ckpt, model.own_tokens, vlm is not None, what=str(directory))
+        model.load_extension_state(ckpt.tensors[name], what=str(directory))
+        return model
+
+    def _forward(self, embeds: torch.Tensor, **kwargs: Any) -> Any:
+        self.tokens_processed += int(embeds.shape[0] * embeds.shape[1])
+        return self.vlm.llm.base_model(inputs_embeds=embeds, use_cache=True, **kwargs)
+
+    def prefix(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        """Left-padded prompts through the bare LLM: (last hidden (B, H), the KV cache)."""
+        return cached_prefix(self.vlm, self._forward, input_ids, attention_mask, visual)
+
+    def step(
+        self, token_ids: torch.Tensor, kv_mask: torch.Tensor, cache: DynamicCache
+    ) -> torch.Tensor:
+        """One token per row (B,) after the cache, bare LLM; returns its last hidden (B, H)."""
+        return cached_step(self.vlm, self._forward, token_ids, kv_mask, cache)
 
 
 @dataclass

@@ -23,10 +23,8 @@ How it follows the paper (segmentation/stamp.py has the mechanism and the loss):
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
@@ -53,14 +51,8 @@ from segmentation.stamp import (
 )
 from vision.clip import dense_features
 from vision.sam import predict_masks_batched, prepare_image, sam_from_preset
-from vlm.model import (
-    PolychromeVLM,
-    Projector,
-    load_extension,
-    load_extension_core,
-    save_extension,
-)
-from vlm.specials import Special, cached_prefix, cached_step, decode_with_specials
+from vlm.model import PolychromeVLM, Projector
+from vlm.specials import Special, VLMExtension, decode_with_specials
 
 __all__ = [
     "MASK_TOKEN",
@@ -93,14 +85,20 @@ class StampReply:
     logits: list[npt.NDArray[np.float32]] = field(default_factory=list)  # (H, W) each
 
 
-class StampVLM(nn.Module):
+class StampVLM(VLMExtension):
     """A PolychromeVLM with STAMP's mask pass (module docstring)."""
+
+    TENSOR_FILE = TENSOR_FILE
+    OWN_TOKENS = (SEG_TOKEN, MASK_TOKEN)
+    CONFIG = StampConfig
+    config: StampConfig
 
     def __init__(self, vlm: PolychromeVLM, config: StampConfig, sam: Sam | None = None) -> None:
         super().__init__()
         self.vlm = vlm
         self.config = config
         self.seg_id, self.mask_id = vlm.add_tokens([SEG_TOKEN, MASK_TOKEN])
+        self.own_tokens = (SEG_TOKEN, MASK_TOKEN)
         llm = vlm.llm
         hidden = int(llm.config.get_text_config().hidden_size)
         lora = LoraConfig(
@@ -238,40 +236,8 @@ class StampVLM(nn.Module):
         self.seg_out.data.copy_(state["seg_out"])
         self.seg_bias.data.copy_(state["seg_bias"])
 
-    def save_pretrained(
-        self,
-        directory: str | os.PathLike[str],
-        *,
-        dtype: torch.dtype = torch.float32,
-        metadata: dict[str, Any] | None = None,
-        overwrite: bool = False,
-    ) -> Path:
-        return save_extension(
-            self.vlm,
-            directory,
-            TENSOR_FILE,
-            self.stamp_state_dict(),
-            self.config,
-            dtype=dtype,
-            metadata=metadata,
-            overwrite=overwrite,
-        )
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        directory: str | os.PathLike[str],
-        device: str | torch.device = "cpu",
-        vlm: PolychromeVLM | None = None,
-    ) -> StampVLM:
-        """Load a saved StampVLM; with ``vlm``, attach it to that VLM core (the one it was
-        trained on; vlm.model.load_extension) instead of building its own."""
-        own = (SEG_TOKEN, MASK_TOKEN)
-        core, cfg, ckpt = load_extension(directory, TENSOR_FILE, own, device, vlm)
-        model = cls(core, StampConfig.from_dict(cfg, source=f"{directory} config.stamp"))
-        load_extension_core(core, ckpt, own, attached=vlm is not None, what=str(directory))
-        model.load_stamp_state(ckpt.tensors[TENSOR_FILE], what=str(directory))
-        return model
+    extension_state_dict = stamp_state_dict
+    load_extension_state = load_stamp_state
 
     # -- the passes -----------------------------------------------------------------------------
 
@@ -293,10 +259,6 @@ class StampVLM(nn.Module):
             return visual, visual
         return visual, self.mask_projector(tokens, dense.grid)
 
-    def _forward(self, embeds: torch.Tensor, **kwargs: Any) -> Any:
-        self.tokens_processed += int(embeds.shape[0] * embeds.shape[1])
-        return self.vlm.llm.base_model(inputs_embeds=embeds, use_cache=True, **kwargs)
-
     def decision_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) hidden states -> (..., V + 1) logits: the LM head's, then ``<seg>``'s."""
         vocab = self.vlm.llm.get_output_embeddings()(hidden).float()
@@ -305,18 +267,6 @@ class StampVLM(nn.Module):
     def seg_logit(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) hidden states -> (...) logits of the ``<seg>`` output row."""
         return hidden.float() @ self.seg_out + self.seg_bias
-
-    def prefix(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: torch.Tensor | None
-    ) -> tuple[torch.Tensor, DynamicCache]:
-        """Left-padded prompts through the bare LLM: (last hidden (B, H), the KV cache)."""
-        return cached_prefix(self.vlm, self._forward, input_ids, attention_mask, visual)
-
-    def step(
-        self, token_ids: torch.Tensor, kv_mask: torch.Tensor, cache: DynamicCache
-    ) -> torch.Tensor:
-        """One token per row (B,) after the cache, bare LLM; returns its last hidden (B, H)."""
-        return cached_step(self.vlm, self._forward, token_ids, kv_mask, cache)
 
     def mask_pass(
         self, mask_features: torch.Tensor, kv_mask: torch.Tensor, cache: DynamicCache
