@@ -164,6 +164,16 @@ def test_an_index_of_other_retrieval_weights_is_refused(gill, pipe, image_dir):
         other.heads.retrieval.image_proj.weight.add_(0.01)
     with pytest.raises(IndexMismatchError, match="model"):
         ImageMaker(other, index, pipe)
+    # nor is it taken for one request
+    maker = ImageMaker(other, pipe=pipe, num_inference_steps=1)
+    _, states = other.request_states([request_prompt("a red circle")])
+    with pytest.raises(IndexMismatchError, match="model"):
+        maker.make(states, force="retrieved", index=index)
+    mine = other.build_index(image_dir)
+    assert maker.make(states, force="retrieved", index=mine)[0].source == "retrieved"
+    assert maker._checked == [mine]  # checked once, not at every request
+    maker.make(states, force="retrieved", index=mine)
+    assert maker._checked == [mine]
 
 
 def test_assistant_shows_images_and_the_text_goes_on(gill, maker):

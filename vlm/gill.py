@@ -538,6 +538,7 @@ class ImageMaker:
         if index is None and pipe is None:
             raise ValueError("an ImageMaker needs an image index, a diffusion pipeline, or both")
         self.gill = gill
+        self._checked: list[ImageIndex] = []  # indexes check_index accepted
         if index is not None:
             self.check_index(index)
         if pipe is not None:
@@ -561,6 +562,7 @@ class ImageMaker:
         index.check_model(embedder.name, embedder.dim)
         if len(index) == 0:
             raise ValueError("the image index is empty")
+        self._checked.append(index)  # hashing the weights again per request would be waste
 
     @torch.inference_mode()
     def make(
@@ -573,8 +575,8 @@ class ImageMaker:
     ) -> list[GILLImage]:
         """One image per row of `states`; retrievals in one search, generations in one batch.
         ``num_inference_steps`` / ``index`` replace this maker's for this call (an index must
-        have been built with this model's ``image_embedder``: ``check_index``)."""
-        if index is not None:
+        have been built with this model's ``image_embedder``: ``check_index``, once per index)."""
+        if index is not None and not any(index is seen for seen in self._checked):
             self.check_index(index)
         index = index if index is not None else self.index
         steps = num_inference_steps or self.num_inference_steps
