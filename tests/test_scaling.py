@@ -174,3 +174,44 @@ def test_train_vlm_on_two_processes_takes_the_steps_of_one(shapeworld, tmp_path)
     assert x.keys() == y.keys()
     for k in x:
         torch.testing.assert_close(x[k], y[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _gill_args(data: Path, out: Path) -> list[str]:
+    return [
+        "--preset", "tiny", "--data", str(data), "--out", str(out), "--steps", "3",
+        "--batch-size", "4", "--compositions", "2", "--caption-batch", "2", "--negatives", "2",
+        "--mapper-width", "32", "--mapper-layers", "1", "--retrieval-dim", "16",
+        "--decision-dropout", "0", "--lr", "1e-2", "--save-every", "3", "--no-progress",
+    ]  # fmt: skip
+
+
+def test_train_gill_on_two_processes_takes_the_steps_of_one(shapeworld, tmp_path):
+    """GILL's InfoNCE needs the whole batch's negatives: the two processes gather each other's
+    [IMG0] and image embeddings (with their gradients), and weight the caption CE by their share
+    of its tokens. Without the gather each process would contrast 2 images instead of 4 and the
+    retrieval loss would differ from the first step on."""
+    from train.gill import main as gill_main
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert gill_main(_gill_args(shapeworld, one)) == 0
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    launch += ["--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run = subprocess.run(
+        [*launch, "-m", "train.gill", *_gill_args(shapeworld, two)],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 process(es), 2 scene requests each per step" in run.stdout
+    logs = [(d / "loss.jsonl").read_text().splitlines() for d in (one, two)]
+    rows = [[json.loads(r) for r in log] for log in logs]
+    assert [r["step"] for r in rows[1]] == [1, 2, 3]
+    for a, b in zip(*rows, strict=True):
+        for key in ("loss", "caption", "emit", "retrieval", "generation", "decision"):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-4), (a["step"], key)
+    for name in ("gill.safetensors", "vlm.safetensors"):
+        x = load_file(str(one / "final" / name))
+        y = load_file(str(two / "final" / name))
+        assert x.keys() == y.keys()
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], rtol=1e-3, atol=1e-4, msg=k)

@@ -85,6 +85,36 @@ class DataParallel:
         t = torch.tensor(float(value), device=self.device, dtype=torch.float64)
         return float(self.accelerator.reduce(t, "sum"))
 
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's `tensor` (same shape on each) concatenated along dim 0 in rank order,
+        gradient included: a loss over the gathered rows that every process computes alike (an
+        in-batch InfoNCE) sends each process the gradient of its own rows from all N copies,
+        which DDP's average turns back into the one-process gradient (tests/test_scaling.py)."""
+        if self.world == 1:
+            return tensor
+        import torch.distributed.nn.functional as dist_fn  # needs an initialised process group
+
+        return torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0)
+
+    def mine(self, jobs: Sequence[T]) -> list[tuple[int, T]]:
+        """This process's share of independent jobs (an experiment's seeds or variants), round
+        robin, each with its index in `jobs`: for scripts that train several small models, where
+        splitting the models over the processes beats splitting each model's batch."""
+        return [(i, job) for i, job in enumerate(jobs) if i % self.world == self.rank]
+
+    def collect(self, done: Sequence[tuple[int, Any]]) -> list[Any]:
+        """The results of every process's `mine` jobs, back in job order, on every process.
+        Results must pickle (they travel between our own processes, never from users)."""
+        if self.world == 1:
+            pairs = list(done)
+        else:
+            import torch.distributed as dist
+
+            parts: list[Any] = [None] * self.world
+            dist.all_gather_object(parts, list(done))
+            pairs = [pair for part in parts for pair in part]
+        return [result for _, result in sorted(pairs, key=lambda pair: pair[0])]
+
     def any(self, flag: bool) -> bool:
         """True on every process when `flag` is True on any of them."""
         if self.world == 1:

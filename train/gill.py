@@ -2,6 +2,7 @@
 
     python -m train.gill --data /work/data/sw --out /work/runs/gill --steps 600 --max-minutes 25
     python -m train.gill --data /work/data/sw --out /work/runs/gill --resume   # continue
+    accelerate launch -m train.gill --data /work/data/sw --out /work/runs/gill   # data parallel
 
 Starts from the preset's trained VLM core (``--vlm`` for another) and its diffusion decoder; both
 stay frozen (the decoder only encodes captions here). Each step (Koh et al. 2023's three losses,
@@ -23,6 +24,12 @@ generation/gill.py, vlm/gill.py):
   -> generate. CE on the detached [IMG0] state.
 - negatives: ``--negatives`` text-only ordinary prompts whose emission target is the bare LLM's
   own first token (STAMP's negatives), so [IMG0] does not fire wherever no image is in view.
+
+Data parallel (``accelerate launch``): the batch sizes are global; each process takes its slice of
+the scenes, compositions, captioning conversations and negatives, the InfoNCE runs over the [IMG0]
+and image embeddings gathered from every process (the global batch's in-batch negatives), and the
+caption CE is weighted by the slice's share of reply tokens, so N processes take the steps one
+process takes with the same batch (tests/test_scaling.py).
 
 Loss = caption + emit + retrieval + generation + decision, all weights 1 (the paper's 0.5 x CE of
 its retrieval and its generation passes is one CE here: both read the same tokens, one pass).
@@ -49,12 +56,14 @@ from diffusers.utils import logging as diffusers_logging
 from tqdm.auto import tqdm
 
 from core.config import project_path
+from core.io import atomic_write_text
 from core.runtime import resolve_device, seed_everything
 from data.conversations import DESCRIBE_PROMPTS
 from data.datasets import shapeworld_paths
 from generation.diffusion import encode_prompts, expected_embeds_shape, pipeline_from_preset
 from generation.gill import GENERATE, RETRIEVE, GILLMapperConfig
 from train.common import (
+    DataParallel,
     batch_indices,
     cosine_with_warmup,
     load_training_state,
@@ -114,12 +123,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="use the first N images only")
     parser.add_argument("--out", type=Path, required=True, help="run folder (last/, final/)")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps in all")
-    parser.add_argument("--batch-size", type=int, default=16, help="scene requests per step")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="scene requests per step, global (split over the processes of accelerate launch, "
+        "like the three sizes below)",
+    )
     parser.add_argument(
         "--compositions", type=int, default=8, help="novel-composition requests per step"
     )
     parser.add_argument(
-        "--caption-batch", type=int, default=8, help="captioning conversations per step"
+        "--caption-batch",
+        type=int,
+        default=8,
+        help="captioning conversations per step (at most --batch-size: the first scenes')",
     )
     parser.add_argument(
         "--negatives", type=int, default=4, help="text-only ordinary prompts per step (default 4)"
@@ -143,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--mapper-layers", type=int, default=2, help="mapper encoder and decoder layers (paper 4)"
     )
     parser.add_argument("--retrieval-dim", type=int, default=256, help="shared retrieval space")
+    parser.add_argument(
+        "--decision-dropout",
+        type=float,
+        default=0.5,
+        help="dropout before the decision head's linear layer (paper 0.5). Its masks are the "
+        "one thing that differs between N processes and one (each draws its own)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last")
     parser.add_argument("--save-every", type=int, default=50, help="steps between <out>/last")
@@ -166,6 +191,13 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--batch-size must be >= 2 (InfoNCE needs in-batch negatives)")
     if args.compositions < 0 or args.negatives < 0:
         parser.error("--compositions and --negatives must be >= 0")
+    if args.caption_batch > args.batch_size:
+        parser.error(
+            f"--caption-batch {args.caption_batch} must be <= --batch-size {args.batch_size}: "
+            "the captioning conversations are about the step's scenes"
+        )
+    if not 0.0 <= args.decision_dropout < 1.0:
+        parser.error(f"--decision-dropout must be in [0, 1), received {args.decision_dropout}")
     if args.lr <= 0:
         parser.error(f"--lr must be > 0, received {args.lr}")
     if args.max_minutes is not None and args.max_minutes <= 0:
@@ -194,7 +226,13 @@ def build_model(
         heads=4,
         ffn_dim=4 * width,
     )
-    cfg = gill_config_for(vlm, decoder, mapper=mapper, retrieval_dim=args.retrieval_dim)
+    cfg = gill_config_for(
+        vlm,
+        decoder,
+        mapper=mapper,
+        retrieval_dim=args.retrieval_dim,
+        decision_dropout=args.decision_dropout,
+    )
     return GILLVLM(vlm, cfg)
 
 
@@ -246,6 +284,25 @@ def batch_for(
     }
 
 
+def _slice(batch: dict[str, Any], n_scenes: int, part: Any) -> dict[str, Any]:
+    """This process's part of a global batch_for batch: its share of the scene requests and of
+    the composition requests (scenes first, as training_losses expects), of the images, the
+    captioning conversations and the negatives."""
+
+    def both(items: Any) -> Any:
+        return part(items[:n_scenes]) + part(items[n_scenes:])
+
+    labels = both(batch["labels"].tolist())
+    return {
+        "captions": part(batch["captions"]),
+        "requests": both(batch["requests"]),
+        "descriptions": both(batch["descriptions"]),
+        "images": part(batch["images"]),
+        "labels": torch.tensor(labels, dtype=batch["labels"].dtype),
+        "others": part(batch["others"]),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -258,19 +315,30 @@ def main(argv: list[str] | None = None) -> int:
     # training; diffusers would warn about it at every step.
     diffusers_logging.set_verbosity_error()
     preset = PolychromeConfig.from_preset(args.preset)
-    device = resolve_device(args.device)
+    dp = DataParallel(resolve_device(args.device))
+    device, world = dp.device, dp.world
+    why = dp.divides(
+        batch_size=args.batch_size,
+        compositions=args.compositions,
+        caption_batch=args.caption_batch,
+        negatives=args.negatives,
+    )
+    if why:
+        parser.error(why)
     seed_everything(args.seed)
-    pipe = pipeline_from_preset(preset.diffusion)  # frozen; only its text encoder is used here
+    pipe = pipeline_from_preset(preset.diffusion).to(device)  # frozen; only its text encoder used
     pipe.text_encoder.requires_grad_(False)
     model = build_model(preset, args.vlm, args, expected_embeds_shape(pipe)).to(device)
     scenes = load_scenes(args.data, args.split, args.limit)
     data_desc = f"ShapeWorld {args.data} split {args.split}" + (
         f" first {args.limit}" if args.limit else ""
     )
-    print(
-        f"{len(scenes)} scenes from {data_desc}; mapper -> {model.config.mapper.out_tokens} x "
-        f"{model.config.mapper.out_dim} prompt_embeds"
-    )
+    if dp.main:
+        print(
+            f"{len(scenes)} scenes from {data_desc}; mapper -> {model.config.mapper.out_tokens} "
+            f"x {model.config.mapper.out_dim} prompt_embeds; {world} process(es), "
+            f"{args.batch_size // world} scene requests each per step"
+        )
     heads = list(model.heads.parameters())
     optimizer = torch.optim.AdamW(
         [
@@ -306,16 +374,32 @@ def main(argv: list[str] | None = None) -> int:
         if why:
             parser.error(f"--resume: {why}")
         start = load_training_state(args.out, model, optimizer, scheduler)
-        print(f"resumed from {args.out / 'last'} at step {start}")
+        if dp.main:
+            print(f"resumed from {args.out / 'last'} at step {start}")
     model.train()
+    params = model.trainable_parameters()
+    # Data parallel: each process takes its slice of the global batch (_slice); DDP averages
+    # the gradients, and training_losses gathers the InfoNCE embeddings and weights the caption
+    # CE (its docstring), so N processes take the steps one process takes with the whole batch.
+    ddp, optimizer = dp.accelerator.prepare(model, optimizer)
+    gather = dp.gather if world > 1 else None
     args.out.mkdir(parents=True, exist_ok=True)
-    log = (args.out / "loss.jsonl").open("a", encoding="utf-8")
+    curve = args.out / "loss.jsonl"
+    if dp.main:  # rows logged after the state we resume from are dropped
+        rows = curve.read_text(encoding="utf-8").splitlines() if curve.is_file() else []
+        kept = [r for r in rows if json.loads(r)["step"] <= start]
+        atomic_write_text(curve, "".join(r + "\n" for r in kept))
     batches = batch_indices(len(scenes), args.batch_size, args.seed, start)
     stop = args.stop_at or args.steps
-    bar = tqdm(total=stop, initial=start, desc="train gill", unit="step", disable=args.no_progress)
+    bar = tqdm(
+        total=stop,
+        initial=start,
+        desc="train gill",
+        unit="step",
+        disable=args.no_progress or not dp.main,
+    )
     began = time.monotonic()
     done = start
-    params = model.trainable_parameters()
     for step in range(start, stop):
         batch = batch_for(
             scenes,
@@ -326,37 +410,45 @@ def main(argv: list[str] | None = None) -> int:
             args.caption_batch,
             args.negatives,
         )
+        batch = _slice(batch, args.batch_size, dp.part)
         with torch.no_grad():
             targets = encode_prompts(pipe, batch["descriptions"]).float()
             image_embeds = model.clip_image_embeds(batch["images"])
-        losses = model.training_losses(
+        losses = ddp(
             batch["captions"],
             batch["requests"],
             targets,
             image_embeds,
             batch["labels"],
             batch["others"],
+            gather,
         )
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        dp.accelerator.backward(losses["loss"])
+        dp.accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        row = {k: round(float(v.detach()), 5) for k, v in losses.items()}
-        log.write(json.dumps({"step": step + 1, **row}) + "\n")
-        log.flush()
+        mean = {k: dp.accelerator.reduce(v.detach(), "mean") for k, v in losses.items()}
+        row = {k: round(float(v), 5) for k, v in mean.items()}
+        if dp.main:
+            with curve.open("a", encoding="utf-8") as log:
+                log.write(json.dumps({"step": step + 1, **row}) + "\n")
         bar.set_postfix(row)
         bar.update(1)
         done = step + 1
         elapsed = time.monotonic() - began
-        out_of_time = args.max_minutes is not None and elapsed > 60 * args.max_minutes
+        out_of_time = dp.any(args.max_minutes is not None and elapsed > 60 * args.max_minutes)
         if done % args.save_every == 0 or done == stop or out_of_time:
-            save_training_state(args.out, model, optimizer, scheduler, done, run_config)
+            dp.accelerator.wait_for_everyone()
+            if dp.main:
+                save_training_state(args.out, model, optimizer, scheduler, done, run_config)
         if out_of_time:
-            print(f"--max-minutes {args.max_minutes} reached after step {done}")
+            if dp.main:
+                print(f"--max-minutes {args.max_minutes} reached after step {done}")
             break
     bar.close()
-    log.close()
+    if not dp.main:
+        return 0
     minutes = (time.monotonic() - began) / 60
     metadata = {
         "command": command,

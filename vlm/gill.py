@@ -37,7 +37,7 @@ import argparse
 import hashlib
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -329,10 +329,13 @@ class GILLVLM(VLMExtension):
 
     # -- training -------------------------------------------------------------------------------
 
-    def caption_loss(self, captions: Sequence[Sequence[dict[str, Any]]]) -> torch.Tensor:
+    def caption_loss(
+        self, captions: Sequence[Sequence[dict[str, Any]]]
+    ) -> tuple[torch.Tensor, int]:
         """The captioning pass: conversations [image + question -> caption]; CE over V + [IMG0]
-        on the reply tokens. The VLM core is frozen, so the gradient reaches only the [IMG0]
-        output row: [IMG0] must not fire inside ordinary text."""
+        on the reply tokens, and how many tokens that mean is over. The VLM core is frozen, so
+        the gradient reaches only the [IMG0] output row: [IMG0] must not fire inside ordinary
+        text."""
         device = self.vlm.device
         batch = self.vlm.collate(captions)
         with torch.no_grad():
@@ -344,7 +347,8 @@ class GILLVLM(VLMExtension):
             ).last_hidden_state
         targets = batch["labels"][:, 1:].to(device)
         keep = targets != -100
-        return F.cross_entropy(self.decision_logits(hidden[:, :-1][keep]), targets[keep])
+        loss = F.cross_entropy(self.decision_logits(hidden[:, :-1][keep]), targets[keep])
+        return loss, int(keep.sum())
 
     def training_losses(
         self,
@@ -354,6 +358,7 @@ class GILLVLM(VLMExtension):
         image_embeds: torch.Tensor,
         decision_labels: torch.Tensor,
         others: Sequence[Sequence[dict[str, Any]]] = (),
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The paper's three losses, and the decision head's, on one batch.
 
@@ -366,20 +371,33 @@ class GILLVLM(VLMExtension):
         others: prompts the LLM answers in text (no image request); their emission target is the
             bare LLM's own first token, so [IMG0] learns not to fire on them (STAMP's negatives).
 
+        gather: data parallel (train.common.DataParallel.gather): concatenates every process's
+            rows of a tensor, gradient included. Each process then passes its slice of the global
+            batch (the same number of requests, images and others on each), the InfoNCE runs over
+            the gathered embeddings (the global batch's negatives), and the caption CE is weighted
+            by this slice's share of the batch's reply tokens, so that the average of the
+            processes' gradients (DDP's) is the gradient of one process on the whole batch.
+
         Returns {"loss", "caption", "emit", "retrieval", "generation", "decision"} (each with its
         graph): loss = caption + emit + retrieval + generation + decision (train.gill's docstring
-        says why these weights).
+        says why these weights). With `gather`, the mean of each over the processes is the
+        one-process figure.
         """
         b = len(requests)
         n_img = int(image_embeds.shape[0])
-        if decoder_targets.shape[0] != b or decision_labels.shape != (b,) or not 1 < n_img <= b:
+        least = 1 if gather is not None else 2  # InfoNCE's negatives: gathered, or in this batch
+        shapes_ok = decoder_targets.shape[0] == b and decision_labels.shape == (b,)
+        if not shapes_ok or not least <= n_img <= b:
             raise ValueError(
-                f"expected {b} decoder targets and decision labels and 2..{b} image embeddings "
-                f"for {b} requests, received {tuple(decoder_targets.shape)}, "
+                f"expected {b} decoder targets and decision labels and {least}..{b} image "
+                f"embeddings for {b} requests, received {tuple(decoder_targets.shape)}, "
                 f"{tuple(decision_labels.shape)}, {tuple(image_embeds.shape)}"
             )
         device = self.vlm.device
-        caption = self.caption_loss(captions)
+        caption, n_tokens = self.caption_loss(captions)
+        if gather is not None:  # weight by this slice's share of the global batch's tokens
+            counts = gather(torch.tensor([float(n_tokens)], device=device))
+            caption = caption * (n_tokens * counts.numel() / max(float(counts.sum()), 1.0))
         # 2. requests -> [IMG0]: emitting it (CE, the paper's 0.5 x CE of its retrieval and its
         # generation passes, which read the same tokens here: one pass serves both) ...
         last, states = self.request_states(requests)
@@ -396,7 +414,10 @@ class GILLVLM(VLMExtension):
         emit = F.cross_entropy(emit_logits, emit_target)
         # ... retrieval InfoNCE on the [IMG0] state against the described images ...
         ret = self.heads.retrieval(states.img0[:n_img].float(), image_embeds.to(device))
-        retrieval = info_nce(ret.text_embeds, ret.image_embeds, ret.logit_scale)
+        text_embeds, image_embeds = ret.text_embeds, ret.image_embeds
+        if gather is not None:  # in-batch negatives from every process
+            text_embeds, image_embeds = gather(text_embeds), gather(image_embeds)
+        retrieval = info_nce(text_embeds, image_embeds, ret.logit_scale)
         # ... generation: distance to the decoder's own encoding of the caption ...
         generation = generation_loss(self.prompt_embeds(states), decoder_targets.to(device))
         # ... and the decision head on the detached [IMG0] state (GILL trains it apart, on a
@@ -413,6 +434,21 @@ class GILLVLM(VLMExtension):
             "generation": generation,
             "decision": decision,
         }
+
+    def forward(
+        self,
+        captions: Sequence[Sequence[dict[str, Any]]],
+        requests: Sequence[Sequence[dict[str, Any]]],
+        decoder_targets: torch.Tensor,
+        image_embeds: torch.Tensor,
+        decision_labels: torch.Tensor,
+        others: Sequence[Sequence[dict[str, Any]]] = (),
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """`training_losses`, as the module's forward (what DistributedDataParallel wraps)."""
+        return self.training_losses(
+            captions, requests, decoder_targets, image_embeds, decision_labels, others, gather
+        )
 
     # -- inference ------------------------------------------------------------------------------
 
