@@ -60,6 +60,7 @@ from lm.embeddings.binary_pv import (
     precision_at_k,
     pv_dbow_loss,
 )
+from train.common import DataParallel
 from train.decoding_common import train_stage, write_report
 
 K = 10
@@ -159,43 +160,50 @@ def main(argv: list[str] | None = None) -> int:
         p = float(precision_at_k(d, q_labels, db_labels, K).mean())
         precision.setdefault("random projection of TF-IDF", {}).setdefault(bits, []).append(p)
 
+    def train_and_score(job: tuple[str, int, int]) -> tuple[str, dict[str, Any], float]:
+        binarizer, bits, seed = job
+        seed_everything(seed)
+        cfg = BinaryPVConfig(len(db), len(vocabulary), bits=bits, binarizer=binarizer)
+        model = BinaryParagraphVector(cfg)
+
+        def step_loss(step: int, model: BinaryParagraphVector = model) -> torch.Tensor:
+            return pv_dbow_loss(model(torch.arange(len(db))).logits, db_counts)
+
+        name = f"binary_pv_{binarizer}_{bits}bit_seed{seed}"
+        config = {
+            "binary_pv": cfg.to_dict(),
+            "vocabulary": vocabulary,
+            "steps": args.steps,
+            "lr": args.lr,
+            "seed": seed,
+            "chunk_words": args.chunk_words,
+            "max_chunks": args.max_chunks,
+        }
+        stats = train_stage(
+            name,
+            model,
+            model.parameters(),
+            step_loss,
+            steps=args.steps,
+            lr=args.lr,
+            out=args.out,
+            config=config,
+            resume=args.resume,
+            warmup=10,
+        )
+        gen = torch.Generator().manual_seed(seed)
+        q_codes = model.infer(q_counts, args.infer_steps, args.infer_lr, generator=gen)
+        d = hamming_distances(q_codes, model.codes())
+        return name, stats, float(precision_at_k(d, q_labels, db_labels, K).mean())
+
+    # Under accelerate launch the models are shared out over the processes (decoding_common).
+    pv_jobs = [(binarizer, bits, seed) for binarizer in args.binarizers for bits, seed in jobs]
+    dp = DataParallel(torch.device("cpu"))
+    runs = dp.collect([(i, train_and_score(job)) for i, job in dp.mine(pv_jobs, "models")])
     training: dict[str, Any] = {}
-    for binarizer in args.binarizers:
-        for bits, seed in jobs:
-            seed_everything(seed)
-            cfg = BinaryPVConfig(len(db), len(vocabulary), bits=bits, binarizer=binarizer)
-            model = BinaryParagraphVector(cfg)
-
-            def step_loss(step: int, model: BinaryParagraphVector = model) -> torch.Tensor:
-                return pv_dbow_loss(model(torch.arange(len(db))).logits, db_counts)
-
-            name = f"binary_pv_{binarizer}_{bits}bit_seed{seed}"
-            config = {
-                "binary_pv": cfg.to_dict(),
-                "vocabulary": vocabulary,
-                "steps": args.steps,
-                "lr": args.lr,
-                "seed": seed,
-                "chunk_words": args.chunk_words,
-                "max_chunks": args.max_chunks,
-            }
-            training[name] = train_stage(
-                name,
-                model,
-                model.parameters(),
-                step_loss,
-                steps=args.steps,
-                lr=args.lr,
-                out=args.out,
-                config=config,
-                resume=args.resume,
-                warmup=10,
-            )
-            gen = torch.Generator().manual_seed(seed)
-            q_codes = model.infer(q_counts, args.infer_steps, args.infer_lr, generator=gen)
-            d = hamming_distances(q_codes, model.codes())
-            p = float(precision_at_k(d, q_labels, db_labels, K).mean())
-            precision.setdefault(f"Binary PV-DBOW ({binarizer})", {}).setdefault(bits, []).append(p)
+    for (binarizer, bits, _), (name, stats, p) in zip(pv_jobs, runs, strict=True):
+        training[name] = stats
+        precision.setdefault(f"Binary PV-DBOW ({binarizer})", {}).setdefault(bits, []).append(p)
 
     result = {
         "command": "python -m train.binary_pv " + shlex.join(argv),

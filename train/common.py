@@ -96,11 +96,14 @@ class DataParallel:
 
         return torch.cat(dist_fn.all_gather(tensor.contiguous()), dim=0)
 
-    def mine(self, jobs: Sequence[T]) -> list[tuple[int, T]]:
+    def mine(self, jobs: Sequence[T], what: str = "jobs") -> list[tuple[int, T]]:
         """This process's share of independent jobs (an experiment's seeds or variants), round
         robin, each with its index in `jobs`: for scripts that train several small models, where
         splitting the models over the processes beats splitting each model's batch."""
-        return [(i, job) for i, job in enumerate(jobs) if i % self.world == self.rank]
+        share = [(i, job) for i, job in enumerate(jobs) if i % self.world == self.rank]
+        if self.world > 1:
+            print(f"process {self.rank} of {self.world}: {len(share)} of the {len(jobs)} {what}")
+        return share
 
     def collect(self, done: Sequence[tuple[int, Any]]) -> list[Any]:
         """The results of every process's `mine` jobs, back in job order, on every process.

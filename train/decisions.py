@@ -42,6 +42,7 @@ from core.io import atomic_write_text
 from core.runtime import seed_everything
 from data.conversations import DESCRIBE_PROMPTS, read_chat_records
 from data.datasets import ReferringDataset, shapeworld_paths
+from train.decoding_common import other_process
 from train.gill import OTHER_PROMPTS
 from train.stamp import OTHER_QUESTIONS
 from vlm.config import PolychromeConfig
@@ -301,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if other_process("python -m train.decisions"):
+        return 0
     if args.reply_tokens < 0:
         parser.error(f"--reply-tokens must be >= 0, received {args.reply_tokens}")
     for name in ("per_class", "eval_per_class", "steps", "batch_size"):

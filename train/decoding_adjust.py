@@ -46,7 +46,7 @@ from lm.decoding import (
     sampler_loss,
     total_variation,
 )
-from train.decoding_common import train_stage, write_report
+from train.decoding_common import other_process, train_stage, write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if other_process("python -m train.decoding_adjust"):
+        return 0
     if args.tokens_per_step < 2 or args.tokens_per_step > args.length:
         parser.error(f"--tokens-per-step must be in [2, --length={args.length}]")
     if min(args.mdlm_steps, args.sampler_steps, args.samples, args.batch_size) < 1:

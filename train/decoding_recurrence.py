@@ -45,7 +45,7 @@ from lm.corpus import pack_documents, pydoc_corpus, text_files_corpus, tokenize_
 from lm.decoding import RecurrentMemory, windowed_nll
 from lm.loading import load_causal_lm
 from train.common import batch_indices
-from train.decoding_common import train_stage, write_report
+from train.decoding_common import other_process, train_stage, write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if other_process("python -m train.decoding_recurrence"):
+        return 0
     if args.window < 3 or args.memory < 1 or args.train_windows < 2 or args.eval_windows < 2:
         parser.error("--window >= 3, --memory >= 1, --train-windows and --eval-windows >= 2")
     if min(args.steps, args.batch_size) < 1 or args.eval_rows < 0:

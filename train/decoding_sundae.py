@@ -38,7 +38,7 @@ import torch
 
 from core.runtime import seed_everything
 from lm.decoding import PrefixSumTask, build_mlm, mlm_loss, refine, sundae_loss
-from train.decoding_common import train_stage, write_report
+from train.decoding_common import other_process, train_stage, write_report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if other_process("python -m train.decoding_sundae"):
+        return 0
     if (
         min(
             args.mlm_steps,

@@ -59,7 +59,7 @@ from lm.embeddings.defsent import DefSentPlus, average_cosine, partition_isotrop
 from lm.embeddings.pooling import POOLINGS, LMEmbedder
 from lm.loading import load_tokenizer
 from train.common import batch_indices
-from train.decoding_common import train_stage, write_report
+from train.decoding_common import other_process, train_stage, write_report
 from train.dupmae import ranking_metrics
 
 VARIANTS = ("ica", "raw")
@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if other_process("python -m train.defsent"):
+        return 0
     for name in ("steps", "batch_size", "defs_per_entry", "ica_components", "max_length"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

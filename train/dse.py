@@ -74,7 +74,7 @@ from lm.embeddings.dse import (
     label_loss,
 )
 from train.common import batch_indices
-from train.decoding_common import train_stage, write_report
+from train.decoding_common import other_process, train_stage, write_report
 
 STAGES = ("teacher", "student_kl", "student_label")
 Pair = tuple[str, str]  # (colour, class)
@@ -345,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    if other_process("python -m train.dse"):
+        return 0
     _check_args(parser, args)
     command = "python -m train.dse " + shlex.join(argv)
     args.out.mkdir(parents=True, exist_ok=True)

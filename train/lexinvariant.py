@@ -63,7 +63,7 @@ from lm.lexinvariant import (
     build_standard_lm,
     next_token_nll,
 )
-from train.common import batch_indices
+from train.common import DataParallel, batch_indices
 from train.decoding_common import train_stage, write_report
 
 MODELS = {"lexinvariant": build_lexinvariant_lm, "standard": build_standard_lm}
@@ -265,9 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"{len(train_rows)} training rows, {len(eval_rows)} held-out rows; tokens: {tok_desc}")
 
-    curves: dict[str, Any] = {}
-    stages: dict[str, Any] = {}
-    for name in args.models:
+    def train_and_evaluate(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
         torch.manual_seed(args.seed)
         model = MODELS[name](cfg).to(args.device)
         order = batch_indices(len(train_rows), args.batch_size, args.seed)
@@ -289,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             "lr": args.lr,
             "seed": args.seed,
         }
-        stages[name] = train_stage(
+        stats = train_stage(
             name,
             model,
             model.parameters(),
@@ -300,13 +298,20 @@ def main(argv: list[str] | None = None) -> int:
             config=config,
             resume=args.resume,
         )
-        curves[name] = {}
+        curve: dict[str, Any] = {}
         for text, rows in tqdm(
             (("plain", eval_rows), ("cipher", cipher_rows)), desc=f"evaluate {name}", total=2
         ):
             nll, acc = per_position(model, rows, args.device)
-            curves[name][text] = {"nll": nll, "accuracy": acc}
+            curve[text] = {"nll": nll, "accuracy": acc}
+        return stats, curve
 
+    # Under accelerate launch the models are shared out over the processes (decoding_common).
+    dp = DataParallel(args.device)
+    done = [(i, train_and_evaluate(name)) for i, name in dp.mine(args.models, "models")]
+    runs = dp.collect(done)
+    stages = {name: stats for name, (stats, _) in zip(args.models, runs, strict=True)}
+    curves: dict[str, Any] = {name: c for name, (_, c) in zip(args.models, runs, strict=True)}
     reference = "in-context unigram counts (add-0.5)"
     curves[reference] = {
         text: {"nll": context_unigram(rows, vocab), "accuracy": context_unigram_top1(rows)}

@@ -71,7 +71,7 @@ from lm.embeddings.sense_skipgram import (
     SenseSkipGramConfig,
     skipgram_windows,
 )
-from train.common import batch_indices
+from train.common import DataParallel, batch_indices
 from train.decoding_common import train_stage, write_report
 
 WORD = re.compile(r"[a-z]+")
@@ -209,10 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         + ", ".join(f"{a}_{b} ({counts[a]}+{counts[b]})" for a, b in pairs)
     )
 
-    results: dict[str, dict[str, list[float]]] = {}
-    per_pair: dict[str, dict[str, list[float]]] = {}
-    training: dict[str, Any] = {}
-    for seed in args.seeds:
+    def train_and_score(seed: int) -> tuple[dict[str, Any], dict[str, dict[str, list[float]]]]:
+        """The K-sense and the one-sense model of one seed, and their scores per method."""
+        stats: dict[str, Any] = {}
         models = {}
         for senses in (args.senses, 1):
             seed_everything(seed)
@@ -251,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 "max_words": args.max_words,
                 "min_count": args.min_count,
             }
-            training[name] = train_stage(
+            stats[name] = train_stage(
                 name,
                 model,
                 model.parameters(),
@@ -267,6 +266,16 @@ def main(argv: list[str] | None = None) -> int:
         scores = evaluate(
             models, args, pairs, index, stream, truth_at, centers, contexts, mask, seed
         )
+        return stats, scores
+
+    # Under accelerate launch the seeds are shared out over the processes (decoding_common).
+    dp = DataParallel(torch.device("cpu"))
+    runs = dp.collect([(i, train_and_score(seed)) for i, seed in dp.mine(args.seeds, "seeds")])
+    results: dict[str, dict[str, list[float]]] = {}
+    per_pair: dict[str, dict[str, list[float]]] = {}
+    training: dict[str, Any] = {}
+    for stats, scores in runs:
+        training.update(stats)
         for method, per in scores.items():
             results.setdefault(method, {}).setdefault("ari", []).append(
                 statistics.fmean(per["ari"])
