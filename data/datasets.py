@@ -45,9 +45,12 @@ __all__ = [
     "InstanceItem",
     "ReferringDataset",
     "ReferringItem",
+    "add_caption_arguments",
     "add_referring_arguments",
+    "caption_source_error",
     "referring_dataset_from_args",
     "shapeworld_paths",
+    "user_captions_from_args",
 ]
 
 
@@ -339,6 +342,52 @@ class ReferringDataset:
     def from_shapeworld(cls, root: str | os.PathLike[str], split: str) -> ReferringDataset:
         paths = shapeworld_paths(root, split)
         return cls.from_refcoco(paths["images"], paths["refs"], paths["instances"])
+
+
+def add_caption_arguments(group: Any, imagefolder_text: str = "captions") -> None:
+    """A user's captioned images, beside a script's own ``--data`` (ShapeWorld): ``--imagefolder``
+    (with ``--bad-records``) or ``--images`` with ``--captions-json`` (COCO captions)."""
+    from data.validate import add_bad_records_argument
+
+    group.add_argument(
+        "--imagefolder", type=Path, help=f"folder with metadata.jsonl ({imagefolder_text})"
+    )
+    add_bad_records_argument(group)
+    group.add_argument("--images", type=Path, help="image root of a COCO captions file")
+    group.add_argument("--captions-json", type=Path, help="COCO captions JSON (with --images)")
+
+
+def caption_source_error(args: argparse.Namespace) -> str | None:
+    """Why ``--data`` and `add_caption_arguments`' options do not name exactly one source."""
+    given = [n for n in ("data", "imagefolder", "images") if getattr(args, n) is not None]
+    if len(given) != 1:
+        return (
+            f"give exactly one data source: --data, --imagefolder or --images (with "
+            f"--captions-json); received {['--' + n for n in given] or 'none'}"
+        )
+    if (args.images is None) != (args.captions_json is None):
+        return "--images and --captions-json go together"
+    return None
+
+
+def user_captions_from_args(args: argparse.Namespace) -> tuple[CaptionDataset, dict[str, Any]]:
+    """The pairs of ``--imagefolder`` or ``--images``/``--captions-json`` and where they came from
+    (for a model card); ValueError (FormatError, OSError) saying what is wrong, or that there is
+    no pair."""
+    description: dict[str, Any]
+    if args.imagefolder is not None:
+        pairs = CaptionDataset.from_imagefolder(args.imagefolder, args.bad_records)
+        description = {"kind": "imagefolder", "root": str(args.imagefolder)}
+    else:
+        pairs = CaptionDataset.from_coco(args.images, args.captions_json)
+        description = {
+            "kind": "coco-captions",
+            "images": str(args.images),
+            "captions": str(args.captions_json),
+        }
+    if len(pairs) == 0:
+        raise ValueError(f"no image-caption pairs found in {description}")
+    return pairs, description
 
 
 def add_referring_arguments(parser: argparse.ArgumentParser, default_split: str) -> None:

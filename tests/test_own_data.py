@@ -114,11 +114,56 @@ def test_fine_tune_the_vlm_and_clip_on_your_photos(folder, tmp_path, capsys):
     assert load_checkpoint(tmp_path / "clip" / "final").metadata["data"]["images"] == 4
 
 
+NAMES = ("astronaut", "coffee", "chelsea")
+
+
+def _coco_captions(path: Path) -> Path:
+    """COCO captions of the three photos (two captions each), as a captioning tool exports them."""
+    coco = {
+        "images": [
+            {"id": i + 1, "file_name": f"photos/{n}.png", "height": 96, "width": 96}
+            for i, n in enumerate(NAMES)
+        ],
+        "annotations": [
+            {"id": 2 * i + k + 1, "image_id": i + 1, "caption": f"{text} (take {k + 1})"}
+            for i, text in enumerate(("An astronaut.", "A coffee cup.", "A cat."))
+            for k in range(2)
+        ],
+    }
+    path.write_text(json.dumps(coco))
+    return path
+
+
+def test_fine_tune_the_vlm_and_gill_on_coco_captions_of_your_photos(folder, tmp_path, capsys):
+    from train.gill import main as gill_main
+    from train.vlm import main as vlm_main
+
+    captions = _coco_captions(tmp_path / "captions.json")
+    coco = ["--images", str(folder), "--captions-json", str(captions)]
+    vlm = ["--preset", "tiny", *coco, "--steps", "2", "--align-steps", "1", "--batch-size", "2"]
+    assert vlm_main([*vlm, "--out", str(tmp_path / "vlm"), "--no-progress"]) == 0
+    assert load_checkpoint(tmp_path / "vlm" / "final").metadata["data"].startswith("COCO captions")
+    assert "3 images from COCO captions" in capsys.readouterr().out
+    gill = ["--preset", "tiny", "--steps", "2", "--batch-size", "2", "--compositions", "1"]
+    gill += ["--caption-batch", "1", "--negatives", "1", "--mapper-width", "32"]
+    gill += ["--mapper-layers", "1", "--retrieval-dim", "16", "--no-progress"]
+    assert gill_main([*gill, *coco, "--out", str(tmp_path / "gill")]) == 0
+    meta = json.loads((tmp_path / "gill" / "final" / "manifest.json").read_text())["metadata"]
+    assert meta["data"].startswith("coco-captions")
+    # the imagefolder kind too, with its bad records skipped as asked
+    mine = ["--imagefolder", str(folder), "--bad-records", "skip"]
+    with pytest.warns(UserWarning, match="skipping bad records"):
+        assert gill_main([*gill, *mine, "--out", str(tmp_path / "gill_folder")]) == 0
+    assert "4 scenes from imagefolder" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # one source at a time
+        gill_main([*gill, *coco, "--imagefolder", str(folder), "--out", str(tmp_path / "x")])
+
+
 def test_train_the_segmentation_heads_on_coco_instances_of_your_photos(folder, tmp_path):
     from train.seg import main as seg_main
 
     # one box-shaped object per photo, as an annotation tool exports them (COCO polygons)
-    names = ("astronaut", "coffee", "chelsea")
+    names = NAMES
     box = [20.0, 20.0, 76.0, 20.0, 76.0, 80.0, 20.0, 80.0]
     coco = {
         "images": [
@@ -140,3 +185,19 @@ def test_train_the_segmentation_heads_on_coco_instances_of_your_photos(folder, t
     argv += [str(tmp_path / "instances.json"), "--out", str(tmp_path / "seg"), "--steps", "2"]
     assert seg_main([*argv, "--batch-size", "2", "--hidden", "16", "--no-progress"]) == 0
     assert (tmp_path / "seg" / "final" / "MODEL_CARD.md").is_file()
+
+    # ... and STAMP on referring expressions about them (RefCOCO-style refs into those instances)
+    from train.stamp import main as stamp_main
+
+    refs = [
+        {"ref_id": i + 1, "ann_id": i + 1, "image_id": i + 1, "category_id": i + 1,
+         "split": "train", "sentences": [{"sent_id": i + 1, "sent": text, "raw": text,
+                                          "tokens": text.split()}]}
+        for i, text in enumerate(("the woman in the suit", "the cup", "the cat"))
+    ]  # fmt: skip
+    (tmp_path / "refs.json").write_text(json.dumps(refs))
+    stamp = ["--preset", "tiny", "--refs", str(tmp_path / "refs.json"), "--instances"]
+    stamp += [str(tmp_path / "instances.json"), "--images", str(folder), "--steps", "2"]
+    stamp += ["--batch-size", "2", "--negatives", "1", "--lora-rank", "4", "--no-progress"]
+    assert stamp_main([*stamp, "--out", str(tmp_path / "stamp")]) == 0
+    assert (tmp_path / "stamp" / "final" / "stamp.safetensors").is_file()

@@ -75,9 +75,15 @@ from core.checkpoint import save_checkpoint
 from core.io import atomic_write_text, cache_dir
 from core.runtime import resolve_device, seed_everything
 from core.sources import resolve_source
-from data.datasets import CaptionDataset, InstanceDataset, shapeworld_paths
+from data.datasets import (
+    CaptionDataset,
+    InstanceDataset,
+    add_caption_arguments,
+    caption_source_error,
+    shapeworld_paths,
+    user_captions_from_args,
+)
 from data.shapeworld import read_manifest
-from data.validate import add_bad_records_argument
 from train.common import (
     batch_indices,
     cosine_with_warmup,
@@ -135,18 +141,10 @@ def load_pairs(args: argparse.Namespace, size: int) -> PairData:
         pairs = CaptionDataset(
             [p for d in datasets for p in d.image_paths], [c for d in datasets for c in d.captions]
         )
-    elif args.imagefolder is not None:
-        pairs = CaptionDataset.from_imagefolder(args.imagefolder, args.bad_records)
-        description = {"kind": "imagefolder", "root": str(args.imagefolder)}
+        if len(pairs) == 0:
+            raise ValueError(f"no image-caption pairs found in {description}")
     else:
-        pairs = CaptionDataset.from_coco(args.images, args.captions_json)
-        description = {
-            "kind": "coco-captions",
-            "images": str(args.images),
-            "captions": str(args.captions_json),
-        }
-    if len(pairs) == 0:
-        raise ValueError(f"no image-caption pairs found in {description}")
+        pairs, description = user_captions_from_args(args)
     texts: list[str] = []
     index: dict[str, int] = {}
     offsets = [0]
@@ -365,10 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=["pretrain", "train"],
         help="ShapeWorld splits to train on, comma-separated (default pretrain,train)",
     )
-    src.add_argument("--imagefolder", type=Path, help="folder with metadata.jsonl captions")
-    add_bad_records_argument(src)
-    src.add_argument("--images", type=Path, help="image root of a COCO captions file")
-    src.add_argument("--captions-json", type=Path, help="COCO captions JSON (with --images)")
+    add_caption_arguments(src)
     src.add_argument(
         "--object-pairs",
         type=int,
@@ -413,14 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    given = [n for n in ("data", "imagefolder", "images") if getattr(args, n) is not None]
-    if len(given) != 1:
-        parser.error(
-            f"give exactly one data source: --data, --imagefolder or --images (with "
-            f"--captions-json); received {['--' + n for n in given] or 'none'}"
-        )
-    if (args.images is None) != (args.captions_json is None):
-        parser.error("--images and --captions-json go together")
+    why = caption_source_error(args)
+    if why:
+        parser.error(why)
     for name in ("steps", "batch_size", "save_every", "workers"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")

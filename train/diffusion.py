@@ -66,10 +66,15 @@ from tqdm import tqdm
 from core.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from core.io import atomic_dir, atomic_write_text
 from core.runtime import resolve_device, seed_everything
-from data.datasets import CaptionDataset, shapeworld_paths
+from data.datasets import (
+    CaptionDataset,
+    add_caption_arguments,
+    caption_source_error,
+    shapeworld_paths,
+    user_captions_from_args,
+)
 from data.shapeworld import generate as generate_shapeworld
 from data.shapeworld import read_manifest
-from data.validate import add_bad_records_argument
 from generation.diffusion import (
     DiffusionConfig,
     assemble_pipeline,
@@ -121,14 +126,10 @@ def load_pairs(args: argparse.Namespace) -> tuple[CaptionDataset, dict[str, Any]
         pairs = CaptionDataset(
             [p for d in datasets for p in d.image_paths], [c for d in datasets for c in d.captions]
         )
-    elif args.imagefolder is not None:
-        pairs = CaptionDataset.from_imagefolder(args.imagefolder, args.bad_records)
-        description = {"kind": "imagefolder", "root": str(args.imagefolder)}
+        if len(pairs) == 0:
+            raise ValueError(f"no image-caption pairs found in {description}")
     else:
-        pairs = CaptionDataset.from_coco(args.images, args.captions_json)
-        description = {"kind": "coco-captions", "images": str(args.images)}
-    if len(pairs) == 0:
-        raise ValueError(f"no image-caption pairs found in {description}")
+        pairs, description = user_captions_from_args(args)
     if args.limit is not None:
         pairs = CaptionDataset(pairs.image_paths[: args.limit], pairs.captions[: args.limit])
     description.update(images=len(pairs), captions=sum(len(c) for c in pairs.captions))
@@ -589,10 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=["pretrain"],
         help="ShapeWorld splits to train on, comma-separated (default pretrain)",
     )
-    src.add_argument("--imagefolder", type=Path, help="folder with metadata.jsonl captions")
-    add_bad_records_argument(src)
-    src.add_argument("--images", type=Path, help="image root of a COCO captions file")
-    src.add_argument("--captions-json", type=Path, help="COCO captions JSON (with --images)")
+    add_caption_arguments(src)
     src.add_argument("--limit", type=int, default=None, help="use the first N images only")
     parser.add_argument("--out", type=Path, required=True, help="run folder (vae/, unet/, final/)")
     parser.add_argument("--stage", choices=["all", "vae", "unet"], default="all")
@@ -647,14 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    given = [n for n in ("data", "imagefolder", "images") if getattr(args, n) is not None]
-    if len(given) != 1:
-        parser.error(
-            f"give exactly one data source: --data, --imagefolder or --images (with "
-            f"--captions-json); received {['--' + n for n in given] or 'none'}"
-        )
-    if (args.images is None) != (args.captions_json is None):
-        parser.error("--images and --captions-json go together")
+    why = caption_source_error(args)
+    if why:
+        parser.error(why)
     for name in (
         "vae_steps",
         "vae_batch_size",

@@ -3,6 +3,14 @@
     python -m train.gill --data /work/data/sw --out /work/runs/gill --steps 600 --max-minutes 25
     python -m train.gill --data /work/data/sw --out /work/runs/gill --resume   # continue
     accelerate launch -m train.gill --data /work/data/sw --out /work/runs/gill   # data parallel
+    python -m train.gill --imagefolder my_photos --out runs/gill_mine --steps 200  # your images
+    python -m train.gill --images coco/train2017 --captions-json captions_train2017.json \\
+        --out runs/gill_coco
+
+Your own images (``--imagefolder`` with captions in metadata.jsonl, or COCO captions): each
+image's first caption is its retrieval request; the generation requests stay the novel shape
+compositions, so the decision head learns "your kind of picture -> retrieve, a composition ->
+generate".
 
 Starts from the preset's trained VLM core (``--vlm`` for another) and its diffusion decoder; both
 stay frozen (the decoder only encodes captions here). Each step (Koh et al. 2023's three losses,
@@ -59,7 +67,12 @@ from core.config import project_path
 from core.io import atomic_write_text
 from core.runtime import resolve_device, seed_everything
 from data.conversations import DESCRIBE_PROMPTS
-from data.datasets import shapeworld_paths
+from data.datasets import (
+    add_caption_arguments,
+    caption_source_error,
+    shapeworld_paths,
+    user_captions_from_args,
+)
 from generation.diffusion import encode_prompts, expected_embeds_shape, pipeline_from_preset
 from generation.gill import GENERATE, RETRIEVE, GILLMapperConfig
 from train.common import (
@@ -78,6 +91,7 @@ from vlm.gill import (
     compose_description,
     gill_config_for,
     load_scenes,
+    scenes_from_pairs,
 )
 from vlm.model import PolychromeVLM, VLMConfig
 
@@ -118,8 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", default="shapes", help="preset name (configs/*.json)")
     parser.add_argument("--vlm", type=Path, default=None, help="VLM core (default: the preset's)")
-    parser.add_argument("--data", type=Path, required=True, help="a ShapeWorld folder")
-    parser.add_argument("--split", default="train", help="ShapeWorld split (default train)")
+    src = parser.add_argument_group("data (one of --data, --imagefolder, --images)")
+    src.add_argument("--data", type=Path, help="a ShapeWorld folder")
+    src.add_argument("--split", default="train", help="ShapeWorld split (default train)")
+    add_caption_arguments(src)
     parser.add_argument("--limit", type=int, default=None, help="use the first N images only")
     parser.add_argument("--out", type=Path, required=True, help="run folder (last/, final/)")
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps in all")
@@ -180,10 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    try:
-        shapeworld_paths(args.data, args.split)
-    except FileNotFoundError as err:
-        parser.error(str(err))
+    why = caption_source_error(args)
+    if why:
+        parser.error(why)
+    if args.data is not None:
+        try:
+            shapeworld_paths(args.data, args.split)
+        except FileNotFoundError as err:
+            parser.error(str(err))
+    if args.limit is not None and args.limit < 2:
+        parser.error(f"--limit must be >= 2, received {args.limit}")
     for name in ("steps", "batch_size", "caption_batch", "save_every", "mapper_width"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
@@ -284,6 +306,24 @@ def batch_for(
     }
 
 
+def _scenes(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[list[SceneItem], str]:
+    """The training scenes and a one-line description: a ShapeWorld split, or the user's captioned
+    images (their first caption is each scene's request)."""
+    first = f" first {args.limit}" if args.limit else ""
+    if args.data is not None:
+        scenes = load_scenes(args.data, args.split, args.limit)
+        return scenes, f"ShapeWorld {args.data} split {args.split}{first}"
+    try:
+        pairs, description = user_captions_from_args(args)
+    except (ValueError, OSError) as err:  # bad data: say what, no traceback
+        parser.error(str(err))
+    scenes = scenes_from_pairs(pairs.image_paths, pairs.captions)[: args.limit]
+    where = description.get("root") or description.get("captions")
+    return scenes, f"{description['kind']} {where}{first}"
+
+
 def _slice(batch: dict[str, Any], n_scenes: int, part: Any) -> dict[str, Any]:
     """This process's part of a global batch_for batch: its share of the scene requests and of
     the composition requests (scenes first, as training_losses expects), of the images, the
@@ -329,10 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     pipe = pipeline_from_preset(preset.diffusion).to(device)  # frozen; only its text encoder used
     pipe.text_encoder.requires_grad_(False)
     model = build_model(preset, args.vlm, args, expected_embeds_shape(pipe)).to(device)
-    scenes = load_scenes(args.data, args.split, args.limit)
-    data_desc = f"ShapeWorld {args.data} split {args.split}" + (
-        f" first {args.limit}" if args.limit else ""
-    )
+    scenes, data_desc = _scenes(parser, args)
+    if len(scenes) < args.batch_size:
+        parser.error(f"{data_desc}: {len(scenes)} images, below --batch-size {args.batch_size}")
     if dp.main:
         print(
             f"{len(scenes)} scenes from {data_desc}; mapper -> {model.config.mapper.out_tokens} "

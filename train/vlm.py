@@ -7,6 +7,8 @@
     python -m train.vlm --preset shapes --data out/shapeworld --out runs/vlm --steps 1500 --resume
     # your own images: a folder with metadata.jsonl (captions, dialogues, qa; data.conversations)
     python -m train.vlm --preset shapes --imagefolder my_photos --out runs/vlm_mine --steps 200
+    python -m train.vlm --preset shapes --images coco/train2017 \\
+        --captions-json coco/annotations/captions_train2017.json --out runs/vlm_coco
 
 Two stages in one run (LLaVA-1.5's recipe, both with the LLM frozen): steps below
 ``--align-steps`` train on (image, caption) pairs, later steps on instruction conversations (a
@@ -36,9 +38,18 @@ from tqdm.auto import tqdm
 
 from core.checkpoint import load_checkpoint
 from core.runtime import resolve_device, seed_everything
-from data.conversations import caption_conversation, instruct_conversation, read_chat_records
-from data.datasets import shapeworld_paths
-from data.validate import add_bad_records_argument
+from data.conversations import (
+    ChatRecord,
+    caption_conversation,
+    instruct_conversation,
+    read_chat_records,
+)
+from data.datasets import (
+    add_caption_arguments,
+    caption_source_error,
+    shapeworld_paths,
+    user_captions_from_args,
+)
 from train import common
 from train.common import (
     DataParallel,
@@ -61,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--preset", default="shapes", help="preset name (configs/*.json)")
-    src = parser.add_argument_group("data (one of --data, --imagefolder)")
+    src = parser.add_argument_group("data (one of --data, --imagefolder, --images)")
     src.add_argument("--data", type=Path, help="a ShapeWorld folder (python -m data.shapeworld)")
     src.add_argument(
         "--splits",
@@ -69,8 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=["train"],
         help="ShapeWorld splits to train on (default train)",
     )
-    src.add_argument("--imagefolder", type=Path, help="folder with metadata.jsonl")
-    add_bad_records_argument(src)
+    add_caption_arguments(src, "captions, dialogues, qa")
     parser.add_argument("--out", type=Path, required=True, help="run folder (last/, final/)")
     parser.add_argument("--steps", type=int, default=1500, help="optimizer steps in all")
     parser.add_argument(
@@ -115,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if (args.data is None) == (args.imagefolder is None):
-        parser.error("give exactly one data source: --data or --imagefolder")
+    why = caption_source_error(args)
+    if why:
+        parser.error(why)
     for name in ("steps", "batch_size", "save_every", "pad_multiple"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
@@ -171,12 +182,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is not None:
         records = [r for s in args.splits for r in read_chat_records(args.data / s)]
         data_desc = f"ShapeWorld {args.data} splits {args.splits}"
-    else:
+    elif args.imagefolder is not None:
         try:
             records = read_chat_records(args.imagefolder, on_bad=args.bad_records)
         except (ValueError, OSError) as err:  # bad data: say what, no traceback
             parser.error(str(err))
         data_desc = f"imagefolder {args.imagefolder}"
+    else:  # COCO captions: caption turns only
+        try:
+            pairs, _ = user_captions_from_args(args)
+        except (ValueError, OSError) as err:
+            parser.error(str(err))
+        records = [ChatRecord(p, c) for p, c in zip(pairs.image_paths, pairs.captions, strict=True)]
+        data_desc = f"COCO captions {args.captions_json} (images {args.images})"
     if dp.main:
         print(
             f"{len(records)} images from {data_desc}; {model.tokens_per_image} visual tokens "

@@ -731,6 +731,17 @@ def load_scenes(
     return items
 
 
+def scenes_from_pairs(
+    image_paths: Sequence[Path], captions: Sequence[Sequence[str]]
+) -> list[SceneItem]:
+    """A user's captioned images (data.datasets.CaptionDataset) as training scenes: the request
+    for each is its first caption (no object list: that is ShapeWorld's)."""
+    return [
+        SceneItem(Path(path), list(caps), caps[0], [])
+        for path, caps in zip(image_paths, captions, strict=True)
+    ]
+
+
 def compose_description(rng: np.random.Generator) -> str:
     """A novel composition of one or two objects (half each), e.g. "A red circle next to a blue
     star." """
