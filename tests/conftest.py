@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 # Set before anything imports huggingface_hub: tests never touch the network.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -118,3 +121,20 @@ def demo_server():
     assistant = Assistant(vlm.llm, vlm.tokenizer, vlm=vlm, default_settings=settings)
     for url in serve_demo(assistant):
         yield assistant, url
+
+
+def launch_two_processes(
+    module: str, argv: list[str], check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """`python -m module argv` as 2 CPU processes under accelerate launch (its torchrun launcher,
+    gloo on a machine without GPUs; port 0: a free one, as other runs may hold 29500), one
+    thread each. With `check`, a failed run fails the test with the end of its stderr."""
+    root = Path(__file__).resolve().parents[1]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+    launch += ["--num_processes", "2", "--num_machines", "1", "--main_process_port", "0"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", module, *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    run = subprocess.run(launch, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert run.returncode == 0, run.stderr[-3000:]
+    return run

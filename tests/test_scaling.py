@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch_two_processes
 from safetensors.torch import load_file
 
 from data.shapeworld import main as shapeworld_main
@@ -62,16 +63,7 @@ def _curve(run: Path) -> list[float]:
 def test_two_cpu_processes_take_the_steps_of_one_with_the_same_global_batch(shapeworld, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     assert train_main(_args(shapeworld, one, 3, 3)) == 0
-    # accelerate's --cpu flag runs one process; its torchrun launcher (--multi_gpu) on a machine
-    # without GPUs starts the processes on CPU, where Accelerator uses gloo.
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
-    launch += ["--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    run = subprocess.run(
-        [*launch, "-m", "train.stamp", *_args(shapeworld, two, 3, 3)],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = launch_two_processes("train.stamp", [*_args(shapeworld, two, 3, 3)])
     assert "2 process(es), 2 requests each per step" in run.stdout
     # Each process took 2 of the 4 requests and 1 of the 2 negatives; DDP averaged the gradients.
     assert len(_curve(two)) == 3
@@ -112,14 +104,7 @@ def test_evaluation_sharded_over_two_processes_gives_the_metrics_of_one(shapewor
     args = ["--data", str(shapeworld), "--split", "test", "--no-progress", "--batch-size", "3"]
     args += ["--checkpoint", f"stamp={tmp_path / 'm' / 'final'}", "--timing-samples", "0"]
     assert eval_main([*args, "--json", str(tmp_path / "one.json")]) == 0
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
-    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    run = subprocess.run(
-        [*launch, "--dynamo_backend", "no", "-m", "eval.stamp", *args,
-         "--json", str(tmp_path / "two.json")],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = launch_two_processes("eval.stamp", [*args, "--json", str(tmp_path / "two.json")])
     assert "over 2 process(es)" in run.stdout
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
@@ -159,14 +144,7 @@ def test_train_vlm_on_two_processes_takes_the_steps_of_one(shapeworld, tmp_path)
 
     one, two = tmp_path / "one", tmp_path / "two"
     assert vlm_main(_vlm_args(shapeworld, one)) == 0
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
-    launch += ["--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    run = subprocess.run(
-        [*launch, "-m", "train.vlm", *_vlm_args(shapeworld, two)],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = launch_two_processes("train.vlm", [*_vlm_args(shapeworld, two)])
     assert "2 process(es), 2 conversations each per step" in run.stdout
     assert _curve(two) == pytest.approx(_curve(one), rel=1e-4)
     x = load_file(str(one / "final" / "vlm.safetensors"))
@@ -194,14 +172,7 @@ def test_train_gill_on_two_processes_takes_the_steps_of_one(shapeworld, tmp_path
 
     one, two = tmp_path / "one", tmp_path / "two"
     assert gill_main(_gill_args(shapeworld, one)) == 0
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
-    launch += ["--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    run = subprocess.run(
-        [*launch, "-m", "train.gill", *_gill_args(shapeworld, two)],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = launch_two_processes("train.gill", [*_gill_args(shapeworld, two)])
     assert "2 process(es), 2 scene requests each per step" in run.stdout
     logs = [(d / "loss.jsonl").read_text().splitlines() for d in (one, two)]
     rows = [[json.loads(r) for r in log] for log in logs]

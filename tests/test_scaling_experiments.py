@@ -5,29 +5,17 @@ while the others stop (train/decoding_common.py says why models, not batches, ar
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import launch_two_processes
 
 from train import binary_pv as train_binary_pv
 from train import lexinvariant as train_lexinvariant
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _launch(module: str, argv: list[str]) -> subprocess.CompletedProcess[str]:
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
-    launch += ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-    launch += ["--dynamo_backend", "no", "-m", module, *argv]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run(launch, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run
 
 
 def _without_times(value: Any) -> Any:
@@ -45,7 +33,7 @@ def test_binary_pv_shares_its_models_over_two_processes(tmp_path):
     argv += ["--max-chunks", "60"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert train_binary_pv.main(["--out", str(one), *argv]) == 0
-    run = _launch("train.binary_pv", ["--out", str(two), *argv])
+    run = launch_two_processes("train.binary_pv", ["--out", str(two), *argv])
     assert "process 1 of 2: 2 of the 4 models" in run.stdout
     # 2 binarizers x 2 code lengths: each process trained two of the four models ...
     stages = sorted(p.name for p in (two / "stages").iterdir())
@@ -62,7 +50,7 @@ def test_lexinvariant_trains_its_two_models_on_two_processes(tmp_path):
     argv += ["--layers", "1", "--heads", "2", "--eval-rows", "2"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert train_lexinvariant.main(["--out", str(one), *argv]) == 0
-    run = _launch("train.lexinvariant", ["--out", str(two), *argv])
+    run = launch_two_processes("train.lexinvariant", ["--out", str(two), *argv])
     assert "process 1 of 2: 1 of the 2 models" in run.stdout
     a = json.loads((one / "lexinvariant.json").read_text())
     b = json.loads((two / "lexinvariant.json").read_text())
@@ -79,7 +67,7 @@ def test_a_script_of_dependent_stages_runs_on_process_zero(tmp_path):
     argv = ["--out", str(tmp_path), "--length", "4", "--mdlm-steps", "3", "--sampler-steps", "2"]
     argv += ["--hidden", "32", "--layers", "1", "--heads", "2", "--batch-size", "16"]
     argv += ["--samples", "64", "--tokens-per-step", "2"]
-    run = _launch("train.decoding_adjust", argv)
+    run = launch_two_processes("train.decoding_adjust", argv)
     assert "process 1 of 2 stops here" in run.stdout
     result = json.loads((tmp_path / "decoding_adjust.json").read_text())
     assert result["rows"][0]["sampler"] == "K=1 exact"

@@ -10,6 +10,9 @@
         --steps 200 --batch-size 2 --lr 1e-3 --bf16 --out runs/smol_maskllm
     # continue it from <out>/last (same batches and Gumbel noise as an uninterrupted run)
     python -m train.sparsify ... --out runs/smol_maskllm --resume
+    # data parallel: 2 CPU processes (gloo; on GPUs a configs/accelerate file), global batch 4
+    accelerate launch --multi_gpu --num_processes 2 -m train.sparsify \\
+        --model smollm2-135m-instruct --method maskllm --batch-size 4 --out runs/smol_maskllm
     # only the MLPs, your own text (every tenth file held out for the perplexity)
     python -m train.sparsify --model ./my_model --method wanda --include '*.mlp.*' \\
         --corpus 'files:notes/**/*.txt' --out runs/mine
@@ -28,7 +31,21 @@ with tau 4 -> 0.05 and logit scale 1e2 -> 5e2 (linear over --steps), prior from 
 --prior mask (saved in <out>/prior, a sparse checkpoint of the prior mask on the dense weights:
 the model at step 0), AdamW on the gates (cosine to 0.1 x --lr), loss = LM loss -
 weight_reg * (1 - step/steps) * sum ||W ⊙ mask||^2. The paper's script uses lr 5e-5 for 2000
-steps of 256 x 4096 tokens; short CPU runs need a larger --lr (1e-3).
+steps of 256 x 4096 tokens; short CPU runs need a larger --lr (1e-3). --stop-at and
+--max-minutes save <out>/last and stop; --resume continues.
+
+Data parallel (``accelerate launch``, train.common.DataParallel): N processes give the masks of
+one (tests/test_scaling_sparsify.py). MaskLLM's --batch-size is global: every process draws the
+same global batch (a pure function of --seed and the step) and runs its slice; DDP averages the
+gates' gradients. Each process's LM loss, a mean over its slice's tokens, is weighted by the
+slice's share of the batch's tokens, so the average is the global token mean's gradient (packed
+rows of --seq-len make every share 1). The Gumbel noise of a step comes from a generator seeded
+with (--seed, step): one mask sample for the whole batch, in every process as in one, and the
+same in a resumed run. Wanda and SparseGPT (also as the MaskLLM prior) split the --calib-seqs
+rows over the processes and sum the statistics of every layer over them (Wanda's column norms,
+SparseGPT's X X^T) before pruning it, so every process prunes as one process with all the rows;
+magnitude needs no data, every process prunes alike. Perplexities run on the main process, which
+alone writes the outputs.
 
 Outputs in --out: ``sparse/`` (lm.sparsity.checkpoint: uint8 pattern indices, SparseGPT's kept
 values; load with lm.sparsity.load_sparse_model), ``results.json`` (the run config, held-out
@@ -46,8 +63,9 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -78,7 +96,9 @@ from lm.sparsity import (
     weights_digest,
 )
 from lm.sparsity.masks import DEFAULT_EXCLUDE
+from lm.sparsity.oneshot import Method
 from train.common import (
+    DataParallel,
     batch_indices,
     cosine_with_warmup,
     load_training_state,
@@ -145,6 +165,40 @@ def dense_evaluation(model: Any, rows: torch.Tensor, args: argparse.Namespace) -
 
 
 # --------------------------------------------------------------------------------------------
+# One-shot pruning, the calibration rows split over the processes
+
+
+def prune_shared(
+    model: Any,
+    method: Method,
+    nm: NM,
+    calib: torch.Tensor,
+    args: argparse.Namespace,
+    dp: DataParallel,
+) -> dict[str, torch.Tensor]:
+    """prune_oneshot on this process's share of the calibration rows (round robin), every layer's
+    statistics summed over the processes: each process returns the masks (and SparseGPT's
+    weights) of one process with all the rows."""
+
+    def sum_over_processes(t: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, dp.accelerator.reduce(t, "sum"))
+
+    return prune_oneshot(
+        model,
+        method,
+        nm,
+        calib[dp.rank :: dp.world],
+        include=args.include,
+        exclude=args.exclude,
+        blocksize=args.blocksize,
+        percdamp=args.percdamp,
+        device=args.device,
+        progress=dp.main,
+        sum_over_processes=sum_over_processes if dp.world > 1 else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # MaskLLM
 
 
@@ -156,11 +210,15 @@ def prior_masks(
     heldout: torch.Tensor,
     args: argparse.Namespace,
     digest: str,
+    dp: DataParallel,
 ) -> tuple[dict[str, torch.Tensor], dict | None]:
     """The --prior one-shot masks (dense weights left unchanged) and the held-out perplexity of
-    the prior mask on the dense weights; both saved in / reused from <out>/prior."""
+    the prior mask on the dense weights; both saved in / reused from <out>/prior. Every process
+    computes the masks (prune_shared); the main one evaluates (None elsewhere) and saves."""
     path = args.out / "prior"
-    if path.is_dir():
+    found = path.is_dir()
+    dp.accelerator.wait_for_everyone()  # all have looked before the main process may write it
+    if found:
         try:
             ckpt = load_sparse_checkpoint(path)
         except CheckpointError as err:
@@ -174,36 +232,33 @@ def prior_masks(
             return ckpt.masks, ckpt.metadata.get("heldout")
         raise SystemExit(f"{path} holds another prior (method, N:M, layers or weights); delete it")
     dense = {name: layer.weight.detach().clone() for name, layer in linears.items()}
-    masks = prune_oneshot(
-        model,
-        args.prior,
-        nm,
-        calib,
-        include=args.include,
-        exclude=args.exclude,
-        blocksize=args.blocksize,
-        percdamp=args.percdamp,
-        device=args.device,
-    )
-    with torch.no_grad():  # MaskLLM masks the frozen dense weights: the prior's mask only
-        for name, layer in linears.items():
-            layer.weight.copy_(apply_mask(dense[name], masks[name]))
-    result = evaluate(model, heldout, args, f"{args.prior} prior mask")
-    save_sparse_checkpoint(
-        path,
-        model,
-        masks,
-        nm,
-        source=args.model,
-        method=args.prior,
-        kept_values=False,
-        source_digest=digest,
-        metadata={"heldout": result, "role": "MaskLLM prior: the mask on the dense weights"},
-    )
+    masks = prune_shared(model, args.prior, nm, calib, args, dp)
+    result = None
+    if dp.main:
+        with torch.no_grad():  # MaskLLM masks the frozen dense weights: the prior's mask only
+            for name, layer in linears.items():
+                layer.weight.copy_(apply_mask(dense[name], masks[name]))
+        result = evaluate(model, heldout, args, f"{args.prior} prior mask")
+        save_sparse_checkpoint(
+            path,
+            model,
+            masks,
+            nm,
+            source=args.model,
+            method=args.prior,
+            kept_values=False,
+            source_digest=digest,
+            metadata={"heldout": result, "role": "MaskLLM prior: the mask on the dense weights"},
+        )
     with torch.no_grad():
         for name, layer in linears.items():
             layer.weight.copy_(dense[name])
     return masks, result
+
+
+def gumbel_seed(seed: int, step: int) -> int:
+    """The seed of the Gumbel noise of `step`: a pure function of (--seed, step)."""
+    return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
 
 
 def train_maskllm(
@@ -213,8 +268,10 @@ def train_maskllm(
     train_rows: torch.Tensor,
     args: argparse.Namespace,
     run_config: dict[str, Any],
+    dp: DataParallel,
 ) -> tuple[dict[str, torch.Tensor] | None, list[dict[str, float]]]:
-    """Learn the masks; returns (hard masks, or None when stopped early by --stop-at, log)."""
+    """Learn the masks; returns (hard masks, or None when stopped early by --stop-at or
+    --max-minutes, the log). Every process runs it; the main one logs and saves."""
     cfg = MaskLLMConfig.from_dict(run_config["maskllm"])
     masked = install_masks(model, linears, cfg)
     if priors is not None:
@@ -229,33 +286,52 @@ def train_maskllm(
     start = 0
     if args.resume:
         start = load_training_state(args.out, model, optimizer, scheduler)
-        if log_path.is_file():
+        if dp.main and log_path.is_file():
             log = [r for r in json.loads(log_path.read_text())["train"] if r["step"] <= start]
     model.train()
+    # Each process runs its slice of the global batch; DDP averages the gates' gradients (the
+    # only trained tensors), so N processes take the steps one process takes.
+    ddp, optimizer = dp.accelerator.prepare(model, optimizer)
     stop = args.stop_at if args.stop_at is not None else args.steps
     batches = batch_indices(len(train_rows), args.batch_size, args.seed, start)
     autocast = torch.autocast(args.device.type, dtype=torch.bfloat16, enabled=args.bf16)
-    bar = tqdm(range(start, stop), initial=start, total=args.steps, desc="maskllm", unit="step")
+    bar = tqdm(
+        range(start, stop),
+        initial=start,
+        total=args.steps,
+        desc="maskllm",
+        unit="step",
+        disable=not dp.main,
+    )
     t0 = time.time()
+    done = start
     for step in bar:
-        tau, kappa = set_schedule(masked, cfg, step, args.steps)
-        ids = train_rows[next(batches)].to(args.device)
+        # one mask sample per layer for the whole global batch: the same noise in every process
+        tau, kappa = set_schedule(masked, cfg, step, args.steps, gumbel_seed(args.seed, step))
+        mine = dp.part(next(batches).tolist())  # this process's slice of the global batch
+        ids = train_rows[mine].to(args.device)
         with autocast:
-            lm_loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            lm_loss = ddp(input_ids=ids, labels=ids, use_cache=False).loss
+        # lm_loss is the mean over this slice's predicted tokens: weighted by the slice's share
+        # of the batch's, DDP's average is the gradient of the global token mean. The
+        # regulariser depends only on the mask sample, the same in every process: unweighted.
+        n_tokens = ids[:, 1:].numel()
+        n_all = dp.total(n_tokens)
         reg = kept_weight_norm(masked)
         coef = regulariser_coef(cfg, step, args.steps)
-        loss = lm_loss - coef * reg
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(gates, 1.0)
+        dp.accelerator.backward(lm_loss * (n_tokens * dp.world / n_all) - coef * reg)
+        grad_norm = dp.accelerator.clip_grad_norm_(gates, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
+        lm_mean = dp.total(float(lm_loss.detach()) * n_tokens) / n_all
         row = {
             "step": done,
-            "loss": float(loss.detach()),
-            "lm_loss": float(lm_loss.detach()),
+            "loss": lm_mean - coef * float(reg.detach()),
+            "lm_loss": lm_mean,
             "kept_weight_norm": float(reg.detach()),
+            "grad_norm": float(grad_norm),  # before clipping to 1
             "reg_coef": coef,
             "temperature": tau,
             "scale": kappa,
@@ -264,12 +340,24 @@ def train_maskllm(
         }
         log.append(row)
         bar.set_postfix(lm_loss=f"{row['lm_loss']:.3f}", tau=f"{tau:.2f}")
-        if done % args.save_every == 0 or done == stop:
-            save_training_state(args.out, model, optimizer, scheduler, done, run_config)
-            atomic_write_text(log_path, json.dumps({"config": run_config, "train": log}, indent=1))
+        elapsed = time.time() - t0
+        out_of_time = dp.any(args.max_minutes is not None and elapsed > 60 * args.max_minutes)
+        if done % args.save_every == 0 or done == stop or out_of_time:
+            dp.accelerator.wait_for_everyone()
+            if dp.main:
+                save_training_state(args.out, model, optimizer, scheduler, done, run_config)
+                atomic_write_text(
+                    log_path, json.dumps({"config": run_config, "train": log}, indent=1)
+                )
+        if out_of_time:
+            if dp.main:
+                print(f"--max-minutes {args.max_minutes} reached after step {done}")
+            break
     bar.close()
     model.eval()
-    if stop < args.steps:
+    if done < args.steps:
+        if dp.main:
+            print(f"stopped at step {done} of {args.steps}; continue with --resume")
         return None, log
     return remove_masks(model, masked), log
 
@@ -312,7 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     mask.add_argument("--prior", choices=PRIORS, default="sparsegpt", help="prior mask method")
     mask.add_argument("--prior-strength", type=float, default=3.0)
     mask.add_argument("--steps", type=int, default=100, help="optimizer steps")
-    mask.add_argument("--batch-size", type=int, default=2, help="rows per step")
+    mask.add_argument(
+        "--batch-size",
+        type=int,
+        default=2,
+        help="rows per step, global (split over the processes of accelerate launch)",
+    )
     mask.add_argument("--lr", type=float, default=5e-5, help="peak AdamW lr of the gates")
     mask.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decay of the gates")
     mask.add_argument("--temperature", type=float, nargs=2, default=(4.0, 0.05), metavar="T")
@@ -322,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     mask.add_argument("--bf16", action="store_true", help="bf16 autocast for the mask training")
     mask.add_argument("--save-every", type=int, default=50, help="steps between <out>/last")
     mask.add_argument("--stop-at", type=int, default=None, help="save and stop after this step")
+    mask.add_argument(
+        "--max-minutes", type=float, default=None, help="save and stop after this training time"
+    )
     mask.add_argument("--resume", action="store_true", help="continue from <out>/last")
     parser.add_argument("--out", type=Path, required=True, help="run folder")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -344,9 +440,14 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> NM
         parser.error(f"--lr must be > 0, received {args.lr}")
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
         parser.error(f"--stop-at must be in [1, --steps={args.steps}], received {args.stop_at}")
-    if args.method != "maskllm" and (args.resume or args.stop_at is not None):
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
+    if args.method != "maskllm" and (
+        args.resume or args.stop_at is not None or args.max_minutes is not None
+    ):
         parser.error(
-            "--resume and --stop-at apply to --method maskllm (one-shot runs take seconds)"
+            "--resume, --stop-at and --max-minutes apply to --method maskllm (one-shot runs take "
+            "seconds)"
         )
     if args.resume and not (args.out / "last").is_dir():
         parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
@@ -356,15 +457,44 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> NM
     return nm
 
 
+def _split_over_processes(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, dp: DataParallel
+) -> str:
+    """Check that the global sizes split over the processes; returns how they are split."""
+    calibrated = args.method if args.method != "maskllm" else args.prior
+    parts = []
+    if args.method == "maskllm":
+        why = dp.divides(batch_size=args.batch_size)
+        if why:
+            parser.error(why)
+        parts.append(f"{args.batch_size // dp.world} rows each per step")
+    if calibrated in ("wanda", "sparsegpt"):
+        if args.calib_seqs < dp.world:
+            parser.error(
+                f"--calib-seqs {args.calib_seqs} is split over the {dp.world} processes: "
+                "each needs at least one row"
+            )
+        low, high = args.calib_seqs // dp.world, -(-args.calib_seqs // dp.world)
+        share = str(low) if low == high else f"{low}-{high}"
+        parts.append(f"{share} {calibrated} calibration rows each")
+    elif calibrated == "magnitude":
+        parts.append("magnitude needs no data, each prunes alike")
+    return f"{dp.world} process(es), " + "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     nm = _check_args(parser, args)
     command = "python -m train.sparsify " + shlex.join(argv)
-    args.device = resolve_device(args.device)
+    dp = DataParallel(resolve_device(args.device))
+    args.device = dp.device
+    split = _split_over_processes(parser, args, dp)
     seed_everything(args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
+    if dp.main:
+        args.out.mkdir(parents=True, exist_ok=True)
+        print(split)
     t_start = time.time()
 
     import lm.tnl  # noqa: F401  (registers TNL with the Auto classes)
@@ -401,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         "heldout_rows": len(heldout),
         "seed": args.seed,
         "device": str(args.device),
+        "processes": dp.world,
         "torch": torch.__version__,
     }
     if args.method in ("sparsegpt", "maskllm"):
@@ -422,13 +553,14 @@ def main(argv: list[str] | None = None) -> int:
         if mismatch:
             parser.error(f"--resume: {mismatch}")
     results: dict[str, Any] = {"command": command, "config": run_config}
-    results["dense"] = dense_evaluation(model, heldout, args)
+    if dp.main:  # the others go on, to wait for it at their next collective
+        results["dense"] = dense_evaluation(model, heldout, args)
 
     t_prune = time.time()
     if args.method == "maskllm":
         priors, prior_eval = None, None
         if args.prior != "none":
-            priors, prior_eval = prior_masks(model, linears, nm, calib, heldout, args, digest)
+            priors, prior_eval = prior_masks(model, linears, nm, calib, heldout, args, digest, dp)
             results["prior"] = prior_eval
         ids = pack_documents(
             tokenize_documents(tokenizer, corpus.train), args.seq_len, tokenizer.eos_token_id
@@ -437,23 +569,14 @@ def main(argv: list[str] | None = None) -> int:
         if len(train_rows) < args.batch_size:
             parser.error(f"{len(train_rows)} training rows < --batch-size {args.batch_size}")
         run_config["train_rows"] = len(train_rows)
-        masks, log = train_maskllm(model, linears, priors, train_rows, args, run_config)
+        masks, log = train_maskllm(model, linears, priors, train_rows, args, run_config, dp)
         if masks is None:
-            print(f"stopped at step {args.stop_at}; continue with --resume")
             return 0
         results["train_final"] = log[-1] if log else None
     else:
-        masks = prune_oneshot(
-            model,
-            args.method,
-            nm,
-            calib,
-            include=args.include,
-            exclude=args.exclude,
-            blocksize=args.blocksize,
-            percdamp=args.percdamp,
-            device=args.device,
-        )
+        masks = prune_shared(model, args.method, nm, calib, args, dp)
+    if not dp.main:
+        return 0  # the main process evaluates and writes
     results["prune_seconds"] = round(time.time() - t_prune, 1)
     modules = dict(model.named_modules())
     for name, mask in masks.items():

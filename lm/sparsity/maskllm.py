@@ -138,13 +138,26 @@ class DifferentiableMask(nn.Module):
         """(K, O, G) pattern weights -> (O, I) mask: sum_k probs_k * pattern_k."""
         return torch.einsum("kog,km->ogm", probs, self.patterns).reshape(self.shape)
 
-    def sample(self, temperature: float, scale: float, hard: bool = False) -> torch.Tensor:
+    def sample(
+        self,
+        temperature: float,
+        scale: float,
+        hard: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """A Gumbel-softmax soft mask (O, I) in [0, 1], N per group; differentiable in the gates.
 
-        hard: the one-hot sample in the forward, the soft one's gradient (straight-through)."""
+        hard: the one-hot sample in the forward, the soft one's gradient (straight-through).
+        generator: draws the Gumbel noise (on the gates' device); None: the global RNG."""
         logits = self.gate * scale
         # Gumbel(0, 1) = -log(-log U); U = 0 gives -inf, a pattern with probability 0.
-        gumbel = -torch.log(-torch.log(torch.rand_like(logits)))
+        if generator is None:
+            uniform = torch.rand_like(logits)
+        else:
+            uniform = torch.rand(
+                logits.shape, generator=generator, device=logits.device, dtype=logits.dtype
+            )
+        gumbel = -torch.log(-torch.log(uniform))
         probs = F.softmax((logits + gumbel) / temperature, dim=0)  # (K, O, G)
         if hard:
             one_hot = F.one_hot(probs.argmax(0), probs.shape[0]).permute(2, 0, 1)
@@ -183,7 +196,8 @@ class MaskedLinear(nn.Module):
 
     Holds the linear's own weight and bias Parameters under the same names (state-dict keys of
     the model do not change, only ``<name>.diff_mask.gate`` is added). Training mode samples a
-    soft mask at the current `temperature` / `scale` (set_schedule); eval mode uses the argmax
+    soft mask at the current `temperature` / `scale` (set_schedule), its Gumbel noise drawn from
+    `generator` (set_schedule's noise_seed; None: the global RNG); eval mode uses the argmax
     pattern."""
 
     def __init__(self, linear: nn.Linear, nm: NM, init_std: float = 0.01):
@@ -197,13 +211,14 @@ class MaskedLinear(nn.Module):
         self.temperature = 4.0
         self.scale = 1e2
         self.hard = False
+        self.generator: torch.Generator | None = None
         # ||W ⊙ mask||^2 of the last training forward (MaskLLM's sparse_weight_norm)
         self.kept_sq_norm: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., I) -> (..., O)."""
         if self.training:
-            mask = self.diff_mask.sample(self.temperature, self.scale, self.hard)
+            mask = self.diff_mask.sample(self.temperature, self.scale, self.hard, self.generator)
             self.kept_sq_norm = (self.weight.detach().float() * mask).pow(2).sum()
         else:
             mask = self.diff_mask.hard_mask()
@@ -250,13 +265,26 @@ def init_from_prior(
 
 
 def set_schedule(
-    masked: Mapping[str, MaskedLinear], cfg: MaskLLMConfig, step: int, total: int
+    masked: Mapping[str, MaskedLinear],
+    cfg: MaskLLMConfig,
+    step: int,
+    total: int,
+    noise_seed: int | None = None,
 ) -> tuple[float, float]:
-    """Set tau and kappa of every layer for `step` of `total` (linear); returns (tau, kappa)."""
+    """Set tau and kappa of every layer for `step` of `total` (linear); returns (tau, kappa).
+
+    noise_seed: the layers draw their Gumbel noise, in forward order, from one generator (per
+    device) seeded with it, so the noise of a step is a pure function of the seed: the same in
+    every data-parallel process and in a resumed run. None: from the global RNG."""
     tau = linear_schedule(cfg.temperature_start, cfg.temperature_end, step, total)
     kappa = linear_schedule(cfg.scale_start, cfg.scale_end, step, total)
+    generators: dict[torch.device, torch.Generator] = {}
     for layer in masked.values():
         layer.temperature, layer.scale, layer.hard = tau, kappa, cfg.hard
+        device = layer.diff_mask.gate.device
+        if noise_seed is not None and device not in generators:
+            generators[device] = torch.Generator(device).manual_seed(noise_seed)
+        layer.generator = generators.get(device)
     return tau, kappa
 
 

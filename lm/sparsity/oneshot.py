@@ -19,11 +19,16 @@ Per layer, with W (O, I) and calibration inputs X (I, K) (K tokens):
   never fire) are pruned first: their weights are zeroed and their H entry set to 1.
 
 Wanda and SparseGPT calibrate sequentially, block by block (lm.sparsity.calibration).
+
+Data parallel: both statistics are sums over calibration tokens, so processes that each run a
+share of the rows and sum the statistics of a layer before pruning it (prune_oneshot's
+`sum_over_processes`, e.g. an all-reduce) prune every layer as one process with all the rows
+would, and alike; the pruned block then gives each process the next inputs of its own rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,6 +44,7 @@ __all__ = [
     "HessianStats",
     "InputNormStats",
     "SparseGPTResult",
+    "SumOverProcesses",
     "magnitude_mask",
     "prune_oneshot",
     "sparsegpt_prune",
@@ -49,6 +55,8 @@ __all__ = [
 
 Method = Literal["magnitude", "wanda", "sparsegpt"]
 METHODS: tuple[str, ...] = ("magnitude", "wanda", "sparsegpt")
+# a tensor -> its elementwise sum over the data-parallel processes (the same shape, every process)
+SumOverProcesses = Callable[[torch.Tensor], torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,6 +75,11 @@ class InputNormStats:
         x = x.reshape(-1, x.shape[-1]).double()
         self.sq_sum += x.pow(2).sum(0)
         self.tokens += x.shape[0]
+
+    def reduce(self, sum_over_processes: SumOverProcesses) -> None:
+        """Sum the statistics of every process's calibration rows (see the module doc)."""
+        self.sq_sum = sum_over_processes(self.sq_sum)
+        self.tokens = _sum_count(self.tokens, self.sq_sum.device, sum_over_processes)
 
     @property
     def norms(self) -> torch.Tensor:
@@ -89,6 +102,16 @@ class HessianStats:
         self.hessian *= self.tokens / total
         self.hessian += (2.0 / total) * (x.T @ x).double()
         self.tokens = total
+
+    def reduce(self, sum_over_processes: SumOverProcesses) -> None:
+        """The H of every process's calibration rows together: their token-weighted mean."""
+        summed = sum_over_processes(self.hessian * self.tokens)  # 2 X X^T over all rows
+        self.tokens = _sum_count(self.tokens, self.hessian.device, sum_over_processes)
+        self.hessian = summed / max(self.tokens, 1)
+
+
+def _sum_count(count: int, device: torch.device, sum_over_processes: SumOverProcesses) -> int:
+    return round(float(sum_over_processes(torch.tensor(float(count), device=device))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,12 +224,17 @@ def prune_oneshot(
     percdamp: float = 0.01,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    sum_over_processes: SumOverProcesses | None = None,
 ) -> dict[str, torch.Tensor]:
     """Prune the selected linear layers of `model` in place (pruned weights set to zero; SparseGPT
     also updates the kept ones) and return their masks {name: bool (O, I)} on CPU.
 
     rows (N, T): calibration token ids, required by wanda and sparsegpt. include / exclude: see
-    masks.prunable_linears (default: every nn.Linear inside the decoder blocks)."""
+    masks.prunable_linears (default: every nn.Linear inside the decoder blocks).
+    sum_over_processes: set when data-parallel processes each pass their own share (N >= 1) of
+    the calibration rows: every layer's statistics are summed with it before the layer is
+    pruned, so all processes return the masks one process with all the rows would (module doc).
+    Every process must call this with the same model and layers."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}, received {method!r}")
     linears = prunable_linears(model, nm, include, exclude)
@@ -226,10 +254,14 @@ def prune_oneshot(
 
     def prune_wanda(name: str, layer: nn.Linear, stats: object) -> None:
         assert isinstance(stats, InputNormStats)
+        if sum_over_processes is not None:
+            stats.reduce(sum_over_processes)
         finish(name, layer, wanda_mask(layer.weight, stats.norms, nm), layer.weight.data)
 
     def prune_sparsegpt(name: str, layer: nn.Linear, stats: object) -> None:
         assert isinstance(stats, HessianStats)
+        if sum_over_processes is not None:
+            stats.reduce(sum_over_processes)
         result = sparsegpt_prune(layer.weight, stats.hessian, nm, blocksize, percdamp)
         finish(name, layer, result.mask, result.weight)
 
