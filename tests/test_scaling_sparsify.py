@@ -79,7 +79,7 @@ def test_batch_size_must_divide_over_the_processes(tmp_path):
     args = [*TINY, "--calib-seqs", "4", "--method", "maskllm", "--batch-size", "3"]
     run = launch_two_processes("train.sparsify", [*args, "--out", str(tmp_path / "x")], check=False)
     assert run.returncode != 0
-    assert "--batch-size 3 are global: each must divide over the 2 processes" in run.stderr
+    assert "--batch-size 3 is global: each must divide over the 2 processes" in run.stderr
 
 
 @pytest.mark.parametrize("make", [HessianStats, InputNormStats])

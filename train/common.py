@@ -70,7 +70,8 @@ class DataParallel:
         if not bad:
             return None
         named = " and ".join(f"--{k.replace('_', '-')} {v}" for k, v in bad.items())
-        return f"{named} are global: each must divide over the {self.world} processes"
+        verb = "is" if len(bad) == 1 else "are"
+        return f"{named} {verb} global: each must divide over the {self.world} processes"
 
     def part(self, items: Sequence[T]) -> list[T]:
         """This process's slice of a global batch (its size divides over the processes)."""

@@ -10,6 +10,9 @@
     python -m train.seg ... --stage 2 --init out/seg/stage1/final --consistency-weight 0
     # your own COCO instances (categories flagged "unseen": true are left out of training)
     python -m train.seg --images coco/train2017 --instances-json instances.json --out out/seg/mine
+    # data parallel: 4 processes, 4 of the 16 images each per step (--batch-size is global)
+    accelerate launch --num_processes 4 -m train.seg --preset shapes --data out/shapeworld \\
+        --out out/seg/stage1 --stage 1 --batch-size 16
 
 Data: the ``train`` split of a ShapeWorld folder (it holds only the seen classes) or any COCO
 instances file. The CLIP image tower is frozen, so its dense features (``vision.clip.
@@ -25,6 +28,14 @@ that overlap no object (IoU < 0.3 with every ground truth: background and stray 
 void. The void rows are our addition: Mask-Adapter's void embedding needs some mask to stand for
 "no class" when SAM proposals, not a Mask2Former decoder with its own no-object class, feed it.
 
+Data parallel (``accelerate launch``): every process draws the whole batch's masks (one generator
+per step, as one process draws them) and trains on its slice of the images; the cross-entropy and
+the consistency loss are means over the masks and pairs of the whole batch, each process's part
+weighted by its share of them, so N processes take the steps of one (tests/test_scaling_seg.py).
+Every process computes the CLIP features; the main process alone makes a missing proposal cache
+(the others wait, then read it: for many images make it first with one process, ``--stop-after
+0``), logs and saves.
+
 Output: ``<out>/final`` (``segmentation.mask_adapter.save_adapter``: fp16 safetensors, config,
 MODEL_CARD.md), ``<out>/log.jsonl`` (loss per logged step), ``<out>/last`` (resumable state,
 written every ``--save-every`` steps; ``--resume`` continues it with the same batches).
@@ -37,7 +48,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -64,6 +75,7 @@ from segmentation.open_vocab import (
     whole_image_pixels,
 )
 from train.common import (
+    DataParallel,
     batch_indices,
     cosine_with_warmup,
     load_training_state,
@@ -83,6 +95,45 @@ def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def mean_over_processes(
+    dp: DataParallel, mean: float, count: float, empty: float = float("nan")
+) -> float:
+    """The mean over every process's items, from this process's `mean` over its `count` items
+    (or total weight): one process's `mean` as it is; a process without items adds nothing (its
+    mean may be NaN); `empty` when no process has any."""
+    if dp.world == 1:
+        return mean
+    total = dp.total(count)
+    return dp.total(mean * count if count else 0.0) / total if total else empty
+
+
+def open_log(path: Path, start: int) -> TextIO:
+    """`path` (jsonl, one row per logged step) opened to append, without the rows of steps after
+    `start`: those of a run that stopped after its last saved state, which a resumed run logs
+    again."""
+    rows = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    kept = [r for r in rows if json.loads(r)["step"] <= start]
+    if len(kept) < len(rows):
+        atomic_write_text(path, "".join(r + "\n" for r in kept))
+    return path.open("a", encoding="utf-8")
+
+
+class _AdapterHead(torch.nn.Module):
+    """The adapter's mask embeddings and their class logits in one forward: DDP expects every
+    trained parameter (``classify``'s void embedding and logit scale too) to be used there."""
+
+    def __init__(self, adapter: MaskAdapter) -> None:
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(
+        self, dense: DenseFeatures, masks: torch.Tensor, pool: Any, text: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """masks (B, M, H, W), text (C, D) -> embeddings (B, M, D), logits (B, M, C + 1)."""
+        emb = self.adapter(dense, masks, pool)
+        return emb, self.adapter.classify(emb, text)
 
 
 class FeatureBank:
@@ -187,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         "--proposal-images", type=int, default=600, help="stage 2: images with SAM proposals"
     )
     parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--batch-size", type=int, default=16, help="images per step")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="images per step, global (over all processes)"
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--hidden", type=int, default=128, help="adapter body width")
@@ -218,8 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--stage 2 starts from a stage-1 adapter: pass --init <stage1>/final")
     if args.out.joinpath("final").exists():
         parser.error(f"{args.out / 'final'} exists; choose another --out or remove it")
-    progress = not args.no_progress
-    device = _device(args.device)
+    dp = DataParallel(_device(args.device))
+    device = dp.device
+    why = dp.divides(batch_size=args.batch_size)
+    if why:
+        parser.error(why)
+    progress = not args.no_progress and dp.main
     seed_everything(args.seed)
     try:
         preset = PolychromeConfig.from_preset(args.preset)
@@ -260,17 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     n_train = n
     if args.stage == 2:
         cache = args.proposals or args.out / "proposals.npz"
-        if cache.is_file():
-            proposals = load_mask_lists(cache)[:n_train]
-            if len(proposals) < n_train:
-                parser.error(f"{cache} holds {len(proposals)} images' proposals, need {n_train}")
-            wrong = [i for i in range(n_train) if proposals[i].shape[1:] != images[i].shape[:2]]
-            if wrong:
-                parser.error(
-                    f"{cache}: proposals of image {wrong[0]} are {proposals[wrong[0]].shape[1:]}, "
-                    f"the image is {images[wrong[0]].shape[:2]}: a cache of other data?"
-                )
-        else:
+        if dp.main and not cache.is_file():  # made once, by the main process
             from segment_anything import SamAutomaticMaskGenerator
 
             generator = SamAutomaticMaskGenerator(load_sam(sam_path).to(device), **AMG_SETTINGS)
@@ -280,6 +327,17 @@ def main(argv: list[str] | None = None) -> int:
             ]
             cache.parent.mkdir(parents=True, exist_ok=True)
             save_mask_lists(cache, proposals)
+        dp.accelerator.wait_for_everyone()
+        if proposals is None:
+            proposals = load_mask_lists(cache)[:n_train]
+            if len(proposals) < n_train:
+                parser.error(f"{cache} holds {len(proposals)} images' proposals, need {n_train}")
+            wrong = [i for i in range(n_train) if proposals[i].shape[1:] != images[i].shape[:2]]
+            if wrong:
+                parser.error(
+                    f"{cache}: proposals of image {wrong[0]} are {proposals[wrong[0]].shape[1:]}, "
+                    f"the image is {images[wrong[0]].shape[:2]}: a cache of other data?"
+                )
 
     if args.init is not None:
         adapter = load_adapter(args.init).train()
@@ -310,9 +368,17 @@ def main(argv: list[str] | None = None) -> int:
         if why is not None:
             parser.error(why)
         start = load_training_state(args.out, adapter, optimizer, scheduler)
-        print(f"resumed at step {start}")
+        if dp.main:
+            print(f"resumed at step {start}")
+    if dp.main:
+        print(
+            f"{n_train} images, {len(names)} classes; {dp.world} process(es), "
+            f"{args.batch_size // dp.world} images each per step"
+        )
+    # Data parallel: each process takes its slice of the global batch; DDP averages gradients.
+    head, optimizer = dp.accelerator.prepare(_AdapterHead(adapter), optimizer)
     args.out.mkdir(parents=True, exist_ok=True)
-    log = (args.out / "log.jsonl").open("a", encoding="utf-8")
+    log = open_log(args.out / "log.jsonl", start) if dp.main else None
     batches = batch_indices(n_train, args.batch_size, args.seed, start)
     end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     t0 = time.time()
@@ -323,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     while step < end:
         idx = next(batches)
         rng = np.random.default_rng([args.seed, step])
+        # the whole batch's masks, drawn in order from one generator as one process draws them;
+        # then this process's images
         per_image = [
             _training_masks(
                 gt_masks[i],
@@ -334,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             for i in idx
         ]
+        mine = dp.part(range(len(idx)))
+        idx, per_image = idx[mine], [per_image[k] for k in mine]
         m = max(len(masks) for masks, _, _ in per_image)
         h, w = images[idx[0]].shape[:2]
         batch_masks = np.zeros((len(idx), max(m, 1), h, w), dtype=np.float32)
@@ -342,54 +412,78 @@ def main(argv: list[str] | None = None) -> int:
             batch_masks[b, : len(masks)] = masks
             labels[b, : len(labs)] = torch.tensor(labs, dtype=torch.long)
         dense = bank.batch(idx, device)
-        emb = adapter(dense, torch.from_numpy(batch_masks).to(device), pool)  # (B, M, D)
-        logits = adapter.classify(emb, text)
-        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten().to(device), ignore_index=-100)
-        loss = ce
+        # (B, M, D) embeddings, (B, M, C + 1) logits
+        emb, logits = head(dense, torch.from_numpy(batch_masks).to(device), pool, text)
+        n_labels = int((labels != -100).sum())
+        ce = (
+            F.cross_entropy(logits.flatten(0, 1), labels.flatten().to(device), ignore_index=-100)
+            if n_labels
+            else 0 * logits.sum()  # no mask here (the mean would be NaN): adds nothing
+        )
         cons = torch.zeros((), device=device)
         pairs = [(b, p, g) for b, (_, _, pr) in enumerate(per_image) for p, g in pr]
-        if pairs and args.consistency_weight > 0:
+        if args.consistency_weight <= 0:
+            pairs = []
+        if pairs:
             bi = torch.tensor([b for b, _, _ in pairs])
             cons = consistency_loss(
                 emb[bi, torch.tensor([p for _, p, _ in pairs])],
                 emb[bi, torch.tensor([g for _, _, g in pairs])],
             )
-            loss = ce + args.consistency_weight * cons
+        # Both losses are means, over the masks and over the pairs: weighted by this process's
+        # share of the whole batch's, DDP's average of the gradients is the gradient of the
+        # whole batch's means (one process: both shares are 1).
+        ce_share = dp.world * n_labels / max(dp.total(n_labels), 1.0)
+        cons_share = dp.world * len(pairs) / max(dp.total(len(pairs)), 1.0)
+        loss = ce * ce_share
+        if pairs:
+            loss = loss + args.consistency_weight * (cons * cons_share)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
+        dp.accelerator.backward(loss)
+        dp.accelerator.clip_grad_norm_(adapter.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         step += 1
         bar.update(1)
         valid = labels.flatten() != -100
         acc = (logits.flatten(0, 1).argmax(-1).cpu()[valid] == labels.flatten()[valid]).float()
-        running.append(
-            {
-                "loss": loss.item(),
-                "ce": ce.item(),
-                "consistency": cons.item(),
-                "acc": acc.mean().item(),
-            }
-        )
+        row = {  # the whole batch's (a batch without masks or pairs: 0, as in one process)
+            "ce": mean_over_processes(dp, ce.item(), n_labels, empty=0.0),
+            "consistency": mean_over_processes(dp, cons.item(), len(pairs), empty=0.0),
+            "acc": mean_over_processes(dp, acc.mean().item(), n_labels),
+        }
+        whole = row["ce"] + args.consistency_weight * row["consistency"]
+        running.append({"loss": loss.item() if dp.world == 1 else whole, **row})
         if step % args.log_every == 0 or step == args.steps:
             mean = {k: float(np.mean([r[k] for r in running])) for k in running[0]}
-            log.write(json.dumps({"step": step, **mean, "lr": scheduler.get_last_lr()[0]}) + "\n")
-            log.flush()
+            if log is not None:
+                row_json = {"step": step, **mean, "lr": scheduler.get_last_lr()[0]}
+                log.write(json.dumps(row_json) + "\n")
+                log.flush()
             bar.set_postfix(loss=f"{mean['loss']:.3f}", acc=f"{mean['acc']:.2f}")
             running = []
-        out_of_time = args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes
+        out_of_time = dp.any(
+            args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes
+        )
         if step % args.save_every == 0 or out_of_time:
-            save_training_state(args.out, adapter, optimizer, scheduler, step, run_config)
+            dp.accelerator.wait_for_everyone()
+            if dp.main:
+                save_training_state(args.out, adapter, optimizer, scheduler, step, run_config)
         if out_of_time:
-            print(f"--max-minutes {args.max_minutes}: stopped at step {step} of {args.steps}")
+            if dp.main:
+                print(f"--max-minutes {args.max_minutes}: stopped at step {step} of {args.steps}")
             break
     bar.close()
-    log.close()
+    if log is not None:
+        log.close()
     if step < args.steps and not out_of_time:
-        save_training_state(args.out, adapter, optimizer, scheduler, step, run_config)
-        print(f"stopped at step {step} of {args.steps}; continue with --resume")
+        dp.accelerator.wait_for_everyone()
+        if dp.main:
+            save_training_state(args.out, adapter, optimizer, scheduler, step, run_config)
+            print(f"stopped at step {step} of {args.steps}; continue with --resume")
         return 0
+    if not dp.main:
+        return 0  # the main process writes the results
     info = {
         "preset": args.preset,
         "clip": str(clip_path),

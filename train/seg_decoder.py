@@ -6,6 +6,9 @@
     python -m train.seg_decoder --data out/shapeworld --out out/seg/decoder_pmp --pmp
     # share the CLIP features between runs: the first run writes the cache, later runs read it
     python -m train.seg_decoder ... --feature-cache out/seg/decoder_features.safetensors
+    # data parallel: 2 processes, 4 of the 8 images each per step (--batch-size is global)
+    accelerate launch --num_processes 2 -m train.seg_decoder --data out/shapeworld \\
+        --out out/seg/decoder_pmp --pmp --batch-size 8
     # evaluate a trained decoder's proposals on the first 200 test images, and save them for
     # eval.seg (a PMP decoder is prompted with all the split's class names unless --eval-prompt)
     python -m train.seg_decoder --eval-only --init out/seg/decoder/final --data out/shapeworld \\
@@ -30,6 +33,16 @@ concatenated. Targets stay all instances of the image. ``--prompt-subset-prob p`
 probability p (and at least two classes present) a random non-empty proper subset of the present
 classes stays in the prompt, and only their instances are targets -- the variant in which
 proposals must *follow* the prompt rather than only read it (default 0: off).
+
+Data parallel (``accelerate launch``): every process draws the whole batch's prompts (one generator
+per step, as one process draws them) and trains on its slice of the images. Matching is per image;
+the objectness cross-entropy (divided by its class-weight sum) and the mask losses (divided by the
+number of target masks) take the whole batch's divisors, as Mask2Former's all-reduced
+``num_masks``, so N processes take the steps of one (``criterion_over_processes``;
+tests/test_scaling_seg.py). Without ``--feature-cache`` every process computes the CLIP features;
+with one to make, the main process makes it and the others then read it. The main process logs,
+saves and evaluates after training; ``--eval-only`` and ``--eval-masks`` run on the main process
+alone (the others return at once).
 
 Losses, matching and the architecture: ``segmentation/query_decoder.py``. Evaluation: recall of
 ground-truth instances (best proposal IoU >= 0.5 and >= 0.75; all instances, seen classes, unseen
@@ -64,8 +77,10 @@ from data.datasets import InstanceDataset
 from segmentation.mask_adapter import mask_iou_matrix
 from segmentation.open_vocab import load_mask_lists, save_mask_lists, whole_image_pixels
 from segmentation.query_decoder import (
+    LossWeights,
     QueryDecoder,
     QueryDecoderConfig,
+    QueryDecoderOutput,
     QueryMaskProposer,
     load_decoder,
     pack_prompts,
@@ -74,6 +89,7 @@ from segmentation.query_decoder import (
     set_criterion,
 )
 from train.common import (
+    DataParallel,
     batch_indices,
     cosine_with_warmup,
     load_training_state,
@@ -81,11 +97,18 @@ from train.common import (
     resume_mismatches,
     save_training_state,
 )
-from train.seg import FeatureBank
+from train.seg import FeatureBank, open_log
 from vision.clip import load_clip
 from vlm.config import PolychromeConfig
 
-__all__ = ["evaluate_proposals", "main", "proposal_recall", "sample_prompt", "soft_targets"]
+__all__ = [
+    "criterion_over_processes",
+    "evaluate_proposals",
+    "main",
+    "proposal_recall",
+    "sample_prompt",
+    "soft_targets",
+]
 
 RESUME_KEYS = (
     "pmp",
@@ -226,22 +249,88 @@ def _markdown(name: str, r: dict[str, Any]) -> str:
 
 
 def _load_bank(
-    cache: Path | None, clip: Any, images: list[np.ndarray], key: dict[str, Any], progress: bool
+    cache: Path | None,
+    clip: Any,
+    images: list[np.ndarray],
+    key: dict[str, Any],
+    progress: bool,
+    dp: DataParallel,
 ) -> torch.Tensor:
     """The CLIP patch tokens (N, h*w, D_vis) fp16: from the cache if it matches `key`, else
-    computed (and cached)."""
-    if cache is not None and cache.exists():
-        ckpt = load_checkpoint(cache)
-        if ckpt.config != key:
-            raise ValueError(
-                f"{cache} holds features of {ckpt.config}, this run needs {key}; pass another "
-                "--feature-cache"
-            )
-        return ckpt.tensors["tokens"]["tokens"]
-    bank = FeatureBank.compute(clip, images, progress=progress)
-    if cache is not None:
-        save_checkpoint(cache, {"tokens": {"tokens": bank.tokens}}, key)
-    return bank.tokens
+    computed (and cached). Without a cache every process computes them; a cache to make is made
+    by the main process, which the others wait for and then read."""
+    if cache is None:
+        return FeatureBank.compute(clip, images, progress=progress).tokens
+    made = None
+    if dp.main and not cache.exists():
+        made = FeatureBank.compute(clip, images, progress=progress).tokens
+        save_checkpoint(cache, {"tokens": {"tokens": made}}, key)
+    dp.accelerator.wait_for_everyone()
+    if made is not None:
+        return made
+    ckpt = load_checkpoint(cache)
+    if ckpt.config != key:
+        raise ValueError(
+            f"{cache} holds features of {ckpt.config}, this run needs {key}; pass another "
+            "--feature-cache"
+        )
+    return ckpt.tensors["tokens"]["tokens"]
+
+
+def criterion_over_processes(
+    out: QueryDecoderOutput, targets: Sequence[torch.Tensor], dp: DataParallel
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """``set_criterion`` of the whole batch from this process's part of it: (the loss to
+    backpropagate here, the whole batch's loss terms to log).
+
+    set_criterion divides its objectness cross-entropy by its class-weight sum (1 per matched
+    query, ``LossWeights.no_object`` per other query; one image matches min(G, N) queries in
+    every layer) and its mask BCE and Dice by the number of target masks. Across processes both
+    divisors become the whole batch's (Mask2Former all-reduces ``num_masks`` so): the gradients
+    reaching the objectness logits and the mask logits are scaled by this process's share of
+    each, so DDP's average is the one-process gradient of the whole batch. Hooks, because the
+    loss set_criterion returns mixes the two divisors: the value backpropagated here stays this
+    part's own. One process: exactly ``set_criterion``. targets: per image, (G_i, Hm, Wm) in
+    [0, 1]."""
+    if dp.world == 1:
+        losses = set_criterion(out, targets)
+        return losses["loss"], {k: v.item() for k, v in losses.items()}
+    w = LossWeights()
+    n = out.objectness.shape[2]  # queries
+    matched = sum(min(len(t), n) for t in targets)
+    class_weight = w.no_object * (len(targets) * n - matched) + matched
+    masks = sum(len(t) for t in targets)  # (no mask: the mask terms are 0)
+    class_weight_all, masks_all = dp.total(class_weight), dp.total(masks)
+    obj_share = dp.world * class_weight / class_weight_all
+    mask_share = dp.world * masks / max(masks_all, 1.0)
+    out.objectness.register_hook(lambda g: g * obj_share)
+    out.mask_logits.register_hook(lambda g: g * mask_share)
+
+    def over_queries(value: float) -> float:  # a mean over this part's weighted queries
+        return dp.total(value * class_weight) / class_weight_all
+
+    def over_masks(value: float) -> float:  # a mean over this part's target masks
+        return dp.total(value * masks) / masks_all if masks_all else 0.0
+
+    # layer by layer (set_criterion's terms are the last layer's): the objectness and the mask
+    # parts of the loss are logged with their own divisors
+    layers = [
+        set_criterion(QueryDecoderOutput(m[None], o[None]), targets)
+        for m, o in zip(out.mask_logits.unbind(0), out.objectness.unbind(0), strict=True)
+    ]
+    loss = layers[0]["loss"]
+    for layer in layers[1:]:
+        loss = loss + layer["loss"]
+    obj = sum(float(layer["objectness"]) for layer in layers)
+    mask = sum(w.bce * float(layer["bce"]) + w.dice * float(layer["dice"]) for layer in layers)
+    last = layers[-1]
+    logged = {
+        "loss": w.objectness * over_queries(obj) + over_masks(mask),
+        "objectness": over_queries(float(last["objectness"])),
+        "bce": over_masks(float(last["bce"])),
+        "dice": over_masks(float(last["dice"])),
+    }
+    return loss, logged
 
 
 def _write_card(out: Path, argv: list[str], info: dict[str, Any]) -> None:
@@ -337,7 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=3000, help="training images (first N)")
     parser.add_argument("--feature-cache", type=Path, help="CLIP token cache (made if missing)")
     parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--batch-size", type=int, default=4, help="images per step")
+    parser.add_argument(
+        "--batch-size", type=int, default=4, help="images per step, global (over all processes)"
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--hidden", type=int, default=128, help="decoder width d")
@@ -369,10 +460,13 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--eval-json", type=Path, help="write the report here")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    progress = not args.no_progress
-    device = _device(args.device)
+    dp = DataParallel(_device(args.device))
+    device = dp.device
+    progress = not args.no_progress and dp.main
 
     if args.eval_masks is not None or args.eval_only:
+        if not dp.main:
+            return 0  # evaluation runs on the main process alone
         if args.data is None:
             parser.error("evaluation reads a ShapeWorld folder: pass --data")
         if args.eval_masks is not None:
@@ -398,6 +492,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{args.out / 'final'} exists; choose another --out or remove it")
     if not 0.0 <= args.prompt_subset_prob <= 1.0:
         parser.error(f"--prompt-subset-prob must be in [0, 1], received {args.prompt_subset_prob}")
+    why = dp.divides(batch_size=args.batch_size)
+    if why:
+        parser.error(why)
+    levels = len(QueryDecoderConfig.attn_factors)
+    if dp.world > 1 and args.layers < levels:
+        parser.error(
+            f"--layers {args.layers} leaves pyramid levels unattended, whose weights DDP cannot "
+            f"train (it needs a gradient for each): use >= {levels} layers, or one process"
+        )
     seed_everything(args.seed)
     clip_path = _clip_path(parser, args)
     dataset = (
@@ -428,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         targets.append(soft_targets(masks, (mask_side, mask_side)))
         classes.append([x.category for x in kept])
     key = {"clip": str(clip_path), "data": str(args.data or args.instances_json), "images": n}
-    tokens = _load_bank(args.feature_cache, clip, images, key, progress)
+    tokens = _load_bank(args.feature_cache, clip, images, key, progress, dp)
     if tokens.shape[0] != n or tokens.shape[1] != grid * grid:
         parser.error(f"CLIP tokens {tuple(tokens.shape)}, expected ({n}, {grid * grid}, D_vis)")
     cfg = QueryDecoderConfig(
@@ -464,9 +567,17 @@ def main(argv: list[str] | None = None) -> int:
         if why is not None:
             parser.error(why)
         start = load_training_state(args.out, decoder, optimizer, scheduler)
-        print(f"resumed at step {start}")
+        if dp.main:
+            print(f"resumed at step {start}")
+    if dp.main:
+        print(
+            f"{n} images, {len(seen)} seen classes; {dp.world} process(es), "
+            f"{args.batch_size // dp.world} images each per step"
+        )
+    # Data parallel: each process takes its slice of the global batch; DDP averages gradients.
+    ddp, optimizer = dp.accelerator.prepare(decoder, optimizer)
     args.out.mkdir(parents=True, exist_ok=True)
-    log = (args.out / "log.jsonl").open("a", encoding="utf-8")
+    log = open_log(args.out / "log.jsonl", start) if dp.main else None
     batches = batch_indices(n, args.batch_size, args.seed, start)
     end = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     t0 = time.time()
@@ -477,46 +588,62 @@ def main(argv: list[str] | None = None) -> int:
     while step < end:
         idx = next(batches)
         rng = np.random.default_rng([args.seed, step])
-        batch_targets, prompt = [], None
+        # the whole batch's prompts, drawn in order from one generator as one process draws
+        # them; then this process's images
+        prompts, wanted_rows = [], []
         if args.pmp:
-            per_image = []
             for i in idx:
                 names, wanted = sample_prompt(classes[i], seen, rng, args.prompt_subset_prob)
-                per_image.append([name_states[c] for c in names])
-                rows = [j for j, c in enumerate(classes[i]) if c in wanted]
-                batch_targets.append(targets[i][rows].float().to(device))
-            prompt = pack_prompts(per_image)
-        else:
-            batch_targets = [targets[i].float().to(device) for i in idx]
+                prompts.append([name_states[c] for c in names])
+                wanted_rows.append([j for j, c in enumerate(classes[i]) if c in wanted])
+        mine = dp.part(range(len(idx)))
+        prompt = pack_prompts([prompts[k] for k in mine]) if args.pmp else None
+        batch_targets = [
+            (targets[idx[k]][wanted_rows[k]] if args.pmp else targets[idx[k]]).float().to(device)
+            for k in mine
+        ]
+        idx = idx[mine]
         pixels = whole_image_pixels(clip, [images[i] for i in idx]).to(device)
-        out = decoder(tokens[torch.from_numpy(idx)].to(device).float(), pixels, prompt)
-        losses = set_criterion(out, batch_targets)
+        out = ddp(tokens[torch.from_numpy(idx)].to(device).float(), pixels, prompt)
+        loss, row = criterion_over_processes(out, batch_targets, dp)
         optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 1.0)
+        dp.accelerator.backward(loss)
+        dp.accelerator.clip_grad_norm_(decoder.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         step += 1
         bar.update(1)
-        running.append({k: v.item() for k, v in losses.items()})
+        running.append(row)
         if step % args.log_every == 0 or step == args.steps:
             mean = {k: float(np.mean([r[k] for r in running])) for k in running[0]}
-            log.write(json.dumps({"step": step, **mean, "lr": scheduler.get_last_lr()[0]}) + "\n")
-            log.flush()
+            if log is not None:
+                row_json = {"step": step, **mean, "lr": scheduler.get_last_lr()[0]}
+                log.write(json.dumps(row_json) + "\n")
+                log.flush()
             bar.set_postfix(loss=f"{mean['loss']:.2f}", dice=f"{mean['dice']:.3f}")
             running = []
-        out_of_time = args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes
+        out_of_time = dp.any(
+            args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes
+        )
         if step % args.save_every == 0 or out_of_time:
-            save_training_state(args.out, decoder, optimizer, scheduler, step, run_config)
+            dp.accelerator.wait_for_everyone()
+            if dp.main:
+                save_training_state(args.out, decoder, optimizer, scheduler, step, run_config)
         if out_of_time:
-            print(f"--max-minutes {args.max_minutes}: stopped at step {step} of {args.steps}")
+            if dp.main:
+                print(f"--max-minutes {args.max_minutes}: stopped at step {step} of {args.steps}")
             break
     bar.close()
-    log.close()
+    if log is not None:
+        log.close()
     if step < args.steps and not out_of_time:
-        save_training_state(args.out, decoder, optimizer, scheduler, step, run_config)
-        print(f"stopped at step {step} of {args.steps}; continue with --resume")
+        dp.accelerator.wait_for_everyone()
+        if dp.main:
+            save_training_state(args.out, decoder, optimizer, scheduler, step, run_config)
+            print(f"stopped at step {step} of {args.steps}; continue with --resume")
         return 0
+    if not dp.main:
+        return 0  # the main process writes the results and evaluates
     decoder.eval()
     info: dict[str, Any] = {
         "preset": args.preset,
