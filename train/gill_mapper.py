@@ -1,0 +1,401 @@
+"""Refit GILL's mapper on cached [IMG] states: thousands of steps where train.gill affords hundreds.
+
+    python -m train.gill_mapper --data out/shapeworld_diffusion --split pretrain \\
+        --out runs/gill_mapper --requests 8000 --steps 6000
+    python -m train.gill_mapper ... --resume            # continue (the cache is reused)
+    python -m train.gill_mapper --imagefolder my_photos --out runs/gill_mapper_mine  # your captions
+
+Why: every train.gill step runs the frozen 135M LLM over ~36 prompts (7-9 s per step on one CPU
+thread), and the 174 steps it had left the mapper far from the decoder's conditioning (no
+generated image held the requested objects; docs/RESULTS.md, issue 9). Once train.gill is done
+the [IMG] rows are fixed, and with them the [IMG] states of any request: this script computes them
+once for ``--requests`` captions (one LLM pass each, ~0.1 s), together with the decoder's own
+encoding of each caption (the target), and then trains only the mapper on them with GILL's
+generation loss (per-token distance, generation.gill.generation_loss), hundreds of steps a
+minute. The paper trains the mapper jointly with the rows; here the rows, the retrieval and the
+decision heads are left exactly as they were (the final folder differs from ``--checkpoint`` in
+the mapper's tensors only; tested).
+
+Requests are vlm.gill.REQUEST_TEMPLATES ("Show me this: <caption>", ...) around captions drawn
+from the data (by default the decoder's own training captions: what it renders well) plus
+``--compositions`` novel compositions (vlm.gill.compose_description), as train.gill asks for
+images. The last ``--val`` requests are held out: their mean distance is logged every
+``--eval-every`` steps beside two references, the mapper as loaded and the best constant (the
+mean training target).
+
+Cache: ``<out>/cache/part-NNNN.safetensors``, written atomically chunk by chunk; an interrupted
+run keeps the chunks it finished, and ``--resume`` (or a new run into the same folder with the same
+checkpoint, data and requests) reuses them. The mapper is small: under ``accelerate launch``
+process 0 runs the script and the others stop (train/decoding_common.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.utils import logging as diffusers_logging
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from core.config import project_path
+from core.io import atomic_write_text
+from core.runtime import resolve_device, seed_everything
+from data.datasets import (
+    CaptionDataset,
+    add_caption_arguments,
+    caption_source_error,
+    shapeworld_paths,
+    user_captions_from_args,
+)
+from generation.diffusion import encode_prompts, pipeline_from_preset
+from generation.gill import build_mapper, generation_loss
+from train.common import (
+    batch_indices,
+    cosine_with_warmup,
+    load_training_state,
+    resume_mismatches,
+    save_training_state,
+)
+from train.decoding_common import other_process
+from vlm.config import PolychromeConfig
+from vlm.gill import GILLVLM, REQUEST_TEMPLATES, compose_description
+
+CHUNK = 256  # requests per cache file
+RESUME_KEYS = ("base", "cache", "lr", "steps", "batch_size", "seed", "weight_decay")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.gill_mapper",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--preset", default="shapes", help="preset name (configs/*.json)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="the trained GILL folder whose mapper is refit (default: the preset's gill)",
+    )
+    src = parser.add_argument_group("captions (one of --data, --imagefolder, --images)")
+    src.add_argument("--data", type=Path, help="a ShapeWorld folder (e.g. the decoder's data)")
+    src.add_argument("--split", default="pretrain", help="its split (default pretrain)")
+    add_caption_arguments(src)
+    parser.add_argument("--out", type=Path, required=True, help="run folder: cache/ last/ final/")
+    parser.add_argument(
+        "--requests", type=int, default=8000, help="captions to cache (at most all of them)"
+    )
+    parser.add_argument(
+        "--compositions", type=int, default=2000, help="novel-composition requests to cache"
+    )
+    parser.add_argument("--val", type=int, default=256, help="requests held out (default 256)")
+    parser.add_argument("--steps", type=int, default=6000, help="optimizer steps in all")
+    parser.add_argument("--batch-size", type=int, default=64, help="requests per step")
+    parser.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default 3%%)")
+    parser.add_argument(
+        "--fresh-mapper", action="store_true", help="start from new weights, not the checkpoint's"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="request drawing and batch order")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    parser.add_argument("--save-every", type=int, default=500, help="steps between <out>/last")
+    parser.add_argument("--eval-every", type=int, default=250, help="steps between val checks")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop after this time")
+    parser.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--fp16", action="store_true", help="write final/ in float16")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    why = caption_source_error(args)
+    if why:
+        parser.error(why)
+    if args.data is not None:
+        try:
+            shapeworld_paths(args.data, args.split)
+        except FileNotFoundError as err:
+            parser.error(str(err))
+    for name in ("requests", "val", "steps", "batch_size", "save_every", "eval_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
+    if args.compositions < 0:
+        parser.error(f"--compositions must be >= 0, received {args.compositions}")
+    if args.lr <= 0:
+        parser.error(f"--lr must be > 0, received {args.lr}")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
+    if args.resume and not (args.out / "last").is_dir():
+        parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
+
+
+def _captions(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], str]:
+    """Every caption of the data (each image's, in order) and a one-line description."""
+    if args.data is not None:
+        pairs = CaptionDataset.from_shapeworld(args.data, args.split)
+        where = f"ShapeWorld {args.data} split {args.split}"
+    else:
+        try:
+            pairs, description = user_captions_from_args(args)
+        except (ValueError, OSError) as err:  # bad data: say what, no traceback
+            parser.error(str(err))
+        where = f"{description['kind']} {description.get('root') or description.get('captions')}"
+    return [c for caps in pairs.captions for c in caps], where
+
+
+def draw_requests(
+    captions: list[str], n: int, compositions: int, seed: int
+) -> list[tuple[str, str]]:
+    """(request, caption) pairs, shuffled: `n` distinct captions (at most all) and `compositions`
+    novel ones, each inside a random request template. A pure function of its arguments."""
+    rng = np.random.default_rng(seed)
+    unique = list(dict.fromkeys(captions))
+    picked = [unique[int(i)] for i in rng.choice(len(unique), min(n, len(unique)), replace=False)]
+    picked += [compose_description(rng) for _ in range(compositions)]
+    pairs = [
+        (REQUEST_TEMPLATES[int(rng.integers(len(REQUEST_TEMPLATES)))].format(c), c) for c in picked
+    ]
+    return [pairs[int(i)] for i in rng.permutation(len(pairs))]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def build_cache(
+    model: GILLVLM,
+    pipe: Any,
+    pairs: list[tuple[str, str]],
+    folder: Path,
+    key: dict[str, Any],
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden (N, r, H), targets (N, L, D)) of every request, float32: the [IMG] states from the
+    frozen model and the decoder's encoding of the caption. Chunks already in `folder` under the
+    same `key` are read, the others computed and written one by one (atomically)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key_file = folder / "key.json"
+    if key_file.is_file() and json.loads(key_file.read_text(encoding="utf-8")) != key:
+        for old in folder.glob("part-*.safetensors"):  # another checkpoint, data or request set
+            old.unlink()
+    atomic_write_text(key_file, json.dumps(key, indent=1) + "\n")
+    hidden, targets = [], []
+    starts = range(0, len(pairs), CHUNK)
+    for k, start in enumerate(tqdm(starts, desc="cache [IMG] states", disable=not progress)):
+        path = folder / f"part-{k:04d}.safetensors"
+        chunk = pairs[start : start + CHUNK]
+        if path.is_file():
+            part = load_file(str(path))
+            if part["hidden"].shape[0] == len(chunk):
+                hidden.append(part["hidden"])
+                targets.append(part["targets"])
+                continue
+        prompts = [[{"role": "user", "content": request}] for request, _ in chunk]
+        with torch.no_grad():
+            _, states = model.request_states(prompts)
+            target = encode_prompts(pipe, [caption for _, caption in chunk])
+        part = {
+            "hidden": states.hidden.float().cpu().contiguous(),
+            "targets": target.float().cpu().contiguous(),
+        }
+        tmp = path.with_suffix(".tmp")
+        save_file(part, str(tmp))
+        tmp.replace(path)
+        hidden.append(part["hidden"])
+        targets.append(part["targets"])
+    return torch.cat(hidden), torch.cat(targets)
+
+
+@torch.no_grad()
+def val_distance(
+    model: GILLVLM, hidden: torch.Tensor, embeds: torch.Tensor, targets: torch.Tensor
+) -> float:
+    """Mean per-token distance of the mapper's output to the targets (eval mode, batches of 256)."""
+    mapper = model.heads.mapper
+    was = mapper.training
+    mapper.eval()
+    try:
+        total = 0.0
+        for s in range(0, hidden.shape[0], 256):
+            h = hidden[s : s + 256]
+            pred = mapper(h, embeds.expand(h.shape[0], -1, -1))
+            total += float(generation_loss(pred, targets[s : s + 256])) * h.shape[0]
+        return total / hidden.shape[0]
+    finally:
+        mapper.train(was)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if other_process("python -m train.gill_mapper"):
+        return 0
+    _check_args(parser, args)
+    command = "python -m train.gill_mapper " + shlex.join(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    diffusers_logging.set_verbosity_error()  # long captions are cut by the decoder's tokenizer
+    preset = PolychromeConfig.from_preset(args.preset)
+    base = args.checkpoint
+    if base is None:
+        if not preset.gill.checkpoint:
+            parser.error(f"--checkpoint: the {args.preset!r} preset names no GILL checkpoint")
+        base = project_path(preset.gill.checkpoint)
+    if not (base / "gill.safetensors").is_file():
+        parser.error(f"--checkpoint {base}: not a GILL folder (no gill.safetensors)")
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    model = GILLVLM.from_pretrained(base, device=device)
+    model.eval()  # the LLM side only reads; the mapper is switched to train below
+    pipe = pipeline_from_preset(preset.diffusion).to(device)  # frozen: only its text encoder
+    captions, data_desc = _captions(parser, args)
+    pairs = draw_requests(captions, args.requests, args.compositions, args.seed)
+    if len(pairs) <= args.val + args.batch_size:
+        parser.error(
+            f"{len(pairs)} requests from {data_desc}: need more than --val {args.val} + "
+            f"--batch-size {args.batch_size}"
+        )
+    cache_key = {
+        "base": str(base),
+        "base_sha256": _digest(base / "gill.safetensors"),
+        "vlm_sha256": _digest(base / "vlm.safetensors"),
+        "decoder": str(preset.diffusion.checkpoint or preset.diffusion.model),
+        "data": data_desc,
+        "requests": args.requests,
+        "compositions": args.compositions,
+        "seed": args.seed,
+    }
+    n_caps = len(pairs) - args.compositions
+    print(
+        f"{len(pairs)} requests ({n_caps} captions from {data_desc}, {args.compositions} "
+        f"compositions; {args.val} held out); base {base}"
+    )
+    hidden, targets = build_cache(
+        model, pipe, pairs, args.out / "cache", cache_key, progress=not args.no_progress
+    )
+    with torch.no_grad():  # the [IMG] rows: the same input embeddings for every request
+        ids = torch.tensor(model.img_ids, device=device)
+        embeds = model.vlm.embed(ids[None]).float().cpu()  # (1, r, H)
+    model.requires_grad_(False)
+    if args.fresh_mapper:
+        cfg = model.config
+        model.heads.mapper = build_mapper(cfg.llm_dim, cfg.mapper, cfg.num_img_tokens)
+    mapper = model.heads.mapper.cpu().float().requires_grad_(True)
+    n_train = len(pairs) - args.val
+    train_h, train_t = hidden[:n_train], targets[:n_train]
+    val_h, val_t = hidden[n_train:], targets[n_train:]
+    constant = train_t.mean(0, keepdim=True).expand_as(val_t)
+    references = {
+        "val_distance_constant": round(float(generation_loss(constant, val_t)), 4),
+        "val_distance_base": round(val_distance(model, val_h, embeds, val_t), 4),
+    }
+    print(
+        f"val distance: the base mapper {references['val_distance_base']:.3f}, the best constant "
+        f"(mean training target) {references['val_distance_constant']:.3f}"
+    )
+    optimizer = torch.optim.AdamW(
+        mapper.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95)
+    )
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps * 3 // 100)
+    scheduler = cosine_with_warmup(optimizer, warmup, args.steps)
+    run_config = {
+        "base": str(base),
+        "cache": cache_key,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "fresh_mapper": args.fresh_mapper,
+    }
+    start = 0
+    if args.resume:
+        why = resume_mismatches(args.out, run_config, RESUME_KEYS)
+        if why:
+            parser.error(f"--resume: {why}")
+        start = load_training_state(args.out, mapper, optimizer, scheduler)
+        print(f"resumed from {args.out / 'last'} at step {start}")
+    curve = args.out / "loss.jsonl"
+    rows = curve.read_text(encoding="utf-8").splitlines() if curve.is_file() else []
+    kept = [r for r in rows if json.loads(r)["step"] <= start] if args.resume else []
+    atomic_write_text(curve, "".join(r + "\n" for r in kept))
+    batches = batch_indices(n_train, args.batch_size, args.seed, start)
+    mapper.train()
+    began = time.monotonic()
+    done = start
+    last_val = None
+    bar = tqdm(
+        total=args.steps, initial=start, desc="train mapper", unit="step", disable=args.no_progress
+    )
+    with curve.open("a", encoding="utf-8") as log:
+        for step in range(start, args.stop_at or args.steps):
+            idx = torch.from_numpy(next(batches))
+            h = train_h[idx]
+            loss = generation_loss(mapper(h, embeds.expand(h.shape[0], -1, -1)), train_t[idx])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(mapper.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            row: dict[str, Any] = {"step": done, "loss": round(float(loss.detach()), 5)}
+            if done % args.eval_every == 0 or done == args.steps:
+                last_val = val_distance(model, val_h, embeds, val_t)
+                row["val_distance"] = round(last_val, 5)
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            bar.set_postfix({k: v for k, v in row.items() if k != "step"})
+            bar.update(1)
+            out_of_time = (
+                args.max_minutes is not None and time.monotonic() - began > 60 * args.max_minutes
+            )
+            stopping = out_of_time or done == args.stop_at
+            if done % args.save_every == 0 or done == args.steps or stopping:
+                save_training_state(args.out, mapper, optimizer, scheduler, done, run_config)
+            if out_of_time:
+                print(f"--max-minutes {args.max_minutes} reached after step {done}")
+                break
+    bar.close()
+    if last_val is None:
+        last_val = val_distance(model, val_h, embeds, val_t)
+    minutes = (time.monotonic() - began) / 60
+    base_meta = json.loads((base / "manifest.json").read_text(encoding="utf-8")).get("metadata", {})
+    metadata = {
+        "command": command,
+        "base": str(base),
+        "base_metadata": base_meta,
+        "steps_run": done,
+        "steps_planned": args.steps,
+        "train_minutes_this_run": round(minutes, 2),
+        "data": data_desc,
+        "requests": len(pairs),
+        "val_distance": round(last_val, 4),
+        **references,
+    }
+    model.heads.mapper.to(device)
+    dtype = torch.float16 if args.fp16 else torch.float32
+    out = args.out / "final"
+    final = model.save_pretrained(out, dtype=dtype, metadata=metadata, overwrite=True)
+    print(
+        f"wrote {final} ({done} of {args.steps} steps, {minutes:.1f} min this run); val distance "
+        f"{last_val:.3f} (base {references['val_distance_base']:.3f}, constant "
+        f"{references['val_distance_constant']:.3f})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
