@@ -80,6 +80,7 @@ __all__ = [
     "describe_object_at",
     "grid_position",
     "join_list",
+    "listing_caption",
     "make_captions",
     "make_dialogue",
     "make_qa",
@@ -867,3 +868,20 @@ def annotate(
     qa = _make_qa(facts, rng, cands, shapes, colours)
     scene.qa = [q.pair for q in qa]
     scene.dialogues = [make_dialogue(facts, rng, qa, scene.refs)]
+
+
+def listing_caption(captions: Sequence[str], objects: Sequence[tuple[str, str]]) -> str:
+    """The caption naming every (colour, class) of `objects`; the shortest such.
+
+    A caption names a pair if it contains "<colour> <class>" (plurals contain the singular).
+    If none names every pair, the one naming most (then the shortest) is returned.
+    """
+    if not captions:
+        raise ValueError("no captions to choose from")
+    pairs = {f"{colour} {shape}".lower() for colour, shape in objects}
+
+    def score(caption: str) -> tuple[int, int]:
+        text = caption.lower()
+        return (-sum(p in text for p in pairs), len(caption))
+
+    return min(captions, key=score)

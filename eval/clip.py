@@ -46,6 +46,7 @@ from core.io import atomic_write_text
 from core.runtime import resolve_device
 from data.datasets import InstanceDataset, shapeworld_paths
 from data.formats import read_coco_captions
+from data.language import listing_caption
 from data.scene import COLOURS, UNSEEN_COLOURS
 from data.shapeworld import read_manifest
 from eval.metrics import recall_at_k
@@ -66,23 +67,6 @@ __all__ = [
     "object_crop",
     "retrieval_recalls",
 ]
-
-
-def listing_caption(captions: Sequence[str], objects: Sequence[tuple[str, str]]) -> str:
-    """The caption naming every (colour, class) of `objects`; the shortest such.
-
-    A caption names a pair if it contains "<colour> <class>" (plurals contain the singular).
-    If none names every pair, the one naming most (then the shortest) is returned.
-    """
-    if not captions:
-        raise ValueError("no captions to choose from")
-    pairs = {f"{colour} {shape}".lower() for colour, shape in objects}
-
-    def score(caption: str) -> tuple[int, int]:
-        text = caption.lower()
-        return (-sum(p in text for p in pairs), len(caption))
-
-    return min(captions, key=score)
 
 
 def retrieval_recalls(

@@ -60,7 +60,15 @@ from vision.sam import sam_from_preset
 from vlm.config import PolychromeConfig
 from vlm.gill import GILLVLM, ImgTokenStates, SceneItem, load_scenes, request_prompt
 
-__all__ = ["OTHER_PROMPTS", "evaluate_gill", "format_tables", "main", "recall_at"]
+__all__ = [
+    "OTHER_PROMPTS",
+    "batched_request_states",
+    "evaluate_gill",
+    "format_tables",
+    "judge_from_args",
+    "main",
+    "recall_at",
+]
 
 # Held-out ordinary prompts (none is in train.gill's list): the reply should not open with [IMG0].
 OTHER_PROMPTS = (
@@ -82,7 +90,7 @@ def recall_at(ranked: Sequence[Sequence[int]], truth: Sequence[int], ks: Sequenc
     }
 
 
-def _states(
+def batched_request_states(
     gill: GILLVLM,
     prompts: Sequence[list[dict[str, Any]]],
     batch_size: int,
@@ -131,7 +139,7 @@ def retrieval_recall(
     index = ImageIndex(embedder.name, embedder.dim, "exact")
     index.add(embedder([s.image_path for s in scenes]), paths, model=embedder.name)
     requests = [request_prompt(s.listing) for s in scenes]
-    last, states = _states(gill, requests, batch_size, progress, "scene requests")
+    last, states = batched_request_states(gill, requests, batch_size, progress, "scene requests")
     hits = index.search(gill.retrieval_queries(states).cpu().numpy(), min(max(KS), len(scenes)))
     return recall_at(hits.ids.tolist(), list(range(len(scenes)))), last, states
 
@@ -177,7 +185,8 @@ def evaluate_gill(
     single, two = load_prompts(gen_root, gen_split, n_single, n_two)
     items: list[PromptItem] = single + two
     prompts = [it.prompt for it in items]
-    _, gen_states = _states(gill, [request_prompt(p) for p in prompts], batch_size, progress, "gen")
+    requests = [request_prompt(p) for p in prompts]
+    _, gen_states = batched_request_states(gill, requests, batch_size, progress, "gen")
     with torch.inference_mode():
         mapped = gill.prompt_embeds(gen_states).float()
         own = encode_prompts(pipe, prompts).float()
@@ -309,7 +318,9 @@ def format_tables(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _judge(preset: PolychromeConfig, args: argparse.Namespace, gen_root: Path) -> GenerationJudge:
+def judge_from_args(
+    preset: PolychromeConfig, args: argparse.Namespace, gen_root: Path
+) -> GenerationJudge:
     """eval.generation's judge: the preset's CLIP and SAM (random weights from seed 0 where the
     preset has none, as the tiny preset)."""
     clip_cfg = preset.clip.replace(checkpoint=str(args.clip)) if args.clip else preset.clip
@@ -365,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         load_pipeline(args.diffusion) if args.diffusion else pipeline_from_preset(preset.diffusion)
     )
     set_scheduler(pipe, preset.diffusion.scheduler)
-    judge = _judge(preset, args, args.gen_data)
+    judge = judge_from_args(preset, args, args.gen_data)
     reference = None
     if not args.no_clip_reference:
         reference, _ = clip_embedder(args.preset, args.clip)

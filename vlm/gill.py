@@ -53,6 +53,7 @@ from core.checkpoint import CheckpointError, load_state_strict
 from core.images import load_rgb
 from data.datasets import InstanceDataset, shapeworld_paths
 from data.formats import read_coco_captions
+from data.language import listing_caption
 from data.scene import COLOURS, SHAPES, UNSEEN_COLOURS, UNSEEN_SHAPES
 from generation.diffusion import DiffusionConfig, Pipeline, expected_embeds_shape, generate
 from generation.gill import (
@@ -696,11 +697,6 @@ class SceneItem:
     objects: list[tuple[str, str]]  # (colour, class) per object
 
 
-def _listing(captions: Sequence[str], objects: Sequence[tuple[str, str]]) -> str:
-    pairs = {f"{c} {s}".lower() for c, s in objects}
-    return min(captions, key=lambda t: (-sum(p in t.lower() for p in pairs), len(t)))
-
-
 def load_scenes(
     root: str | os.PathLike[str], split: str, limit: int | None = None
 ) -> list[SceneItem]:
@@ -724,7 +720,7 @@ def load_scenes(
             SceneItem(
                 inst.images_root / inst.file_names[i],
                 captions,
-                _listing(captions, objects),
+                listing_caption(captions, objects),
                 objects,
             )
         )
