@@ -369,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.n < 2:
         parser.error(f"--n must be >= 2, received {args.n}")
+    if args.single < 0 or args.two < 0 or args.single + args.two < 1:
+        parser.error(
+            f"--single and --two must be >= 0 and give at least one generation prompt (the "
+            f"decision is scored on them too), received {args.single} and {args.two}"
+        )
     preset = PolychromeConfig.from_preset(args.preset)
     device = resolve_device(args.device)
     gill = GILLVLM.from_pretrained(args.checkpoint, device=device).eval()
