@@ -68,11 +68,11 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm import tqdm
 
 from core.checkpoint import save_checkpoint
-from core.io import atomic_write_text, cache_dir
+from core.io import atomic_write_bytes, atomic_write_text, cache_dir
 from core.runtime import resolve_device, seed_everything
 from core.sources import resolve_source
 from data.datasets import (
@@ -271,7 +271,8 @@ def precompute_text(
             out = torch.empty(len(texts), pooled.shape[1])
         out[sel] = pooled
     assert out is not None
-    save_file({"pooled": out.contiguous()}, str(path))
+    # atomic: the processes of a data-parallel run all write it, and a reader never sees half
+    atomic_write_bytes(path, save({"pooled": out.contiguous()}))
     return out
 
 
@@ -533,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume and log_path.is_file():  # drop lines logged after the state we resume from
         lines = log_path.read_text(encoding="utf-8").splitlines()
         kept = [line for line in lines if json.loads(line)["step"] <= start]
-    atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+    if accelerator.is_main_process:  # the others must not replace the file main appends to
+        atomic_write_text(log_path, "".join(line + "\n" for line in kept))
     stop = args.stop_at if args.stop_at is not None else args.steps
     batches = batch_indices(data.images.shape[0], global_batch, args.seed, start)
     object_batches = None
@@ -576,7 +578,8 @@ def main(argv: list[str] | None = None) -> int:
             prepared_optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
                 clip.logit_scale.clamp_(0, math.log(100))  # CLIP caps the temperature at 100
-            loss_value = loss.detach().item()
+            # the mean over the processes, each contrasting its own pairs
+            loss_value = accelerator.reduce(loss.detach(), "mean").item()
             done = step + 1
             if accelerator.is_main_process:
                 lr = scheduler.get_last_lr()[0]

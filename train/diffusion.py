@@ -205,6 +205,28 @@ def _to_unit(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float() / 127.5 - 1  # uint8 -> [-1, 1]
 
 
+def _out_of_time(accelerator: Accelerator, deadline: float) -> bool:
+    """Past the deadline on any process (every process must stop at the same step, or the others
+    would wait for it forever)."""
+    late = time.time() > deadline
+    if accelerator.num_processes == 1:
+        return late
+    return bool(accelerator.reduce(torch.tensor(float(late), device=accelerator.device), "max"))
+
+
+class _Reconstruct(torch.nn.Module):
+    """The VAE's encode-decode round trip as one forward: what DDP wraps (a DDP module has no
+    ``encode``)."""
+
+    def __init__(self, vae: Any) -> None:
+        super().__init__()
+        self.vae = vae  # an AutoencoderTiny (generation.diffusion.build_vae)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, 3, H, W) in [-1, 1] -> its reconstruction (B, 3, H, W)."""
+        return self.vae.decode(self.vae.encode(x).latents).sample
+
+
 def train_vae(
     cfg: DiffusionConfig,
     images: torch.Tensor,
@@ -242,7 +264,7 @@ def train_vae(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = int(state["step"])
-    model, prepared = accelerator.prepare(vae, optimizer)
+    model, prepared = accelerator.prepare(_Reconstruct(vae), optimizer)
     n, size = images.shape[0], images.shape[-1]
     crop = min(args.vae_crop, size)
     world, rank, main_process = (
@@ -265,8 +287,7 @@ def train_vae(
         top, left = (int(v) for v in rng.integers(0, size - crop + 1, size=2))
         x = _to_unit(images[idx, :, top : top + crop, left : left + crop]).to(device)
         with accelerator.autocast():
-            latents = model.encode(x).latents
-            recon = model.decode(latents).sample
+            recon = model(x)
         loss = vae_loss(recon.float(), x, args.vae_chroma_weight)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
@@ -274,19 +295,20 @@ def train_vae(
         scheduler.step()
         prepared.zero_grad(set_to_none=True)
         done = step + 1
-        value = loss.detach().item()
+        value = accelerator.reduce(loss.detach(), "mean").item()  # the global batch's
         bar.set_postfix(loss=f"{value:.4f}")
         if main_process:
             log.write(json.dumps({"stage": "vae", "step": done, "loss": value}) + "\n")
             log.flush()
-        if done % args.save_every == 0 or done == args.vae_steps or time.time() > deadline:
+        out_of_time = args.max_minutes is not None and _out_of_time(accelerator, deadline)
+        if done % args.save_every == 0 or done == args.vae_steps or out_of_time:
             accelerator.wait_for_everyone()
             if main_process:
                 state = {"vae": vae.state_dict()}
                 save_state(folder, state, optimizer, scheduler, done, run_config)
         if main_process and (done % args.sample_every == 0 or done == args.vae_steps):
             _save_reconstructions(vae, images, args.out / "samples" / f"vae_{done:06d}.png")
-        if time.time() > deadline:
+        if out_of_time:
             raise SystemExit(
                 f"--max-minutes {args.max_minutes} ran out during the VAE stage (step {done} of "
                 f"{args.vae_steps}); state saved in {folder / 'last'}: rerun with --resume"
@@ -486,7 +508,11 @@ def train_unet(
     global_batch = args.batch_size * world
     batches = batch_indices(latents.shape[0], global_batch, args.seed, start)
     bar = tqdm(
-        range(start, args.unet_steps), initial=start, total=args.unet_steps, desc="train unet"
+        range(start, args.unet_steps),
+        initial=start,
+        total=args.unet_steps,
+        desc="train unet",
+        disable=not accelerator.is_main_process,
     )
     done, stopped = start, False
     for step in bar:
@@ -495,12 +521,16 @@ def train_unet(
         local = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
         idx = torch.from_numpy(indices[local])
         text = states[torch.from_numpy(caption_ids[local])].to(device, torch.float32)
+        # Drawn for the global batch, each process keeping its slice: the draws one process makes
+        # for the whole batch (drawn for the slice alone, every process had the same noise).
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        drop = torch.rand(len(idx), generator=gen) < args.cond_dropout
+        n = len(indices)
+        drop = (torch.rand(n, generator=gen) < args.cond_dropout)[local]
         text[drop.to(device)] = empty[0]
         x0 = latents[idx].to(device)
-        noise = torch.randn(x0.shape, generator=gen).to(device)
-        timesteps = torch.randint(0, cfg.num_train_timesteps, (len(idx),), generator=gen).to(device)
+        noise = torch.randn((n, *latents.shape[1:]), generator=gen)[local].to(device)
+        timesteps = torch.randint(0, cfg.num_train_timesteps, (n,), generator=gen)[local]
+        timesteps = timesteps.to(device)
         with accelerator.autocast():
             loss = unet_loss(model, noise_scheduler, x0, text, noise, timesteps, args.snr_gamma)
         accelerator.backward(loss)
@@ -510,12 +540,13 @@ def train_unet(
         prepared.zero_grad(set_to_none=True)
         ema.step(unet.parameters())
         done = step + 1
-        value = loss.detach().item()
+        value = accelerator.reduce(loss.detach(), "mean").item()  # the global batch's
         if accelerator.is_main_process:
             log.write(json.dumps({"stage": "unet", "step": done, "loss": value}) + "\n")
             log.flush()
         bar.set_postfix(loss=f"{value:.4f}")
-        stopped = done < args.unet_steps and (time.time() > deadline or done == args.unet_stop_at)
+        out_of_time = args.max_minutes is not None and _out_of_time(accelerator, deadline)
+        stopped = done < args.unet_steps and (out_of_time or done == args.unet_stop_at)
         if done % args.save_every == 0 or done == args.unet_steps or stopped:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
@@ -595,7 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="run folder (vae/, unet/, final/)")
     parser.add_argument("--stage", choices=["all", "vae", "unet"], default="all")
     parser.add_argument("--vae-steps", type=int, default=1000, help="VAE optimizer steps")
-    parser.add_argument("--vae-batch-size", type=int, default=16, help="crops per VAE step")
+    parser.add_argument(
+        "--vae-batch-size", type=int, default=16, help="crops per VAE step per process"
+    )
     parser.add_argument("--vae-crop", type=int, default=64, help="VAE training crop side (px)")
     parser.add_argument("--vae-lr", type=float, default=3e-3, help="peak VAE learning rate")
     parser.add_argument(
@@ -605,7 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the chroma L1 term of the VAE loss (0: plain L1)",
     )
     parser.add_argument("--unet-steps", type=int, default=600, help="UNet optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=32, help="UNet images per step")
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="UNet images per step per process"
+    )
     parser.add_argument(
         "--unet-stop-at",
         type=int,
@@ -701,7 +736,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     seed_everything(args.seed)
     if args.data is not None:
-        ensure_data(args.data, args.preset)
+        if accelerator.is_main_process:  # one process writes the data, the others read it
+            ensure_data(args.data, args.preset)
+        accelerator.wait_for_everyone()
         for split in args.splits + (["val"] if args.eval else []):
             try:
                 shapeworld_paths(args.data, split)

@@ -412,8 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         scheduler.step()
         prepared_optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        row: dict[str, Any] = {"step": done, "loss": float(out.loss.detach())}
-        row.update({k: float(v) for k, v in out.terms.items()})
+        # the mean over the processes (each a token mean over its own slice)
+        mean = accelerator.reduce({"loss": out.loss.detach(), **out.terms}, "mean")
+        row: dict[str, Any] = {"step": done, **{k: float(v) for k, v in mean.items()}}
         row.update(lr=scheduler.get_last_lr()[0], time=round(time.time() - t0, 3))
         log.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}")

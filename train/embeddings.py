@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm import tqdm
 
 from core.io import atomic_dir, atomic_write_text
@@ -316,8 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
 
     device = resolve_device(args.device)
+    # An encoder's pooler (BERT's) takes no part in the loss: DDP must expect unused parameters.
     accelerator = Accelerator(
-        cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no"
+        cpu=device.type == "cpu",
+        mixed_precision="bf16" if device.type == "cuda" else "no",
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     device = accelerator.device
     seed_everything(args.seed)
@@ -411,9 +414,11 @@ def main(argv: list[str] | None = None) -> int:
         scheduler.step()
         prepared_optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        row: dict[str, Any] = {"step": done, "loss": float(out.loss.detach())}
-        # the sampled width varies per step: log its terms under one name
-        row.update({k.replace(f"_d{out.dim}", "_d"): float(v) for k, v in out.terms.items()})
+        # the mean over the processes (each contrasts its own slice); the sampled width varies
+        # per step: log its terms under one name
+        mean = accelerator.reduce({"loss": out.loss.detach(), **out.terms}, "mean")
+        row: dict[str, Any] = {"step": done, "loss": float(mean.pop("loss"))}
+        row.update({k.replace(f"_d{out.dim}", "_d"): float(v) for k, v in mean.items()})
         row.update(layer=out.layer, dim=out.dim, lr=scheduler.get_last_lr()[0])
         row["time"] = round(time.time() - t0, 3)
         log.append(row)

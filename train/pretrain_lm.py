@@ -58,7 +58,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm import tqdm
 
 from core.io import atomic_dir, atomic_write_text
@@ -117,6 +117,7 @@ RESUME_KEYS = (
     "seed",
     "mask_ratio",
     "corpora",
+    "processes",  # --batch-size is per process: another count is another global batch
 )
 
 
@@ -292,9 +293,12 @@ def build_ernie_gram(
 # One objective's batches and losses
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The torch.Generator of one step's masks and samples: a pure function of (seed, step)."""
-    state = int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The torch.Generator of one step's masks and samples: a pure function of (seed, step) and,
+    for process rank > 0 of a data-parallel run, of its rank (its own stream; rank 0 draws what
+    one process draws)."""
+    key = [seed, step] if rank == 0 else [seed, step, rank]
+    state = int(np.random.SeedSequence(key).generate_state(1)[0])
     return torch.Generator().manual_seed(state)
 
 
@@ -332,11 +336,15 @@ class Objective:
         gen: torch.Generator,
         device: torch.device,
         clean: bool = False,
+        part: slice = slice(None),
     ) -> dict[str, torch.Tensor]:
-        """rows (B, T) packed token ids -> losses; clean = plain next-token batch (held-out)."""
+        """rows (B, T) packed token ids -> losses of rows[part] (a process's slice of the global
+        batch `rows`); clean = plain next-token batch (held-out). MEAP draws the masks of all the
+        rows and keeps the slice's, so each process masks its rows as one process would;
+        ERNIE-Gram masks the slice alone (`gen` is the process's own)."""
         seqs = torch.from_numpy(rows)
         if self.ernie is not None:
-            batch = self.ernie(seqs, generator=gen).to(device)
+            batch = self.ernie(seqs[part], generator=gen).to(device)
             out = model(**batch.model_inputs(), sample_generator=gen)
             return {
                 "loss": out.loss,
@@ -348,7 +356,7 @@ class Objective:
             inputs = self.meap(seqs, generator=gen).model_inputs()
         else:
             inputs = self.ntp(seqs)
-        out = model(**{k: v.to(device) for k, v in inputs.items()})
+        out = model(**{k: v[part].to(device) for k, v in inputs.items()})
         lm_loss = getattr(out, "lm_loss", None)  # TNL: the LM term without MoE auxiliaries
         losses = {"loss": out.loss}
         if lm_loss is not None and lm_loss is not out.loss:
@@ -634,8 +642,12 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m train.pretrain_lm " + shlex.join(argv)
 
     device = resolve_device(args.device)
+    # ERNIE-Gram's BERTs have poolers the losses never read: DDP must expect unused parameters.
+    unused = DistributedDataParallelKwargs(find_unused_parameters=args.objective == "ernie-gram")
     accelerator = Accelerator(
-        cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no"
+        cpu=device.type == "cpu",
+        mixed_precision="bf16" if device.type == "cuda" else "no",
+        kwargs_handlers=[unused],
     )
     device = accelerator.device
     seed_everything(args.seed)
@@ -751,11 +763,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     t0 = time.time()
     local = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
+    # MEAP draws the global batch's masks on every process; ERNIE-Gram each process's own
+    stream = rank if objective.ernie is not None else 0
     for step in bar:
-        indices = next(batches)[local]
+        indices = next(batches)
         with accelerator.autocast():
             losses = objective.losses(
-                prepared, train_rows[indices], step_generator(args.seed, step), device
+                prepared,
+                train_rows[indices],
+                step_generator(args.seed, step, stream),
+                device,
+                part=local,
             )
         accelerator.backward(losses["loss"])
         accelerator.clip_grad_norm_(params, 1.0)
@@ -763,7 +781,8 @@ def main(argv: list[str] | None = None) -> int:
         scheduler.step()
         prepared_optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        row = {"step": done, **{k: float(v.detach()) for k, v in losses.items()}}
+        mean = accelerator.reduce({k: v.detach() for k, v in losses.items()}, "mean")
+        row = {"step": done, **{k: float(v) for k, v in mean.items()}}  # the global batch's
         row["lr"] = scheduler.get_last_lr()[0]
         row["time"] = round(time.time() - t0, 3)
         log["train"].append(row)
@@ -774,9 +793,10 @@ def main(argv: list[str] | None = None) -> int:
                 objective, prepared, heldout_rows, args.batch_size, args.seed, device, accelerator
             )
             log["eval"].append({"step": done, **result})
-            bar.write(
-                f"step {done}: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
-            )
+            if accelerator.is_main_process:
+                bar.write(
+                    f"step {done}: held-out " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+                )
         if done % args.save_every == 0 or done == stop:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:

@@ -373,6 +373,13 @@ class SamPromptLoss(nn.Module):
         return SamLossOutput(loss, stats)
 
 
+def _any(accelerator: Any, flag: bool) -> bool:
+    """True on every process when `flag` is True on any of them."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "max"))
+
+
 def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
     """The generator for every random draw of one step: a pure function of (seed, step, rank)."""
     state = int(np.random.SeedSequence([seed, step, rank]).generate_state(1, dtype=np.uint64)[0])
@@ -715,7 +722,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_running += 1
         done = step + 1
         if done % args.log_every == 0 or done == end:
-            means = {k: float(v) / n_running for k, v in running.items()}
+            # the mean over the processes: each averaged over an equal slice of the batch
+            reduced = accelerator.reduce(running, "mean")
+            means = {k: float(v) / n_running for k, v in reduced.items()}
             running, n_running = {}, 0
             if not math.isfinite(means["loss"]):
                 raise FloatingPointError(f"step {done}: loss is {means['loss']}; lower --lr")
@@ -726,7 +735,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             + "\n")  # fmt: skip
         if done % args.save_every == 0 and done != end:
             save_state(done)
-        if args.max_minutes is not None and time.time() - t_train > 60 * args.max_minutes:
+        late = args.max_minutes is not None and time.time() - t_train > 60 * args.max_minutes
+        if args.max_minutes is not None and _any(accelerator, late):  # all stop, or none
             timed_out = done < end
             end = done
             break
