@@ -61,7 +61,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -352,7 +352,7 @@ class NeedleTask:
 class NeedleSettings:
     """Model and schedule of the meap-needle runs."""
 
-    arch: str = "softmax"  # TNL attention: softmax (SDPA) or lightning
+    arch: Literal["softmax", "lightning"] = "softmax"  # TNL attention: softmax (SDPA) or lightning
     hidden: int = 64
     layers: int = 2
     heads: int = 4
@@ -417,7 +417,7 @@ def needle_heldout_loss(
 def run_meap_needle(s: NeedleSettings, seeds: Sequence[int]) -> dict[str, Any]:
     task = NeedleTask()
     meap = MEAPCollator(task.mask_id, task.pad_id, s.mask_ratio, protected_ids=[task.bos_id])
-    runs = []
+    runs: list[dict[str, Any]] = []
     for seed in seeds:
         for objective in ("ntp", "meap"):
             model = needle_model(task, s, seed)  # same init for both objectives
@@ -651,7 +651,7 @@ class PlantedCorpus:
         seen: set[tuple[int, ...]] = set()
         out = []
         for _ in range(self.num_topics):
-            mine = []
+            mine: list[tuple[int, ...]] = []
             for n, count in ((2, self.bigrams_per_topic), (3, self.trigrams_per_topic)):
                 while sum(len(g) == n for g in mine) < count:
                     # distinct words from the whole vocabulary (not only rare ones)
@@ -866,18 +866,22 @@ def run_ernie_masking(s: ErnieSettings, corpus: PlantedCorpus, seed: int) -> dic
     for method in ("ernie-gram", "span", "token"):
         torch.manual_seed(seed)
         model: Any
+        loss_fn: Callable[[int], torch.Tensor]
         if method == "ernie-gram":
             model = build_ernie(V, lexicon, s, T)
             ernie = ErnieGramCollator(
                 lexicon, V, corpus.mask_id, corpus.pad_id, s.mask_ratio, [corpus.pad_id]
             )
 
-            def loss_fn(step: int, model: Any = model, ernie: ErnieGramCollator = ernie):
+            def ernie_loss(
+                step: int, model: Any = model, ernie: ErnieGramCollator = ernie
+            ) -> torch.Tensor:
                 idx = _rng(seed, 22, step).integers(len(train_docs), size=s.batch_size)
                 gen = _torch_gen(seed, 23, step)
                 batch = ernie(train_docs[idx], generator=gen)
                 return model(**batch.model_inputs(), sample_generator=gen).loss
 
+            loss_fn = ernie_loss
         else:
             model = BertForMaskedLM(_bert_config(V, s, T))
             span = SpanMaskingCollator(
@@ -888,10 +892,14 @@ def run_ernie_masking(s: ErnieSettings, corpus: PlantedCorpus, seed: int) -> dic
                 max_span=s.max_span if method == "span" else 1,
             )
 
-            def loss_fn(step: int, model: Any = model, span: SpanMaskingCollator = span):
+            def span_loss(
+                step: int, model: Any = model, span: SpanMaskingCollator = span
+            ) -> torch.Tensor:
                 idx = _rng(seed, 22, step).integers(len(train_docs), size=s.batch_size)
                 batch = span(train_docs[idx], generator=_torch_gen(seed, 23, step))
                 return model(**batch.model_inputs()).loss
+
+            loss_fn = span_loss
 
         t0 = time.time()
         losses = train_loop(model, loss_fn, s.steps, s.lr, method)

@@ -93,7 +93,8 @@ def time_pair(
     for _ in range(warmup):
         F.linear(x, weight)
         F.linear(x, sparse)
-    dense_ms, sparse_ms = [], []
+    dense_ms: list[float] = []
+    sparse_ms: list[float] = []
     for _ in range(repeats):
         for w, times in ((weight, dense_ms), (sparse, sparse_ms)):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -58,6 +58,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+
+# The defining module, not `diffusers.AutoencoderTiny`: mypy reads diffusers/__init__'s
+# no-torch branch first and types that name as the method-less dummy placeholder.
+from diffusers.models.autoencoders.autoencoder_tiny import AutoencoderTiny
 from diffusers.training_utils import EMAModel, compute_snr
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
@@ -346,7 +350,7 @@ def vae_loss(recon: torch.Tensor, target: torch.Tensor, chroma_weight: float) ->
 
 
 @torch.no_grad()
-def latent_scale(vae: torch.nn.Module, images: torch.Tensor, device: torch.device) -> float:
+def latent_scale(vae: AutoencoderTiny, images: torch.Tensor, device: torch.device) -> float:
     """1 / std of the encoder's latents over (up to) the first 1024 images."""
     parts = []
     for start in range(0, min(1024, images.shape[0]), 64):
@@ -356,7 +360,7 @@ def latent_scale(vae: torch.nn.Module, images: torch.Tensor, device: torch.devic
 
 
 @torch.no_grad()
-def _save_reconstructions(vae: torch.nn.Module, images: torch.Tensor, path: Path) -> None:
+def _save_reconstructions(vae: AutoencoderTiny, images: torch.Tensor, path: Path) -> None:
     """Top row: 8 images; bottom row: their reconstructions."""
     was_training = vae.training
     vae.eval()
@@ -377,7 +381,11 @@ def _save_reconstructions(vae: torch.nn.Module, images: torch.Tensor, path: Path
 
 @torch.no_grad()
 def encode_latents(
-    vae: torch.nn.Module, images: torch.Tensor, scale: float, device: torch.device, batch: int = 64
+    vae: AutoencoderTiny,
+    images: torch.Tensor,
+    scale: float,
+    device: torch.device,
+    batch: int = 64,
 ) -> torch.Tensor:
     """(N, C_lat, s, s) float32 scaled latents of every image (the VAE is deterministic)."""
     out = []

@@ -49,7 +49,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -241,7 +241,7 @@ def build_model(args: argparse.Namespace, cfg: DupMAEConfig) -> DupMAEModel:
         max_position_embeddings=base.max_position_embeddings,
     )
     model = DupMAEModel.build(BertForMaskedLM(config), load_tokenizer(args.model), cfg)
-    return cast(DupMAEModel, model.train())
+    return model.train()
 
 
 def build_parser() -> argparse.ArgumentParser:
