@@ -32,22 +32,18 @@ process 0 runs the script and the others stop (train/decoding_common.py).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shlex
 import sys
-import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from diffusers.utils import logging as diffusers_logging
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from core.config import project_path
-from core.io import atomic_write_text
 from core.runtime import resolve_device, seed_everything
 from data.datasets import (
     CaptionDataset,
@@ -58,18 +54,16 @@ from data.datasets import (
 )
 from generation.diffusion import encode_prompts, pipeline_from_preset
 from generation.gill import build_mapper, generation_loss
+from train.cached import cached_tensors, file_digest, fit_cached
 from train.common import (
-    batch_indices,
     cosine_with_warmup,
     load_training_state,
     resume_mismatches,
-    save_training_state,
 )
 from train.decoding_common import other_process
 from vlm.config import PolychromeConfig
 from vlm.gill import GILLVLM, REQUEST_TEMPLATES, compose_description
 
-CHUNK = 256  # requests per cache file
 RESUME_KEYS = ("base", "cache", "lr", "steps", "batch_size", "seed", "weight_decay")
 
 
@@ -170,10 +164,6 @@ def draw_requests(
     return [pairs[int(i)] for i in rng.permutation(len(pairs))]
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
 def build_cache(
     model: GILLVLM,
     pipe: Any,
@@ -182,40 +172,17 @@ def build_cache(
     key: dict[str, Any],
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden (N, r, H), targets (N, L, D)) of every request, float32: the [IMG] states from the
-    frozen model and the decoder's encoding of the caption. Chunks already in `folder` under the
-    same `key` are read, the others computed and written one by one (atomically)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    key_file = folder / "key.json"
-    if key_file.is_file() and json.loads(key_file.read_text(encoding="utf-8")) != key:
-        for old in folder.glob("part-*.safetensors"):  # another checkpoint, data or request set
-            old.unlink()
-    atomic_write_text(key_file, json.dumps(key, indent=1) + "\n")
-    hidden, targets = [], []
-    starts = range(0, len(pairs), CHUNK)
-    for k, start in enumerate(tqdm(starts, desc="cache [IMG] states", disable=not progress)):
-        path = folder / f"part-{k:04d}.safetensors"
-        chunk = pairs[start : start + CHUNK]
-        if path.is_file():
-            part = load_file(str(path))
-            if part["hidden"].shape[0] == len(chunk):
-                hidden.append(part["hidden"])
-                targets.append(part["targets"])
-                continue
+    """(hidden (N, r, H), targets (N, L, D)) of every request: the [IMG] states from the frozen
+    model and the decoder's encoding of the caption (`cached_tensors`)."""
+
+    def compute(chunk: Sequence[tuple[str, str]]) -> dict[str, torch.Tensor]:
         prompts = [[{"role": "user", "content": request}] for request, _ in chunk]
-        with torch.no_grad():
-            _, states = model.request_states(prompts)
-            target = encode_prompts(pipe, [caption for _, caption in chunk])
-        part = {
-            "hidden": states.hidden.float().cpu().contiguous(),
-            "targets": target.float().cpu().contiguous(),
-        }
-        tmp = path.with_suffix(".tmp")
-        save_file(part, str(tmp))
-        tmp.replace(path)
-        hidden.append(part["hidden"])
-        targets.append(part["targets"])
-    return torch.cat(hidden), torch.cat(targets)
+        _, states = model.request_states(prompts)
+        target = encode_prompts(pipe, [caption for _, caption in chunk])
+        return {"hidden": states.hidden, "targets": target}
+
+    cache = cached_tensors(folder, key, pairs, compute, "cache [IMG] states", progress)
+    return cache["hidden"], cache["targets"]
 
 
 @torch.no_grad()
@@ -269,9 +236,9 @@ def main(argv: list[str] | None = None) -> int:
             f"--batch-size {args.batch_size}"
         )
     cache_key = {
-        "base": str(base),
-        "base_sha256": _digest(base / "gill.safetensors"),
-        "vlm_sha256": _digest(base / "vlm.safetensors"),
+        # the [IMG] states depend on the VLM core and the [IMG] rows (vlm.safetensors), not on
+        # the heads: a cache serves any refit of the same train.gill run
+        "vlm_sha256": file_digest(base / "vlm.safetensors"),
         "decoder": str(preset.diffusion.checkpoint or preset.diffusion.model),
         "data": data_desc,
         "requests": args.requests,
@@ -328,50 +295,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--resume: {why}")
         start = load_training_state(args.out, mapper, optimizer, scheduler)
         print(f"resumed from {args.out / 'last'} at step {start}")
-    curve = args.out / "loss.jsonl"
-    rows = curve.read_text(encoding="utf-8").splitlines() if curve.is_file() else []
-    kept = [r for r in rows if json.loads(r)["step"] <= start] if args.resume else []
-    atomic_write_text(curve, "".join(r + "\n" for r in kept))
-    batches = batch_indices(n_train, args.batch_size, args.seed, start)
-    mapper.train()
-    began = time.monotonic()
-    done = start
-    last_val = None
-    bar = tqdm(
-        total=args.steps, initial=start, desc="train mapper", unit="step", disable=args.no_progress
-    )
-    with curve.open("a", encoding="utf-8") as log:
-        for step in range(start, args.stop_at or args.steps):
-            idx = torch.from_numpy(next(batches))
-            h = train_h[idx]
-            loss = generation_loss(mapper(h, embeds.expand(h.shape[0], -1, -1)), train_t[idx])
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(mapper.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            row: dict[str, Any] = {"step": done, "loss": round(float(loss.detach()), 5)}
-            if done % args.eval_every == 0 or done == args.steps:
-                last_val = val_distance(model, val_h, embeds, val_t)
-                row["val_distance"] = round(last_val, 5)
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            bar.set_postfix({k: v for k, v in row.items() if k != "step"})
-            bar.update(1)
-            out_of_time = (
-                args.max_minutes is not None and time.monotonic() - began > 60 * args.max_minutes
-            )
-            stopping = out_of_time or done == args.stop_at
-            if done % args.save_every == 0 or done == args.steps or stopping:
-                save_training_state(args.out, mapper, optimizer, scheduler, done, run_config)
-            if out_of_time:
-                print(f"--max-minutes {args.max_minutes} reached after step {done}")
-                break
-    bar.close()
-    if last_val is None:
-        last_val = val_distance(model, val_h, embeds, val_t)
-    minutes = (time.monotonic() - began) / 60
+
+    def loss_on(idx: torch.Tensor) -> torch.Tensor:
+        h = train_h[idx]
+        return generation_loss(mapper(h, embeds.expand(h.shape[0], -1, -1)), train_t[idx])
+
+    def evaluate() -> dict[str, float]:
+        return {"val_distance": val_distance(model, val_h, embeds, val_t)}
+
+    done, minutes = fit_cached(
+        mapper, optimizer, scheduler, loss_on, evaluate, n_train, start, run_config, args,
+        "train mapper",
+    )  # fmt: skip
+    last_val = evaluate()["val_distance"]
     base_meta = json.loads((base / "manifest.json").read_text(encoding="utf-8")).get("metadata", {})
     metadata = {
         "command": command,

@@ -1,4 +1,5 @@
-"""train.gill_mapper: the mapper refit on cached [IMG] states, everything else left as it was."""
+"""train.gill_mapper and train.gill_retrieval: heads refit on cached [IMG] states, everything else
+left as it was."""
 
 from __future__ import annotations
 
@@ -95,3 +96,29 @@ def test_an_interrupted_refit_resumes_to_the_same_mapper_and_reuses_its_cache(ba
     assert [r["step"] for r in rows] == list(range(1, 7))
     with pytest.raises(SystemExit):  # other settings cannot resume this run
         mapper_main(_args(data, checkpoint, split, "--resume", "--lr", "0.5"))
+
+
+def test_retrieval_refit_changes_the_retrieval_heads_only_and_logs_val_recall(base, tmp_path):
+    from train.gill_retrieval import main as retrieval_main
+
+    data, checkpoint = base
+    out = tmp_path / "ret"
+    args = [
+        "--preset", "tiny", "--checkpoint", str(checkpoint), "--data", str(data),
+        "--out", str(out), "--scenes", "8", "--val", "2", "--steps", "4", "--batch-size", "4",
+        "--lr", "1e-2", "--eval-every", "2", "--no-progress",
+    ]  # fmt: skip
+    assert retrieval_main(args) == 0
+    before = load_file(str(checkpoint / "gill.safetensors"))
+    after = load_file(str(out / "final" / "gill.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("heads.retrieval.") for k in changed)
+    curve = [json.loads(r) for r in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve if "R@1" in r] == [2, 4]
+    assert all(0.0 <= r["R@1"] <= r["R@5"] <= 1.0 for r in curve if "R@1" in r)
+    # the cache depends on the [IMG] rows, not on the heads: a refit of the refit reuses it
+    part = out / "cache_train" / "part-0000.safetensors"
+    stamp = part.stat().st_mtime_ns
+    again = [*args[:3], str(out / "final"), *args[4:]]
+    assert retrieval_main(again) == 0
+    assert part.stat().st_mtime_ns == stamp

@@ -1,0 +1,127 @@
+"""Train small heads on tensors computed once: the cache, and the loop over it.
+
+The GILL refits (train.gill_mapper, train.gill_retrieval) run the frozen LLM once per request,
+keep what it produced (`cached_tensors`: chunk files written atomically, reused while their key
+holds), and then take many cheap steps on those tensors (`fit_cached`: resumable through
+``<out>/last`` like every training script, a loss log of one row per step with the held-out
+figures every ``eval_every`` steps, ``--max-minutes`` and ``--stop-at``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from core.io import atomic_write_text
+from train.common import batch_indices, save_training_state
+
+__all__ = ["CHUNK", "cached_tensors", "file_digest", "fit_cached"]
+
+T = TypeVar("T")
+CHUNK = 256  # items per cache file
+
+
+def file_digest(path: Path) -> str:
+    """The first 16 hex digits of a file's sha256 (what a cache key records of a checkpoint)."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def cached_tensors(
+    folder: Path,
+    key: dict[str, Any],
+    items: Sequence[T],
+    compute: Callable[[Sequence[T]], dict[str, torch.Tensor]],
+    desc: str,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """compute(chunk) over `items` in chunks of CHUNK, concatenated (float32, CPU). Chunks already
+    in `folder` under the same `key` are read back; the others are computed and written one by
+    one (atomically), so an interrupted run keeps what it finished. Another key clears them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    key_file = folder / "key.json"
+    if key_file.is_file() and json.loads(key_file.read_text(encoding="utf-8")) != key:
+        for old in folder.glob("part-*.safetensors"):  # another checkpoint, data or request set
+            old.unlink()
+    atomic_write_text(key_file, json.dumps(key, indent=1) + "\n")
+    parts: list[dict[str, torch.Tensor]] = []
+    starts = range(0, len(items), CHUNK)
+    for k, start in enumerate(tqdm(starts, desc=desc, disable=not progress)):
+        path = folder / f"part-{k:04d}.safetensors"
+        chunk = items[start : start + CHUNK]
+        if path.is_file():
+            part = load_file(str(path))
+            if all(v.shape[0] == len(chunk) for v in part.values()):
+                parts.append(part)
+                continue
+        with torch.no_grad():
+            part = {name: t.float().cpu().contiguous() for name, t in compute(chunk).items()}
+        tmp = path.with_suffix(".tmp")
+        save_file(part, str(tmp))
+        tmp.replace(path)
+        parts.append(part)
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+
+def fit_cached(
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loss_on: Callable[[torch.Tensor], torch.Tensor],
+    evaluate: Callable[[], dict[str, float]],
+    n: int,
+    start: int,
+    run_config: dict[str, Any],
+    args: argparse.Namespace,
+    desc: str,
+) -> tuple[int, float]:
+    """`args.steps` AdamW steps (from `start`) of loss_on(batch indices into the n cached items),
+    in the order train.common.batch_indices gives (seed, step); clip 1.0. Reads from `args`: out,
+    steps, stop_at, batch_size, seed, save_every, eval_every, max_minutes, resume, no_progress.
+    Every eval_every steps and at the end the row of loss.jsonl also holds evaluate(). Returns
+    (the last step done, minutes)."""
+    curve = args.out / "loss.jsonl"
+    rows = curve.read_text(encoding="utf-8").splitlines() if curve.is_file() else []
+    kept = [r for r in rows if json.loads(r)["step"] <= start] if args.resume else []
+    atomic_write_text(curve, "".join(r + "\n" for r in kept))  # rows after the resumed state go
+    batches = batch_indices(n, args.batch_size, args.seed, start)
+    params = [p for p in module.parameters() if p.requires_grad]
+    module.train()
+    began = time.monotonic()
+    done = start
+    bar = tqdm(total=args.steps, initial=start, desc=desc, unit="step", disable=args.no_progress)
+    with curve.open("a", encoding="utf-8") as log:
+        for step in range(start, args.stop_at or args.steps):
+            loss = loss_on(torch.from_numpy(next(batches)))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            row: dict[str, Any] = {"step": done, "loss": round(float(loss.detach()), 5)}
+            if done % args.eval_every == 0 or done == args.steps:
+                row.update({k: round(v, 5) for k, v in evaluate().items()})
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            bar.set_postfix({k: v for k, v in row.items() if k != "step"})
+            bar.update(1)
+            out_of_time = (
+                args.max_minutes is not None and time.monotonic() - began > 60 * args.max_minutes
+            )
+            stopping = out_of_time or done == args.stop_at
+            if done % args.save_every == 0 or done == args.steps or stopping:
+                save_training_state(args.out, module, optimizer, scheduler, done, run_config)
+            if out_of_time:
+                print(f"--max-minutes {args.max_minutes} reached after step {done}")
+                break
+    bar.close()
+    return done, (time.monotonic() - began) / 60

@@ -1,0 +1,267 @@
+"""Refit GILL's retrieval heads on cached [IMG0] states: large in-batch InfoNCE, many steps.
+
+    python -m train.gill_retrieval --data /work/data/sw --out runs/gill_retrieval \\
+        --scenes 6000 --steps 3000
+    python -m train.gill_retrieval ... --resume            # continue (the caches are reused)
+    python -m train.gill_retrieval --checkpoint runs/gill_mapper/final ...   # after the mapper
+
+The same reasoning as train.gill_mapper (its docstring): once train.gill is done the [IMG] rows
+are fixed, and so is the [IMG0] state of every request. This script computes it once for
+``--scenes`` ShapeWorld scenes of ``--splits`` (a request "Show me this: <listing caption>" in a
+random template, as train.gill asks) together with the frozen CLIP's embedding of each scene's
+image, then trains only the retrieval heads (the two projections into the shared space and the
+logit scale) with GILL's symmetric InfoNCE, at ``--batch-size`` in-batch negatives (train.gill:
+16). Everything else in the checkpoint is left as it was (tested). An index built with the old
+heads is refused by the new ones (its embedder name hashes the image projection): rebuild it
+with ``python -m vlm.gill index``.
+
+Held out: the first ``--val`` scenes of the ``val`` split, queried as eval.gill queries them
+(template 0); their text -> image R@1/R@5 among themselves is logged every ``--eval-every`` steps
+beside the heads as loaded. Caches: ``<out>/cache_train`` and ``<out>/cache_val``, chunk by chunk
+(train.gill_mapper.cached_tensors). Under ``accelerate launch`` process 0 runs the script and the
+others stop (train/decoding_common.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from core.config import project_path
+from core.runtime import resolve_device, seed_everything
+from data.datasets import shapeworld_paths
+from generation.gill import info_nce
+from train.cached import cached_tensors, file_digest, fit_cached
+from train.common import (
+    cosine_with_warmup,
+    load_training_state,
+    resume_mismatches,
+)
+from train.decoding_common import other_process
+from vlm.config import PolychromeConfig
+from vlm.gill import GILLVLM, REQUEST_TEMPLATES, SceneItem, load_scenes
+
+RESUME_KEYS = ("base", "cache", "lr", "steps", "batch_size", "seed", "weight_decay")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.gill_retrieval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--preset", default="shapes", help="preset name (configs/*.json)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="the trained GILL folder whose retrieval heads are refit (default: the preset's)",
+    )
+    parser.add_argument("--data", type=Path, required=True, help="a ShapeWorld folder")
+    parser.add_argument(
+        "--splits", nargs="+", default=["train"], help="its splits to train on (default train)"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="run folder: caches last/ final/")
+    parser.add_argument("--scenes", type=int, default=6000, help="training scenes (the first N)")
+    parser.add_argument("--val", type=int, default=500, help="held-out val scenes (default 500)")
+    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps in all")
+    parser.add_argument("--batch-size", type=int, default=256, help="in-batch pairs per step")
+    parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default 3%%)")
+    parser.add_argument("--seed", type=int, default=0, help="request templates and batch order")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    parser.add_argument("--save-every", type=int, default=500, help="steps between <out>/last")
+    parser.add_argument("--eval-every", type=int, default=250, help="steps between val checks")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop after this time")
+    parser.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--fp16", action="store_true", help="write final/ in float16")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for split in [*args.splits, "val"]:
+        try:
+            shapeworld_paths(args.data, split)
+        except FileNotFoundError as err:
+            parser.error(str(err))
+    for name in ("scenes", "steps", "save_every", "eval_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
+    if args.batch_size < 2 or args.val < 2:
+        parser.error("--batch-size and --val must be >= 2 (InfoNCE and recall need negatives)")
+    if args.lr <= 0:
+        parser.error(f"--lr must be > 0, received {args.lr}")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
+    if args.resume and not (args.out / "last").is_dir():
+        parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
+
+
+def scene_cache(
+    model: GILLVLM,
+    scenes: list[SceneItem],
+    templates: list[int],
+    folder: Path,
+    key: dict[str, Any],
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(img0 (N, H), CLIP image embeddings (N, E)) of the scenes' requests and images."""
+    jobs = list(zip(scenes, templates, strict=True))
+
+    def compute(chunk: Any) -> dict[str, torch.Tensor]:
+        prompts = [
+            [{"role": "user", "content": REQUEST_TEMPLATES[t].format(s.listing)}] for s, t in chunk
+        ]
+        _, states = model.request_states(prompts)
+        return {
+            "img0": states.img0,
+            "image": model.clip_image_embeds([s.image_path for s, _ in chunk]),
+        }
+
+    cache = cached_tensors(folder, key, jobs, compute, f"cache {folder.name}", progress)
+    return cache["img0"], cache["image"]
+
+
+@torch.no_grad()
+def recall(model: GILLVLM, img0: torch.Tensor, images: torch.Tensor) -> dict[str, float]:
+    """Text -> image R@1/R@5 of each request among the images (row i is request i's image)."""
+    heads = model.heads.retrieval
+    was = heads.training
+    heads.eval()
+    try:
+        out = heads(img0, images)
+        sims = out.text_embeds @ out.image_embeds.T  # (N, N)
+        rank = (sims > sims.diagonal()[:, None]).sum(1)  # images scored above the right one
+        return {f"R@{k}": float((rank < k).float().mean()) for k in (1, 5)}
+    finally:
+        heads.train(was)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if other_process("python -m train.gill_retrieval"):
+        return 0
+    _check_args(parser, args)
+    command = "python -m train.gill_retrieval " + shlex.join(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = PolychromeConfig.from_preset(args.preset)
+    base = args.checkpoint
+    if base is None:
+        if not preset.gill.checkpoint:
+            parser.error(f"--checkpoint: the {args.preset!r} preset names no GILL checkpoint")
+        base = project_path(preset.gill.checkpoint)
+    if not (base / "gill.safetensors").is_file():
+        parser.error(f"--checkpoint {base}: not a GILL folder (no gill.safetensors)")
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    model = GILLVLM.from_pretrained(base, device=device)
+    model.eval()
+    scenes = [s for split in args.splits for s in load_scenes(args.data, split)][: args.scenes]
+    val = load_scenes(args.data, "val", args.val)
+    if len(scenes) < args.batch_size:
+        parser.error(f"{len(scenes)} scenes in {args.splits}, fewer than --batch-size")
+    rng = np.random.default_rng(args.seed)
+    templates = [int(t) for t in rng.integers(len(REQUEST_TEMPLATES), size=len(scenes))]
+    key = {
+        # the [IMG] states depend on the VLM core and the [IMG] rows (vlm.safetensors), not on
+        # the heads: a cache serves any refit of the same train.gill run
+        "vlm_sha256": file_digest(base / "vlm.safetensors"),
+        "data": str(args.data),
+        "seed": args.seed,
+    }
+    train_key = {**key, "splits": args.splits, "scenes": len(scenes)}
+    print(
+        f"{len(scenes)} training scenes of {args.data} {args.splits}; {len(val)} val; base {base}"
+    )
+    progress = not args.no_progress
+    text, image = scene_cache(
+        model, scenes, templates, args.out / "cache_train", train_key, progress
+    )
+    val_key = {**key, "splits": ["val"], "scenes": len(val), "template": 0}
+    val_text, val_image = scene_cache(
+        model, val, [0] * len(val), args.out / "cache_val", val_key, progress
+    )
+    model.requires_grad_(False)
+    heads = model.heads.retrieval.cpu().float().requires_grad_(True)
+    base_recall = recall(model, val_text, val_image)
+    print(f"val recall, the heads as loaded: {base_recall}")
+    optimizer = torch.optim.AdamW(
+        [
+            {
+                "params": [heads.text_proj.weight, heads.image_proj.weight],
+                "weight_decay": args.weight_decay,
+            },
+            {
+                "params": [heads.text_proj.bias, heads.image_proj.bias, heads.logit_scale],
+                "weight_decay": 0.0,
+            },
+        ],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps * 3 // 100)
+    scheduler = cosine_with_warmup(optimizer, warmup, args.steps)
+    run_config = {
+        "base": str(base),
+        "cache": train_key,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+    }
+    start = 0
+    if args.resume:
+        why = resume_mismatches(args.out, run_config, RESUME_KEYS)
+        if why:
+            parser.error(f"--resume: {why}")
+        start = load_training_state(args.out, heads, optimizer, scheduler)
+        print(f"resumed from {args.out / 'last'} at step {start}")
+
+    def loss_on(idx: torch.Tensor) -> torch.Tensor:
+        out = heads(text[idx], image[idx])
+        return info_nce(out.text_embeds, out.image_embeds, out.logit_scale)
+
+    done, minutes = fit_cached(
+        heads, optimizer, scheduler, loss_on, lambda: recall(model, val_text, val_image),
+        len(scenes), start, run_config, args, "train retrieval",
+    )  # fmt: skip
+    last = recall(model, val_text, val_image)
+    base_meta = json.loads((base / "manifest.json").read_text(encoding="utf-8")).get("metadata", {})
+    metadata = {
+        "command": command,
+        "base": str(base),
+        "base_metadata": base_meta,
+        "steps_run": done,
+        "steps_planned": args.steps,
+        "train_minutes_this_run": round(minutes, 2),
+        "data": f"{args.data} {args.splits} first {len(scenes)}",
+        "val_recall": last,
+        "val_recall_base": base_recall,
+    }
+    model.heads.retrieval.to(device)
+    dtype = torch.float16 if args.fp16 else torch.float32
+    final = model.save_pretrained(
+        args.out / "final", dtype=dtype, metadata=metadata, overwrite=True
+    )
+    print(f"wrote {final} ({done} of {args.steps} steps, {minutes:.1f} min); val {last} "
+          f"(as loaded {base_recall})")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
