@@ -18,21 +18,49 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from core.io import atomic_write_text
+from core.io import atomic_write_bytes, atomic_write_text
 from train.common import batch_indices, save_training_state
 
-__all__ = ["CHUNK", "cached_tensors", "file_digest", "fit_cached"]
+__all__ = [
+    "CHUNK",
+    "cached_tensors",
+    "checkpoint_dtype",
+    "fit_cached",
+    "items_digest",
+    "tensors_digest",
+]
 
 T = TypeVar("T")
 CHUNK = 256  # items per cache file
 
 
-def file_digest(path: Path) -> str:
-    """The first 16 hex digits of a file's sha256 (what a cache key records of a checkpoint)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+def tensors_digest(path: Path) -> str:
+    """The first 16 hex digits of a sha256 over a safetensors file's tensors as float32, by name:
+    what a cache key records of the weights its tensors came from (the same for an fp16 file and
+    its fp32 copy)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_file(str(path)).items()):
+        digest.update(name.encode())
+        digest.update(tensor.float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def checkpoint_dtype(folder: Path) -> torch.dtype:
+    """The dtype a GILL folder's tensors were saved in (what a refit writes back by default)."""
+    tensors = load_file(str(folder / "gill.safetensors"))
+    return next(iter(tensors.values())).dtype
+
+
+def items_digest(items: Sequence[Any]) -> str:
+    """The first 16 hex digits of a sha256 over the items' reprs: a cache key that changes when
+    any item does (a caption edited, an image added, another request template)."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(repr(item).encode())
+    return digest.hexdigest()[:16]
 
 
 def cached_tensors(
@@ -58,15 +86,16 @@ def cached_tensors(
         path = folder / f"part-{k:04d}.safetensors"
         chunk = items[start : start + CHUNK]
         if path.is_file():
-            part = load_file(str(path))
-            if all(v.shape[0] == len(chunk) for v in part.values()):
+            try:
+                part = load_file(str(path))
+            except Exception:  # noqa: BLE001 - an unreadable chunk is computed again
+                part = {}
+            if part and all(v.shape[0] == len(chunk) for v in part.values()):
                 parts.append(part)
                 continue
         with torch.no_grad():
             part = {name: t.float().cpu().contiguous() for name, t in compute(chunk).items()}
-        tmp = path.with_suffix(".tmp")
-        save_file(part, str(tmp))
-        tmp.replace(path)
+        atomic_write_bytes(path, save(part))
         parts.append(part)
     return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 

@@ -58,7 +58,10 @@ class DataParallel:
     whole batch (tests/test_scaling.py)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.accelerator = Accelerator(cpu=device.type == "cpu")
+        # Precision is each script's own flag (--bf16 and the like), not the launcher's: a
+        # launcher config with mixed_precision bf16 would otherwise autocast what one process
+        # runs in fp32, and N processes would no longer take one process's steps.
+        self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
         self.device = self.accelerator.device
         self.world = int(self.accelerator.num_processes)
         self.rank = int(self.accelerator.process_index)

@@ -152,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--caption-batch",
         type=int,
-        default=8,
-        help="captioning conversations per step (at most --batch-size: the first scenes')",
+        default=None,
+        help="captioning conversations per step, about the step's first scenes (default: 8, or "
+        "--batch-size if smaller)",
     )
     parser.add_argument(
         "--negatives", type=int, default=4, help="text-only ordinary prompts per step (default 4)"
@@ -182,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.5,
         help="dropout before the decision head's linear layer (paper 0.5). Its masks are the "
-        "one thing that differs between N processes and one (each draws its own)",
+        "one thing that differs between N processes and one (every process draws its rows' "
+        "masks from the same seed)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last")
@@ -206,6 +208,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(str(err))
     if args.limit is not None and args.limit < 2:
         parser.error(f"--limit must be >= 2, received {args.limit}")
+    if args.caption_batch is None:
+        args.caption_batch = min(8, args.batch_size)
     for name in ("steps", "batch_size", "caption_batch", "save_every", "mapper_width"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")

@@ -54,7 +54,13 @@ from data.datasets import (
 )
 from generation.diffusion import encode_prompts, pipeline_from_preset
 from generation.gill import build_mapper, generation_loss
-from train.cached import cached_tensors, file_digest, fit_cached
+from train.cached import (
+    cached_tensors,
+    checkpoint_dtype,
+    fit_cached,
+    items_digest,
+    tensors_digest,
+)
 from train.common import (
     cosine_with_warmup,
     load_training_state,
@@ -64,7 +70,9 @@ from train.decoding_common import other_process
 from vlm.config import PolychromeConfig
 from vlm.gill import GILLVLM, REQUEST_TEMPLATES, compose_description
 
-RESUME_KEYS = ("base", "cache", "lr", "steps", "batch_size", "seed", "weight_decay")
+RESUME_KEYS = (
+    "base", "cache", "lr", "steps", "warmup", "batch_size", "seed", "weight_decay"
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-every", type=int, default=250, help="steps between val checks")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop after this time")
     parser.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--fp16", action="store_true", help="write final/ in float16")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float16", "float32"),
+        default="auto",
+        help="of final/ (default auto: the --checkpoint's)",
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -131,6 +144,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--lr must be > 0, received {args.lr}")
     if args.max_minutes is not None and args.max_minutes <= 0:
         parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
+    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
+        parser.error(f"--stop-at must be in [1, --steps={args.steps}], received {args.stop_at}")
     if args.resume and not (args.out / "last").is_dir():
         parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
 
@@ -237,13 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     cache_key = {
         # the [IMG] states depend on the VLM core and the [IMG] rows (vlm.safetensors), not on
-        # the heads: a cache serves any refit of the same train.gill run
-        "vlm_sha256": file_digest(base / "vlm.safetensors"),
+        # the heads: a cache serves any refit of the same train.gill run, in any dtype
+        "vlm_tensors": tensors_digest(base / "vlm.safetensors"),
         "decoder": str(preset.diffusion.checkpoint or preset.diffusion.model),
         "data": data_desc,
         "requests": args.requests,
         "compositions": args.compositions,
         "seed": args.seed,
+        "items": items_digest(pairs),  # the requests and captions themselves
     }
     n_caps = len(pairs) - args.compositions
     print(
@@ -284,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         "lr": args.lr,
         "weight_decay": args.weight_decay,
         "steps": args.steps,
+        "warmup": warmup,
         "batch_size": args.batch_size,
         "seed": args.seed,
         "fresh_mapper": args.fresh_mapper,
@@ -322,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         **references,
     }
     model.heads.mapper.to(device)
-    dtype = torch.float16 if args.fp16 else torch.float32
+    dtype = checkpoint_dtype(base) if args.dtype == "auto" else getattr(torch, args.dtype)
     out = args.out / "final"
     final = model.save_pretrained(out, dtype=dtype, metadata=metadata, overwrite=True)
     print(

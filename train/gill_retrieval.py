@@ -38,7 +38,13 @@ from core.config import project_path
 from core.runtime import resolve_device, seed_everything
 from data.datasets import shapeworld_paths
 from generation.gill import info_nce
-from train.cached import cached_tensors, file_digest, fit_cached
+from train.cached import (
+    cached_tensors,
+    checkpoint_dtype,
+    fit_cached,
+    items_digest,
+    tensors_digest,
+)
 from train.common import (
     cosine_with_warmup,
     load_training_state,
@@ -48,7 +54,9 @@ from train.decoding_common import other_process
 from vlm.config import PolychromeConfig
 from vlm.gill import GILLVLM, REQUEST_TEMPLATES, SceneItem, load_scenes
 
-RESUME_KEYS = ("base", "cache", "lr", "steps", "batch_size", "seed", "weight_decay")
+RESUME_KEYS = (
+    "base", "cache", "lr", "steps", "warmup", "batch_size", "seed", "weight_decay"
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-every", type=int, default=250, help="steps between val checks")
     parser.add_argument("--max-minutes", type=float, default=None, help="stop after this time")
     parser.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--fp16", action="store_true", help="write final/ in float16")
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float16", "float32"),
+        default="auto",
+        help="of final/ (default auto: the --checkpoint's)",
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -90,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if "val" in args.splits:
+        parser.error("--splits: the val split is held out (its first --val scenes measure recall)")
     for split in [*args.splits, "val"]:
         try:
             shapeworld_paths(args.data, split)
@@ -104,6 +119,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--lr must be > 0, received {args.lr}")
     if args.max_minutes is not None and args.max_minutes <= 0:
         parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
+    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
+        parser.error(f"--stop-at must be in [1, --steps={args.steps}], received {args.stop_at}")
     if args.resume and not (args.out / "last").is_dir():
         parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
 
@@ -178,12 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     templates = [int(t) for t in rng.integers(len(REQUEST_TEMPLATES), size=len(scenes))]
     key = {
         # the [IMG] states depend on the VLM core and the [IMG] rows (vlm.safetensors), not on
-        # the heads: a cache serves any refit of the same train.gill run
-        "vlm_sha256": file_digest(base / "vlm.safetensors"),
+        # the heads: a cache serves any refit of the same train.gill run, in any dtype
+        "vlm_tensors": tensors_digest(base / "vlm.safetensors"),
         "data": str(args.data),
         "seed": args.seed,
     }
-    train_key = {**key, "splits": args.splits, "scenes": len(scenes)}
+    jobs = [(str(sc.image_path), sc.listing, t) for sc, t in zip(scenes, templates, strict=True)]
+    train_key = {**key, "splits": args.splits, "scenes": len(scenes), "items": items_digest(jobs)}
     print(
         f"{len(scenes)} training scenes of {args.data} {args.splits}; {len(val)} val; base {base}"
     )
@@ -191,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     text, image = scene_cache(
         model, scenes, templates, args.out / "cache_train", train_key, progress
     )
-    val_key = {**key, "splits": ["val"], "scenes": len(val), "template": 0}
+    held = [(str(sc.image_path), sc.listing, 0) for sc in val]
+    val_key = {**key, "splits": ["val"], "scenes": len(val), "items": items_digest(held)}
     val_text, val_image = scene_cache(
         model, val, [0] * len(val), args.out / "cache_val", val_key, progress
     )
@@ -221,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         "lr": args.lr,
         "weight_decay": args.weight_decay,
         "steps": args.steps,
+        "warmup": warmup,
         "batch_size": args.batch_size,
         "seed": args.seed,
     }
@@ -254,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "val_recall_base": base_recall,
     }
     model.heads.retrieval.to(device)
-    dtype = torch.float16 if args.fp16 else torch.float32
+    dtype = checkpoint_dtype(base) if args.dtype == "auto" else getattr(torch, args.dtype)
     final = model.save_pretrained(
         args.out / "final", dtype=dtype, metadata=metadata, overwrite=True
     )
