@@ -21,15 +21,20 @@ import torch
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
+from core.config import project_path
 from core.io import atomic_write_bytes, atomic_write_text
 from train.common import batch_indices, save_training_state
 
 __all__ = [
     "CHUNK",
+    "add_fit_arguments",
     "cached_tensors",
+    "check_fit_args",
     "checkpoint_dtype",
     "fit_cached",
+    "gill_base",
     "items_digest",
+    "save_refit",
     "tensors_digest",
 ]
 
@@ -154,3 +159,79 @@ def fit_cached(
                 break
     bar.close()
     return done, (time.monotonic() - began) / 60
+
+
+# -- what the GILL refits share around the loop ---------------------------------------------------
+
+
+def add_fit_arguments(
+    parser: argparse.ArgumentParser, steps: int, batch_size: int, lr: float, what: str
+) -> None:
+    """The options `fit_cached` reads, and the base checkpoint's, device and output dtype."""
+    parser.add_argument("--preset", default="shapes", help="preset name (configs/*.json)")
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help=f"the trained GILL folder whose {what} is refit (default: the preset's gill)",
+    )
+    parser.add_argument("--steps", type=int, default=steps, help="optimizer steps in all")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help="items per step")
+    parser.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate")
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default 3%%)")
+    parser.add_argument("--seed", type=int, default=0, help="item drawing and batch order")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    parser.add_argument("--save-every", type=int, default=500, help="steps between <out>/last")
+    parser.add_argument("--eval-every", type=int, default=250, help="steps between val checks")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop after this time")
+    parser.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--dtype",
+        choices=("auto", "float16", "float32"),
+        default="auto",
+        help="of final/ (default auto: the --checkpoint's)",
+    )
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def check_fit_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`add_fit_arguments`' values: a parser error naming the first bad one."""
+    for name in ("steps", "batch_size", "save_every", "eval_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
+    if args.lr <= 0:
+        parser.error(f"--lr must be > 0, received {args.lr}")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
+    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
+        parser.error(f"--stop-at must be in [1, --steps={args.steps}], received {args.stop_at}")
+    if args.resume and not (args.out / "last").is_dir():
+        parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
+
+
+def gill_base(parser: argparse.ArgumentParser, args: argparse.Namespace, preset: Any) -> Path:
+    """The GILL folder to refit: --checkpoint, else the preset's; a parser error if neither is
+    one."""
+    base = args.checkpoint
+    if base is None:
+        if not preset.gill.checkpoint:
+            parser.error(f"--checkpoint: the {args.preset!r} preset names no GILL checkpoint")
+        base = project_path(preset.gill.checkpoint)
+    if not (Path(base) / "gill.safetensors").is_file():
+        parser.error(f"--checkpoint {base}: not a GILL folder (no gill.safetensors)")
+    return Path(base)
+
+
+def save_refit(model: Any, base: Path, args: argparse.Namespace, metadata: dict[str, Any]) -> Path:
+    """<out>/final: the refit model in --dtype (auto: the base's), its metadata nesting the
+    base's (so the final folder's manifest records every run it came from)."""
+    manifest = json.loads((base / "manifest.json").read_text(encoding="utf-8"))
+    meta = {**metadata, "base": str(base), "base_metadata": manifest.get("metadata", {})}
+    dtype = checkpoint_dtype(base) if args.dtype == "auto" else getattr(torch, args.dtype)
+    final: Path = model.save_pretrained(
+        args.out / "final", dtype=dtype, metadata=meta, overwrite=True
+    )
+    return final

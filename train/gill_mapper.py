@@ -32,7 +32,6 @@ process 0 runs the script and the others stop (train/decoding_common.py).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from collections.abc import Sequence
@@ -43,7 +42,6 @@ import numpy as np
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-from core.config import project_path
 from core.runtime import resolve_device, seed_everything
 from data.datasets import (
     CaptionDataset,
@@ -55,10 +53,13 @@ from data.datasets import (
 from generation.diffusion import encode_prompts, pipeline_from_preset
 from generation.gill import build_mapper, generation_loss
 from train.cached import (
+    add_fit_arguments,
     cached_tensors,
-    checkpoint_dtype,
+    check_fit_args,
     fit_cached,
+    gill_base,
     items_digest,
+    save_refit,
     tensors_digest,
 )
 from train.common import (
@@ -81,13 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--preset", default="shapes", help="preset name (configs/*.json)")
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=None,
-        help="the trained GILL folder whose mapper is refit (default: the preset's gill)",
-    )
     src = parser.add_argument_group("captions (one of --data, --imagefolder, --images)")
     src.add_argument("--data", type=Path, help="a ShapeWorld folder (e.g. the decoder's data)")
     src.add_argument("--split", default="pretrain", help="its split (default pretrain)")
@@ -100,29 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--compositions", type=int, default=2000, help="novel-composition requests to cache"
     )
     parser.add_argument("--val", type=int, default=256, help="requests held out (default 256)")
-    parser.add_argument("--steps", type=int, default=6000, help="optimizer steps in all")
-    parser.add_argument("--batch-size", type=int, default=64, help="requests per step")
-    parser.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default 3%%)")
     parser.add_argument(
         "--fresh-mapper", action="store_true", help="start from new weights, not the checkpoint's"
     )
-    parser.add_argument("--seed", type=int, default=0, help="request drawing and batch order")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/last")
-    parser.add_argument("--save-every", type=int, default=500, help="steps between <out>/last")
-    parser.add_argument("--eval-every", type=int, default=250, help="steps between val checks")
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop after this time")
-    parser.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--dtype",
-        choices=("auto", "float16", "float32"),
-        default="auto",
-        help="of final/ (default auto: the --checkpoint's)",
-    )
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_fit_arguments(parser, steps=6000, batch_size=64, lr=3e-4, what="mapper")
     return parser
 
 
@@ -135,19 +110,12 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             shapeworld_paths(args.data, args.split)
         except FileNotFoundError as err:
             parser.error(str(err))
-    for name in ("requests", "val", "steps", "batch_size", "save_every", "eval_every"):
+    for name in ("requests", "val"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
+            parser.error(f"--{name} must be >= 1, received {getattr(args, name)}")
     if args.compositions < 0:
         parser.error(f"--compositions must be >= 0, received {args.compositions}")
-    if args.lr <= 0:
-        parser.error(f"--lr must be > 0, received {args.lr}")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
-    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
-        parser.error(f"--stop-at must be in [1, --steps={args.steps}], received {args.stop_at}")
-    if args.resume and not (args.out / "last").is_dir():
-        parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
+    check_fit_args(parser, args)
 
 
 def _captions(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[list[str], str]:
@@ -231,13 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     diffusers_logging.set_verbosity_error()  # long captions are cut by the decoder's tokenizer
     preset = PolychromeConfig.from_preset(args.preset)
-    base = args.checkpoint
-    if base is None:
-        if not preset.gill.checkpoint:
-            parser.error(f"--checkpoint: the {args.preset!r} preset names no GILL checkpoint")
-        base = project_path(preset.gill.checkpoint)
-    if not (base / "gill.safetensors").is_file():
-        parser.error(f"--checkpoint {base}: not a GILL folder (no gill.safetensors)")
+    base = gill_base(parser, args, preset)
     device = resolve_device(args.device)
     seed_everything(args.seed)
     model = GILLVLM.from_pretrained(base, device=device)
@@ -325,11 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         "train mapper",
     )  # fmt: skip
     last_val = evaluate()["val_distance"]
-    base_meta = json.loads((base / "manifest.json").read_text(encoding="utf-8")).get("metadata", {})
     metadata = {
         "command": command,
-        "base": str(base),
-        "base_metadata": base_meta,
         "steps_run": done,
         "steps_planned": args.steps,
         "train_minutes_this_run": round(minutes, 2),
@@ -339,9 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         **references,
     }
     model.heads.mapper.to(device)
-    dtype = checkpoint_dtype(base) if args.dtype == "auto" else getattr(torch, args.dtype)
-    out = args.out / "final"
-    final = model.save_pretrained(out, dtype=dtype, metadata=metadata, overwrite=True)
+    final = save_refit(model, base, args, metadata)
     print(
         f"wrote {final} ({done} of {args.steps} steps, {minutes:.1f} min this run); val distance "
         f"{last_val:.3f} (base {references['val_distance_base']:.3f}, constant "

@@ -25,7 +25,6 @@ others stop (train/decoding_common.py).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -34,15 +33,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from core.config import project_path
 from core.runtime import resolve_device, seed_everything
 from data.datasets import shapeworld_paths
 from generation.gill import info_nce
 from train.cached import (
+    add_fit_arguments,
     cached_tensors,
-    checkpoint_dtype,
+    check_fit_args,
     fit_cached,
+    gill_base,
     items_digest,
+    save_refit,
     tensors_digest,
 )
 from train.common import (
@@ -65,13 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--preset", default="shapes", help="preset name (configs/*.json)")
-    parser.add_argument(
-        "--checkpoint",
-        type=Path,
-        default=None,
-        help="the trained GILL folder whose retrieval heads are refit (default: the preset's)",
-    )
     parser.add_argument("--data", type=Path, required=True, help="a ShapeWorld folder")
     parser.add_argument(
         "--splits", nargs="+", default=["train"], help="its splits to train on (default train)"
@@ -79,26 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="run folder: caches last/ final/")
     parser.add_argument("--scenes", type=int, default=6000, help="training scenes (the first N)")
     parser.add_argument("--val", type=int, default=500, help="held-out val scenes (default 500)")
-    parser.add_argument("--steps", type=int, default=3000, help="optimizer steps in all")
-    parser.add_argument("--batch-size", type=int, default=256, help="in-batch pairs per step")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default 3%%)")
-    parser.add_argument("--seed", type=int, default=0, help="request templates and batch order")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/last")
-    parser.add_argument("--save-every", type=int, default=500, help="steps between <out>/last")
-    parser.add_argument("--eval-every", type=int, default=250, help="steps between val checks")
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop after this time")
-    parser.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument(
-        "--dtype",
-        choices=("auto", "float16", "float32"),
-        default="auto",
-        help="of final/ (default auto: the --checkpoint's)",
-    )
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_fit_arguments(parser, steps=3000, batch_size=256, lr=1e-3, what="retrieval heads")
     return parser
 
 
@@ -110,19 +85,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             shapeworld_paths(args.data, split)
         except FileNotFoundError as err:
             parser.error(str(err))
-    for name in ("scenes", "steps", "save_every", "eval_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
+    if args.scenes < 1:
+        parser.error(f"--scenes must be >= 1, received {args.scenes}")
     if args.batch_size < 2 or args.val < 2:
         parser.error("--batch-size and --val must be >= 2 (InfoNCE and recall need negatives)")
-    if args.lr <= 0:
-        parser.error(f"--lr must be > 0, received {args.lr}")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
-    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
-        parser.error(f"--stop-at must be in [1, --steps={args.steps}], received {args.stop_at}")
-    if args.resume and not (args.out / "last").is_dir():
-        parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
+    check_fit_args(parser, args)
 
 
 def scene_cache(
@@ -176,13 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = PolychromeConfig.from_preset(args.preset)
-    base = args.checkpoint
-    if base is None:
-        if not preset.gill.checkpoint:
-            parser.error(f"--checkpoint: the {args.preset!r} preset names no GILL checkpoint")
-        base = project_path(preset.gill.checkpoint)
-    if not (base / "gill.safetensors").is_file():
-        parser.error(f"--checkpoint {base}: not a GILL folder (no gill.safetensors)")
+    base = gill_base(parser, args, preset)
     device = resolve_device(args.device)
     seed_everything(args.seed)
     model = GILLVLM.from_pretrained(base, device=device)
@@ -261,11 +222,8 @@ def main(argv: list[str] | None = None) -> int:
         len(scenes), start, run_config, args, "train retrieval",
     )  # fmt: skip
     last = recall(model, val_text, val_image)
-    base_meta = json.loads((base / "manifest.json").read_text(encoding="utf-8")).get("metadata", {})
     metadata = {
         "command": command,
-        "base": str(base),
-        "base_metadata": base_meta,
         "steps_run": done,
         "steps_planned": args.steps,
         "train_minutes_this_run": round(minutes, 2),
@@ -274,10 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         "val_recall_base": base_recall,
     }
     model.heads.retrieval.to(device)
-    dtype = checkpoint_dtype(base) if args.dtype == "auto" else getattr(torch, args.dtype)
-    final = model.save_pretrained(
-        args.out / "final", dtype=dtype, metadata=metadata, overwrite=True
-    )
+    final = save_refit(model, base, args, metadata)
     print(f"wrote {final} ({done} of {args.steps} steps, {minutes:.1f} min); val {last} "
           f"(as loaded {base_recall})")  # fmt: skip
     return 0
