@@ -62,10 +62,12 @@ from vlm.gill import GILLVLM, ImgTokenStates, SceneItem, load_scenes, request_pr
 
 __all__ = [
     "OTHER_PROMPTS",
+    "add_generation_arguments",
     "batched_request_states",
     "evaluate_gill",
     "format_tables",
     "judge_from_args",
+    "load_for_generation",
     "main",
     "recall_at",
 ]
@@ -336,15 +338,47 @@ def judge_from_args(
     return GenerationJudge(clip, preprocess, tokenizer, sam, classes, colours)
 
 
+def add_generation_arguments(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    """The options of a GILL evaluation that draws images: the model, the decoder, the sampler,
+    the judge, and where the figures go (eval.gill, eval.gill_stories)."""
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a GILL folder")
+    parser.add_argument("--preset", default="shapes", help="preset: decoder, judge CLIP and SAM")
+    parser.add_argument("--diffusion", type=Path, help="decoder checkpoint (default: the preset's)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (preset's)")
+    parser.add_argument("--guidance", type=float, default=None, help="guidance (preset's)")
+    parser.add_argument("--clip", type=Path, help="judge CLIP checkpoint (default: the preset's)")
+    parser.add_argument("--sam", type=Path, help="judge SAM checkpoint (default: the preset's)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seeds (and drawing)")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def load_for_generation(
+    args: argparse.Namespace, judge_root: Path
+) -> tuple[PolychromeConfig, GILLVLM, Any, GenerationJudge]:
+    """(preset, GILL, the decoder pipeline with the preset's scheduler, the judge) from
+    `add_generation_arguments`' options; the judge reads its vocabulary from `judge_root`."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = PolychromeConfig.from_preset(args.preset)
+    gill = GILLVLM.from_pretrained(args.checkpoint, device=resolve_device(args.device)).eval()
+    pipe = (
+        load_pipeline(args.diffusion) if args.diffusion else pipeline_from_preset(preset.diffusion)
+    )
+    set_scheduler(pipe, preset.diffusion.scheduler)
+    return preset, gill, pipe, judge_from_args(preset, args, judge_root)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m eval.gill",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a train.gill final/ folder")
-    parser.add_argument("--preset", default="shapes", help="preset: decoder, judge CLIP and SAM")
-    parser.add_argument("--diffusion", type=Path, help="decoder checkpoint (default: the preset's)")
+    add_generation_arguments(parser, batch_size=16)
     parser.add_argument("--data", type=Path, required=True, help="ShapeWorld folder (retrieval)")
     parser.add_argument("--split", default="test", help="its split (default test)")
     parser.add_argument("--n", type=int, default=200, help="images indexed and queried")
@@ -352,21 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gen-split", default="val", help="its held-out split (default val)")
     parser.add_argument("--single", type=int, default=25, help="one-object prompts")
     parser.add_argument("--two", type=int, default=25, help="two-object prompts")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (preset's)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance (preset's)")
-    parser.add_argument("--clip", type=Path, help="judge CLIP checkpoint (default: the preset's)")
-    parser.add_argument("--sam", type=Path, help="judge SAM checkpoint (default: the preset's)")
     parser.add_argument("--no-clip-reference", action="store_true", help="skip the CLIP row")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--grid", type=Path, help="PNG: mapper images above decoder-text ones")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.n < 2:
         parser.error(f"--n must be >= 2, received {args.n}")
     if args.single < 0 or args.two < 0 or args.single + args.two < 1:
@@ -374,14 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--single and --two must be >= 0 and give at least one generation prompt (the "
             f"decision is scored on them too), received {args.single} and {args.two}"
         )
-    preset = PolychromeConfig.from_preset(args.preset)
-    device = resolve_device(args.device)
-    gill = GILLVLM.from_pretrained(args.checkpoint, device=device).eval()
-    pipe = (
-        load_pipeline(args.diffusion) if args.diffusion else pipeline_from_preset(preset.diffusion)
-    )
-    set_scheduler(pipe, preset.diffusion.scheduler)
-    judge = judge_from_args(preset, args, args.gen_data)
+    preset, gill, pipe, judge = load_for_generation(args, args.gen_data)
     reference = None
     if not args.no_clip_reference:
         reference, _ = clip_embedder(args.preset, args.clip)

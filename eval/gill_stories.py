@@ -40,20 +40,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from core.io import atomic_write_text
-from core.runtime import resolve_device
 from data.conversations import DESCRIBE_PROMPTS
 from data.stories import Story, make_stories
 from eval.generation import GenerationJudge, labels_satisfy
-from eval.gill import batched_request_states, judge_from_args
+from eval.gill import add_generation_arguments, batched_request_states, load_for_generation
 from generation.diffusion import (
     encode_prompts,
     generate,
-    load_pipeline,
-    pipeline_from_preset,
-    set_scheduler,
 )
 from generation.index import clip_embedder
-from vlm.config import PolychromeConfig
 from vlm.gill import GILLVLM, request_prompt
 
 __all__ = ["METHODS", "bootstrap_interval", "evaluate_stories", "main", "story_prompt"]
@@ -176,44 +171,23 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--checkpoint", type=Path, required=True, help="a GILL folder")
-    parser.add_argument("--preset", default="shapes", help="preset: decoder, judge CLIP and SAM")
-    parser.add_argument("--diffusion", type=Path, help="decoder checkpoint (default: the preset's)")
+    add_generation_arguments(parser, batch_size=8)
     parser.add_argument(
         "--data", type=Path, required=True, help="ShapeWorld folder of the decoder's kind"
     )
     parser.add_argument("--split", default="val", help="its held-out split (default val)")
     parser.add_argument("--stories", type=int, default=100, help="stories (default 100)")
-    parser.add_argument("--steps", type=int, default=None, help="sampler steps (preset's)")
-    parser.add_argument("--guidance", type=float, default=None, help="guidance (preset's)")
-    parser.add_argument("--clip", type=Path, help="judge CLIP checkpoint (default: the preset's)")
-    parser.add_argument("--sam", type=Path, help="judge SAM checkpoint (default: the preset's)")
-    parser.add_argument("--seed", type=int, default=0, help="story drawing and sampling seeds")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--grid", type=Path, help="PNG: target, then the four methods, per story")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.stories < 2:
         parser.error(f"--stories must be >= 2, received {args.stories}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         stories = make_stories(args.data, args.split, args.stories, args.seed)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
     if len(stories) < 2:
         parser.error(f"{args.data} split {args.split}: only {len(stories)} story can be made")
-    preset = PolychromeConfig.from_preset(args.preset)
-    device = resolve_device(args.device)
-    gill = GILLVLM.from_pretrained(args.checkpoint, device=device).eval()
-    pipe = (
-        load_pipeline(args.diffusion) if args.diffusion else pipeline_from_preset(preset.diffusion)
-    )
-    set_scheduler(pipe, preset.diffusion.scheduler)
-    judge = judge_from_args(preset, args, args.data)
+    preset, gill, pipe, judge = load_for_generation(args, args.data)
     clip, _ = clip_embedder(args.preset, args.clip)
     results = evaluate_stories(
         gill,
