@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from core.config import project_path
 from core.io import atomic_write_bytes, atomic_write_text
-from train.common import batch_indices, save_training_state
+from train.common import batch_indices, save_training_state, trim_log
 
 __all__ = [
     "CHUNK",
@@ -123,9 +123,7 @@ def fit_cached(
     Every eval_every steps and at the end the row of loss.jsonl also holds evaluate(). Returns
     (the last step done, minutes)."""
     curve = args.out / "loss.jsonl"
-    rows = curve.read_text(encoding="utf-8").splitlines() if curve.is_file() else []
-    kept = [r for r in rows if json.loads(r)["step"] <= start] if args.resume else []
-    atomic_write_text(curve, "".join(r + "\n" for r in kept))  # rows after the resumed state go
+    trim_log(curve, start)  # rows after the resumed state go
     batches = batch_indices(n, args.batch_size, args.seed, start)
     params = [p for p in module.parameters() if p.requires_grad]
     module.train()

@@ -21,7 +21,7 @@ import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from core.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from core.images import load_rgb
-from core.io import atomic_dir
+from core.io import atomic_dir, atomic_write_text
 
 __all__ = [
     "DataParallel",
@@ -39,9 +39,12 @@ __all__ = [
     "cosine_with_warmup",
     "decode_images",
     "load_training_state",
+    "open_log",
     "resume_mismatches",
+    "resume_or_start",
     "save_training_state",
     "trainable_state",
+    "trim_log",
     "write_model_card",
 ]
 
@@ -217,6 +220,47 @@ def load_training_state(
         scheduler.load_state_dict(state["scheduler"])
     torch.random.set_rng_state(state["torch_rng"])
     return int(state["step"])
+
+
+def resume_or_start(
+    parser: Any,
+    args: Any,
+    module: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    run_config: dict[str, Any],
+    keys: Iterable[str],
+    announce: bool = True,
+) -> int:
+    """The step to start from: 0, or with ``args.resume`` the state of ``<args.out>/last``
+    loaded into module/optimizer/scheduler, after checking that it was trained with the same
+    `keys` of `run_config` (a parser error naming those that differ)."""
+    if not args.resume:
+        return 0
+    why = resume_mismatches(args.out, run_config, keys)
+    if why:
+        parser.error(f"--resume: {why}")
+    start = load_training_state(args.out, module, optimizer, scheduler)
+    if announce:
+        print(f"resumed from {args.out / 'last'} at step {start}")
+    return start
+
+
+def trim_log(path: Path, start: int) -> None:
+    """Drop the rows of a jsonl log (one row per logged step) after `start`: those of a run that
+    stopped after its last saved state, which a resumed run logs again (all of them when
+    starting afresh, start 0)."""
+    rows = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    kept = [r for r in rows if json.loads(r)["step"] <= start]
+    if len(kept) < len(rows) or not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, "".join(r + "\n" for r in kept))
+
+
+def open_log(path: Path, start: int) -> TextIO:
+    """`path` trimmed to `start` (`trim_log`) and opened to append."""
+    trim_log(path, start)
+    return path.open("a", encoding="utf-8")
 
 
 def resume_mismatches(

@@ -64,7 +64,6 @@ from diffusers.utils import logging as diffusers_logging
 from tqdm.auto import tqdm
 
 from core.config import project_path
-from core.io import atomic_write_text
 from core.runtime import resolve_device, seed_everything
 from data.conversations import DESCRIBE_PROMPTS
 from data.datasets import (
@@ -79,9 +78,9 @@ from train.common import (
     DataParallel,
     batch_indices,
     cosine_with_warmup,
-    load_training_state,
-    resume_mismatches,
+    resume_or_start,
     save_training_state,
+    trim_log,
 )
 from vlm.config import PolychromeConfig
 from vlm.gill import (
@@ -411,14 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "data": data_desc,
     }
-    start = 0
-    if args.resume:
-        why = resume_mismatches(args.out, run_config, RESUME_KEYS)
-        if why:
-            parser.error(f"--resume: {why}")
-        start = load_training_state(args.out, model, optimizer, scheduler)
-        if dp.main:
-            print(f"resumed from {args.out / 'last'} at step {start}")
+    start = resume_or_start(
+        parser, args, model, optimizer, scheduler, run_config, RESUME_KEYS, announce=dp.main
+    )
     model.train()
     params = model.trainable_parameters()
     # Data parallel: each process takes its slice of the global batch (_slice); DDP averages
@@ -429,9 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     curve = args.out / "loss.jsonl"
     if dp.main:  # rows logged after the state we resume from are dropped
-        rows = curve.read_text(encoding="utf-8").splitlines() if curve.is_file() else []
-        kept = [r for r in rows if json.loads(r)["step"] <= start]
-        atomic_write_text(curve, "".join(r + "\n" for r in kept))
+        trim_log(curve, start)
     batches = batch_indices(len(scenes), args.batch_size, args.seed, start)
     stop = args.stop_at or args.steps
     bar = tqdm(

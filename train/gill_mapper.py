@@ -64,8 +64,7 @@ from train.cached import (
 )
 from train.common import (
     cosine_with_warmup,
-    load_training_state,
-    resume_mismatches,
+    resume_or_start,
 )
 from train.decoding_common import other_process
 from vlm.config import PolychromeConfig
@@ -267,13 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "fresh_mapper": args.fresh_mapper,
     }
-    start = 0
-    if args.resume:
-        why = resume_mismatches(args.out, run_config, RESUME_KEYS)
-        if why:
-            parser.error(f"--resume: {why}")
-        start = load_training_state(args.out, mapper, optimizer, scheduler)
-        print(f"resumed from {args.out / 'last'} at step {start}")
+    start = resume_or_start(parser, args, mapper, optimizer, scheduler, run_config, RESUME_KEYS)
 
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
         h = train_h[idx]

@@ -48,8 +48,7 @@ from train.cached import (
 )
 from train.common import (
     cosine_with_warmup,
-    load_training_state,
-    resume_mismatches,
+    resume_or_start,
 )
 from train.decoding_common import other_process
 from vlm.config import PolychromeConfig
@@ -205,13 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "seed": args.seed,
     }
-    start = 0
-    if args.resume:
-        why = resume_mismatches(args.out, run_config, RESUME_KEYS)
-        if why:
-            parser.error(f"--resume: {why}")
-        start = load_training_state(args.out, heads, optimizer, scheduler)
-        print(f"resumed from {args.out / 'last'} at step {start}")
+    start = resume_or_start(parser, args, heads, optimizer, scheduler, run_config, RESUME_KEYS)
 
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
         out = heads(text[idx], image[idx])

@@ -48,7 +48,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,9 +78,9 @@ from train.common import (
     DataParallel,
     batch_indices,
     cosine_with_warmup,
-    load_training_state,
+    open_log,
     remove_training_state,
-    resume_mismatches,
+    resume_or_start,
     save_training_state,
 )
 from vision.clip import DenseFeatures, dense_features, load_clip, text_classifier
@@ -107,17 +107,6 @@ def mean_over_processes(
         return mean
     total = dp.total(count)
     return dp.total(mean * count if count else 0.0) / total if total else empty
-
-
-def open_log(path: Path, start: int) -> TextIO:
-    """`path` (jsonl, one row per logged step) opened to append, without the rows of steps after
-    `start`: those of a run that stopped after its last saved state, which a resumed run logs
-    again."""
-    rows = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
-    kept = [r for r in rows if json.loads(r)["step"] <= start]
-    if len(kept) < len(rows):
-        atomic_write_text(path, "".join(r + "\n" for r in kept))
-    return path.open("a", encoding="utf-8")
 
 
 class _AdapterHead(torch.nn.Module):
@@ -362,14 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "consistency_weight": args.consistency_weight,
     }
-    start = 0
-    if args.resume:
-        why = resume_mismatches(args.out, run_config, RESUME_KEYS)
-        if why is not None:
-            parser.error(why)
-        start = load_training_state(args.out, adapter, optimizer, scheduler)
-        if dp.main:
-            print(f"resumed at step {start}")
+    start = resume_or_start(
+        parser, args, adapter, optimizer, scheduler, run_config, RESUME_KEYS, announce=dp.main
+    )
     if dp.main:
         print(
             f"{n_train} images, {len(names)} classes; {dp.world} process(es), "

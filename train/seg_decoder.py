@@ -92,12 +92,12 @@ from train.common import (
     DataParallel,
     batch_indices,
     cosine_with_warmup,
-    load_training_state,
+    open_log,
     remove_training_state,
-    resume_mismatches,
+    resume_or_start,
     save_training_state,
 )
-from train.seg import FeatureBank, open_log
+from train.seg import FeatureBank
 from vision.clip import load_clip
 from vlm.config import PolychromeConfig
 
@@ -561,14 +561,16 @@ def main(argv: list[str] | None = None) -> int:
         "prompt_subset_prob": args.prompt_subset_prob,
         "decoder": cfg.to_dict(),
     }
-    start = 0
-    if args.resume:
-        why = resume_mismatches(args.out, json.loads(json.dumps(run_config)), RESUME_KEYS)
-        if why is not None:
-            parser.error(why)
-        start = load_training_state(args.out, decoder, optimizer, scheduler)
-        if dp.main:
-            print(f"resumed at step {start}")
+    start = resume_or_start(
+        parser,
+        args,
+        decoder,
+        optimizer,
+        scheduler,
+        json.loads(json.dumps(run_config)),
+        RESUME_KEYS,
+        announce=dp.main,
+    )
     if dp.main:
         print(
             f"{n} images, {len(seen)} seen classes; {dp.world} process(es), "

@@ -29,7 +29,6 @@ import torch
 from tqdm.auto import tqdm
 
 from core.config import project_path
-from core.io import atomic_write_text
 from core.runtime import resolve_device, seed_everything
 from data.conversations import DESCRIBE_PROMPTS, SHORT_ANSWER
 from data.datasets import (
@@ -43,9 +42,9 @@ from train.common import (
     DataParallel,
     batch_indices,
     cosine_with_warmup,
-    load_training_state,
-    resume_mismatches,
+    resume_or_start,
     save_training_state,
+    trim_log,
 )
 from vlm.config import PolychromeConfig
 from vlm.model import PolychromeVLM
@@ -202,13 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "data": data_desc,
     }
-    start = 0
-    if args.resume:
-        why = resume_mismatches(args.out, run_config, RESUME_KEYS)
-        if why:
-            parser.error(f"--resume: {why}")
-        start = load_training_state(args.out, model, optimizer, scheduler)
-        print(f"resumed from {args.out / 'last'} at step {start}")
+    start = resume_or_start(
+        parser, args, model, optimizer, scheduler, run_config, RESUME_KEYS, announce=dp.main
+    )
     model.train()
     # Data parallel: each process takes its slice of the global batch; DDP averages gradients,
     # so N processes take the steps one process takes with the whole batch.
@@ -217,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     curve = args.out / "loss.jsonl"
     if main_process:  # rows logged after the state we resume from are dropped
-        rows = curve.read_text(encoding="utf-8").splitlines() if curve.is_file() else []
-        kept = [r for r in rows if json.loads(r)["step"] <= start]
-        atomic_write_text(curve, "".join(r + "\n" for r in kept))
+        trim_log(curve, start)
     batches = batch_indices(len(data), args.batch_size, args.seed, start)
     stop = args.stop_at or args.steps
     bar = tqdm(

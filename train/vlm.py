@@ -55,8 +55,7 @@ from train.common import (
     DataParallel,
     batch_indices,
     cosine_with_warmup,
-    load_training_state,
-    resume_mismatches,
+    resume_or_start,
     save_training_state,
 )
 from vlm.config import PolychromeConfig
@@ -223,13 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--init-from {args.init_from}: its VLM config differs from the preset's")
         model.load_trained_state(ckpt.tensors["vlm"], what=str(args.init_from))
         print(f"initialised the projector from {args.init_from}")
-    start = 0
-    if args.resume:
-        why = resume_mismatches(args.out, run_config, RESUME_KEYS)
-        if why:
-            parser.error(f"--resume: {why}")
-        start = load_training_state(args.out, model, optimizer, scheduler)
-        print(f"resumed from {args.out / 'last'} at step {start}")
+    start = resume_or_start(
+        parser, args, model, optimizer, scheduler, run_config, RESUME_KEYS, announce=dp.main
+    )
     # Data parallel: each process takes its slice of the global batch; DDP averages gradients.
     model, optimizer = dp.accelerator.prepare(model, optimizer)
     vlm: PolychromeVLM = dp.accelerator.unwrap_model(model)
