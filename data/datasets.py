@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -357,8 +358,9 @@ def add_caption_arguments(group: Any, imagefolder_text: str = "captions") -> Non
     group.add_argument("--captions-json", type=Path, help="COCO captions JSON (with --images)")
 
 
-def caption_source_error(args: argparse.Namespace) -> str | None:
-    """Why ``--data`` and `add_caption_arguments`' options do not name exactly one source."""
+def caption_source_error(args: argparse.Namespace, splits: Sequence[str] = ()) -> str | None:
+    """Why ``--data`` and `add_caption_arguments`' options do not name exactly one source, or,
+    with ``--data``, which of the ShapeWorld `splits` the folder lacks."""
     given = [n for n in ("data", "imagefolder", "images") if getattr(args, n) is not None]
     if len(given) != 1:
         return (
@@ -367,6 +369,11 @@ def caption_source_error(args: argparse.Namespace) -> str | None:
         )
     if (args.images is None) != (args.captions_json is None):
         return "--images and --captions-json go together"
+    for split in splits if args.data is not None else ():
+        try:
+            shapeworld_paths(args.data, split)
+        except FileNotFoundError as err:
+            return str(err)
     return None
 
 

@@ -80,7 +80,6 @@ from data.datasets import (
     InstanceDataset,
     add_caption_arguments,
     caption_source_error,
-    shapeworld_paths,
     user_captions_from_args,
 )
 from data.shapeworld import read_manifest
@@ -409,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    why = caption_source_error(args)
+    why = caption_source_error(args, args.splits + (["val"] if args.eval else []))
     if why:
         parser.error(why)
     for name in ("steps", "batch_size", "save_every", "workers"):
@@ -419,14 +418,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--lr must be > 0, received {args.lr}")
     if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
         parser.error(f"--stop-at must be in [1, --steps={args.steps}], received {args.stop_at}")
-    if args.data is not None:
-        splits = args.splits + (["val"] if args.eval else [])
-        for split in splits:
-            try:
-                shapeworld_paths(args.data, split)
-            except FileNotFoundError as err:
-                parser.error(str(err))
-    elif args.eval or args.object_pairs:
+    if args.data is None and (args.eval or args.object_pairs):
         parser.error(
             "--eval and --object-pairs need a ShapeWorld --data folder (val split; instance masks)"
         )

@@ -69,7 +69,6 @@ from data.conversations import DESCRIBE_PROMPTS
 from data.datasets import (
     add_caption_arguments,
     caption_source_error,
-    shapeworld_paths,
     user_captions_from_args,
 )
 from generation.diffusion import encode_prompts, expected_embeds_shape, pipeline_from_preset
@@ -197,14 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    why = caption_source_error(args)
+    why = caption_source_error(args, [args.split])
     if why:
         parser.error(why)
-    if args.data is not None:
-        try:
-            shapeworld_paths(args.data, args.split)
-        except FileNotFoundError as err:
-            parser.error(str(err))
     if args.limit is not None and args.limit < 2:
         parser.error(f"--limit must be >= 2, received {args.limit}")
     if args.caption_batch is None:

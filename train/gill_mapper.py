@@ -47,7 +47,6 @@ from data.datasets import (
     CaptionDataset,
     add_caption_arguments,
     caption_source_error,
-    shapeworld_paths,
     user_captions_from_args,
 )
 from generation.diffusion import encode_prompts, pipeline_from_preset
@@ -101,14 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    why = caption_source_error(args)
+    why = caption_source_error(args, [args.split])
     if why:
         parser.error(why)
-    if args.data is not None:
-        try:
-            shapeworld_paths(args.data, args.split)
-        except FileNotFoundError as err:
-            parser.error(str(err))
     for name in ("requests", "val"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, received {getattr(args, name)}")

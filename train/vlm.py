@@ -47,7 +47,6 @@ from data.conversations import (
 from data.datasets import (
     add_caption_arguments,
     caption_source_error,
-    shapeworld_paths,
     user_captions_from_args,
 )
 from train import common
@@ -124,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    why = caption_source_error(args)
+    why = caption_source_error(args, args.splits + (["val"] if args.eval else []))
     if why:
         parser.error(why)
     for name in ("steps", "batch_size", "save_every", "pad_multiple"):
@@ -138,13 +137,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--lr must be > 0, received {args.lr}")
     if args.max_minutes is not None and args.max_minutes <= 0:
         parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
-    if args.data is not None:
-        for split in args.splits + (["val"] if args.eval else []):
-            try:
-                shapeworld_paths(args.data, split)
-            except FileNotFoundError as err:
-                parser.error(str(err))
-    elif args.eval:
+    if args.data is None and args.eval:
         parser.error("--eval needs a ShapeWorld --data folder (its val split)")
     if args.resume and not (args.out / "last").is_dir():
         parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
