@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,6 +71,7 @@ __all__ = [
     "load_for_generation",
     "main",
     "recall_at",
+    "write_results",
 ]
 
 # Held-out ordinary prompts (none is in train.gill's list): the reply should not open with [IMG0].
@@ -425,14 +427,25 @@ def main(argv: list[str] | None = None) -> int:
         mapped, own = results["_mapper_images"], results["_decoder_text_images"]
         cols = min(len(mapped), 10)
         image_grid([*mapped[:cols], *own[:cols]], columns=cols).save(args.grid)
-    if args.json is not None:
-        public = {k: v for k, v in results.items() if not k.startswith("_")}
-        public["checkpoint"] = str(args.checkpoint)
-        public["command"] = "python -m eval.gill " + " ".join(
-            sys.argv[1:] if argv is None else argv
-        )
-        atomic_write_text(args.json, json.dumps(public, indent=1) + "\n")
+    write_results(args, results, "eval.gill", argv)
     return 0
+
+
+def write_results(
+    args: argparse.Namespace,
+    results: dict[str, Any],
+    module: str,
+    argv: list[str] | None,
+    **extra: Any,
+) -> None:
+    """``--json``, when given: the figures (keys starting with "_" left out), the checkpoint,
+    `extra`, and the command that made them."""
+    if args.json is None:
+        return
+    public = {k: v for k, v in results.items() if not k.startswith("_")}
+    public.update(checkpoint=str(args.checkpoint), **extra)
+    public["command"] = f"python -m {module} " + shlex.join(sys.argv[1:] if argv is None else argv)
+    atomic_write_text(args.json, json.dumps(public, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -28,8 +28,6 @@ gill_context - gill_caption (does the context help GILL itself?) is reported bes
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,11 +37,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from core.io import atomic_write_text
 from data.conversations import DESCRIBE_PROMPTS
 from data.stories import Story, make_stories
 from eval.generation import GenerationJudge, labels_satisfy
-from eval.gill import add_generation_arguments, batched_request_states, load_for_generation
+from eval.gill import (
+    add_generation_arguments,
+    batched_request_states,
+    load_for_generation,
+    write_results,
+)
 from generation.diffusion import (
     encode_prompts,
     generate,
@@ -212,17 +214,11 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(Image.open(stories[i].target).convert("RGB"))
             cells += [results["_images"][m][i] for m in METHODS]
         image_grid(cells, columns=9).save(args.grid)
-    if args.json is not None:
-        public = {k: v for k, v in results.items() if not k.startswith("_")}
-        public["checkpoint"] = str(args.checkpoint)
-        public["examples"] = [
-            {"context": [c for _, c in s.context], "last": s.last, "target": s.target_caption}
-            for s in stories[:5]
-        ]
-        public["command"] = "python -m eval.gill_stories " + " ".join(
-            sys.argv[1:] if argv is None else argv
-        )
-        atomic_write_text(args.json, json.dumps(public, indent=1) + "\n")
+    examples = [
+        {"context": [c for _, c in s.context], "last": s.last, "target": s.target_caption}
+        for s in stories[:5]
+    ]
+    write_results(args, results, "eval.gill_stories", argv, examples=examples)
     return 0
 
 
