@@ -292,7 +292,7 @@ def shapeworld(tmp_path_factory) -> Path:
     return root
 
 
-def test_train_resumes_exactly(shapeworld, tmp_path):
+def test_train_resumes_exactly_and_continues_from_a_trained_folder(shapeworld, tmp_path):
     from train.stamp import main as train_main
 
     common = ["--preset", "tiny", "--data", str(shapeworld), "--steps", "3", "--batch-size", "2"]
@@ -314,6 +314,19 @@ def test_train_resumes_exactly(shapeworld, tmp_path):
         train_main([*common, "--out", str(tmp_path / "x"), "--negatives", "-1"])
     with pytest.raises(SystemExit):
         train_main(["--preset", "tiny", "--refs", "r.json", "--out", str(tmp_path / "y")])
+    # --init-from continues a trained folder; --lm-weight 0 leaves the <seg> output row alone
+    cont = [*common, "--init-from", str(tmp_path / "straight" / "final"), "--steps", "1"]
+    assert train_main([*cont, "--out", str(tmp_path / "more"), "--lm-weight", "0"]) == 0
+    c = load_file(str(tmp_path / "more" / "final" / "stamp.safetensors"))
+    assert c.keys() == a.keys()
+    for k in ("seg_out", "seg_bias"):
+        assert torch.equal(c[k], a[k]), k
+    heads = [k for k in a if k.startswith(("head.", "mask_projector."))]
+    moved = [k for k in heads if not torch.equal(a[k], c[k])]
+    assert moved, "the mask head and projector did not train"
+    for bad in (["--lora-rank", "8"], ["--method", "lisa"], ["--vlm", str(tmp_path)]):
+        with pytest.raises(SystemExit):
+            train_main([*cont, *bad, "--out", str(tmp_path / "bad")])
 
 
 # -- the baselines on the same model ---------------------------------------------------------

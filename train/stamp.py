@@ -50,7 +50,17 @@ from vlm.config import PolychromeConfig
 from vlm.model import PolychromeVLM
 from vlm.stamp import SEG_PROMPTS, StampVLM
 
-RESUME_KEYS = ("stamp", "vlm", "seed", "batch_size", "negatives", "lr", "steps", "data")
+RESUME_KEYS = (
+    "stamp",
+    "vlm",
+    "init_from",
+    "seed",
+    "batch_size",
+    "negatives",
+    "lr",
+    "steps",
+    "data",
+)
 # Questions the model must answer in text, never with <seg>.
 OTHER_QUESTIONS = (
     *DESCRIBE_PROMPTS,
@@ -88,6 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--mask-merge", type=int, default=None, help="override StampConfig")
     parser.add_argument("--lora-rank", type=int, default=None, help="override StampConfig")
+    parser.add_argument(
+        "--lm-weight",
+        type=float,
+        default=None,
+        help="override StampConfig's weight of the <seg> decision's LM loss; 0 trains the mask "
+        "alone and leaves the <seg> output row as it was (e.g. one train.decisions refit)",
+    )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from this trained STAMP folder (its VLM core, config, LoRA and head; a new "
+        "schedule of --steps), e.g. checkpoints/shapes/stamp; --method and --mask-merge / "
+        "--lora-rank must agree with it",
+    )
     parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default 3%%)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last")
@@ -113,6 +138,30 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
     if args.resume and not (args.out / "last").is_dir():
         parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
+    if args.lm_weight is not None and args.lm_weight < 0:
+        parser.error(f"--lm-weight must be >= 0, received {args.lm_weight}")
+    if args.init_from is not None:
+        if args.vlm is not None:
+            parser.error("--init-from brings its own VLM core: drop --vlm")
+        if not (args.init_from / "stamp.safetensors").is_file():
+            parser.error(
+                f"--init-from: {args.init_from} is not a saved STAMP folder (no stamp.safetensors)"
+            )
+
+
+def init_from(folder: Path, cfg: StampConfig, device: torch.device) -> StampVLM:
+    """A trained STAMP folder to continue from, with `cfg`'s loss weights. ValueError when its
+    config differs from `cfg` in anything but the loss weights (the weights would not fit)."""
+    model = StampVLM.from_pretrained(folder, device=device)
+    weights = ("lm_weight", "bce_weight", "dice_weight")
+    saved = {k: v for k, v in model.config.to_dict().items() if k not in weights}
+    wanted = {k: v for k, v in cfg.to_dict().items() if k not in weights}
+    differ = sorted(k for k in wanted if saved.get(k) != wanted[k])
+    if differ:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted[k]!r} asked" for k in differ)
+        raise ValueError(f"--init-from {folder}: its STAMP config differs ({detail})")
+    model.config = cfg
+    return model
 
 
 def build_model(
@@ -168,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     preset = PolychromeConfig.from_preset(args.preset)
     overrides: dict[str, Any] = {
         k: v
-        for k, v in (("mask_merge", args.mask_merge), ("lora_rank", args.lora_rank))
+        for k, v in (
+            ("mask_merge", args.mask_merge),
+            ("lora_rank", args.lora_rank),
+            ("lm_weight", args.lm_weight),
+        )
         if v is not None
     }
     overrides["method"] = args.method
@@ -180,7 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         parser.error(why)
     seed_everything(args.seed)
-    model = build_model(preset, args.vlm, cfg, device)
+    if args.init_from is not None:
+        try:
+            model = init_from(args.init_from, cfg, device)
+        except (ValueError, OSError) as err:
+            parser.error(str(err))
+    else:
+        model = build_model(preset, args.vlm, cfg, device)
     if dp.main:
         print(
             f"{len(data)} referring expressions from {data_desc}; mask grid {model.mask_grid}, "
@@ -193,7 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = cosine_with_warmup(optimizer, warmup, args.steps)
     run_config = {
         "stamp": cfg.to_dict(),
-        "vlm": str(args.vlm or preset.vlm.checkpoint),
+        "vlm": (
+            f"the core saved in {args.init_from}"
+            if args.init_from
+            else str(args.vlm or preset.vlm.checkpoint)
+        ),
+        "init_from": str(args.init_from) if args.init_from else None,
         "seed": args.seed,
         "batch_size": args.batch_size,
         "negatives": args.negatives,
