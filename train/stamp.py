@@ -5,6 +5,9 @@
     # any RefCOCO-style refs file with its instances file and image folder
     python -m train.stamp --refs refs_train.json --instances instances_train.json \
         --images train2014/ --out runs/stamp_refcoco
+    # continue the committed STAMP on a new schedule, the mask alone (<seg> row kept)
+    python -m train.stamp --init-from checkpoints/shapes/stamp --lm-weight 0 --negatives 0 \
+        --data /work/data/sw --out /work/runs/stamp_more --steps 900
 
 Starts from the preset's trained VLM core (``--vlm`` to choose another), which stays frozen. Each
 step: B segmentation requests ("Segment the red circle.", the reply target ``<seg>`` + end of
