@@ -488,9 +488,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="val", help="split the prompts come from (default val)")
     parser.add_argument("--single", type=int, default=100, help="one-object prompts")
     parser.add_argument("--two", type=int, default=100, help="two-object prompts")
-    parser.add_argument("--steps", type=int, default=25, help="denoising steps")
-    parser.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance")
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="denoising steps (default: the preset's, else 25)"
+    )
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance (default: the preset's with --preset, else 4.0)",
+    )
+    parser.add_argument(
+        "--scheduler",
+        choices=SCHEDULERS,
+        default=None,
+        help="sampler (default: the preset's with --preset, else ddim)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     parser.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
     parser.add_argument("--clip", type=Path, default=Path("checkpoints/shapes/clip"))
@@ -510,6 +522,18 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 0, received {getattr(args, name)}")
     if args.single + args.two == 0:
         parser.error("--single and --two are both 0: nothing to evaluate")
+    if args.preset is not None:
+        from vlm.config import PolychromeConfig
+
+        preset = PolychromeConfig.from_preset(args.preset).diffusion
+        defaults = (preset.num_inference_steps, preset.guidance_scale, preset.scheduler)
+    else:
+        defaults = (25, 4.0, "ddim")
+    for name, value in zip(("steps", "guidance", "scheduler"), defaults, strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.guidance < 0:
+        parser.error(f"--guidance must be >= 0, received {args.guidance}")
     for name in ("steps", "batch_size", "grid_seeds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
@@ -522,9 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load_pipeline(args.checkpoint)
         source = str(args.checkpoint)
     else:
-        from vlm.config import PolychromeConfig
-
-        pipe = pipeline_from_preset(PolychromeConfig.from_preset(args.preset).diffusion)
+        pipe = pipeline_from_preset(preset)
         source = f"preset {args.preset}"
     pipe.to(device)
     clip, preprocess, tokenizer = load_clip(args.clip)

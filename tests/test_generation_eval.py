@@ -182,9 +182,25 @@ def test_cli_writes_json_table_and_grid(world, checkpoints, tmp_path, capsys):
     assert saved["table"] in printed and "| single-object accuracy" in printed
     assert saved["sampling"]["repeats"] == 2 and saved["sampling"]["median_s"] > 0
     assert len(saved["records"]) == 3
+    assert (saved["num_inference_steps"], saved["guidance_scale"]) == (2, 4.0)  # 4.0: no preset
     image = Image.open(grid)
     assert image.height == 18 + 2 * 64  # header + one row per prompt (1 single, 1 two-object)
     assert image.width == 260 + 3 * 64  # label + real + 2 seeds
+
+
+def test_cli_samples_with_the_presets_settings(world, checkpoints, tmp_path):
+    """--preset: steps, guidance and sampler default to the preset's (tiny: 4 DDIM steps, guidance
+    4.0); an explicit option wins."""
+    out = tmp_path / "r.json"
+    argv = ["--preset", "tiny", "--data", str(world), "--no-real", "--time-repeats", "0"]
+    argv += ["--clip", str(checkpoints["clip"]), "--sam", str(checkpoints["sam"])]
+    argv += ["--single", "1", "--two", "0", "--json", str(out)]
+    assert eval_main(argv) == 0
+    saved = json.loads(out.read_text())
+    assert (saved["num_inference_steps"], saved["guidance_scale"]) == (4, 4.0)
+    assert eval_main([*argv, "--guidance", "6", "--steps", "3"]) == 0
+    saved = json.loads(out.read_text())
+    assert (saved["num_inference_steps"], saved["guidance_scale"]) == (3, 6.0)
 
 
 def test_cli_errors(world, tmp_path, capsys):
