@@ -628,6 +628,15 @@ def main(argv: list[str] | None = None) -> int:
         default=LayoutConfig().image_size,
         help="square image side in pixels, 16..512",
     )
+    gen.add_argument(
+        "--like",
+        type=Path,
+        default=None,
+        help="take the seed and scene layout of this generated folder (its shapeworld.json; "
+        "--seed and --image-size are then not allowed): e.g. a test split for a folder made "
+        "without one. Images are a pure function of (seed, split, index), so its splits and the "
+        "new folder's agree where they overlap",
+    )
     gen.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     gen.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     st = sub.add_parser("stats", help="difficulty statistics of a generated folder")
@@ -642,14 +651,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "generate":
+        sizes = {s: getattr(args, s) for s in SPLITS}
         try:
-            cfg = ShapeWorldConfig(
-                seed=args.seed,
-                layout=LayoutConfig(image_size=args.image_size),
-                splits=SplitSizes(**{s: getattr(args, s) for s in SPLITS}),
-            )
-        except ValueError as err:
-            parser.error(str(err))
+            if args.like is not None:
+                if args.seed != 0 or args.image_size != LayoutConfig().image_size:
+                    parser.error("--like takes the seed and image size of its folder: drop them")
+                manifest = read_manifest(args.like)
+                if manifest["generator_version"] != GENERATOR_VERSION:
+                    parser.error(
+                        f"--like: {args.like} was made by generator version "
+                        f"{manifest['generator_version']}, this is version {GENERATOR_VERSION}: "
+                        "its images would not be reproduced"
+                    )
+                like = ShapeWorldConfig.from_dict(manifest["config"], source=str(args.like))
+                cfg = like.replace(splits=SplitSizes(**sizes))
+            else:
+                cfg = ShapeWorldConfig(
+                    seed=args.seed,
+                    layout=LayoutConfig(image_size=args.image_size),
+                    splits=SplitSizes(**sizes),
+                )
+        except FileNotFoundError as err:
+            parser.error(f"--like: {err}")
+        except (ValueError, KeyError) as err:
+            parser.error(f"{err}")
         if args.out.exists() and not args.overwrite:
             parser.error(f"{args.out} already exists; pass --overwrite to replace it")
         generate(args.out, cfg, workers=args.workers, overwrite=args.overwrite)

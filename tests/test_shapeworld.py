@@ -16,6 +16,7 @@ from data.shapeworld import (
     SplitSizes,
     generate,
     generate_scene,
+    read_manifest,
     read_split,
     split_stats,
 )
@@ -192,6 +193,33 @@ def test_cli_generate_stats_preview(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         shapeworld.main(["--help"])
     assert err.value.code == 0
+
+
+def test_cli_generate_like_adds_splits_with_the_folders_layout(tmp_path, capsys):
+    """--like: the seed and layout of a folder (here one- or two-object scenes, as the diffusion
+    data), other split sizes; where the splits overlap the images are the folder's own."""
+    cfg = ShapeWorldConfig(
+        seed=3,
+        layout=LayoutConfig(image_size=48, min_objects=1, max_objects=2),
+        splits=SplitSizes(train=0, val=2, test=0, pretrain=0),
+    )
+    src = tmp_path / "src"
+    generate(src, cfg, workers=1, progress=False)
+    out = tmp_path / "like"
+    argv = ["generate", "--out", str(out), "--like", str(src), "--train", "0", "--val", "2"]
+    assert shapeworld.main([*argv, "--test", "6", "--workers", "1"]) == 0
+    made = read_manifest(out)["config"]
+    assert made["seed"] == 3 and made["layout"] == cfg.layout.to_dict()
+    assert made["splits"]["test"] == 6
+    for a, b in zip(read_split(src, "val"), read_split(out, "val"), strict=True):
+        _assert_same_scene(a, b)
+    assert all(1 <= len(sc.objects) <= 2 for sc in read_split(out, "test"))
+    with pytest.raises(SystemExit):
+        shapeworld.main([*argv, "--out", str(tmp_path / "x"), "--seed", "1"])
+    assert "--like takes the seed" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        shapeworld.main([*argv, "--out", str(tmp_path / "y"), "--like", str(tmp_path / "none")])
+    assert "not found" in capsys.readouterr().err
 
 
 def test_stats_targets_hold_on_a_realistic_split(tmp_path):
