@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 METHODS = ("stamp", "text4seg", "lisa")
+MASK_FEATURE_NORMS = ("embedding", "none")
 
 
 @dataclass
@@ -78,11 +79,32 @@ class StampConfig(Config):
     # a cell half covered asks for probability 0.5 and no cell passes the threshold, so the loss
     # is taken on what inference thresholds, the upsampled logits, at 4x the grid.
     loss_resolution: int = 32
+    # The scale of a mask token's visual feature before it is added to the <mask> row. "embedding":
+    # each feature is rescaled to the median norm of the LLM's input embedding rows (for
+    # SmolLM2-135M ~3). "none": as projected (the paper's plain sum). Our projectors' outputs are
+    # 60-100x that norm (the shapes VLM's visual tokens ~330, a trained mask projector ~200), and a
+    # token whose input is that large keeps it through the residual stream: what the mask token
+    # reads from the expression by attention is a small addition to it, so the head sees the
+    # patch and hardly the words (session 9, RESULTS). Configs saved before this field: "none".
+    mask_feature_norm: str = "embedding"
     sam: SamPresetConfig = field(default_factory=SamPresetConfig)  # the "lisa" method's SAM
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "<dict>") -> StampConfig:
+        """As Config.from_dict; a config saved before ``mask_feature_norm`` existed gets "none"
+        (what its model was trained with)."""
+        if "mask_feature_norm" not in data:
+            data = {**data, "mask_feature_norm": "none"}
+        return super().from_dict(data, source=source)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {list(METHODS)}, received {self.method!r}")
+        if self.mask_feature_norm not in MASK_FEATURE_NORMS:
+            raise ValueError(
+                f"mask_feature_norm must be one of {list(MASK_FEATURE_NORMS)}, received "
+                f"{self.mask_feature_norm!r}"
+            )
         if self.loss_resolution < 0:
             raise ValueError(f"loss_resolution must be >= 0, received {self.loss_resolution}")
         if not 0 <= self.mask_merge <= 16:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -281,6 +282,28 @@ def test_save_and_load_round_trip(stamp, tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_mask_features_are_scaled_to_the_embedding_norm(stamp):
+    """mask_feature_norm "embedding": every mask feature's norm is the median norm of the LLM's
+    input embedding rows, its direction the projector's; "none" leaves the projection as it is;
+    a config saved before the field existed loads as "none"."""
+    pixels = stamp.vlm.pixel_values([_image(0), _image(1)])
+    _, scaled = stamp.image_features(pixels)
+    rows = stamp.vlm.llm.get_input_embeddings().weight.detach().float()
+    want = float(rows.norm(dim=-1).median())  # computed here, not read from the model
+    norms = scaled.norm(dim=-1)
+    torch.testing.assert_close(norms, torch.full_like(norms, want), rtol=1e-4, atol=1e-4)
+    raw = StampVLM(_vlm(), CFG.replace(mask_feature_norm="none"))
+    raw.load_state_dict(stamp.state_dict())  # the same projector, unscaled
+    _, projected = raw.image_features(pixels)
+    assert not torch.allclose(projected.norm(dim=-1), norms, rtol=1e-2)
+    torch.testing.assert_close(F.normalize(projected, dim=-1) * want, scaled)
+    old = {k: v for k, v in CFG.to_dict().items() if k != "mask_feature_norm"}
+    assert StampConfig.from_dict(old).mask_feature_norm == "none"
+    assert StampConfig.from_dict(CFG.to_dict()).mask_feature_norm == "embedding"
+    with pytest.raises(ValueError, match="mask_feature_norm"):
+        CFG.replace(mask_feature_norm="rms")
+
+
 # -- the scripts ----------------------------------------------------------------------------------
 
 
@@ -290,6 +313,28 @@ def shapeworld(tmp_path_factory) -> Path:
     args = ["generate", "--out", str(root), "--train", "6", "--val", "2", "--test", "3"]
     shapeworld_main([*args, "--pretrain", "0", "--image-size", "64", "--workers", "1"])
     return root
+
+
+def test_train_on_some_expression_types_only(shapeworld, tmp_path, capsys):
+    import argparse
+
+    from data.datasets import ReferringDataset
+    from train.stamp import main as train_main
+    from train.stamp import only_types
+
+    data = ReferringDataset.from_shapeworld(shapeworld, "train")
+    kinds = [data[i].expression_type for i in range(len(data))]
+    parser = argparse.ArgumentParser()
+    kept, desc = only_types(parser, data, "sw", ["attribute", "ordinal"])
+    assert len(kept) == sum(k in ("attribute", "ordinal") for k in kinds) > 0
+    assert {kept[i].expression_type for i in range(len(kept))} <= {"attribute", "ordinal"}
+    assert desc == "sw, types ['attribute', 'ordinal']"
+    with pytest.raises(SystemExit):
+        only_types(parser, data, "sw", ["colour"])
+    assert "types: ['attribute', 'ordinal', 'spatial']" in capsys.readouterr().err
+    argv = ["--preset", "tiny", "--data", str(shapeworld), "--steps", "1", "--batch-size", "2"]
+    argv += ["--negatives", "0", "--no-progress", "--lora-rank", "4", "--out", str(tmp_path / "a")]
+    assert train_main([*argv, "--expression-types", "attribute"]) == 0
 
 
 def test_train_resumes_exactly_and_continues_from_a_trained_folder(shapeworld, tmp_path):

@@ -116,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
         "schedule of --steps), e.g. checkpoints/shapes/stamp; --method and --mask-merge / "
         "--lora-rank must agree with it",
     )
+    parser.add_argument(
+        "--expression-types",
+        nargs="+",
+        default=None,
+        metavar="TYPE",
+        help="train only on expressions of these types (ShapeWorld: attribute, spatial, "
+        "ordinal; RefCOCO-style refs carry one in an 'expression_type' field), e.g. attribute "
+        "first as a curriculum",
+    )
     parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default 3%%)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last")
@@ -150,6 +159,17 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(
                 f"--init-from: {args.init_from} is not a saved STAMP folder (no stamp.safetensors)"
             )
+
+
+def only_types(
+    parser: argparse.ArgumentParser, data: ReferringDataset, desc: str, types: list[str]
+) -> tuple[ReferringDataset, str]:
+    """The expressions of `types` only (a parser error naming the types present when none is)."""
+    kept = [item for item in data.items if item[4] in types]
+    if not kept:
+        present = sorted({item[4] for item in data.items})
+        parser.error(f"--expression-types {types}: no such expression in {desc} (types: {present})")
+    return ReferringDataset(data.images_root, kept), f"{desc}, types {sorted(set(types))}"
 
 
 def init_from(folder: Path, cfg: StampConfig, device: torch.device) -> StampVLM:
@@ -214,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         data, data_desc = referring_dataset_from_args(args)
     except (ValueError, OSError) as err:
         parser.error(str(err))
+    if args.expression_types:
+        data, data_desc = only_types(parser, data, data_desc, args.expression_types)
     command = "python -m train.stamp " + shlex.join(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -150,6 +150,12 @@ class StampVLM(VLMExtension):
             self.seg_proj = nn.Sequential(
                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, dim)
             )
+        # segmentation.stamp.StampConfig.mask_feature_norm: the norm mask features are rescaled
+        # to, the median of the frozen LLM's input embedding rows (None: left as projected).
+        self.feature_norm: float | None = None
+        if config.method == "stamp" and config.mask_feature_norm == "embedding":
+            rows = cast(torch.Tensor, llm.get_input_embeddings().weight).detach().float()
+            self.feature_norm = float(rows.norm(dim=-1).median())
         self.to(vlm.device)
         self.tokens_processed = 0  # tokens the LLM has read (inputs of every forward)
 
@@ -255,9 +261,10 @@ class StampVLM(VLMExtension):
         tokens = dense.tokens.float()
         with torch.no_grad():
             visual = self.vlm.projector(tokens, dense.grid)
-        if self.mask_projector is None:
-            return visual, visual
-        return visual, self.mask_projector(tokens, dense.grid)
+        feats = visual if self.mask_projector is None else self.mask_projector(tokens, dense.grid)
+        if self.feature_norm is not None:
+            feats = F.normalize(feats, dim=-1) * self.feature_norm
+        return visual, feats
 
     def decision_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., H) hidden states -> (..., V + 1) logits: the LM head's, then ``<seg>``'s."""
