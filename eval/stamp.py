@@ -211,16 +211,21 @@ def evaluate(
 def text_dependence(
     data: ReferringDataset, segment: Segmenter, images: int = 40
 ) -> dict[str, float | int]:
-    """Does the mask follow the words? Over the first `images` images of `data`, the mean IoU
-    between the predicted masks of two expressions of one image that name different objects (their
-    ground-truth masks overlap < 0.5). 1.0: the text is ignored; a perfect model scores ~0."""
+    """Does the mask follow the words? Over the first `images` images of `data`, for two
+    expressions of one image that name different objects (their ground-truth masks overlap < 0.5):
+
+    - ``mean_iou``: the mean IoU of their predicted masks. 1.0: the text is ignored; a perfect
+      model scores ~0.
+    - ``logit_change``: the mean absolute difference of their pixel logits over the mean of the
+      two logit maps' standard deviations (scale-free; a thresholded IoU cannot tell a model that
+      nearly moves its mask from one that cannot). 0: the words change nothing."""
     by_image: dict[Path, list[Any]] = {}
     for i in range(len(data)):
         item = data[i]
         if item.image_path not in by_image and len(by_image) >= images:
             break
         by_image.setdefault(item.image_path, []).append(item)
-    ious = []
+    ious, changes = [], []
     for path, items in by_image.items():
         if len(items) < 2:
             continue
@@ -228,12 +233,22 @@ def text_dependence(
             [{"role": "user", "content": SEG_PROMPTS[0].format(it.expression), "images": [path]}]
             for it in items
         ]
-        preds = [logits > 0 for logits in segment(prompts)]
+        logits = [np.asarray(x, dtype=np.float64) for x in segment(prompts)]
+        preds = [x > 0 for x in logits]
         for a in range(len(items)):
             for b in range(a + 1, len(items)):
-                if mask_iou(items[a].mask, items[b].mask) < 0.5 and (preds[a] | preds[b]).any():
+                if mask_iou(items[a].mask, items[b].mask) >= 0.5:
+                    continue
+                spread = (logits[a].std() + logits[b].std()) / 2
+                if spread > 0:
+                    changes.append(float(np.abs(logits[a] - logits[b]).mean() / spread))
+                if (preds[a] | preds[b]).any():
                     ious.append(mask_iou(preds[a], preds[b]))
-    return {"pairs": len(ious), "mean_iou": float(np.mean(ious)) if ious else float("nan")}
+    return {
+        "pairs": len(ious),
+        "mean_iou": float(np.mean(ious)) if ious else float("nan"),
+        "logit_change": float(np.mean(changes)) if changes else float("nan"),
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -358,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                 result["methods"][name]["text_dependence"] = dep
                 print(
                     f"{name}: masks for different objects overlap at IoU {dep['mean_iou']:.3f} "
-                    f"({dep['pairs']} pairs)"
+                    f"({dep['pairs']} pairs); their logits differ by {dep['logit_change']:.3f} "
+                    "of the logits' spread"
                 )
     result["command"] = "python -m eval.stamp " + shlex.join(argv)
     result["checkpoints"] = {k: str(v) for k, v in checkpoints.items()}

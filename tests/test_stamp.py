@@ -284,22 +284,21 @@ def test_save_and_load_round_trip(stamp, tmp_path):
 
 def test_mask_features_are_scaled_to_the_embedding_norm(stamp):
     """mask_feature_norm "embedding": every mask feature's norm is the median norm of the LLM's
-    input embedding rows, its direction the projector's; "none" leaves the projection as it is;
-    a config saved before the field existed loads as "none"."""
+    input embedding rows, its direction the projector's; "none" (the default, and what a config
+    saved before the field existed gets) leaves the projection as it is."""
     pixels = stamp.vlm.pixel_values([_image(0), _image(1)])
-    _, scaled = stamp.image_features(pixels)
+    _, projected = stamp.image_features(pixels)
+    scaling = StampVLM(_vlm(), CFG.replace(mask_feature_norm="embedding"))
+    scaling.load_state_dict(stamp.state_dict())  # the same projector, rescaled
+    _, scaled = scaling.image_features(pixels)
     rows = stamp.vlm.llm.get_input_embeddings().weight.detach().float()
     want = float(rows.norm(dim=-1).median())  # computed here, not read from the model
     norms = scaled.norm(dim=-1)
     torch.testing.assert_close(norms, torch.full_like(norms, want), rtol=1e-4, atol=1e-4)
-    raw = StampVLM(_vlm(), CFG.replace(mask_feature_norm="none"))
-    raw.load_state_dict(stamp.state_dict())  # the same projector, unscaled
-    _, projected = raw.image_features(pixels)
     assert not torch.allclose(projected.norm(dim=-1), norms, rtol=1e-2)
     torch.testing.assert_close(F.normalize(projected, dim=-1) * want, scaled)
     old = {k: v for k, v in CFG.to_dict().items() if k != "mask_feature_norm"}
     assert StampConfig.from_dict(old).mask_feature_norm == "none"
-    assert StampConfig.from_dict(CFG.to_dict()).mask_feature_norm == "embedding"
     with pytest.raises(ValueError, match="mask_feature_norm"):
         CFG.replace(mask_feature_norm="rms")
 
@@ -466,7 +465,16 @@ def test_evaluate_scores_an_oracle_and_an_empty_segmenter(shapeworld):
 
     oracle_dep = text_dependence(data, oracle, images=3)
     assert oracle_dep["pairs"] > 0 and oracle_dep["mean_iou"] == 0.0  # visible masks are disjoint
-    assert text_dependence(data, blob, images=3)["mean_iou"] == 1.0
+    assert oracle_dep["logit_change"] > 0
+    blob_dep = text_dependence(data, blob, images=3)
+    assert blob_dep["mean_iou"] == 1.0 and blob_dep["logit_change"] == 0.0
+
+    def loud(prompts):  # the oracle's logits x 10: the same masks, the same relative change
+        return [10 * x for x in oracle(prompts)]
+
+    assert text_dependence(data, loud, images=3)["logit_change"] == pytest.approx(
+        oracle_dep["logit_change"]
+    )
 
 
 def test_eval_script_scores_the_trained_methods_side_by_side(shapeworld, tmp_path):

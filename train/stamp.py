@@ -39,7 +39,7 @@ from data.datasets import (
     add_referring_arguments,
     referring_dataset_from_args,
 )
-from segmentation.stamp import METHODS, StampConfig
+from segmentation.stamp import MASK_FEATURE_NORMS, METHODS, StampConfig
 from train import common
 from train.common import (
     DataParallel,
@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--mask-merge", type=int, default=None, help="override StampConfig")
     parser.add_argument("--lora-rank", type=int, default=None, help="override StampConfig")
+    parser.add_argument(
+        "--mask-feature-norm",
+        choices=MASK_FEATURE_NORMS,
+        default=None,
+        help="override StampConfig: 'embedding' rescales each mask feature to the LLM's "
+        "embedding norm, 'none' (default) adds it as projected (the paper)",
+    )
     parser.add_argument(
         "--lm-weight",
         type=float,
@@ -246,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             ("mask_merge", args.mask_merge),
             ("lora_rank", args.lora_rank),
             ("lm_weight", args.lm_weight),
+            ("mask_feature_norm", args.mask_feature_norm),
         )
         if v is not None
     }
