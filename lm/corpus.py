@@ -16,6 +16,13 @@ A corpus is two lists of strings, train and held-out, split deterministically:
   (~8% of the characters).
 - ``text_files_corpus``: files matching a glob (sorted), one document per file or per non-empty
   line; held out: documents whose index is 9 mod 10 (every tenth).
+
+Both drop from the training side every document that shares a run of ``LEAK_WORDS`` (12) words
+with a held-out one (``drop_overlapping``). Pydoc's topics repeat each other: "customization" and
+"attribute-access" are sections of "specialnames", "for" of "compound"; before session 9 78% of
+the held-out 12-word runs were also in the training topics, and a model trained on them (MaskLLM,
+docs/RESULTS.md) scored a held-out perplexity a third of the dense model's. On Python 3.11 the
+dropped training topics are compound, floating, specialnames and while (16 K of 60 K words).
 - ShapeWorld captions: built where both ``data`` and ``lm`` are visible (train/pretrain_lm.py reads
   an exported folder or generates scenes) and handed to ``Corpus.from_documents``: ``lm`` does
   not import ``data`` (DESIGN.md layer contract).
@@ -39,6 +46,7 @@ __all__ = [
     "BPE_SPECIAL_TOKENS",
     "Corpus",
     "documents_digest",
+    "drop_overlapping",
     "pack_documents",
     "pydoc_corpus",
     "text_files_corpus",
@@ -47,6 +55,7 @@ __all__ = [
 ]
 
 PYDOC_HELDOUT_MOD = (10, 5)  # sorted topic index i is held out when i % 10 == 5
+LEAK_WORDS = 12  # a training document sharing this many consecutive words with a held-out one
 FILES_HELDOUT_MOD = (10, 9)
 # The BPE tokenizer's special tokens: one token is BOS, EOS and document separator (GPT-2 style).
 BPE_SPECIAL_TOKENS = {"eos_token": "<|endoftext|>", "pad_token": "<pad>", "mask_token": "<mask>"}
@@ -107,17 +116,39 @@ def _split(keys: Sequence[Any], mod: tuple[int, int]) -> tuple[list[Any], list[A
     return train, heldout
 
 
+def _word_runs(text: str, n: int) -> set[tuple[str, ...]]:
+    words = text.split()
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+
+def drop_overlapping(
+    train: Sequence[str], heldout: Sequence[str], n: int = LEAK_WORDS
+) -> list[int]:
+    """Indices of the training documents that share a run of `n` whitespace-separated words with
+    any held-out document (to be dropped, so that held-out text is never trained on)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, received {n}")
+    held: set[tuple[str, ...]] = set()
+    for doc in heldout:
+        held |= _word_runs(doc, n)
+    return [i for i, doc in enumerate(train) if not held.isdisjoint(_word_runs(doc, n))]
+
+
 def pydoc_corpus() -> Corpus:
-    """The stdlib's pydoc help topics; held-out topics as the module doc lists."""
+    """The stdlib's pydoc help topics; held-out topics as the module doc lists, training topics
+    that repeat held-out text dropped."""
     from pydoc_data.topics import topics
 
     train_keys, heldout_keys = _split(sorted(topics), PYDOC_HELDOUT_MOD)
+    heldout = [topics[k] for k in heldout_keys]
+    dropped = set(drop_overlapping([topics[k] for k in train_keys], heldout))
     return Corpus.from_documents(
         "pydoc",
-        [topics[k] for k in train_keys],
-        [topics[k] for k in heldout_keys],
+        [topics[k] for i, k in enumerate(train_keys) if i not in dropped],
+        heldout,
         source="pydoc_data.topics.topics",
         heldout_topics=heldout_keys,
+        dropped_train_topics=[k for i, k in enumerate(train_keys) if i in dropped],
     )
 
 
@@ -131,13 +162,15 @@ def text_files_corpus(pattern: str, per_line: bool = False) -> Corpus:
         text = path.read_text(encoding="utf-8")
         docs += [line for line in text.splitlines() if line.strip()] if per_line else [text]
     train, heldout = _split(docs, FILES_HELDOUT_MOD)
+    dropped = set(drop_overlapping(train, heldout))
     return Corpus.from_documents(
         f"files:{pattern}",
-        train,
+        [d for i, d in enumerate(train) if i not in dropped],
         heldout,
         source=pattern,
         files=len(paths),
         per_line=per_line,
+        dropped_train_documents=len(dropped),
     )
 
 

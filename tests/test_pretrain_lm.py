@@ -66,8 +66,16 @@ def test_pydoc_corpus_heldout_topics():
         "unary",
     ]
     assert corpus.heldout == [topics[k] for k in held]
-    assert len(corpus.train) + len(corpus.heldout) == len(topics)
+    dropped = corpus.description["dropped_train_topics"]
+    assert dropped == ["compound", "floating", "specialnames", "while"]  # they repeat held-out text
+    assert len(corpus.train) + len(corpus.heldout) + len(dropped) == len(topics)
     assert not set(corpus.train) & set(corpus.heldout)
+    # no run of 12 words of held-out text is trained on (checked naively, by string search)
+    train_text = " " + " ".join(" ".join(d.split()) for d in corpus.train) + " "
+    for doc in corpus.heldout:
+        words = doc.split()
+        for i in range(0, len(words) - 11, 7):
+            assert " " + " ".join(words[i : i + 12]) + " " not in train_text
     small = corpus.truncated(1000)
     assert sum(map(len, small.train)) == 1000 and sum(map(len, small.heldout)) == 1000
 
@@ -82,6 +90,18 @@ def test_text_files_corpus_per_file_and_per_line(tmp_path):
     assert per_line.heldout == ["line b 4", "line b 9"]  # line indices 9 and 19
     with pytest.raises(FileNotFoundError, match="no file matches"):
         text_files_corpus(str(tmp_path / "*.md"))
+
+
+def test_drop_overlapping_hand_example():
+    from lm.corpus import drop_overlapping
+
+    held = ["the quick brown fox jumps"]
+    train = ["a quick brown fox runs", "the quick brown fox", "x the quick brown fox jumps y", "z"]
+    assert drop_overlapping(train, held, n=4) == [1, 2]  # share "the quick brown fox"
+    assert drop_overlapping(train, held, n=5) == [2]
+    assert drop_overlapping(train, held, n=3) == [0, 1, 2]
+    with pytest.raises(ValueError, match="n must be"):
+        drop_overlapping(train, held, n=0)
 
 
 def test_pack_documents_hand_example():
