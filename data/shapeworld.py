@@ -621,21 +621,22 @@ def main(argv: list[str] | None = None) -> int:
             default=getattr(defaults, split),
             help=f"images in the {split} split (default {getattr(defaults, split)})",
         )
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None, help="generator seed (default 0)")
     gen.add_argument(
         "--image-size",
         type=int,
-        default=LayoutConfig().image_size,
-        help="square image side in pixels, 16..512",
+        default=None,
+        help=f"square image side in pixels, 16..512 (default {LayoutConfig().image_size})",
     )
     gen.add_argument(
         "--like",
         type=Path,
         default=None,
         help="take the seed and scene layout of this generated folder (its shapeworld.json; "
-        "--seed and --image-size are then not allowed): e.g. a test split for a folder made "
-        "without one. Images are a pure function of (seed, split, index), so its splits and the "
-        "new folder's agree where they overlap",
+        "--seed and --image-size are then not allowed; split sizes are still this command's, "
+        "so pass 0 for the splits you do not want): e.g. --train 0 --val 0 --test 1000 for a "
+        "test split of a folder made without one. Images are a pure function of (seed, split, "
+        "index), so its splits and the new folder's agree where they overlap",
     )
     gen.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     gen.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -654,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = {s: getattr(args, s) for s in SPLITS}
         try:
             if args.like is not None:
-                if args.seed != 0 or args.image_size != LayoutConfig().image_size:
+                if args.seed is not None or args.image_size is not None:
                     parser.error("--like takes the seed and image size of its folder: drop them")
                 manifest = read_manifest(args.like)
                 if manifest["generator_version"] != GENERATOR_VERSION:
@@ -667,13 +668,15 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = like.replace(splits=SplitSizes(**sizes))
             else:
                 cfg = ShapeWorldConfig(
-                    seed=args.seed,
-                    layout=LayoutConfig(image_size=args.image_size),
+                    seed=0 if args.seed is None else args.seed,
+                    layout=LayoutConfig(image_size=args.image_size or LayoutConfig().image_size),
                     splits=SplitSizes(**sizes),
                 )
         except FileNotFoundError as err:
             parser.error(f"--like: {err}")
-        except (ValueError, KeyError) as err:
+        except KeyError as err:
+            parser.error(f"--like: {args.like}/shapeworld.json has no {err} entry")
+        except ValueError as err:
             parser.error(f"{err}")
         if args.out.exists() and not args.overwrite:
             parser.error(f"{args.out} already exists; pass --overwrite to replace it")

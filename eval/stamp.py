@@ -245,8 +245,9 @@ def text_dependence(
                 if (preds[a] | preds[b]).any():
                     ious.append(mask_iou(preds[a], preds[b]))
     return {
-        "pairs": len(ious),
+        "pairs": len(ious),  # pairs where either predicted mask is non-empty
         "mean_iou": float(np.mean(ious)) if ious else float("nan"),
+        "logit_pairs": len(changes),  # pairs whose logits vary at all
         "logit_change": float(np.mean(changes)) if changes else float("nan"),
     }
 
@@ -374,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{name}: masks for different objects overlap at IoU {dep['mean_iou']:.3f} "
                     f"({dep['pairs']} pairs); their logits differ by {dep['logit_change']:.3f} "
-                    "of the logits' spread"
+                    f"of the logits' spread ({dep['logit_pairs']} pairs)"
                 )
     result["command"] = "python -m eval.stamp " + shlex.join(argv)
     result["checkpoints"] = {k: str(v) for k, v in checkpoints.items()}

@@ -16,16 +16,17 @@ A corpus is two lists of strings, train and held-out, split deterministically:
   (~8% of the characters).
 - ``text_files_corpus``: files matching a glob (sorted), one document per file or per non-empty
   line; held out: documents whose index is 9 mod 10 (every tenth).
-
-Both drop from the training side every document that shares a run of ``LEAK_WORDS`` (12) words
-with a held-out one (``drop_overlapping``). Pydoc's topics repeat each other: "customization" and
-"attribute-access" are sections of "specialnames", "for" of "compound"; before session 9 78% of
-the held-out 12-word runs were also in the training topics, and a model trained on them (MaskLLM,
-docs/RESULTS.md) scored a held-out perplexity a third of the dense model's. On Python 3.11 the
-dropped training topics are compound, floating, specialnames and while (16 K of 60 K words).
 - ShapeWorld captions: built where both ``data`` and ``lm`` are visible (train/pretrain_lm.py reads
   an exported folder or generates scenes) and handed to ``Corpus.from_documents``: ``lm`` does
   not import ``data`` (DESIGN.md layer contract).
+
+``pydoc_corpus`` and ``text_files_corpus`` drop from the training side every document that
+shares a run of ``LEAK_WORDS`` (12) words with a held-out one (``drop_overlapping``). Pydoc's
+topics repeat each other: "customization" and "attribute-access" are sections of
+"specialnames", "for" of "compound"; before session 9 78% of the held-out 12-word runs were also
+in the training topics, and a model trained on them (MaskLLM, docs/RESULTS.md) scored a held-out
+perplexity a third of the dense model's. On Python 3.11 the dropped training topics are
+compound, floating, specialnames and while (16 K of 60 K words).
 
 Packing: every document's tokens are followed by EOS (the document separator), all documents are
 concatenated in order and cut into rows of seq_len tokens; the tail shorter than a row is dropped.
@@ -131,7 +132,12 @@ def drop_overlapping(
     held: set[tuple[str, ...]] = set()
     for doc in heldout:
         held |= _word_runs(doc, n)
-    return [i for i, doc in enumerate(train) if not held.isdisjoint(_word_runs(doc, n))]
+    out = []
+    for i, doc in enumerate(train):
+        words = doc.split()
+        if any(tuple(words[j : j + n]) in held for j in range(len(words) - n + 1)):
+            out.append(i)
+    return out
 
 
 def pydoc_corpus() -> Corpus:

@@ -97,6 +97,11 @@ class StampConfig(Config):
                 f"mask_feature_norm must be one of {list(MASK_FEATURE_NORMS)}, received "
                 f"{self.mask_feature_norm!r}"
             )
+        if self.mask_feature_norm != "none" and self.method != "stamp":
+            raise ValueError(
+                f"mask_feature_norm {self.mask_feature_norm!r} scales the mask tokens' features, "
+                f"which only the 'stamp' method has; received method {self.method!r}"
+            )
         if self.loss_resolution < 0:
             raise ValueError(f"loss_resolution must be >= 0, received {self.loss_resolution}")
         if not 0 <= self.mask_merge <= 16:

@@ -301,6 +301,8 @@ def test_mask_features_are_scaled_to_the_embedding_norm(stamp):
     assert StampConfig.from_dict(old).mask_feature_norm == "none"
     with pytest.raises(ValueError, match="mask_feature_norm"):
         CFG.replace(mask_feature_norm="rms")
+    with pytest.raises(ValueError, match="only the 'stamp' method"):
+        CFG.replace(method="lisa", mask_feature_norm="embedding")
 
 
 # -- the scripts ----------------------------------------------------------------------------------
@@ -331,6 +333,9 @@ def test_train_on_some_expression_types_only(shapeworld, tmp_path, capsys):
     with pytest.raises(SystemExit):
         only_types(parser, data, "sw", ["colour"])
     assert "types: ['attribute', 'ordinal', 'spatial']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a misspelt type is named, not silently dropped
+        only_types(parser, data, "sw", ["atribute", "spatial"])
+    assert "['atribute']" in capsys.readouterr().err
     argv = ["--preset", "tiny", "--data", str(shapeworld), "--steps", "1", "--batch-size", "2"]
     argv += ["--negatives", "0", "--no-progress", "--lora-rank", "4", "--out", str(tmp_path / "a")]
     assert train_main([*argv, "--expression-types", "attribute"]) == 0
@@ -368,6 +373,11 @@ def test_train_resumes_exactly_and_continues_from_a_trained_folder(shapeworld, t
     heads = [k for k in a if k.startswith(("head.", "mask_projector."))]
     moved = [k for k in heads if not torch.equal(a[k], c[k])]
     assert moved, "the mask head and projector did not train"
+    # the folder's config is kept without repeating its options (LoRA rank 4, not the default)
+    bare = ["--preset", "tiny", "--data", str(shapeworld), "--steps", "1", "--batch-size", "2"]
+    bare += ["--negatives", "0", "--no-progress", "--out", str(tmp_path / "kept")]
+    assert train_main([*bare, "--init-from", str(tmp_path / "straight" / "final")]) == 0
+    assert StampVLM.from_pretrained(tmp_path / "kept" / "final").config.lora_rank == 4
     for bad in (["--lora-rank", "8"], ["--method", "lisa"], ["--vlm", str(tmp_path)]):
         with pytest.raises(SystemExit):
             train_main([*cont, *bad, "--out", str(tmp_path / "bad")])

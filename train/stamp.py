@@ -95,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--method",
         choices=METHODS,
-        default="stamp",
-        help="stamp, or a baseline on the same model: text4seg (one label token per grid cell, "
-        "written autoregressively) or lisa (the <seg> state prompts SAM's mask decoder)",
+        default=None,
+        help="stamp (default), or a baseline on the same model: text4seg (one label token per "
+        "grid cell, written autoregressively) or lisa (the <seg> state prompts SAM's mask "
+        "decoder)",
     )
     parser.add_argument("--mask-merge", type=int, default=None, help="override StampConfig")
     parser.add_argument("--lora-rank", type=int, default=None, help="override StampConfig")
@@ -120,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help="start from this trained STAMP folder (its VLM core, config, LoRA and head; a new "
-        "schedule of --steps), e.g. checkpoints/shapes/stamp; --method and --mask-merge / "
-        "--lora-rank must agree with it",
+        "schedule of --steps), e.g. checkpoints/shapes/stamp; its config is kept: --method, "
+        "--mask-merge, --lora-rank and --mask-feature-norm, when given, must agree with it, "
+        "--lm-weight may change",
     )
     parser.add_argument(
         "--expression-types",
@@ -172,25 +174,28 @@ def only_types(
     parser: argparse.ArgumentParser, data: ReferringDataset, desc: str, types: list[str]
 ) -> tuple[ReferringDataset, str]:
     """The expressions of `types` only (a parser error naming the types present when none is)."""
+    present = sorted({item[4] for item in data.items})
+    missing = sorted(set(types) - set(present))
+    if missing:
+        parser.error(
+            f"--expression-types {missing}: no such expression in {desc} (types: {present})"
+        )
     kept = [item for item in data.items if item[4] in types]
-    if not kept:
-        present = sorted({item[4] for item in data.items})
-        parser.error(f"--expression-types {types}: no such expression in {desc} (types: {present})")
     return ReferringDataset(data.images_root, kept), f"{desc}, types {sorted(set(types))}"
 
 
-def init_from(folder: Path, cfg: StampConfig, device: torch.device) -> StampVLM:
-    """A trained STAMP folder to continue from, with `cfg`'s loss weights. ValueError when its
-    config differs from `cfg` in anything but the loss weights (the weights would not fit)."""
+def init_from(folder: Path, given: dict[str, Any], device: torch.device) -> StampVLM:
+    """A trained STAMP folder to continue from. Its config is kept; `given` (the options set on the
+    command line) may change the loss weights, and ValueError names any other field it would
+    change (the trained weights are of that config)."""
     model = StampVLM.from_pretrained(folder, device=device)
+    saved = model.config.to_dict()
     weights = ("lm_weight", "bce_weight", "dice_weight")
-    saved = {k: v for k, v in model.config.to_dict().items() if k not in weights}
-    wanted = {k: v for k, v in cfg.to_dict().items() if k not in weights}
-    differ = sorted(k for k in wanted if saved.get(k) != wanted[k])
+    differ = sorted(k for k, v in given.items() if k not in weights and saved.get(k) != v)
     if differ:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} there, {wanted[k]!r} asked" for k in differ)
+        detail = ", ".join(f"{k}: {saved.get(k)!r} there, {given[k]!r} asked" for k in differ)
         raise ValueError(f"--init-from {folder}: its STAMP config differs ({detail})")
-    model.config = cfg
+    model.config = model.config.replace(**{k: v for k, v in given.items() if k in weights})
     return model
 
 
@@ -257,9 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if v is not None
     }
-    overrides["method"] = args.method
-    overrides["sam"] = preset.sam.to_dict()  # the lisa baseline's SAM: the preset's
-    cfg = StampConfig.from_dict({**StampConfig().to_dict(), **overrides}, source="arguments")
+    if args.method is not None:
+        overrides["method"] = args.method
     dp = DataParallel(resolve_device(args.device))
     device, world = dp.device, dp.world
     why = dp.divides(batch_size=args.batch_size, negatives=args.negatives)
@@ -268,10 +272,18 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(args.seed)
     if args.init_from is not None:
         try:
-            model = init_from(args.init_from, cfg, device)
+            model = init_from(args.init_from, overrides, device)
         except (ValueError, OSError) as err:
             parser.error(str(err))
+        cfg = model.config
     else:
+        overrides["sam"] = preset.sam.to_dict()  # the lisa baseline's SAM: the preset's
+        try:
+            cfg = StampConfig.from_dict(
+                {**StampConfig().to_dict(), **overrides}, source="arguments"
+            )
+        except ValueError as err:
+            parser.error(str(err))
         model = build_model(preset, args.vlm, cfg, device)
     if dp.main:
         print(
@@ -283,8 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     warmup = args.warmup if args.warmup is not None else max(1, args.steps * 3 // 100)
     scheduler = cosine_with_warmup(optimizer, warmup, args.steps)
+    stamp_config = cfg.to_dict()
+    if stamp_config["mask_feature_norm"] == "none":  # the default: runs saved before it resume
+        del stamp_config["mask_feature_norm"]
     run_config = {
-        "stamp": cfg.to_dict(),
+        "stamp": stamp_config,
         "vlm": (
             f"the core saved in {args.init_from}"
             if args.init_from
