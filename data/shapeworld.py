@@ -677,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyError as err:
             parser.error(f"--like: {args.like}/shapeworld.json has no {err} entry")
         except ValueError as err:
-            parser.error(f"{err}")
+            parser.error(str(err))
         if args.out.exists() and not args.overwrite:
             parser.error(f"{args.out} already exists; pass --overwrite to replace it")
         generate(args.out, cfg, workers=args.workers, overwrite=args.overwrite)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -117,9 +117,9 @@ def _split(keys: Sequence[Any], mod: tuple[int, int]) -> tuple[list[Any], list[A
     return train, heldout
 
 
-def _word_runs(text: str, n: int) -> set[tuple[str, ...]]:
+def _word_runs(text: str, n: int) -> Iterator[tuple[str, ...]]:
     words = text.split()
-    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+    return (tuple(words[i : i + n]) for i in range(len(words) - n + 1))
 
 
 def drop_overlapping(
@@ -129,15 +129,8 @@ def drop_overlapping(
     any held-out document (to be dropped, so that held-out text is never trained on)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, received {n}")
-    held: set[tuple[str, ...]] = set()
-    for doc in heldout:
-        held |= _word_runs(doc, n)
-    out = []
-    for i, doc in enumerate(train):
-        words = doc.split()
-        if any(tuple(words[j : j + n]) in held for j in range(len(words) - n + 1)):
-            out.append(i)
-    return out
+    held = {run for doc in heldout for run in _word_runs(doc, n)}
+    return [i for i, doc in enumerate(train) if any(r in held for r in _word_runs(doc, n))]
 
 
 def pydoc_corpus() -> Corpus:

@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else max(1, args.steps * 3 // 100)
     scheduler = cosine_with_warmup(optimizer, warmup, args.steps)
     stamp_config = cfg.to_dict()
-    if stamp_config["mask_feature_norm"] == "none":  # the default: runs saved before it resume
+    # Left out at its default, so that a run saved before the field existed still resumes.
+    if stamp_config["mask_feature_norm"] == "none":
         del stamp_config["mask_feature_norm"]
     run_config = {
         "stamp": stamp_config,

@@ -153,7 +153,7 @@ class StampVLM(VLMExtension):
         # segmentation.stamp.StampConfig.mask_feature_norm: the norm mask features are rescaled
         # to, the median of the frozen LLM's input embedding rows (None: left as projected).
         self.feature_norm: float | None = None
-        if config.method == "stamp" and config.mask_feature_norm == "embedding":
+        if config.mask_feature_norm == "embedding":  # only "stamp" may set it (StampConfig)
             rows = cast(torch.Tensor, llm.get_input_embeddings().weight).detach().float()
             self.feature_norm = float(rows.norm(dim=-1).median())
         self.to(vlm.device)
