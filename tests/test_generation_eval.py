@@ -188,19 +188,30 @@ def test_cli_writes_json_table_and_grid(world, checkpoints, tmp_path, capsys):
     assert image.width == 260 + 3 * 64  # label + real + 2 seeds
 
 
-def test_cli_samples_with_the_presets_settings(world, checkpoints, tmp_path):
-    """--preset: steps, guidance and sampler default to the preset's (tiny: 4 DDIM steps, guidance
-    4.0); an explicit option wins."""
+def test_cli_samples_with_the_presets_settings(world, checkpoints, tmp_path, monkeypatch):
+    """--preset: steps, guidance and sampler default to the preset's (the tiny preset with
+    settings that differ from the no-preset fallbacks 25 / 4.0 / ddim); an explicit option wins."""
+    from vlm.config import PolychromeConfig
+
+    tiny = PolychromeConfig.from_preset("tiny")
+    diffusion = tiny.diffusion.replace(guidance_scale=5.5, scheduler="dpm++")
+    monkeypatch.setattr(
+        PolychromeConfig,
+        "from_preset",
+        classmethod(lambda cls, name: tiny.replace(diffusion=diffusion)),
+    )
     out = tmp_path / "r.json"
     argv = ["--preset", "tiny", "--data", str(world), "--no-real", "--time-repeats", "0"]
     argv += ["--clip", str(checkpoints["clip"]), "--sam", str(checkpoints["sam"])]
     argv += ["--single", "1", "--two", "0", "--json", str(out)]
     assert eval_main(argv) == 0
     saved = json.loads(out.read_text())
-    assert (saved["num_inference_steps"], saved["guidance_scale"]) == (4, 4.0)
-    assert eval_main([*argv, "--guidance", "6", "--steps", "3"]) == 0
+    assert (saved["num_inference_steps"], saved["guidance_scale"]) == (4, 5.5)
+    assert saved["scheduler"] == "dpm++"
+    assert eval_main([*argv, "--guidance", "6", "--steps", "3", "--scheduler", "ddim"]) == 0
     saved = json.loads(out.read_text())
     assert (saved["num_inference_steps"], saved["guidance_scale"]) == (3, 6.0)
+    assert saved["scheduler"] == "ddim"
 
 
 def test_cli_errors(world, tmp_path, capsys):
