@@ -67,7 +67,6 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from safetensors.torch import load_file, save
 from tqdm import tqdm
 
@@ -88,6 +87,7 @@ from train.common import (
     cosine_with_warmup,
     decode_images,
     load_training_state,
+    make_accelerator,
     save_training_state,
     trainable_state,
 )
@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m train.clip " + shlex.join(argv)
 
     device = resolve_device(args.device)
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
         cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no"
     )
     device = accelerator.device

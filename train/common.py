@@ -14,6 +14,7 @@ The batch order is a pure function of (seed, step): epoch e is a permutation dra
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -39,6 +40,7 @@ __all__ = [
     "cosine_with_warmup",
     "decode_images",
     "load_training_state",
+    "make_accelerator",
     "open_log",
     "resume_mismatches",
     "resume_or_start",
@@ -50,6 +52,24 @@ __all__ = [
 
 
 T = TypeVar("T")
+
+
+def make_accelerator(**kwargs: Any) -> Accelerator:
+    """``Accelerator(**kwargs)``, whose process group (under ``accelerate launch``) is destroyed
+    when the process exits. Every training script makes its Accelerator here. A gloo group left
+    to the interpreter's own teardown can abort a process that has finished its work ("terminate
+    called without an active exception", SIGABRT, exit status 1 for the whole launch: seen once
+    in CI on train.lexinvariant)."""
+    accelerator = Accelerator(**kwargs)
+    if accelerator.num_processes > 1:
+        atexit.unregister(_destroy_process_group)  # registered once however many are made
+        atexit.register(_destroy_process_group)
+    return accelerator
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 class DataParallel:
@@ -64,7 +84,7 @@ class DataParallel:
         # Precision is each script's own flag (--bf16 and the like), not the launcher's: a
         # launcher config with mixed_precision bf16 would otherwise autocast what one process
         # runs in fp32, and N processes would no longer take one process's steps.
-        self.accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
+        self.accelerator = make_accelerator(cpu=device.type == "cpu", mixed_precision="no")
         self.device = self.accelerator.device
         self.world = int(self.accelerator.num_processes)
         self.rank = int(self.accelerator.process_index)

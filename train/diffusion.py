@@ -91,7 +91,7 @@ from generation.diffusion import (
     image_grid,
     list_diffusion_configs,
 )
-from train.common import batch_indices, cosine_with_warmup, decode_images
+from train.common import batch_indices, cosine_with_warmup, decode_images, make_accelerator
 from vlm.config import PolychromeConfig
 
 PRESET_MODELS = {"shapes": "shapes-ldm", "tiny": "tiny-ldm"}
@@ -739,7 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m train.diffusion " + shlex.join(argv)
 
     device = resolve_device(args.device)
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
         cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no"
     )
     seed_everything(args.seed)

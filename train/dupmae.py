@@ -53,7 +53,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
 from tqdm import tqdm
 from transformers import BertConfig, BertForMaskedLM
 
@@ -74,6 +73,7 @@ from train.common import (
     batch_indices,
     cosine_with_warmup,
     load_training_state,
+    make_accelerator,
     resume_mismatches,
     save_training_state,
 )
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
 
     device = resolve_device(args.device)
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
         cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no"
     )
     device = accelerator.device

@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import DistributedDataParallelKwargs
 from tqdm import tqdm
 
 from core.io import atomic_dir, atomic_write_text
@@ -75,6 +75,7 @@ from train.common import (
     batch_indices,
     cosine_with_warmup,
     load_training_state,
+    make_accelerator,
     resume_mismatches,
     save_training_state,
 )
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     # An encoder's pooler (BERT's) takes no part in the loss: DDP must expect unused parameters.
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
         cpu=device.type == "cpu",
         mixed_precision="bf16" if device.type == "cuda" else "no",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],

@@ -88,6 +88,7 @@ from train.common import (
     batch_indices,
     cosine_with_warmup,
     load_training_state,
+    make_accelerator,
     resume_mismatches,
     save_training_state,
 )
@@ -644,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     # ERNIE-Gram's BERTs have poolers the losses never read: DDP must expect unused parameters.
     unused = DistributedDataParallelKwargs(find_unused_parameters=args.objective == "ernie-gram")
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
         cpu=device.type == "cpu",
         mixed_precision="bf16" if device.type == "cuda" else "no",
         kwargs_handlers=[unused],

@@ -71,6 +71,7 @@ from train.common import (
     batch_indices,
     cosine_with_warmup,
     load_training_state,
+    make_accelerator,
     save_training_state,
 )
 from vision.sam import SAM_VARIANTS, SamConfig, build_sam, predict_masks_batched
@@ -626,10 +627,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_args(parser, args)
     command = "python -m train.sam " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
-    from accelerate import Accelerator  # heavy import, after --help
 
     device = resolve_device(args.device)
-    accelerator = Accelerator(
+    accelerator = make_accelerator(
         cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no"
     )
     device = accelerator.device
