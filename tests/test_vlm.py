@@ -28,7 +28,14 @@ from eval.vlm import main as eval_main
 from train.vlm import main as train_main
 from vlm.assistant import MAX_IMAGES, Assistant, SamplingSettings
 from vlm.config import PolychromeConfig
-from vlm.model import IGNORE_INDEX, IMAGE_TOKEN, PolychromeVLM, Projector, VLMConfig
+from vlm.model import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN,
+    PolychromeVLM,
+    Projector,
+    ProjectorConfig,
+    VLMConfig,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -153,6 +160,36 @@ def test_only_projector_and_added_rows_train(vlm):
     assert vlm.projector.fc1.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in vlm.llm.parameters())
     vlm.zero_grad(set_to_none=True)
+
+
+def test_rms_output_norm_puts_visual_tokens_at_the_embeddings_scale(tmp_path):
+    cfg = PolychromeConfig.from_preset("tiny")
+    projector = ProjectorConfig(merge=cfg.vlm.projector.merge, output_norm="rms")
+    torch.manual_seed(0)
+    vlm = PolychromeVLM.build(VLMConfig(llm=cfg.llm, vision=cfg.clip, projector=projector))
+    emb = vlm.llm.get_input_embeddings().weight.detach().float()
+    emb_rms = float(emb.pow(2).mean().sqrt())  # by hand: the RMS over all coordinates
+    pixels = vlm.pixel_values([_image(1), _image(2)])
+    norm, vlm.projector.out_norm = vlm.projector.out_norm, None
+    with torch.no_grad():
+        bare = vlm.encode_images(pixels)  # the MLP's output, unnormalised
+    vlm.projector.out_norm = norm
+    with torch.no_grad():
+        tokens = vlm.encode_images(pixels)
+    # At the start every visual token has the embeddings' RMS, whatever the MLP's scale.
+    rms = tokens.pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.full_like(rms, emb_rms), rtol=1e-4, atol=0)
+    torch.testing.assert_close(tokens, bare / bare.pow(2).mean(-1, keepdim=True).sqrt() * emb_rms)
+    # The gain is trained and saved; a checkpoint reloads with its own gain, not the initial one.
+    assert "projector.out_norm.weight" in vlm.trained_state_dict()
+    with torch.no_grad():
+        vlm.projector.out_norm.weight.mul_(3.0)
+    again = PolychromeVLM.from_pretrained(vlm.save_pretrained(tmp_path / "rms"))
+    assert again.config.projector.output_norm == "rms"
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_images(pixels), vlm.encode_images(pixels))
+    with pytest.raises(ValueError, match="output_norm must be one of"):
+        ProjectorConfig(output_norm="layer")
 
 
 def test_save_and_load_store_only_the_trained_tensors(vlm, tmp_path):

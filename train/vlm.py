@@ -24,6 +24,7 @@ many steps ran. ``--eval`` then runs ``python -m eval.vlm`` on the val split.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import subprocess
@@ -58,7 +59,7 @@ from train.common import (
     save_training_state,
 )
 from vlm.config import PolychromeConfig
-from vlm.model import PolychromeVLM, VLMConfig
+from vlm.model import OUTPUT_NORMS, PolychromeVLM, VLMConfig
 
 RESUME_KEYS = ("vlm", "seed", "batch_size", "lr", "align_steps", "steps", "data", "init_from")
 
@@ -85,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--align-steps", type=int, default=300, help="first steps on captions only (default 300)"
     )
     parser.add_argument("--batch-size", type=int, default=8, help="conversations per step")
+    parser.add_argument(
+        "--projector-norm",
+        choices=OUTPUT_NORMS,
+        default=None,
+        help="normalise the visual tokens: rms = an RMSNorm with a gain started at the LLM "
+        "embeddings' scale (default: the preset's projector.output_norm)",
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default 3%%)")
@@ -162,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     preset = PolychromeConfig.from_preset(args.preset)
-    vlm_cfg = VLMConfig(llm=preset.llm, vision=preset.clip, projector=preset.vlm.projector)
+    projector = preset.vlm.projector
+    if args.projector_norm is not None:
+        projector = dataclasses.replace(projector, output_norm=args.projector_norm)
+    vlm_cfg = VLMConfig(llm=preset.llm, vision=preset.clip, projector=projector)
     dp = DataParallel(resolve_device(args.device))
     device = dp.device
     why = dp.divides(batch_size=args.batch_size)
@@ -212,7 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = load_checkpoint(args.init_from)
         saved = VLMConfig.from_dict(ckpt.config, source=f"{args.init_from}/manifest.json config")
         if saved != vlm_cfg:
-            parser.error(f"--init-from {args.init_from}: its VLM config differs from the preset's")
+            parser.error(
+                f"--init-from {args.init_from}: its VLM config differs from this run's "
+                "(the preset's, with --projector-norm if given)"
+            )
         model.load_trained_state(ckpt.tensors["vlm"], what=str(args.init_from))
         print(f"initialised the projector from {args.init_from}")
     start = resume_or_start(

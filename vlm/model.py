@@ -61,6 +61,7 @@ __all__ = [
 IMAGE_TOKEN = "<image>"  # one placeholder per visual token in the tokenized prompt
 IGNORE_INDEX = -100  # label of positions without a loss (prompt, images, padding)
 TENSOR_FILE = "vlm"  # <checkpoint>/vlm.safetensors
+OUTPUT_NORMS = ("none", "rms")  # ProjectorConfig.output_norm
 
 
 @dataclass
@@ -69,12 +70,21 @@ class ProjectorConfig(Config):
 
     merge: int = 4  # s: each s x s block of CLIP patches becomes one visual token
     hidden: int = 0  # MLP hidden width; 0 = the LLM's hidden size
+    # "none": the MLP's output as is (LLaVA's projector). "rms": an RMSNorm on each visual token
+    # whose learned gain starts at the RMS of the LLM's token embeddings, so visual tokens enter
+    # the residual stream at the scale of text (unnormalised, ours grew to ~100x the embeddings'
+    # norm: docs/RESULTS.md, VLM core).
+    output_norm: str = "none"
 
     def __post_init__(self) -> None:
         if not 1 <= self.merge <= 16:
             raise ValueError(f"merge must be in [1, 16], received {self.merge}")
         if self.hidden < 0:
             raise ValueError(f"hidden must be >= 0 (0 = LLM width), received {self.hidden}")
+        if self.output_norm not in OUTPUT_NORMS:
+            raise ValueError(
+                f"output_norm must be one of {OUTPUT_NORMS}, received {self.output_norm!r}"
+            )
 
 
 @dataclass
@@ -118,7 +128,15 @@ class VLMOutput:
 class Projector(nn.Module):
     """(B, h*w, D_vis) patch features on an h x w grid -> (B, h/s * w/s, H) visual tokens."""
 
-    def __init__(self, vision_width: int, llm_width: int, merge: int, hidden: int = 0) -> None:
+    def __init__(
+        self,
+        vision_width: int,
+        llm_width: int,
+        merge: int,
+        hidden: int = 0,
+        output_norm: str = "none",
+        output_rms: float = 1.0,
+    ) -> None:
         super().__init__()
         self.merge = merge
         hidden = hidden or llm_width
@@ -126,6 +144,11 @@ class Projector(nn.Module):
         self.fc1 = nn.Linear(vision_width * merge * merge, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, llm_width)
+        # ProjectorConfig.output_norm; the gain starts at output_rms (per-coordinate RMS)
+        self.out_norm: nn.RMSNorm | None = None
+        if output_norm == "rms":
+            self.out_norm = nn.RMSNorm(llm_width, eps=1e-6)
+            nn.init.constant_(self.out_norm.weight, output_rms)
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         b, n, d = tokens.shape  # (B, h*w, D_vis)
@@ -138,7 +161,8 @@ class Projector(nn.Module):
             )
         x = tokens.reshape(b, h // s, s, w // s, s, d).permute(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, (h // s) * (w // s), s * s * d)  # (B, N_vis, s*s*D_vis)
-        return self.fc2(self.act(self.fc1(self.norm(x))))  # (B, N_vis, H)
+        out = self.fc2(self.act(self.fc1(self.norm(x))))  # (B, N_vis, H)
+        return out if self.out_norm is None else self.out_norm(out)
 
 
 class PolychromeVLM(nn.Module):
@@ -205,11 +229,14 @@ class PolychromeVLM(nn.Module):
         clip = clip_from_preset(config.vision)
         clip.model.to(device)
         vision_width = _vision_width(clip)
+        embeddings = cast(torch.Tensor, llm.get_input_embeddings().weight)
         projector = Projector(
             vision_width,
             int(llm.config.get_text_config().hidden_size),
             config.projector.merge,
             config.projector.hidden,
+            config.projector.output_norm,
+            output_rms=float(embeddings.detach().float().pow(2).mean().sqrt()),
         ).to(device)
         vlm = cls(config, llm, tokenizer, clip, projector)
         vlm.added_embeddings.data = vlm.added_embeddings.data.to(device)
