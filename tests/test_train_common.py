@@ -1,15 +1,18 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
+from core.config import Config
 from train.common import (
     batch_indices,
     cosine_with_warmup,
     load_training_state,
+    resume_mismatches,
     save_training_state,
     trainable_state,
 )
@@ -86,3 +89,26 @@ def test_resume_equals_uninterrupted(tmp_path):
     _run(fresh, opt2, sched2, 4, start=4)
     for (k, a), b in zip(ref.state_dict().items(), fresh.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
+
+
+@dataclass
+class _Toy(Config):
+    width: int = 4
+    added_later: str = "off"  # a field a newer version of the code added, at its default
+
+
+def test_resume_compares_config_keys_as_configs(tmp_path):
+    old = {"width": 4}  # saved before `added_later` existed
+    model = _model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    sched = cosine_with_warmup(opt, 1, 4)
+    save_training_state(tmp_path, model, opt, sched, step=1, config={"toy": old, "lr": 0.1})
+    now = {"toy": _Toy().to_dict(), "lr": 0.1}
+    # As raw dicts they differ; as the Config they are the same run.
+    assert "toy" in (resume_mismatches(tmp_path, now, ["toy", "lr"]) or "")
+    assert resume_mismatches(tmp_path, now, ["toy", "lr"], {"toy": _Toy}) is None
+    # A field changed from its default, or another key, is still a difference, named.
+    changed = {"toy": _Toy(added_later="on").to_dict(), "lr": 0.2}
+    why = resume_mismatches(tmp_path, changed, ["toy", "lr"], {"toy": _Toy})
+    assert why is not None and "toy" in why and "lr 0.1 -> 0.2" in why
+    assert "no training state" in (resume_mismatches(tmp_path / "x", now, ["lr"]) or "")

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
@@ -31,6 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from core.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from core.config import Config
 from core.images import load_rgb
 from core.io import atomic_dir, atomic_write_text
 
@@ -251,13 +252,15 @@ def resume_or_start(
     run_config: dict[str, Any],
     keys: Iterable[str],
     announce: bool = True,
+    configs: Mapping[str, type[Config]] | None = None,
 ) -> int:
     """The step to start from: 0, or with ``args.resume`` the state of ``<args.out>/last``
     loaded into module/optimizer/scheduler, after checking that it was trained with the same
-    `keys` of `run_config` (a parser error naming those that differ)."""
+    `keys` of `run_config` (a parser error naming those that differ; `configs`: as in
+    `resume_mismatches`)."""
     if not args.resume:
         return 0
-    why = resume_mismatches(args.out, run_config, keys)
+    why = resume_mismatches(args.out, run_config, keys, configs)
     if why:
         parser.error(f"--resume: {why}")
     start = load_training_state(args.out, module, optimizer, scheduler)
@@ -284,14 +287,29 @@ def open_log(path: Path, start: int) -> TextIO:
 
 
 def resume_mismatches(
-    out: str | os.PathLike[str], run_config: dict[str, Any], keys: Iterable[str]
+    out: str | os.PathLike[str],
+    run_config: dict[str, Any],
+    keys: Iterable[str],
+    configs: Mapping[str, type[Config]] | None = None,
 ) -> str | None:
-    """Why ``<out>/last`` cannot be resumed with `run_config` (the `keys` that differ), or None."""
+    """Why ``<out>/last`` cannot be resumed with `run_config` (the `keys` that differ), or None.
+
+    A key named in `configs` holds a Config's dict and is compared as that Config, so a field
+    added since the run was saved, at its default, is no difference."""
     manifest = Path(out) / "last" / "weights" / "manifest.json"
     if not manifest.is_file():
         return f"{Path(out) / 'last'}: no training state to resume from"
     saved = json.loads(manifest.read_text(encoding="utf-8"))["config"]
-    changed = [k for k in keys if saved.get(k) != run_config.get(k)]
+    configs = configs or {}
+
+    def same(key: str) -> bool:
+        mine, theirs = run_config.get(key), saved.get(key)
+        if key in configs and isinstance(mine, dict) and isinstance(theirs, dict):
+            source = f"{manifest} config[{key!r}]"
+            return configs[key].from_dict(theirs, source=source) == configs[key].from_dict(mine)
+        return bool(mine == theirs)
+
+    changed = [k for k in keys if not same(k)]
     if not changed:
         return None
     return f"{Path(out) / 'last'} was trained with other settings: " + ", ".join(

@@ -295,12 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     warmup = args.warmup if args.warmup is not None else max(1, args.steps * 3 // 100)
     scheduler = cosine_with_warmup(optimizer, warmup, args.steps)
-    stamp_config = cfg.to_dict()
-    # Left out at its default, so that a run saved before the field existed still resumes.
-    if stamp_config["mask_feature_norm"] == "none":
-        del stamp_config["mask_feature_norm"]
     run_config = {
-        "stamp": stamp_config,
+        "stamp": cfg.to_dict(),
         "vlm": (
             f"the core saved in {args.init_from}"
             if args.init_from
@@ -315,7 +311,15 @@ def main(argv: list[str] | None = None) -> int:
         "data": data_desc,
     }
     start = resume_or_start(
-        parser, args, model, optimizer, scheduler, run_config, RESUME_KEYS, announce=dp.main
+        parser,
+        args,
+        model,
+        optimizer,
+        scheduler,
+        run_config,
+        RESUME_KEYS,
+        announce=dp.main,
+        configs={"stamp": StampConfig},  # a run saved before a field existed resumes
     )
     model.train()
     # Data parallel: each process takes its slice of the global batch; DDP averages gradients,

@@ -230,7 +230,15 @@ def main(argv: list[str] | None = None) -> int:
         model.load_trained_state(ckpt.tensors["vlm"], what=str(args.init_from))
         print(f"initialised the projector from {args.init_from}")
     start = resume_or_start(
-        parser, args, model, optimizer, scheduler, run_config, RESUME_KEYS, announce=dp.main
+        parser,
+        args,
+        model,
+        optimizer,
+        scheduler,
+        run_config,
+        RESUME_KEYS,
+        announce=dp.main,
+        configs={"vlm": VLMConfig},  # a run saved before a field existed resumes
     )
     # Data parallel: each process takes its slice of the global batch; DDP averages gradients.
     model, optimizer = dp.accelerator.prepare(model, optimizer)
