@@ -48,6 +48,7 @@ __all__ = [
     "Corpus",
     "documents_digest",
     "drop_overlapping",
+    "drop_overlapping_parts",
     "pack_documents",
     "pydoc_corpus",
     "text_files_corpus",
@@ -131,6 +132,36 @@ def drop_overlapping(
         raise ValueError(f"n must be >= 1, received {n}")
     held = {run for doc in heldout for run in _word_runs(doc, n)}
     return [i for i, doc in enumerate(train) if any(r in held for r in _word_runs(doc, n))]
+
+
+def drop_overlapping_parts(
+    parts: Sequence[str], heldout: Sequence[str], n: int = LEAK_WORDS
+) -> list[int]:
+    """Indices of the `parts` of one text (its paragraphs, in order) to drop so that the rest,
+    joined by spaces, shares no run of `n` words with any held-out document. Unlike
+    `drop_overlapping` on each part, it catches runs across the joins (a code example split by
+    blank lines): every part a shared run touches is dropped, until none is left."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, received {n}")
+    held = {run for doc in heldout for run in _word_runs(doc, n)}
+    split = [part.split() for part in parts]
+    dropped: set[int] = set()
+    while True:
+        words: list[str] = []
+        owner: list[int] = []  # the part each word of the joined text comes from
+        for i, part_words in enumerate(split):
+            if i not in dropped:
+                words += part_words
+                owner += [i] * len(part_words)
+        hit = {
+            j
+            for s in range(len(words) - n + 1)
+            if tuple(words[s : s + n]) in held
+            for j in owner[s : s + n]
+        }
+        if not hit:
+            return sorted(dropped)
+        dropped |= hit
 
 
 def pydoc_corpus() -> Corpus:

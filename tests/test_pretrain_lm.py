@@ -104,6 +104,46 @@ def test_drop_overlapping_hand_example():
         drop_overlapping(train, held, n=0)
 
 
+def test_drop_overlapping_parts_catches_runs_across_the_joins():
+    from lm.corpus import drop_overlapping, drop_overlapping_parts
+
+    held = ["the quick brown fox jumps"]
+    parts = ["a b the quick", "brown fox", "jumps over", "c d e f", "quick brown fox jumps"]
+    # Alone, only the last part holds a 4-word run of the held-out text.
+    assert drop_overlapping(parts, held, n=4) == [4]
+    # Joined, "the quick | brown fox | jumps" crosses two joins: all three parts go.
+    assert drop_overlapping_parts(parts, held, n=4) == [0, 1, 2, 4]
+    # Dropping a part makes a new join, which is checked again: without "zz brown fox jumps",
+    # "x the quick" meets "brown y" and "the quick brown" is a held-out run.
+    chain = ["x the quick", "zz brown fox jumps", "brown y", "z"]
+    assert drop_overlapping(chain, held, n=3) == [1]
+    assert drop_overlapping_parts(chain, held, n=3) == [0, 1, 2]
+    assert drop_overlapping_parts(["quick brown", "zz", "fox"], held, n=3) == []
+    with pytest.raises(ValueError, match="n must be"):
+        drop_overlapping_parts(parts, held, n=0)
+
+
+def test_pydoc_splits_of_the_embedding_scripts_share_no_12_words_with_held_out_text():
+    """train.embeddings' training passages and train.dupmae's pretraining text against the
+    held-out passages, by plain substring search over every held-out 12-word run."""
+    from data.text_corpora import pydoc_passages
+    from train.dupmae import pretraining_texts
+    from train.embeddings import heldout_topics, pydoc_items
+
+    passages = pydoc_passages()
+    held = set(heldout_topics([p.topic for p in passages], 2))
+    runs = set()
+    for p in passages:
+        if p.topic in held:
+            words = p.text.split()
+            runs |= {" ".join(words[i : i + 12]) for i in range(len(words) - 11)}
+    texts, dropped = pretraining_texts(held)
+    items, _, _ = pydoc_items(2)
+    trained = [*texts.values(), *(it.positives[0] for it in items if it.source == "pydoc")]
+    assert dropped > 0 and len(texts) > 20
+    assert not [r for text in trained for r in runs if f" {r} " in f" {text} "]
+
+
 def test_pack_documents_hand_example():
     rows = pack_documents([[1, 2], [3], [4, 5, 6]], seq_len=3, eos_token_id=9)
     # stream 1 2 9 3 9 4 5 6 9 -> three rows; nothing left over

@@ -24,10 +24,11 @@ lm.embeddings.dupmae.
 
 Data (real text, offline): the stdlib's pydoc topics (``pydoc_data.topics``). Topics are split as
 train.embeddings splits them: sorted topic i of data.text_corpora.pydoc_passages() is held out when
-i is a multiple of --heldout-every. Pretraining reads the raw text of every other topic, tokenised
-and cut into windows of --max-length tokens; no query ever is a training signal. Each window
-appears once per epoch; the batch order and every mask are functions of (seed, step), so
---resume continues exactly.
+i is a multiple of --heldout-every. Pretraining reads the raw text of every other topic, less the
+paragraphs that share a run of 12 words with a held-out passage (pydoc repeats sections across
+topics), tokenised and cut into windows of --max-length tokens; no query ever is a training
+signal. Each window appears once per epoch; the batch order and every mask are functions of
+(seed, step), so --resume continues exactly.
 
 Zero-shot retrieval (no fine-tuning), before and after pretraining: the held-out topics' passages
 (data.text_corpora: query = section title or first sentence, passage = the rest, cut to
@@ -60,6 +61,7 @@ from core.io import atomic_dir, atomic_write_text
 from core.runtime import resolve_device, seed_everything
 from core.sources import resolve_source
 from data.text_corpora import pydoc_passages, python_version
+from lm.corpus import drop_overlapping_parts
 from lm.embeddings.dupmae import (
     DUPMAE_OBJECTIVES,
     VIEWS,
@@ -101,28 +103,44 @@ RESUME_KEYS = (
 )
 
 
-def pretraining_windows(
-    tokenizer: Any, held: set[str], max_length: int, min_tokens: int = 8
-) -> tuple[list[list[int]], list[str]]:
-    """[CLS] window [SEP] token ids of every non-held-out pydoc topic, and those topics."""
+def pretraining_texts(held: set[str]) -> tuple[dict[str, str], int]:
+    """Topic -> whitespace-collapsed text of every non-held-out pydoc topic, less the paragraphs
+    that share a run of 12 words with a held-out passage, also across paragraphs (pydoc repeats
+    sections across topics; lm.corpus.drop_overlapping_parts), and how many were dropped."""
     from pydoc_data.topics import topics
 
-    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
-    if cls is None or sep is None:
-        raise ValueError("a BERT-class tokenizer with [CLS] and [SEP] tokens is expected")
-    body = max_length - 2
-    windows, used = [], []
+    heldout = [p.text for p in pydoc_passages() if p.topic in held]
+    texts, dropped = {}, 0
     for topic in sorted(topics):
         if topic in held:
             continue
-        used.append(topic)
-        text = " ".join(topics[topic].split())
+        paragraphs = [q for q in topics[topic].split("\n\n") if q.strip()]
+        leaked = set(drop_overlapping_parts(paragraphs, heldout))
+        dropped += len(leaked)
+        texts[topic] = " ".join(
+            " ".join(q.split()) for i, q in enumerate(paragraphs) if i not in leaked
+        )
+    return texts, dropped
+
+
+def pretraining_windows(
+    tokenizer: Any, held: set[str], max_length: int, min_tokens: int = 8
+) -> tuple[list[list[int]], list[str], int]:
+    """[CLS] window [SEP] token ids of `pretraining_texts`, the topics they come from, and the
+    number of paragraphs dropped."""
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if cls is None or sep is None:
+        raise ValueError("a BERT-class tokenizer with [CLS] and [SEP] tokens is expected")
+    texts, dropped = pretraining_texts(held)
+    body = max_length - 2
+    windows = []
+    for text in texts.values():
         ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         for s in range(0, len(ids), body):
             chunk = ids[s : s + body]
             if len(chunk) >= min_tokens:
                 windows.append([cls, *chunk, sep])
-    return windows, used
+    return windows, list(texts), dropped
 
 
 QUERY_KINDS = ("title", "sentence")
@@ -202,7 +220,9 @@ def report_markdown(report: dict[str, Any]) -> str:
         "Command(s): " + "; then ".join(f"`{c}`" for c in report["commands"]),
         "",
         f"Pretraining data: {cfg['windows']} windows of <= {cfg['max_length']} tokens from "
-        f"{cfg['train_topics']} pydoc topics (Python {cfg['python']}, real text). Held out: "
+        f"{cfg['train_topics']} pydoc topics (Python {cfg['python']}, real text; "
+        f"{cfg.get('dropped_paragraphs', 0)} paragraphs that repeat held-out text dropped). "
+        "Held out: "
         f"{len(cfg['heldout_topics'])} topics, {report['after']['passages']} passages, "
         f"{report['after']['queries']} queries (title and first sentence).",
         f"Final training loss (mean of the last 10 steps): {report['final_loss']:.4f}; "
@@ -332,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args, cfg)
     model.to(device)
     held = set(heldout_topics([p.topic for p in pydoc_passages()], args.heldout_every))
-    windows, train_topics = pretraining_windows(model.tokenizer, held, cfg.max_length)
+    windows, train_topics, dropped = pretraining_windows(model.tokenizer, held, cfg.max_length)
     world, rank = accelerator.num_processes, accelerator.process_index
     if len(windows) < args.batch_size * world:
         parser.error(f"{len(windows)} windows < one global batch ({args.batch_size} x {world})")
@@ -363,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": python_version(),
         "windows": len(windows),
         "train_topics": len(train_topics),
+        "dropped_paragraphs": dropped,
         "heldout_topics": sorted(held),
         **describe(model),
         "device": str(device),

@@ -23,8 +23,9 @@ Data (real text and synthetic captions, both offline):
 - pydoc: data.text_corpora.pydoc_passages(); the query of a passage is its section title or its
   first sentence (drawn per step), the positive its text. Topics are split: sorted topic i is
   held out when i %% --heldout-every == 0 (whole topics, so no held-out passage shares a topic
-  with a training one). The held-out topics are written to ``final/training.json`` for
-  eval.embeddings.
+  with a training one), and a training passage that shares a run of 12 words with a held-out
+  one is dropped (pydoc repeats sections across topics; lm.corpus.drop_overlapping). The
+  held-out topics are written to ``final/training.json`` for eval.embeddings.
 - ShapeWorld (--shapeworld-scenes N, 0 = none): the first N scenes of the generator's ``pretrain``
   split (eval.embeddings scores STS on ``val`` scenes); two different captions of one scene are
   a positive pair (every caption of the scene is a candidate, also the ones that name no object).
@@ -64,6 +65,7 @@ from core.runtime import resolve_device, seed_everything
 from data.render import LayoutConfig
 from data.shapeworld import generate_scene
 from data.text_corpora import pydoc_passages, python_version
+from lm.corpus import drop_overlapping
 from lm.embeddings import (
     OBJECTIVES,
     POOLINGS,
@@ -133,8 +135,16 @@ def pydoc_items(every: int) -> tuple[list[PairItem], list[tuple[str, str, str]],
     """Training items, held-out (query kind, query, passage) triples and the held-out topics."""
     passages = pydoc_passages()
     held = set(heldout_topics([p.topic for p in passages], every))
+    kept = [p for p in passages if p.topic not in held]
+    # pydoc repeats sections across topics ("customization" is a section of "specialnames"):
+    # a training passage sharing a 12-word run with a held-out one is dropped (lm.corpus).
+    leaked = set(
+        drop_overlapping([p.text for p in kept], [p.text for p in passages if p.topic in held])
+    )
     train = [
-        PairItem("pydoc", (p.title, p.query), (p.text,)) for p in passages if p.topic not in held
+        PairItem("pydoc", (p.title, p.query), (p.text,))
+        for i, p in enumerate(kept)
+        if i not in leaked
     ]
     heldout = [
         (kind, q, p.text)
