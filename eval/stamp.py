@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from core.config import project_path
 from core.images import load_rgb
 from core.io import atomic_write_text
+from core.runtime import destroy_process_group_at_exit
 from data.conversations import read_chat_records
 from data.datasets import ReferringDataset, add_referring_arguments, referring_dataset_from_args
 from eval.metrics import ciou_from_counts, giou_from_counts, intersection_union, mask_iou
@@ -340,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                 sam_dir = project_path(preset.sam.checkpoint)
             segmenters[f"{name} + SAM"] = _sam_refined(model, sam_dir)
     state = PartialState(cpu=True)
+    if state.num_processes > 1:
+        destroy_process_group_at_exit()
     gather = gather_object if state.num_processes > 1 else None
     with torch.inference_mode():
         result = evaluate(

@@ -135,11 +135,12 @@ def test_pydoc_splits_of_the_embedding_scripts_share_no_12_words_with_held_out_t
     runs = set()
     for p in passages:
         if p.topic in held:
-            words = p.text.split()
+            words = f"{p.query} {p.text}".split()  # the passage and its sentence query
             runs |= {" ".join(words[i : i + 12]) for i in range(len(words) - 11)}
     texts, dropped = pretraining_texts(held)
     items, _, _ = pydoc_items(2)
-    trained = [*texts.values(), *(it.positives[0] for it in items if it.source == "pydoc")]
+    pydoc = [it for it in items if it.source == "pydoc"]
+    trained = [*texts.values(), *(f"{it.queries[1]} {it.positives[0]}" for it in pydoc)]
     assert dropped > 0 and len(texts) > 20
     assert not [r for text in trained for r in runs if f" {r} " in f" {text} "]
 

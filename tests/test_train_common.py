@@ -1,7 +1,11 @@
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,3 +116,30 @@ def test_resume_compares_config_keys_as_configs(tmp_path):
     why = resume_mismatches(tmp_path, changed, ["toy", "lr"], {"toy": _Toy})
     assert why is not None and "toy" in why and "lr 0.1 -> 0.2" in why
     assert "no training state" in (resume_mismatches(tmp_path / "x", now, ["lr"]) or "")
+    # A saved config this code cannot read (a field since removed) is a difference, not a crash.
+    gone = {"toy": {"width": 4, "removed_field": 1}, "lr": 0.1}
+    save_training_state(tmp_path, model, opt, sched, step=1, config=gone)
+    assert "toy" in (resume_mismatches(tmp_path, now, ["toy", "lr"], {"toy": _Toy}) or "")
+
+
+def test_process_group_is_destroyed_at_exit(tmp_path):
+    """A one-process gloo group; a handler registered before ours runs after it (atexit is
+    last-in, first-out) and sees whether the group is still up."""
+    script = f"""
+import atexit, torch.distributed as dist
+from core.runtime import destroy_process_group_at_exit
+atexit.register(lambda: print("up at exit:", dist.is_initialized()))
+dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=0, world_size=1)
+if {{with_hook}}:
+    destroy_process_group_at_exit()
+    destroy_process_group_at_exit()  # a second call is harmless
+"""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    for with_hook, expected in ((True, "up at exit: False"), (False, "up at exit: True")):
+        run = subprocess.run(
+            [sys.executable, "-c", script.format(with_hook=with_hook)],
+            env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.strip().splitlines() == [expected]

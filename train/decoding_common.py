@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from core.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from core.io import atomic_write_text
+from core.runtime import destroy_process_group_at_exit
 from train.common import cosine_with_warmup
 
 __all__ = ["other_process", "train_stage", "write_report"]
@@ -116,4 +117,7 @@ def _processes() -> PartialState:
     """The processes of ``accelerate launch`` (one without it). ``cpu=True`` reads them from the
     launcher's environment on a machine without GPUs too; it only sets the device where no
     Accelerator has yet (these scripts choose theirs)."""
-    return PartialState(cpu=True)
+    state = PartialState(cpu=True)
+    if state.num_processes > 1:
+        destroy_process_group_at_exit()
+    return state

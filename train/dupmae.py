@@ -100,16 +100,19 @@ RESUME_KEYS = (
     "warmup",
     "seed",
     "heldout_every",
+    "windows",  # the data: a run saved before the leak fix had more windows
+    "dropped_paragraphs",
 )
 
 
 def pretraining_texts(held: set[str]) -> tuple[dict[str, str], int]:
     """Topic -> whitespace-collapsed text of every non-held-out pydoc topic, less the paragraphs
-    that share a run of 12 words with a held-out passage, also across paragraphs (pydoc repeats
-    sections across topics; lm.corpus.drop_overlapping_parts), and how many were dropped."""
+    that share a run of 12 words with a held-out passage or its query, also across paragraphs
+    (pydoc repeats sections across topics; lm.corpus.drop_overlapping_parts), and how many were
+    dropped."""
     from pydoc_data.topics import topics
 
-    heldout = [p.text for p in pydoc_passages() if p.topic in held]
+    heldout = [f"{p.query} {p.text}" for p in pydoc_passages() if p.topic in held]
     texts, dropped = {}, 0
     for topic in sorted(topics):
         if topic in held:
@@ -220,9 +223,13 @@ def report_markdown(report: dict[str, Any]) -> str:
         "Command(s): " + "; then ".join(f"`{c}`" for c in report["commands"]),
         "",
         f"Pretraining data: {cfg['windows']} windows of <= {cfg['max_length']} tokens from "
-        f"{cfg['train_topics']} pydoc topics (Python {cfg['python']}, real text; "
-        f"{cfg.get('dropped_paragraphs', 0)} paragraphs that repeat held-out text dropped). "
-        "Held out: "
+        f"{cfg['train_topics']} pydoc topics (Python {cfg['python']}, real text"
+        + (
+            f"; {cfg['dropped_paragraphs']} paragraphs that repeat held-out text dropped). "
+            if "dropped_paragraphs" in cfg
+            else "). "
+        )
+        + "Held out: "
         f"{len(cfg['heldout_topics'])} topics, {report['after']['passages']} passages, "
         f"{report['after']['queries']} queries (title and first sentence).",
         f"Final training loss (mean of the last 10 steps): {report['final_loss']:.4f}; "

@@ -99,6 +99,8 @@ RESUME_KEYS = (
     "seed",
     "heldout_every",
     "shapeworld_scenes",
+    "train_items",  # the data: a run saved before the leak fix had more pydoc passages
+    "pydoc_items",
     "scale",
     "kl_temperature",
     "kl_weight",
@@ -137,10 +139,10 @@ def pydoc_items(every: int) -> tuple[list[PairItem], list[tuple[str, str, str]],
     held = set(heldout_topics([p.topic for p in passages], every))
     kept = [p for p in passages if p.topic not in held]
     # pydoc repeats sections across topics ("customization" is a section of "specialnames"):
-    # a training passage sharing a 12-word run with a held-out one is dropped (lm.corpus).
-    leaked = set(
-        drop_overlapping([p.text for p in kept], [p.text for p in passages if p.topic in held])
-    )
+    # a training passage (query sentence and text) sharing a 12-word run with a held-out one is
+    # dropped (lm.corpus).
+    heldout_texts = [f"{p.query} {p.text}" for p in passages if p.topic in held]
+    leaked = set(drop_overlapping([f"{p.query} {p.text}" for p in kept], heldout_texts))
     train = [
         PairItem("pydoc", (p.title, p.query), (p.text,))
         for i, p in enumerate(kept)

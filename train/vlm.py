@@ -344,10 +344,12 @@ def main(argv: list[str] | None = None) -> int:
 def write_model_card(folder: Path, run_config: dict[str, Any], metadata: dict[str, Any]) -> None:
     """<folder>/MODEL_CARD.md: what was trained, how, on what; eval figures are added by hand."""
     vlm = run_config["vlm"]
+    norm = ", output RMSNorm" if vlm["projector"].get("output_norm") == "rms" else ""
     intro = (
         f"Frozen LLM `{vlm['llm']['source']}`, frozen CLIP `{vlm['vision']['model']}` "
         f"(`{vlm['vision']['checkpoint']}`); trained: the projector (patch merge "
-        f"{vlm['projector']['merge']}x{vlm['projector']['merge']}, 2-layer MLP) and the added "
+        f"{vlm['projector']['merge']}x{vlm['projector']['merge']}, 2-layer MLP"
+        f"{norm}) and the added "
         f"token rows {vlm['added_tokens']}."
     )
     common.write_model_card(

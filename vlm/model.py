@@ -13,7 +13,9 @@ How an image becomes tokens (LLaVA-1.5's recipe, with a patch merge so a CPU can
    (B, h/s * w/s, s*s*D_vis), as InternVL / Qwen2-VL do: the 16x16 patches of the ShapeWorld CLIP
    become 4x4 = 16 tokens that keep every patch's features (avg-pooling would blur positions and
    counts).
-3. A 2-layer MLP (LayerNorm, Linear, GELU, Linear) maps them to the LLM's embedding width.
+3. A 2-layer MLP (LayerNorm, Linear, GELU, Linear) maps them to the LLM's embedding width;
+   with ``ProjectorConfig.output_norm = "rms"`` an RMSNorm follows, its gain started at the scale
+   of the LLM's token embeddings.
 4. They replace the ``<image>`` placeholder tokens of the prompt, one placeholder per visual token;
    a count mismatch raises ValueError naming both counts (as transformers' LLaVA does).
 
@@ -138,6 +140,8 @@ class Projector(nn.Module):
         output_rms: float = 1.0,
     ) -> None:
         super().__init__()
+        if output_norm not in OUTPUT_NORMS:
+            raise ValueError(f"output_norm must be one of {OUTPUT_NORMS}, received {output_norm!r}")
         self.merge = merge
         hidden = hidden or llm_width
         self.norm = nn.LayerNorm(vision_width * merge * merge)
@@ -162,7 +166,8 @@ class Projector(nn.Module):
         x = tokens.reshape(b, h // s, s, w // s, s, d).permute(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, (h // s) * (w // s), s * s * d)  # (B, N_vis, s*s*D_vis)
         out = self.fc2(self.act(self.fc1(self.norm(x))))  # (B, N_vis, H)
-        return out if self.out_norm is None else self.out_norm(out)
+        # in fp32 under autocast too (CPU autocast leaves rms_norm out, CUDA's runs it in fp32)
+        return out if self.out_norm is None else self.out_norm(out.float())
 
 
 class PolychromeVLM(nn.Module):
@@ -229,14 +234,19 @@ class PolychromeVLM(nn.Module):
         clip = clip_from_preset(config.vision)
         clip.model.to(device)
         vision_width = _vision_width(clip)
-        embeddings = cast(torch.Tensor, llm.get_input_embeddings().weight)
+        output_rms = 1.0
+        if config.projector.output_norm == "rms":
+            emb = cast(torch.Tensor, llm.get_input_embeddings().weight).detach()
+            output_rms = (
+                float(torch.linalg.vector_norm(emb, dtype=torch.float32)) / emb.numel() ** 0.5
+            )
         projector = Projector(
             vision_width,
             int(llm.config.get_text_config().hidden_size),
             config.projector.merge,
             config.projector.hidden,
             config.projector.output_norm,
-            output_rms=float(embeddings.detach().float().pow(2).mean().sqrt()),
+            output_rms=output_rms,
         ).to(device)
         vlm = cls(config, llm, tokenizer, clip, projector)
         vlm.added_embeddings.data = vlm.added_embeddings.data.to(device)
