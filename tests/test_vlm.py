@@ -31,6 +31,7 @@ from vlm.config import PolychromeConfig
 from vlm.model import (
     IGNORE_INDEX,
     IMAGE_TOKEN,
+    ImageLoraConfig,
     PolychromeVLM,
     Projector,
     ProjectorConfig,
@@ -192,6 +193,71 @@ def test_rms_output_norm_puts_visual_tokens_at_the_embeddings_scale(tmp_path):
         ProjectorConfig(output_norm="layer")
 
 
+def _lora_vlms() -> tuple[PolychromeVLM, PolychromeVLM]:
+    """The tiny VLM with a rank-4 image LoRA whose B matrices are random (peft starts them at
+    zero), and the same VLM without one; both sharpened as conftest.sharpened_tiny_vlm is."""
+    cfg = PolychromeConfig.from_preset("tiny")
+    pair = []
+    for rank in (4, 0):
+        torch.manual_seed(0)
+        lora = ImageLoraConfig(rank=rank)
+        cfg_vlm = VLMConfig(llm=cfg.llm, vision=cfg.clip, projector=cfg.vlm.projector, lora=lora)
+        model = PolychromeVLM.build(cfg_vlm)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.llm.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+                elif p.ndim == 2 and "lora_" not in name:
+                    p.mul_(25)
+        pair.append(model)
+    return pair[0], pair[1]
+
+
+def test_image_lora_is_on_only_for_prompts_with_an_image(tmp_path):
+    lora, plain = _lora_vlms()
+    assert lora.has_image_lora and not plain.has_image_lora
+    image = [{"role": "user", "content": "Describe.", "images": [_image(4)]}]
+    text = lora.prepare([{"role": "user", "content": "Name three shapes."}])
+    with torch.no_grad():
+        with_image = lora(**lora.prepare(image)).logits
+        without = plain(**plain.prepare(image)).logits
+        # after an image prompt the adapters are off again: text-only logits are bitwise the
+        # model's without LoRA
+        assert torch.equal(lora(**text).logits, plain(**text).logits)
+    assert with_image is not None and without is not None
+    assert (with_image - without).abs().max() > 1e-2  # the LoRA acts on image prompts
+    # Greedy decoding, batched and streamed, runs with the LoRA too (and agrees).
+    batched = lora.generate_texts([image], max_new_tokens=6)[0]
+    streamed = "".join(lora.stream(lora.prepare(image), {"max_new_tokens": 6, "do_sample": False}))
+    assert batched == streamed.strip()
+    assert batched != plain.generate_texts([image], max_new_tokens=6)[0]
+    # Training: an image conversation sends gradient to the LoRA, a text-only one does not.
+    conv = [*image, {"role": "assistant", "content": "Shapes."}]
+    lora(**lora.collate([conv])).loss.backward()
+    grads = [p.grad for n, p in lora.llm.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+    # (the adapters require grad: a loss that used them would too)
+    assert not lora(
+        **lora.collate([[{"role": "user", "content": "hi"}, conv[1]]])
+    ).loss.requires_grad
+    # Saved with the core, loaded back with the same effect; extensions refuse such a core.
+    again = PolychromeVLM.from_pretrained(lora.save_pretrained(tmp_path / "lora"))
+    assert any(k.startswith("llm.") and "lora_B" in k for k in lora.trained_state_dict())
+    with torch.no_grad():
+        for name, p in again.llm.named_parameters():
+            if p.ndim == 2 and "lora_" not in name:
+                p.mul_(25)  # the frozen LLM comes from its source: sharpen it again
+        torch.testing.assert_close(again(**again.prepare(image)).logits, with_image)
+    from segmentation.stamp import StampConfig
+    from vlm.stamp import StampVLM
+
+    with pytest.raises(ValueError, match="without the image LoRA"):
+        StampVLM(lora, StampConfig())
+    with pytest.raises(ValueError, match=r"lora\.rank must be"):
+        ImageLoraConfig(rank=-1)
+
+
 def test_save_and_load_store_only_the_trained_tensors(vlm, tmp_path):
     with torch.no_grad():
         vlm.projector.fc2.bias.add_(0.5)
@@ -304,6 +370,15 @@ def test_train_resumes_exactly_and_eval_runs(shapeworld, tmp_path):
     assert train_main([*stage2, "--out", str(tmp_path / "stage2")]) == 0
     c = load_file(str(tmp_path / "stage2" / "final" / "vlm.safetensors"))
     torch.testing.assert_close(c["projector.fc1.weight"], a["projector.fc1.weight"])
+    # ... also when it adds an image LoRA (which starts at zero and trains: lr 1e-2 here).
+    with_lora = [*common, "--steps", "1", "--align-steps", "0", "--lora-rank", "2"]
+    with_lora += ["--init-from", str(tmp_path / "straight" / "final")]
+    assert train_main([*with_lora, "--out", str(tmp_path / "lora")]) == 0
+    d = load_file(str(tmp_path / "lora" / "final" / "vlm.safetensors"))
+    lora_b = [k for k in d if "lora_B" in k]
+    assert lora_b and any(d[k].abs().sum() > 0 for k in lora_b)
+    saved = json.loads((tmp_path / "lora" / "final" / "manifest.json").read_text())["config"]
+    assert saved["lora"]["rank"] == 2
     out = tmp_path / "eval.json"
     ckpt = str(tmp_path / "straight" / "final")
     args = ["--checkpoint", ckpt, "--data", str(shapeworld), "--split", "val", "--limit", "2"]

@@ -59,7 +59,7 @@ from train.common import (
     save_training_state,
 )
 from vlm.config import PolychromeConfig
-from vlm.model import OUTPUT_NORMS, PolychromeVLM, VLMConfig
+from vlm.model import OUTPUT_NORMS, ImageLoraConfig, PolychromeVLM, VLMConfig
 
 RESUME_KEYS = ("vlm", "seed", "batch_size", "lr", "align_steps", "steps", "data", "init_from")
 
@@ -92,6 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="normalise the visual tokens: rms = an RMSNorm with a gain started at the LLM "
         "embeddings' scale (default: the preset's projector.output_norm)",
+    )
+    parser.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="LoRA of this rank on the LLM's attention, on only for prompts with an image "
+        "(text-only prompts stay the bare LLM's); 0 = none, the LLM frozen (default)",
     )
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.0)
@@ -173,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     projector = preset.vlm.projector
     if args.projector_norm is not None:
         projector = dataclasses.replace(projector, output_norm=args.projector_norm)
-    vlm_cfg = VLMConfig(llm=preset.llm, vision=preset.clip, projector=projector)
+    try:
+        lora = ImageLoraConfig(rank=args.lora_rank)
+    except ValueError as err:
+        parser.error(f"--lora-rank: {err}")
+    vlm_cfg = VLMConfig(llm=preset.llm, vision=preset.clip, projector=projector, lora=lora)
     dp = DataParallel(resolve_device(args.device))
     device = dp.device
     why = dp.divides(batch_size=args.batch_size)
@@ -222,12 +233,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.init_from is not None:
         ckpt = load_checkpoint(args.init_from)
         saved = VLMConfig.from_dict(ckpt.config, source=f"{args.init_from}/manifest.json config")
-        if saved != vlm_cfg:
+        # A core without LoRA may start a run that adds one (the LoRA starts at zero).
+        adds_lora = saved.lora.rank == 0 and saved == dataclasses.replace(vlm_cfg, lora=saved.lora)
+        if saved != vlm_cfg and not adds_lora:
             parser.error(
                 f"--init-from {args.init_from}: its VLM config differs from this run's "
-                "(the preset's, with --projector-norm if given)"
+                "(the preset's, with --projector-norm and --lora-rank if given)"
             )
-        model.load_trained_state(ckpt.tensors["vlm"], what=str(args.init_from))
+        state = {**model.trained_state_dict(), **ckpt.tensors["vlm"]}  # fresh LoRA if added
+        model.load_trained_state(state, what=str(args.init_from))
         print(f"initialised the projector from {args.init_from}")
     start = resume_or_start(
         parser,
@@ -344,13 +358,15 @@ def main(argv: list[str] | None = None) -> int:
 def write_model_card(folder: Path, run_config: dict[str, Any], metadata: dict[str, Any]) -> None:
     """<folder>/MODEL_CARD.md: what was trained, how, on what; eval figures are added by hand."""
     vlm = run_config["vlm"]
+    merge = vlm["projector"]["merge"]
     norm = ", output RMSNorm" if vlm["projector"].get("output_norm") == "rms" else ""
+    rank = vlm.get("lora", {}).get("rank", 0)
+    lora = f", a rank-{rank} LoRA on the LLM, on only for prompts with an image," if rank else ""
     intro = (
         f"Frozen LLM `{vlm['llm']['source']}`, frozen CLIP `{vlm['vision']['model']}` "
         f"(`{vlm['vision']['checkpoint']}`); trained: the projector (patch merge "
-        f"{vlm['projector']['merge']}x{vlm['projector']['merge']}, 2-layer MLP"
-        f"{norm}) and the added "
-        f"token rows {vlm['added_tokens']}."
+        f"{merge}x{merge}, 2-layer MLP{norm}){lora} and the added token rows "
+        f"{vlm['added_tokens']}."
     )
     common.write_model_card(
         folder, "VLM projector (`PolychromeVLM`)", intro, run_config, metadata, skip=("vlm",)

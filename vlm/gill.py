@@ -67,7 +67,7 @@ from generation.gill import (
 )
 from generation.index import ImageIndex
 from vlm.model import PolychromeVLM
-from vlm.specials import Special, VLMExtension, decode_with_specials
+from vlm.specials import Special, VLMExtension, decode_with_specials, reject_image_lora
 
 __all__ = [
     "GILLVLM",
@@ -173,6 +173,7 @@ class GILLVLM(VLMExtension):
 
     def __init__(self, vlm: PolychromeVLM, config: GILLConfig) -> None:
         super().__init__()
+        reject_image_lora(vlm, "GILL")
         hidden = int(vlm.llm.config.get_text_config().hidden_size)
         if config.llm_dim != hidden:
             raise ValueError(

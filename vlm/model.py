@@ -27,6 +27,7 @@ are trained and saved; the LLM and CLIP are named by their sources in the saved 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -50,6 +53,7 @@ from vision.clip import ClipBundle, ClipPresetConfig, clip_from_preset, dense_fe
 __all__ = [
     "IGNORE_INDEX",
     "IMAGE_TOKEN",
+    "ImageLoraConfig",
     "PolychromeVLM",
     "Projector",
     "ProjectorConfig",
@@ -64,6 +68,7 @@ IMAGE_TOKEN = "<image>"  # one placeholder per visual token in the tokenized pro
 IGNORE_INDEX = -100  # label of positions without a loss (prompt, images, padding)
 TENSOR_FILE = "vlm"  # <checkpoint>/vlm.safetensors
 OUTPUT_NORMS = ("none", "rms")  # ProjectorConfig.output_norm
+IMAGE_ADAPTER = "image"  # the peft adapter name of ImageLoraConfig's LoRA
 
 
 @dataclass
@@ -90,12 +95,34 @@ class ProjectorConfig(Config):
 
 
 @dataclass
+class ImageLoraConfig(Config):
+    """LoRA on the LLM, switched on only for a forward whose prompt holds an image, so text-only
+    prompts stay bitwise the bare LLM's. Issue 8 allows it where the figures show a frozen LLM
+    is not enough. rank 0 = none (the default: LLaVA's stage-1 setting, only the projector and
+    the added rows train)."""
+
+    rank: int = 0
+    alpha: int = 32
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"lora.rank must be >= 0 (0 = no LoRA), received {self.rank}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), received {self.dropout}")
+        if self.rank and not self.targets:
+            raise ValueError("lora.targets must name at least one module")
+
+
+@dataclass
 class VLMConfig(Config):
     """A VLM: the frozen parts by source, the trained projector, the added tokens."""
 
     llm: LLMConfig = field(default_factory=LLMConfig)
     vision: ClipPresetConfig = field(default_factory=ClipPresetConfig)
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    lora: ImageLoraConfig = field(default_factory=ImageLoraConfig)
     # Special tokens with trainable embedding rows; later stages (GILL, STAMP) append theirs.
     added_tokens: list[str] = field(default_factory=lambda: [IMAGE_TOKEN])
 
@@ -190,6 +217,24 @@ class PolychromeVLM(nn.Module):
         self.projector = projector
         self.llm.requires_grad_(False).eval()
         self.clip.requires_grad_(False).eval()
+        self._lora_layers: list[BaseTunerLayer] = []
+        self._lora_params: list[nn.Parameter] = []
+        if config.lora.rank:
+            lora = LoraConfig(
+                r=config.lora.rank,
+                lora_alpha=config.lora.alpha,
+                lora_dropout=config.lora.dropout,
+                target_modules=list(config.lora.targets),
+            )
+            inject_adapter_in_model(lora, self.llm, adapter_name=IMAGE_ADAPTER)
+            self._lora_layers = [m for m in self.llm.modules() if isinstance(m, BaseTunerLayer)]
+            if not self._lora_layers:
+                raise ValueError(
+                    f"lora.targets {config.lora.targets} match no module of the LLM "
+                    f"{type(self.llm).__name__}"
+                )
+            self._lora_params = [p for n, p in self.llm.named_parameters() if "lora_" in n]
+            self._set_image_lora(False)
         tokenizer.add_special_tokens(
             {"additional_special_tokens": list(config.added_tokens)},
             replace_extra_special_tokens=False,
@@ -222,6 +267,33 @@ class PolychromeVLM(nn.Module):
         return self
 
     # -- building and loading -------------------------------------------------------------------
+
+    # -- the image LoRA (ImageLoraConfig) -------------------------------------------------------
+
+    @property
+    def has_image_lora(self) -> bool:
+        return bool(self._lora_layers)
+
+    def _set_image_lora(self, on: bool) -> None:
+        for layer in self._lora_layers:
+            layer.enable_adapters(on)
+        # peft's switch also flips requires_grad of the adapters: one switched off between the
+        # forward and the backward would get no gradient. They stay trainable throughout.
+        for p in self._lora_params:
+            p.requires_grad_(True)
+
+    @contextlib.contextmanager
+    def image_lora(self, on: bool = True) -> Iterator[None]:
+        """The image LoRA on inside the block when `on` (a prompt holds an image), off again
+        afterwards whatever happens; nothing without one."""
+        if not (on and self._lora_layers):
+            yield
+            return
+        self._set_image_lora(True)
+        try:
+            yield
+        finally:
+            self._set_image_lora(False)
 
     @classmethod
     def build(cls, config: VLMConfig, device: str | torch.device = "cpu") -> PolychromeVLM:
@@ -284,9 +356,12 @@ class PolychromeVLM(nn.Module):
         return self.added_ids[self.config.added_tokens.index(token)]
 
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only what we train: the projector and the added token rows."""
+        """Only what we train: the projector, the added token rows and the image LoRA."""
         state = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
         state["added_embeddings"] = self.added_embeddings.data
+        for name, p in self.llm.named_parameters():
+            if "lora_" in name and f".{IMAGE_ADAPTER}." in name:
+                state[f"llm.{name}"] = p.data
         return state
 
     def load_trained_state(self, state: dict[str, torch.Tensor], what: str) -> None:
@@ -312,6 +387,15 @@ class PolychromeVLM(nn.Module):
         }
         load_state_strict(self.projector, proj, what=what)
         self.added_embeddings.data.copy_(state["added_embeddings"])
+        for key, value in state.items():
+            if key.startswith("llm."):
+                target = expected[key]
+                if target.shape != value.shape:
+                    raise CheckpointError(
+                        f"{what}: {key} expected shape {tuple(target.shape)}, received "
+                        f"{tuple(value.shape)}"
+                    )
+                target.copy_(value.to(target.dtype))
 
     def save_pretrained(
         self,
@@ -428,9 +512,10 @@ class PolychromeVLM(nn.Module):
         """
         feats = self.encode_images(pixel_values) if pixel_values is not None else None
         embeds = self.embed(input_ids, feats)
-        hidden = self.llm.base_model(
-            inputs_embeds=embeds, attention_mask=attention_mask
-        ).last_hidden_state  # (B, T, H)
+        with self.image_lora(feats is not None):
+            hidden = self.llm.base_model(
+                inputs_embeds=embeds, attention_mask=attention_mask
+            ).last_hidden_state  # (B, T, H)
         head = self.llm.get_output_embeddings()
         if labels is None:
             return VLMOutput(logits=head(hidden))
@@ -559,16 +644,17 @@ class PolychromeVLM(nn.Module):
         images = [im for p in prompts for m in p for im in (m.get("images") or ())]
         feats = self.encode_images(self.pixel_values(images)) if images else None
         embeds = self.embed(enc["input_ids"].to(self.device), feats)
-        out = cast(Any, self.llm).generate(
-            inputs_embeds=embeds,
-            attention_mask=enc["attention_mask"].to(self.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        with self.image_lora(feats is not None):
+            out = cast(Any, self.llm).generate(
+                inputs_embeds=embeds,
+                attention_mask=enc["attention_mask"].to(self.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
         return [t.strip() for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def stream(
@@ -597,9 +683,20 @@ class PolychromeVLM(nn.Module):
             "inputs_embeds": embeds,
             "attention_mask": batch["attention_mask"].to(self.device),
         }
+        guard = _both(lock or self._lock, self.image_lora(feats is not None))
         yield from stream_generate(
-            self.llm, self.tokenizer, kwargs, lock=lock or self._lock, seed=seed, timeout=timeout
+            self.llm, self.tokenizer, kwargs, lock=guard, seed=seed, timeout=timeout
         )
+
+
+@contextlib.contextmanager
+def _both(
+    first: AbstractContextManager[Any], second: AbstractContextManager[Any]
+) -> Iterator[None]:
+    """`first`, then `second` (the generation lock, then the image LoRA switch, so that the
+    switch happens only under the lock, in the generating thread)."""
+    with first, second:
+        yield
 
 
 def _vision_width(clip: ClipBundle) -> int:

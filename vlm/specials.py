@@ -44,6 +44,7 @@ __all__ = [
     "cached_prefix",
     "cached_step",
     "decode_with_specials",
+    "reject_image_lora",
 ]
 E = TypeVar("E", bound="VLMExtension")
 
@@ -80,6 +81,16 @@ def cached_step(
     positions = mask.sum(-1, keepdim=True) - 1
     out = forward(vlm.embed(ids), attention_mask=mask, position_ids=positions, cache=cache)
     return cast(torch.Tensor, out.last_hidden_state[:, -1])
+
+
+def reject_image_lora(vlm: PolychromeVLM, what: str) -> None:
+    """Extensions run the LLM through their own loops (`prefix`/`step`), which do not switch the
+    core's image LoRA on: a core with one is refused rather than run without it."""
+    if vlm.has_image_lora:
+        raise ValueError(
+            f"{what} needs a VLM core without the image LoRA; this one has lora.rank "
+            f"{vlm.config.lora.rank} (train the core with --lora-rank 0)"
+        )
 
 
 class VLMExtension(nn.Module):

@@ -52,7 +52,7 @@ from segmentation.stamp import (
 from vision.clip import dense_features
 from vision.sam import predict_masks_batched, prepare_image, sam_from_preset
 from vlm.model import PolychromeVLM, Projector
-from vlm.specials import Special, VLMExtension, decode_with_specials
+from vlm.specials import Special, VLMExtension, decode_with_specials, reject_image_lora
 
 __all__ = [
     "MASK_TOKEN",
@@ -95,6 +95,7 @@ class StampVLM(VLMExtension):
 
     def __init__(self, vlm: PolychromeVLM, config: StampConfig, sam: Sam | None = None) -> None:
         super().__init__()
+        reject_image_lora(vlm, "STAMP")
         self.vlm = vlm
         self.config = config
         self.seg_id, self.mask_id = vlm.add_tokens([SEG_TOKEN, MASK_TOKEN])
