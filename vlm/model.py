@@ -62,6 +62,7 @@ __all__ = [
     "VLMPresetConfig",
     "load_extension",
     "save_extension",
+    "switch_lora",
 ]
 
 IMAGE_TOKEN = "<image>"  # one placeholder per visual token in the tokenized prompt
@@ -275,12 +276,7 @@ class PolychromeVLM(nn.Module):
         return bool(self._lora_layers)
 
     def _set_image_lora(self, on: bool) -> None:
-        for layer in self._lora_layers:
-            layer.enable_adapters(on)
-        # peft's switch also flips requires_grad of the adapters: one switched off between the
-        # forward and the backward would get no gradient. They stay trainable throughout.
-        for p in self._lora_params:
-            p.requires_grad_(True)
+        switch_lora(self._lora_layers, self._lora_params, on)
 
     @contextlib.contextmanager
     def image_lora(self, on: bool = True) -> Iterator[None]:
@@ -687,6 +683,16 @@ class PolychromeVLM(nn.Module):
         yield from stream_generate(
             self.llm, self.tokenizer, kwargs, lock=guard, seed=seed, timeout=timeout
         )
+
+
+def switch_lora(layers: Sequence[BaseTunerLayer], params: Sequence[nn.Parameter], on: bool) -> None:
+    """Switch peft LoRA `layers` on or off, keeping their `params` trainable: peft's switch also
+    flips requires_grad, and an adapter switched off between the forward and the backward would
+    get no gradient."""
+    for layer in layers:
+        layer.enable_adapters(on)
+    for p in params:
+        p.requires_grad_(True)
 
 
 @contextlib.contextmanager

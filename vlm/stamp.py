@@ -51,7 +51,7 @@ from segmentation.stamp import (
 )
 from vision.clip import dense_features
 from vision.sam import predict_masks_batched, prepare_image, sam_from_preset
-from vlm.model import PolychromeVLM, Projector
+from vlm.model import PolychromeVLM, Projector, switch_lora
 from vlm.specials import Special, VLMExtension, decode_with_specials, reject_image_lora
 
 __all__ = [
@@ -163,12 +163,7 @@ class StampVLM(VLMExtension):
     # -- LoRA switch ----------------------------------------------------------------------------
 
     def _set_lora(self, on: bool) -> None:
-        for layer in self._lora_layers:
-            layer.enable_adapters(on)
-        # peft's switch also flips requires_grad of the adapters: an adapter switched off between
-        # the forward and the backward would get no gradient. They stay trainable throughout.
-        for p in self._lora_params:
-            p.requires_grad_(True)
+        switch_lora(self._lora_layers, self._lora_params, on)
 
     @contextlib.contextmanager
     def lora(self) -> Iterator[None]:
