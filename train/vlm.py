@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         state = {**model.trained_state_dict(), **ckpt.tensors["vlm"]}  # fresh LoRA if added
         model.load_trained_state(state, what=str(args.init_from))
-        print(f"initialised the projector from {args.init_from}")
+        print(f"initialised the trained tensors from {args.init_from}")
     start = resume_or_start(
         parser,
         args,
