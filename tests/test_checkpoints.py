@@ -138,23 +138,27 @@ def test_mask_adapter_checkpoint_keeps_its_figures(val_split, one_thread):
     assert r["gt_mask_acc_unseen"] >= pooled["gt_mask_acc_unseen"] + 0.15
 
 
-def test_vlm_checkpoint_keeps_its_figures(val_split, one_thread):
+def _vlm_figures(folder, val_split, n: int = 8):
+    """(the VLM saved in `folder`, eval.vlm's figures on the first `n` val images)."""
     from data.conversations import read_chat_records
     from eval.vlm import evaluate_vlm, gold_objects
     from vlm.model import PolychromeVLM
 
-    folder = project_path(SHAPES.vlm.checkpoint)
     verify_checkpoint(folder)
     vlm = PolychromeVLM.from_pretrained(folder)
     images = val_split / "val"
-    n = 8
-    r = evaluate_vlm(
+    figures = evaluate_vlm(
         vlm,
         read_chat_records(images, limit=n),
         gold_objects(images, limit=n),
         ttft_repeats=0,
         progress=False,
     )
+    return vlm, figures
+
+
+def test_vlm_checkpoint_keeps_its_figures(val_split, one_thread):
+    _, r = _vlm_figures(project_path(SHAPES.vlm.checkpoint), val_split)
     # Model card (100 test images): caption F1 0.454 (colour 0.845), QA 34.5 %. On these 8 val
     # images it measured caption F1 0.511 (colour 0.857) and QA 18 / 41 = 43.9 %; a random
     # projector describes no objects in the caption format and answers at most the yes/no ones.
@@ -166,23 +170,8 @@ def test_vlm_checkpoint_keeps_its_figures(val_split, one_thread):
 
 def test_vlm_lora_checkpoint_keeps_its_figures(val_split, one_thread):
     """checkpoints/shapes/vlm_lora: the core with an image LoRA (not the preset's; model card)."""
-    from data.conversations import read_chat_records
-    from eval.vlm import evaluate_vlm, gold_objects
-    from vlm.model import PolychromeVLM
-
-    folder = project_path("checkpoints/shapes/vlm_lora")
-    verify_checkpoint(folder)
-    vlm = PolychromeVLM.from_pretrained(folder)
+    vlm, r = _vlm_figures(project_path("checkpoints/shapes/vlm_lora"), val_split)
     assert vlm.has_image_lora and vlm.config.lora.rank == 8
-    images = val_split / "val"
-    n = 8
-    r = evaluate_vlm(
-        vlm,
-        read_chat_records(images, limit=n),
-        gold_objects(images, limit=n),
-        ttft_repeats=0,
-        progress=False,
-    )
     # Model card (100 test images): caption F1 0.526 (colour 0.949), QA 41.8 %. On these 8 val
     # images it measured caption F1 0.513 (colour 0.957) and QA 19 / 41 = 46.3 %; the
     # projector-only core names colours at 0.857 here.
