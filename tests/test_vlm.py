@@ -227,6 +227,10 @@ def test_image_lora_is_on_only_for_prompts_with_an_image(tmp_path):
         assert torch.equal(lora(**text).logits, plain(**text).logits)
     assert with_image is not None and without is not None
     assert (with_image - without).abs().max() > 1e-2  # the LoRA acts on image prompts
+    with torch.no_grad(), lora.image_lora():
+        lora(**lora.prepare(image))  # a nested switch leaves the outer block's on
+        ids = text["input_ids"]
+        assert not torch.equal(lora.llm(input_ids=ids).logits, plain.llm(input_ids=ids).logits)
     # Greedy decoding, batched and streamed, runs with the LoRA too (and agrees).
     batched = lora.generate_texts([image], max_new_tokens=6)[0]
     streamed = "".join(lora.stream(lora.prepare(image), {"max_new_tokens": 6, "do_sample": False}))

@@ -240,7 +240,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"--init-from {args.init_from}: its VLM config differs from this run's "
                 "(the preset's, with --projector-norm and --lora-rank if given)"
             )
-        state = {**model.trained_state_dict(), **ckpt.tensors["vlm"]}  # fresh LoRA if added
+        state = ckpt.tensors["vlm"]
+        if adds_lora:  # the fresh LoRA's tensors, and nothing else, from this run's model
+            fresh = {k: v for k, v in model.trained_state_dict().items() if k.startswith("llm.")}
+            state = {**fresh, **state}
         model.load_trained_state(state, what=str(args.init_from))
         print(f"initialised the trained tensors from {args.init_from}")
     start = resume_or_start(

@@ -104,7 +104,7 @@ class ImageLoraConfig(Config):
 
     rank: int = 0
     alpha: int = 32
-    dropout: float = 0.0
+    dropout: float = 0.0  # peft's; inert while the LLM stays in eval mode (PolychromeVLM.train)
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
     def __post_init__(self) -> None:
@@ -220,6 +220,7 @@ class PolychromeVLM(nn.Module):
         self.clip.requires_grad_(False).eval()
         self._lora_layers: list[BaseTunerLayer] = []
         self._lora_params: list[nn.Parameter] = []
+        self._lora_on = False  # inside an image_lora block
         if config.lora.rank:
             lora = LoraConfig(
                 r=config.lora.rank,
@@ -281,15 +282,19 @@ class PolychromeVLM(nn.Module):
     @contextlib.contextmanager
     def image_lora(self, on: bool = True) -> Iterator[None]:
         """The image LoRA on inside the block when `on` (a prompt holds an image), off again
-        afterwards whatever happens; nothing without one."""
-        if not (on and self._lora_layers):
+        afterwards whatever happens; nothing without one, or inside a block that has it on
+        already. The switch is the module's state, not the call's: callers that may overlap
+        hold ``self._lock`` (generate_texts, stream do; training runs one forward at a time)."""
+        if not (on and self._lora_layers) or self._lora_on:
             yield
             return
+        self._lora_on = True
         self._set_image_lora(True)
         try:
             yield
         finally:
             self._set_image_lora(False)
+            self._lora_on = False
 
     @classmethod
     def build(cls, config: VLMConfig, device: str | torch.device = "cpu") -> PolychromeVLM:
@@ -640,7 +645,7 @@ class PolychromeVLM(nn.Module):
         images = [im for p in prompts for m in p for im in (m.get("images") or ())]
         feats = self.encode_images(self.pixel_values(images)) if images else None
         embeds = self.embed(enc["input_ids"].to(self.device), feats)
-        with self.image_lora(feats is not None):
+        with self._lock, self.image_lora(feats is not None):
             out = cast(Any, self.llm).generate(
                 inputs_embeds=embeds,
                 attention_mask=enc["attention_mask"].to(self.device),
