@@ -74,8 +74,8 @@ def destroy_process_group_at_exit() -> None:
     Every script that runs under ``accelerate launch`` calls this once it has its processes. A
     gloo group left to the interpreter's own teardown is the suspected cause of one CI failure:
     a two-process run whose rank 1 aborted at exit after finishing its work ("terminate called
-    without an active exception"; not reproduced in 36 local launches). Calling it again
-    registers nothing new."""
+    without an active exception"; not reproduced in 36 local launches). Without a process group
+    at exit it does nothing; calling it again registers nothing new."""
     atexit.unregister(_destroy_process_group)
     atexit.register(_destroy_process_group)
 

@@ -341,8 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                 sam_dir = project_path(preset.sam.checkpoint)
             segmenters[f"{name} + SAM"] = _sam_refined(model, sam_dir)
     state = PartialState(cpu=True)
-    if state.num_processes > 1:
-        destroy_process_group_at_exit()
+    destroy_process_group_at_exit()
     gather = gather_object if state.num_processes > 1 else None
     with torch.inference_mode():
         result = evaluate(

@@ -123,14 +123,18 @@ def _word_runs(text: str, n: int) -> Iterator[tuple[str, ...]]:
     return (tuple(words[i : i + n]) for i in range(len(words) - n + 1))
 
 
+def _heldout_runs(heldout: Sequence[str], n: int) -> set[tuple[str, ...]]:
+    if n < 1:
+        raise ValueError(f"n must be >= 1, received {n}")
+    return {run for doc in heldout for run in _word_runs(doc, n)}
+
+
 def drop_overlapping(
     train: Sequence[str], heldout: Sequence[str], n: int = LEAK_WORDS
 ) -> list[int]:
     """Indices of the training documents that share a run of `n` whitespace-separated words with
     any held-out document (to be dropped, so that held-out text is never trained on)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, received {n}")
-    held = {run for doc in heldout for run in _word_runs(doc, n)}
+    held = _heldout_runs(heldout, n)
     return [i for i, doc in enumerate(train) if any(r in held for r in _word_runs(doc, n))]
 
 
@@ -141,9 +145,7 @@ def drop_overlapping_parts(
     joined by spaces, shares no run of `n` words with any held-out document. Unlike
     `drop_overlapping` on each part, it catches runs across the joins (a code example split by
     blank lines): every part a shared run touches is dropped, until none is left."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, received {n}")
-    held = {run for doc in heldout for run in _word_runs(doc, n)}
+    held = _heldout_runs(heldout, n)
     split = [part.split() for part in parts]
     dropped: set[int] = set()
     while True:

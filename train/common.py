@@ -60,8 +60,7 @@ def make_accelerator(**kwargs: Any) -> Accelerator:
     when the process exits (core.runtime.destroy_process_group_at_exit). Every training script
     makes its Accelerator here."""
     accelerator = Accelerator(**kwargs)
-    if accelerator.num_processes > 1:
-        destroy_process_group_at_exit()
+    destroy_process_group_at_exit()
     return accelerator
 
 

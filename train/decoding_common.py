@@ -118,6 +118,5 @@ def _processes() -> PartialState:
     launcher's environment on a machine without GPUs too; it only sets the device where no
     Accelerator has yet (these scripts choose theirs)."""
     state = PartialState(cpu=True)
-    if state.num_processes > 1:
-        destroy_process_group_at_exit()
+    destroy_process_group_at_exit()
     return state

@@ -24,7 +24,6 @@ many steps ran. ``--eval`` then runs ``python -m eval.vlm`` on the val split.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shlex
 import subprocess
@@ -179,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     preset = PolychromeConfig.from_preset(args.preset)
     projector = preset.vlm.projector
     if args.projector_norm is not None:
-        projector = dataclasses.replace(projector, output_norm=args.projector_norm)
+        projector = projector.replace(output_norm=args.projector_norm)
     try:
         lora = ImageLoraConfig(rank=args.lora_rank)
     except ValueError as err:
@@ -234,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = load_checkpoint(args.init_from)
         saved = VLMConfig.from_dict(ckpt.config, source=f"{args.init_from}/manifest.json config")
         # A core without LoRA may start a run that adds one (the LoRA starts at zero).
-        adds_lora = saved.lora.rank == 0 and saved == dataclasses.replace(vlm_cfg, lora=saved.lora)
+        adds_lora = saved.lora.rank == 0 and saved == vlm_cfg.replace(lora=saved.lora)
         if saved != vlm_cfg and not adds_lora:
             parser.error(
                 f"--init-from {args.init_from}: its VLM config differs from this run's "
