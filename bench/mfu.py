@@ -24,7 +24,12 @@ Model FLOPs per step are what the step must compute, counted from the shapes (no
 - the LM head only at the labelled positions (train.vlm computes no other logits): 2 * V * d
   forward + 2 * V * d backward per labelled token;
 - projector: 6 * N_proj per visual token (its weights do get gradients); CLIP runs under no_grad:
-  2 * N_clip per image patch, forward only (approximated by its linear layers).
+  2 * N_clip per image patch, forward only (approximated by its linear layers);
+- the image LoRA (``--lora-rank``; train.vlm's): 6 * N_lora per token, its A and B matrices get
+  weight gradients; they are not part of N_body.
+
+``--merge`` and ``--lora-rank`` set the projector's patch merge and the image LoRA as train.vlm's
+options of the same names do (default: the preset's), so the figure is for the model trained.
 
 MFU = model FLOPs per second / peak. Prints a markdown table; writes JSON with ``--json``.
 """
@@ -48,7 +53,7 @@ from tqdm.auto import tqdm
 from core.io import atomic_write_text
 from data.conversations import instruct_conversation, read_chat_records
 from vlm.config import PolychromeConfig
-from vlm.model import IGNORE_INDEX, PolychromeVLM, VLMConfig
+from vlm.model import IGNORE_INDEX, ImageLoraConfig, PolychromeVLM, VLMConfig
 
 
 def matmul_peak(size: int, repeats: int) -> float:
@@ -65,7 +70,16 @@ def matmul_peak(size: int, repeats: int) -> float:
 
 
 def _linear_params(module: nn.Module) -> int:
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
+    """Weights of `module`'s linear layers, a LoRA's A and B matrices not included."""
+    return sum(
+        m.weight.numel()
+        for n, m in module.named_modules()
+        if isinstance(m, nn.Linear) and "lora_" not in n
+    )
+
+
+def _lora_params(module: nn.Module) -> int:
+    return sum(p.numel() for n, p in module.named_parameters() if "lora_" in n)
 
 
 def step_flops(vlm: PolychromeVLM, batch: dict[str, torch.Tensor]) -> float:
@@ -82,6 +96,7 @@ def step_flops(vlm: PolychromeVLM, batch: dict[str, torch.Tensor]) -> float:
     proj = _linear_params(vlm.projector)
     clip_patches = n_images * vlm.tokens_per_image * vlm.config.projector.merge**2
     flops = 4 * body * tokens  # frozen body: forward + input-gradient backward
+    flops += 6 * _lora_params(vlm.llm) * tokens  # the image LoRA, on for every training row
     flops += 3 * 4 * seq * seq * d * layers * mask.shape[0]  # attention, fwd + bwd, padded
     flops += 4 * vocab * d * labelled
     flops += 6 * proj * n_images * vlm.tokens_per_image
@@ -99,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, required=True, help="a ShapeWorld folder")
     parser.add_argument("--split", default="train", help="split to draw conversations from")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--merge", type=int, default=None, help="projector patch merge (default: the preset's)"
+    )
+    parser.add_argument(
+        "--lora-rank", type=int, default=0, help="image LoRA rank, as train.vlm's (0 = none)"
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed training steps")
     parser.add_argument("--peak-size", type=int, default=2048, help="square matmul side")
     parser.add_argument("--peak-repeats", type=int, default=5)
@@ -120,9 +141,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = PolychromeConfig.from_preset(args.preset)
-    vlm = PolychromeVLM.build(
-        VLMConfig(llm=preset.llm, vision=preset.clip, projector=preset.vlm.projector)
-    )
+    projector = preset.vlm.projector
+    try:
+        if args.merge is not None:
+            projector = projector.replace(merge=args.merge)
+        cfg = VLMConfig(
+            llm=preset.llm,
+            vision=preset.clip,
+            projector=projector,
+            lora=ImageLoraConfig(rank=args.lora_rank),
+        )
+        vlm = PolychromeVLM.build(cfg)
+    except ValueError as err:  # a merge that does not divide the grid, a negative rank
+        parser.error(str(err))
     records = read_chat_records(args.data / args.split, limit=args.batch_size * (args.steps + 1))
     if len(records) < args.batch_size * (args.steps + 1):
         parser.error(f"{args.split} has {len(records)} images; need batch-size x (steps + 1)")
@@ -151,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     flop_s = [f / s for f, s in zip(flops, times, strict=True)]
     result: dict[str, Any] = {
         "preset": args.preset,
+        "merge": projector.merge,
+        "lora_rank": args.lora_rank,
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()}, torch {torch.__version__}",
         "peak_bf16_flops": peak,

@@ -408,6 +408,32 @@ def test_mfu_bench_counts_the_llm_body_by_hand_and_reports(vlm, shapeworld, tmp_
     assert result["train_tokens_per_s_median"] > 0
 
 
+def test_mfu_bench_counts_the_image_lora_apart_from_the_frozen_body(shapeworld, tmp_path):
+    from bench import mfu
+
+    lora, plain = _lora_vlms()
+    per_layer = 32 * 32 + 2 * 32 * 16 + 32 * 32 + 3 * 32 * 64  # as above: the base weights only
+    assert mfu._linear_params(lora.llm.base_model) == 2 * per_layer
+    r = lora.config.lora.rank  # A: r x in, B: out x r on q (32->32), k, v (32->16), o (32->32)
+    assert mfu._lora_params(lora.llm) == 2 * (r * (32 + 32) + 2 * r * (32 + 16) + r * (32 + 32))
+    batch = lora.collate(
+        [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]]
+    )
+    tokens = float(batch["attention_mask"].sum())
+    with_lora = mfu.step_flops(lora, batch)
+    # the same model without the LoRA: the difference is 6 FLOPs per LoRA weight per token
+    assert with_lora - mfu.step_flops(plain, batch) == pytest.approx(
+        6 * mfu._lora_params(lora.llm) * tokens
+    )
+    out = tmp_path / "mfu.json"
+    args = ["--preset", "tiny", "--data", str(shapeworld), "--quick", "--lora-rank", "2"]
+    assert mfu.main([*args, "--merge", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["lora_rank"], result["merge"]) == (2, 1)
+    with pytest.raises(SystemExit):  # a merge that does not divide the grid: a usage error
+        mfu.main([*args, "--merge", "3"])
+
+
 def test_text_only_logits_are_bitwise_the_real_smollm2s():
     from lm.loading import LLMConfig
     from vision.clip import ClipPresetConfig

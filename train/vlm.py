@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         "embeddings' scale (default: the preset's projector.output_norm)",
     )
     parser.add_argument(
+        "--merge",
+        type=int,
+        default=None,
+        help="merge each MxM block of CLIP patches into one visual token (the grid side must "
+        "divide by M; default: the preset's projector.merge)",
+    )
+    parser.add_argument(
         "--lora-rank",
         type=int,
         default=0,
@@ -179,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     projector = preset.vlm.projector
     if args.projector_norm is not None:
         projector = projector.replace(output_norm=args.projector_norm)
+    if args.merge is not None:
+        try:
+            projector = projector.replace(merge=args.merge)
+        except ValueError as err:
+            parser.error(f"--merge: {err}")
     try:
         lora = ImageLoraConfig(rank=args.lora_rank)
     except ValueError as err:
@@ -190,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     if why:
         parser.error(why)
     seed_everything(args.seed)
-    model = PolychromeVLM.build(vlm_cfg, device=device)
+    try:
+        model = PolychromeVLM.build(vlm_cfg, device=device)
+    except ValueError as err:  # e.g. a --merge that does not divide the CLIP grid
+        parser.error(str(err))
 
     if args.data is not None:
         records = [r for s in args.splits for r in read_chat_records(args.data / s)]
