@@ -392,6 +392,20 @@ def test_train_resumes_exactly_and_eval_runs(shapeworld, tmp_path):
     assert 0.0 <= result["qa_accuracy"]["overall"] <= 1.0
     with pytest.raises(SystemExit):
         train_main([*common, "--out", str(tmp_path / "x"), "--align-steps", "9"])
+    # --merge: the saved projector reads 1x1 blocks (the preset's is 2x2); 3 does not divide.
+    merged = [*common, "--steps", "1", "--align-steps", "0", "--merge", "1"]
+    assert train_main([*merged, "--out", str(tmp_path / "m1")]) == 0
+    saved = json.loads((tmp_path / "m1" / "final" / "manifest.json").read_text())["config"]
+    assert saved["projector"]["merge"] == 1
+    width = a["projector.fc1.weight"].shape[1] // 4  # the preset's merge 2: 4 patches per token
+    assert (
+        load_file(str(tmp_path / "m1" / "final" / "vlm.safetensors"))["projector.fc1.weight"].shape[
+            1
+        ]
+        == width
+    )
+    with pytest.raises(SystemExit):
+        train_main([*merged[:-1], "3", "--out", str(tmp_path / "m3")])
 
 
 def test_mfu_bench_counts_the_llm_body_by_hand_and_reports(vlm, shapeworld, tmp_path):
