@@ -131,6 +131,24 @@ def _macro_f1(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(f1s))
 
 
+def count_rule_f1(counts: np.ndarray, truth: np.ndarray) -> tuple[float, dict[int, int]]:
+    """The best macro-F1 of any rule that decides from the number of objects a request names and
+    nothing else (every count -> class map tried), and that map. A reference for the decision
+    head: on ShapeWorld a scene's listing and a composition of as many objects read alike ("A
+    blue heart and a pink heart."), so where the two kinds share a count no text-only rule can
+    tell them apart; this is what reading the count perfectly is worth."""
+    values = sorted({int(c) for c in counts})
+    if len(values) > 16:
+        raise ValueError(f"count_rule_f1: at most 16 distinct counts, received {len(values)}")
+    best, best_map = -1.0, {}
+    for bits in range(2 ** len(values)):
+        rule = {v: (GENERATE if bits >> i & 1 else RETRIEVE) for i, v in enumerate(values)}
+        f1 = _macro_f1(np.array([rule[int(c)] for c in counts]), truth)
+        if f1 > best:
+            best, best_map = f1, rule
+    return best, best_map
+
+
 @torch.inference_mode()
 def retrieval_recall(
     gill: GILLVLM, scenes: Sequence[SceneItem], batch_size: int = 16, progress: bool = False
@@ -222,6 +240,8 @@ def evaluate_gill(
     pred = np.concatenate([p_scene > 0.5, p_gen > 0.5]).astype(int)
     truth_d = np.array([RETRIEVE] * len(scenes) + [GENERATE] * len(items))
     two_obj = np.array([len(s.objects) == 2 for s in scenes])
+    counts = np.array([len(s.objects) for s in scenes] + [len(it.objects) for it in items])
+    ceiling, rule = count_rule_f1(counts, truth_d)
     results["decision"] = {
         "accuracy": float((pred == truth_d).mean()),
         "macro_f1": _macro_f1(pred, truth_d),
@@ -234,6 +254,10 @@ def evaluate_gill(
             float((p_scene[~two_obj] <= 0.5).mean()) if (~two_obj).any() else None
         ),
         "n_two_object_scenes": int(two_obj.sum()),
+        "count_rule_macro_f1": ceiling,
+        "count_rule": {
+            str(k): ("generate" if v == GENERATE else "retrieve") for k, v in rule.items()
+        },
         "n_retrieve": len(scenes),
         "n_generate": len(items),
     }
@@ -310,6 +334,8 @@ def format_tables(r: dict[str, Any]) -> str:
         f"| ... scenes of three or more | {_pct(d['retrieve_acc_3plus_objects'])} | "
         f"{d['n_retrieve'] - d['n_two_object_scenes']} |",
         f"| composition requests -> generate | {_pct(d['generate_acc'])} | {d['n_generate']} |",
+        f"| reference: the best rule on the object count alone, macro-F1 | "
+        f"{_pct(d['count_rule_macro_f1'])} | {d['n_retrieve'] + d['n_generate']} |",
         "",
         "| greedy reply opens with [IMG0] | rate | n |",
         "| --- | ---: | ---: |",

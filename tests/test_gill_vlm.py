@@ -355,6 +355,22 @@ def test_eval_runs_on_a_tiny_shapeworld(shapeworld, compositions, tmp_path):
     assert r["recall"]["1"] <= r["recall"]["5"] <= r["recall"]["10"]
     assert r["decision"]["n_retrieve"] == 3 and r["decision"]["n_generate"] == 2
     assert 0 <= r["decision"]["macro_f1"] <= 1
+    assert set(r["decision"]["count_rule"].values()) <= {"retrieve", "generate"}
     for key in ("mapper_single_acc", "decoder_text_two_acc", "generation_distance"):
         assert r[key] is not None
     assert recall_at([[2, 0, 1], [0, 1, 2]], [0, 2], ks=(1, 2, 3)) == {1: 0.0, 2: 0.5, 3: 1.0}
+
+
+def test_count_rule_reference_is_the_best_count_to_class_map():
+    from eval.gill import count_rule_f1
+
+    # three scenes (3, 3, 2 objects), three compositions (2, 1, 1): "2" is shared.
+    counts = np.array([3, 3, 2, 2, 1, 1])
+    truth = np.array([RETRIEVE] * 3 + [GENERATE] * 3)
+    f1, rule = count_rule_f1(counts, truth)
+    # 1 -> generate, 3 -> retrieve, 2 either way: retrieve F1 6/7 and generate F1 4/5 (or the
+    # reverse); the first map found keeps 2 -> retrieve.
+    assert f1 == pytest.approx((6 / 7 + 4 / 5) / 2)
+    assert rule == {1: GENERATE, 2: RETRIEVE, 3: RETRIEVE}
+    # counts that do not overlap: a perfect rule
+    assert count_rule_f1(np.array([4, 1]), np.array([RETRIEVE, GENERATE]))[0] == 1.0
