@@ -377,12 +377,20 @@ def test_train_resumes_exactly_and_eval_runs(shapeworld, tmp_path):
     # ... also when it adds an image LoRA (which starts at zero and trains: lr 1e-2 here).
     with_lora = [*common, "--steps", "1", "--align-steps", "0", "--lora-rank", "2"]
     with_lora += ["--init-from", str(tmp_path / "straight" / "final")]
-    assert train_main([*with_lora, "--out", str(tmp_path / "lora")]) == 0
+    targets = ["--lora-targets", "q_proj", "down_proj"]  # an attention and an MLP matrix
+    assert train_main([*with_lora, *targets, "--out", str(tmp_path / "lora")]) == 0
     d = load_file(str(tmp_path / "lora" / "final" / "vlm.safetensors"))
     lora_b = [k for k in d if "lora_B" in k]
     assert lora_b and any(d[k].abs().sum() > 0 for k in lora_b)
+    assert {k.split(".lora_B")[0].rsplit(".", 1)[-1] for k in lora_b} == {"q_proj", "down_proj"}
     saved = json.loads((tmp_path / "lora" / "final" / "manifest.json").read_text())["config"]
-    assert saved["lora"]["rank"] == 2
+    assert saved["lora"]["rank"] == 2 and saved["lora"]["targets"] == ["q_proj", "down_proj"]
+    for bad in (
+        ["--lora-targets", "no_such_proj"],
+        ["--lora-rank", "0", "--lora-targets", "q_proj"],
+    ):
+        with pytest.raises(SystemExit):
+            train_main([*with_lora, *bad, "--out", str(tmp_path / "bad")])
     out = tmp_path / "eval.json"
     ckpt = str(tmp_path / "straight" / "final")
     args = ["--checkpoint", ckpt, "--data", str(shapeworld), "--split", "val", "--limit", "2"]

@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA of this rank on the LLM's attention, on only for prompts with an image "
         "(text-only prompts stay the bare LLM's); 0 = none, the LLM frozen (default)",
     )
+    parser.add_argument(
+        "--lora-targets",
+        nargs="+",
+        default=None,
+        metavar="MODULE",
+        help="the LLM's modules the LoRA adapts (default: q_proj k_proj v_proj o_proj; "
+        "add gate_proj up_proj down_proj for SmolLM2's MLPs as well)",
+    )
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default 3%%)")
@@ -160,6 +168,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
     if args.data is None and args.eval:
         parser.error("--eval needs a ShapeWorld --data folder (its val split)")
+    if args.lora_targets is not None and args.lora_rank == 0:
+        parser.error("--lora-targets needs a LoRA: give --lora-rank > 0")
     if args.resume and not (args.out / "last").is_dir():
         parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
 
@@ -193,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--merge: {err}")
     try:
         lora = ImageLoraConfig(rank=args.lora_rank)
+        if args.lora_targets is not None:
+            lora = lora.replace(targets=list(args.lora_targets))
     except ValueError as err:
-        parser.error(f"--lora-rank: {err}")
+        parser.error(f"--lora-rank / --lora-targets: {err}")
     vlm_cfg = VLMConfig(llm=preset.llm, vision=preset.clip, projector=projector, lora=lora)
     dp = DataParallel(resolve_device(args.device))
     device = dp.device
@@ -204,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(args.seed)
     try:
         model = PolychromeVLM.build(vlm_cfg, device=device)
-    except ValueError as err:  # e.g. a --merge that does not divide the CLIP grid
+    except ValueError as err:  # a --merge that does not divide the grid, unknown --lora-targets
         parser.error(str(err))
 
     if args.data is not None:
@@ -378,7 +390,12 @@ def write_model_card(folder: Path, run_config: dict[str, Any], metadata: dict[st
     merge = vlm["projector"]["merge"]
     norm = ", output RMSNorm" if vlm["projector"].get("output_norm") == "rms" else ""
     rank = vlm.get("lora", {}).get("rank", 0)
-    lora = f", a rank-{rank} LoRA on the LLM, on only for prompts with an image," if rank else ""
+    targets = "/".join(vlm.get("lora", {}).get("targets", []))
+    lora = (
+        f", a rank-{rank} LoRA on the LLM's {targets}, on only for prompts with an image,"
+        if rank
+        else ""
+    )
     intro = (
         f"Frozen LLM `{vlm['llm']['source']}`, frozen CLIP `{vlm['vision']['model']}` "
         f"(`{vlm['vision']['checkpoint']}`); trained: the projector (patch merge "
