@@ -186,3 +186,38 @@ def test_unet_loss_hand_computed():
     assert float(unet_loss(Zero(), sched, latents, text, noise, t, 5.0)) == pytest.approx(
         float(expected), rel=1e-5
     )
+
+
+def test_init_from_continues_a_trained_decoder(world, trained, tmp_path, capsys):
+    init = load_checkpoint(trained / "final").tensors
+    common = ("--unet-steps", "2", "--save-every", "100", "--sample-every", "100")
+    # a vanishing learning rate: the UNet ends where it started, the VAE is the init's own
+    still = tmp_path / "still"
+    assert (
+        _train(world, still, *common, "--init-from", str(trained / "final"), "--unet-lr", "1e-12")
+        == 0
+    )
+    out = load_checkpoint(still / "final")
+    for part in ("vae", "unet"):
+        for key, value in init[part].items():
+            assert torch.equal(out.tensors[part][key], value), (part, key)
+    assert _losses(still, "vae") == [] and len(_losses(still, "unet")) == 2
+    assert (
+        out.config["vae"]["scaling_factor"]
+        == load_checkpoint(trained / "final").config["vae"]["scaling_factor"]
+    )
+    assert out.metadata["init_from"] == str(trained / "final")
+    # a real learning rate moves the UNet away from the init
+    moved = tmp_path / "moved"
+    assert (
+        _train(world, moved, *common, "--init-from", str(trained / "final"), "--unet-lr", "1e-2")
+        == 0
+    )
+    unet = load_checkpoint(moved / "final").tensors["unet"]
+    assert any(not torch.equal(unet[k], init["unet"][k]) for k in unet)
+    with pytest.raises(SystemExit):
+        _train(world, tmp_path / "x", "--init-from", str(trained / "final"), "--stage", "vae")
+    assert "cannot go with --stage vae" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _train(world, tmp_path / "x", "--init-from", str(tmp_path))
+    assert "is not a checkpoint folder" in capsys.readouterr().err

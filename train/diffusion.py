@@ -1,10 +1,14 @@
 """Train the ShapeWorld text-to-image decoder: the VAE first, then the UNet on its latents.
 
-    # the committed checkpoint (checkpoints/shapes/diffusion): 44 minutes on this machine's CPU,
-    # one thread; the data folder is generated from the preset's diffusion.data config if missing.
-    # --max-minutes stopped it at UNet step 552; elsewhere use --unet-stop-at 552 instead.
+    # a CPU run (44 minutes, one thread; the data folder is generated from the preset's
+    # diffusion.data config if missing). The committed checkpoints/shapes/diffusion was trained
+    # on a GPU: its commands are in docs/RESULTS.md (issue 4).
     OMP_NUM_THREADS=1 python -m train.diffusion --preset shapes --data out/shapeworld_diffusion \\
         --out out/runs/diffusion --limit 12000 --vae-steps 1000 --unet-steps 600 --max-minutes 44
+    # train a trained decoder further (its VAE as is; the UNet from its weights, a new schedule)
+    python -m train.diffusion --preset shapes --data out/shapeworld_diffusion \\
+        --out out/runs/diffusion_more --init-from checkpoints/shapes/diffusion \\
+        --unet-steps 1000 --unet-lr 2e-4 --batch-size 64
     # continue an interrupted run (either stage; data order, noise and dropout resume exactly)
     python -m train.diffusion --preset shapes --data out/shapeworld_diffusion \\
         --out out/runs/diffusion --limit 12000 --vae-steps 1000 --unet-steps 600 --resume
@@ -67,7 +71,7 @@ from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from tqdm import tqdm
 
-from core.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
+from core.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
 from core.io import atomic_dir, atomic_write_text
 from core.runtime import resolve_device, seed_everything
 from data.datasets import (
@@ -456,15 +460,20 @@ def train_unet(
     accelerator: Accelerator,
     log: Any,
     deadline: float,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module, int, bool]:
-    """Train the UNet (resumable). Returns (vae, EMA unet, steps done, stopped by the clock)."""
+    """Train the UNet (resumable), from `init` weights when given. Returns (vae, EMA unet, steps
+    done, stopped by the clock)."""
     device = accelerator.device
     vae_ckpt = load_checkpoint(args.out / "vae" / FINAL)
     vae = build_vae(cfg.vae)
     load_state_strict(vae, vae_ckpt.tensors["vae"], what="vae/final")
     vae.to(device).eval().requires_grad_(False)
     torch.manual_seed(args.seed + 1)  # the same init whether or not the VAE stage ran here
-    unet = build_unet(cfg).to(device).train()
+    unet = build_unet(cfg)
+    if init is not None:  # --init-from: the EMA below starts from these weights too
+        load_state_strict(unet, {k: v.float() for k, v in init.items()}, what="--init-from unet")
+    unet = unet.to(device).train()
     pipe = assemble_pipeline(cfg, vae, unet)
     pipe.text_encoder.to(device)
 
@@ -498,6 +507,7 @@ def train_unet(
         "snr_gamma": args.snr_gamma,
         "ema_decay": args.ema_decay,
         "images": len(pairs),
+        "init_from": None if init is None else str(args.init_from),
     }
     folder = args.out / "unet"
     start = 0
@@ -633,6 +643,14 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--limit", type=int, default=None, help="use the first N images only")
     parser.add_argument("--out", type=Path, required=True, help="run folder (vae/, unet/, final/)")
     parser.add_argument("--stage", choices=["all", "vae", "unet"], default="all")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="continue training a trained decoder (a final/ folder, e.g. "
+        "checkpoints/shapes/diffusion): its VAE as is, its UNet weights as the start, with a "
+        "fresh optimizer, schedule and EMA (UNet stage only)",
+    )
     parser.add_argument("--vae-steps", type=int, default=1000, help="VAE optimizer steps")
     parser.add_argument(
         "--vae-batch-size", type=int, default=16, help="crops per VAE step per process"
@@ -654,7 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="end the UNet stage after this step of the --unet-steps schedule and write final/ "
-        "(reproduces a run that --max-minutes stopped: the committed one stopped at 552 of 600)",
+        "(reproduces a run that --max-minutes stopped: the committed one stopped at 4957 of 6000)",
     )
     parser.add_argument("--unet-lr", type=float, default=1e-3, help="peak UNet learning rate")
     parser.add_argument(
@@ -685,6 +703,35 @@ def build_parser() -> argparse.ArgumentParser:
         help='extra arguments for eval.generation, quoted (e.g. "--limit 50")',
     )
     return parser
+
+
+def start_from(
+    folder: Path, cfg: DiffusionConfig, out: Path, accelerator: Accelerator
+) -> tuple[DiffusionConfig, dict[str, torch.Tensor]]:
+    """--init-from: the trained decoder's config (its latent scale included) and UNet tensors;
+    its VAE is written to ``<out>/vae/final`` (once), so the UNet stage reads it as its own."""
+    ckpt = load_checkpoint(folder)
+    if set(ckpt.tensors) != {"vae", "unet"}:
+        raise CheckpointError(
+            f"{folder}: expected vae.safetensors and unet.safetensors, found {sorted(ckpt.tensors)}"
+        )
+    saved = DiffusionConfig.from_dict(ckpt.config, source=f"{folder} config")
+    # the same architecture: equal but for the VAE's measured latent scale
+    if saved.replace(vae=saved.vae.replace(scaling_factor=cfg.vae.scaling_factor)) != cfg:
+        raise ValueError(
+            f"{folder} is a decoder of another architecture than --model/--preset's "
+            f"{cfg.name!r}: {saved.to_dict()}"
+        )
+    vae_final = out / "vae" / FINAL
+    if accelerator.is_main_process and not vae_final.is_dir():
+        save_checkpoint(
+            vae_final,
+            {"vae": {k: v.float() for k, v in ckpt.tensors["vae"].items()}},
+            saved.to_dict(),
+            {"copied_from": str(folder)},
+        )
+    accelerator.wait_for_everyone()
+    return saved, ckpt.tensors["unet"]
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -721,7 +768,12 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--limit must be >= 1, received {args.limit}")
     if args.eval and args.data is None:
         parser.error("--eval needs a ShapeWorld --data folder (its val split gives the prompts)")
-    if args.stage == "unet" and not (args.out / "vae" / FINAL).is_dir():
+    if args.init_from is not None:
+        if args.stage == "vae":
+            parser.error("--init-from continues the UNet: it cannot go with --stage vae")
+        if not (args.init_from / "manifest.json").is_file():
+            parser.error(f"--init-from: {args.init_from} is not a checkpoint folder (no manifest)")
+    elif args.stage == "unet" and not (args.out / "vae" / FINAL).is_dir():
         parser.error(f"--stage unet needs a trained VAE in {args.out / 'vae' / FINAL}")
     has_state = any((args.out / s / "last").is_dir() for s in ("vae", "unet"))
     if args.resume and not has_state and not (args.out / "vae" / FINAL).is_dir():
@@ -764,17 +816,26 @@ def main(argv: list[str] | None = None) -> int:
     images = decode_images(pairs.image_paths, cfg.image_size, args.workers)
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / LOG_NAME
+    init_unet: dict[str, torch.Tensor] | None = None
+    if args.init_from is not None:
+        try:
+            cfg, init_unet = start_from(args.init_from, cfg, args.out, accelerator)
+        except (CheckpointError, ValueError) as err:
+            parser.error(f"--init-from: {err}")
     with log_path.open("a", encoding="utf-8") as log:
         cfg = train_vae(cfg, images, args, accelerator, log, deadline)
         if args.stage == "vae":
             return 0
-        vae, unet, steps, stopped = train_unet(cfg, images, pairs, args, accelerator, log, deadline)
+        vae, unet, steps, stopped = train_unet(
+            cfg, images, pairs, args, accelerator, log, deadline, init_unet
+        )
     seconds = time.time() - t_start
     if not accelerator.is_main_process:
         return 0
     final = args.out / FINAL
     metadata = {
-        "vae_steps": args.vae_steps,
+        "vae_steps": args.vae_steps if args.init_from is None else 0,
+        "init_from": None if args.init_from is None else str(args.init_from),
         "unet_steps": steps,
         "unet_steps_planned": args.unet_steps,
         "stopped_early": stopped,
