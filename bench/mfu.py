@@ -28,8 +28,9 @@ Model FLOPs per step are what the step must compute, counted from the shapes (no
 - the image LoRA (``--lora-rank``; train.vlm's): 6 * N_lora per token, its A and B matrices get
   weight gradients; they are not part of N_body.
 
-``--merge`` and ``--lora-rank`` set the projector's patch merge and the image LoRA as train.vlm's
-options of the same names do (default: the preset's), so the figure is for the model trained.
+``--merge``, ``--lora-rank`` and ``--lora-targets`` set the projector's patch merge and the image
+LoRA as train.vlm's options of the same names do (default: the preset's), so the figure is for
+the model trained.
 
 MFU = model FLOPs per second / peak. Prints a markdown table; writes JSON with ``--json``.
 """
@@ -53,7 +54,7 @@ from tqdm.auto import tqdm
 from core.io import atomic_write_text
 from data.conversations import instruct_conversation, read_chat_records
 from vlm.config import PolychromeConfig
-from vlm.model import IGNORE_INDEX, ImageLoraConfig, PolychromeVLM, VLMConfig
+from vlm.model import IGNORE_INDEX, PolychromeVLM
 
 
 def matmul_peak(size: int, repeats: int) -> float:
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--lora-rank", type=int, default=0, help="image LoRA rank, as train.vlm's (0 = none)"
     )
+    parser.add_argument(
+        "--lora-targets", nargs="+", default=None, metavar="MODULE", help="as train.vlm's"
+    )
     parser.add_argument("--steps", type=int, default=5, help="timed training steps")
     parser.add_argument("--peak-size", type=int, default=2048, help="square matmul side")
     parser.add_argument("--peak-repeats", type=int, default=5)
@@ -141,15 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     preset = PolychromeConfig.from_preset(args.preset)
-    projector = preset.vlm.projector
     try:
-        if args.merge is not None:
-            projector = projector.replace(merge=args.merge)
-        cfg = VLMConfig(
-            llm=preset.llm,
-            vision=preset.clip,
-            projector=projector,
-            lora=ImageLoraConfig(rank=args.lora_rank),
+        cfg = preset.vlm.core_config(
+            preset.llm,
+            preset.clip,
+            merge=args.merge,
+            lora_rank=args.lora_rank,
+            lora_targets=args.lora_targets,
         )
         vlm = PolychromeVLM.build(cfg)
     except ValueError as err:  # a merge that does not divide the grid, a negative rank
@@ -182,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     flop_s = [f / s for f, s in zip(flops, times, strict=True)]
     result: dict[str, Any] = {
         "preset": args.preset,
-        "merge": projector.merge,
-        "lora_rank": args.lora_rank,
+        "merge": cfg.projector.merge,
+        "lora_rank": cfg.lora.rank,
+        "lora_targets": cfg.lora.targets if cfg.lora.rank else [],
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()}, torch {torch.__version__}",
         "peak_bf16_flops": peak,

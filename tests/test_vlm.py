@@ -193,6 +193,24 @@ def test_rms_output_norm_puts_visual_tokens_at_the_embeddings_scale(tmp_path):
         ProjectorConfig(output_norm="layer")
 
 
+def test_core_config_applies_a_runs_overrides_and_names_bad_ones():
+    preset = PolychromeConfig.from_preset("tiny")
+    cfg = preset.vlm.core_config(
+        preset.llm, preset.clip, merge=1, output_norm="rms", lora_rank=2, lora_targets=["q_proj"]
+    )
+    assert (cfg.projector.merge, cfg.projector.output_norm) == (1, "rms")
+    assert (cfg.lora.rank, cfg.lora.targets) == (2, ["q_proj"])
+    plain = preset.vlm.core_config(preset.llm, preset.clip)
+    assert plain.projector == preset.vlm.projector and plain.lora.rank == 0
+    for kwargs, message in (
+        ({"merge": 0}, "merge: merge must be in"),
+        ({"lora_rank": -1}, "lora: lora.rank must be >= 0"),
+        ({"lora_targets": ["q_proj"]}, "lora targets need a LoRA"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            preset.vlm.core_config(preset.llm, preset.clip, **kwargs)
+
+
 def _lora_vlms() -> tuple[PolychromeVLM, PolychromeVLM]:
     """The tiny VLM with a rank-4 image LoRA whose B matrices are random (peft starts them at
     zero), and the same VLM without one; both sharpened as conftest.sharpened_tiny_vlm is."""
@@ -449,9 +467,9 @@ def test_mfu_bench_counts_the_image_lora_apart_from_the_frozen_body(shapeworld, 
     )
     out = tmp_path / "mfu.json"
     args = ["--preset", "tiny", "--data", str(shapeworld), "--quick", "--lora-rank", "2"]
-    assert mfu.main([*args, "--merge", "1", "--json", str(out)]) == 0
+    assert mfu.main([*args, "--merge", "1", "--lora-targets", "q_proj", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert (result["lora_rank"], result["merge"]) == (2, 1)
+    assert (result["lora_rank"], result["merge"], result["lora_targets"]) == (2, 1, ["q_proj"])
     with pytest.raises(SystemExit):  # a merge that does not divide the grid: a usage error
         mfu.main([*args, "--merge", "3"])
 

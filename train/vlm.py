@@ -58,7 +58,7 @@ from train.common import (
     save_training_state,
 )
 from vlm.config import PolychromeConfig
-from vlm.model import OUTPUT_NORMS, ImageLoraConfig, PolychromeVLM, VLMConfig
+from vlm.model import OUTPUT_NORMS, PolychromeVLM, VLMConfig
 
 RESUME_KEYS = ("vlm", "seed", "batch_size", "lr", "align_steps", "steps", "data", "init_from")
 
@@ -168,8 +168,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
     if args.data is None and args.eval:
         parser.error("--eval needs a ShapeWorld --data folder (its val split)")
-    if args.lora_targets is not None and args.lora_rank == 0:
-        parser.error("--lora-targets needs a LoRA: give --lora-rank > 0")
     if args.resume and not (args.out / "last").is_dir():
         parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
 
@@ -193,21 +191,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     preset = PolychromeConfig.from_preset(args.preset)
-    projector = preset.vlm.projector
-    if args.projector_norm is not None:
-        projector = projector.replace(output_norm=args.projector_norm)
-    if args.merge is not None:
-        try:
-            projector = projector.replace(merge=args.merge)
-        except ValueError as err:
-            parser.error(f"--merge: {err}")
     try:
-        lora = ImageLoraConfig(rank=args.lora_rank)
-        if args.lora_targets is not None:
-            lora = lora.replace(targets=list(args.lora_targets))
+        vlm_cfg = preset.vlm.core_config(
+            preset.llm,
+            preset.clip,
+            merge=args.merge,
+            output_norm=args.projector_norm,
+            lora_rank=args.lora_rank,
+            lora_targets=args.lora_targets,
+        )
     except ValueError as err:
-        parser.error(f"--lora-rank / --lora-targets: {err}")
-    vlm_cfg = VLMConfig(llm=preset.llm, vision=preset.clip, projector=projector, lora=lora)
+        parser.error(str(err))
     dp = DataParallel(resolve_device(args.device))
     device = dp.device
     why = dp.divides(batch_size=args.batch_size)

@@ -145,6 +145,36 @@ class VLMPresetConfig(Config):
         None  # folder of PolychromeVLM.save_pretrained; None = random projector
     )
 
+    def core_config(
+        self,
+        llm: LLMConfig,
+        vision: ClipPresetConfig,
+        *,
+        merge: int | None = None,
+        output_norm: str | None = None,
+        lora_rank: int = 0,
+        lora_targets: Sequence[str] | None = None,
+    ) -> VLMConfig:
+        """The core a training run builds: this projector with the run's overrides (train.vlm's
+        and bench.mfu's --merge, --projector-norm, --lora-rank, --lora-targets; None keeps the
+        preset's). ValueError naming the option on a bad value."""
+        projector = self.projector
+        for name, value in (("merge", merge), ("output_norm", output_norm)):
+            if value is not None:
+                try:
+                    projector = projector.replace(**{name: value})
+                except ValueError as err:
+                    raise ValueError(f"{name}: {err}") from None
+        if lora_targets is not None and lora_rank == 0:
+            raise ValueError("lora targets need a LoRA: a rank > 0")
+        try:
+            lora = ImageLoraConfig(rank=lora_rank)
+            if lora_targets is not None:
+                lora = lora.replace(targets=list(lora_targets))
+        except ValueError as err:
+            raise ValueError(f"lora: {err}") from None
+        return VLMConfig(llm=llm, vision=vision, projector=projector, lora=lora)
+
 
 @dataclass
 class VLMOutput:
