@@ -215,6 +215,20 @@ def test_init_from_continues_a_trained_decoder(world, trained, tmp_path, capsys)
     )
     unet = load_checkpoint(moved / "final").tensors["unet"]
     assert any(not torch.equal(unet[k], init["unet"][k]) for k in unet)
+    # resuming needs the same --init-from; another decoder's VAE in --out is refused
+    again = ("--init-from", str(trained / "final"), "--unet-lr", "1e-12", "--resume")
+    assert _train(world, still, *common, *again) == 0
+    with pytest.raises(SystemExit):
+        _train(world, still, *common, "--unet-lr", "1e-12", "--resume", "--stage", "unet")
+    assert "trained with other settings (['init_from'])" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _train(world, still, *common, "--init-from", str(moved / "final"))
+    assert "already holds a VAE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _train(
+            world, tmp_path / "x", "--init-from", str(trained / "final"), "--model", "shapes-ldm"
+        )
+    assert "holds a 'tiny-ldm' decoder" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _train(world, tmp_path / "x", "--init-from", str(trained / "final"), "--stage", "vae")
     assert "cannot go with --stage vae" in capsys.readouterr().err

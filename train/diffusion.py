@@ -187,18 +187,23 @@ def save_state(
         torch.save(state, tmp / "optimizer.pt")
 
 
+class ResumeMismatchError(ValueError):
+    """A saved training state whose settings differ from this run's."""
+
+
 def load_state(
     folder: Path, config: dict[str, Any]
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """(tensors, optimizer state) of ``folder/last``; ValueError if trained with other settings."""
     ckpt = load_checkpoint(folder / "last" / "weights")
-    if ckpt.config != json.loads(json.dumps(config)):
+    config = json.loads(json.dumps(config))  # as saved: tuples become lists
+    if ckpt.config != config:
         changed = sorted(
             k for k in set(ckpt.config) | set(config) if ckpt.config.get(k) != config.get(k)
         )
-        raise ValueError(
+        raise ResumeMismatchError(
             f"{folder / 'last'} was trained with other settings ({changed}); resume with the "
-            "same arguments or start a new --out"
+            "same arguments (--init-from included) or start a new --out"
         )
     state = torch.load(folder / "last" / "optimizer.pt", map_location="cpu", weights_only=True)
     return ckpt.tensors, state
@@ -507,8 +512,9 @@ def train_unet(
         "snr_gamma": args.snr_gamma,
         "ema_decay": args.ema_decay,
         "images": len(pairs),
-        "init_from": None if init is None else str(args.init_from),
     }
+    if init is not None:  # runs started from scratch keep the keys they were saved with
+        run_config["init_from"] = str(args.init_from.resolve())
     folder = args.out / "unet"
     start = 0
     if args.resume and (folder / "last").is_dir():
@@ -709,7 +715,10 @@ def start_from(
     folder: Path, cfg: DiffusionConfig, out: Path, accelerator: Accelerator
 ) -> tuple[DiffusionConfig, dict[str, torch.Tensor]]:
     """--init-from: the trained decoder's config (its latent scale included) and UNet tensors;
-    its VAE is written to ``<out>/vae/final`` (once), so the UNet stage reads it as its own."""
+    its VAE is written to ``<out>/vae/final`` (once), so the UNet stage reads it as its own. A
+    ``vae/final`` that came from elsewhere is refused (the UNet would learn another latent
+    space)."""
+    folder = folder.resolve()
     ckpt = load_checkpoint(folder)
     if set(ckpt.tensors) != {"vae", "unet"}:
         raise CheckpointError(
@@ -719,11 +728,21 @@ def start_from(
     # the same architecture: equal but for the VAE's measured latent scale
     if saved.replace(vae=saved.vae.replace(scaling_factor=cfg.vae.scaling_factor)) != cfg:
         raise ValueError(
-            f"{folder} is a decoder of another architecture than --model/--preset's "
-            f"{cfg.name!r}: {saved.to_dict()}"
+            f"{folder} holds a {saved.name!r} decoder, this run builds {cfg.name!r} "
+            f"(--model / --preset); pass --model {saved.name}"
+            if saved.name != cfg.name
+            else f"{folder} holds a {saved.name!r} decoder whose config differs from the "
+            "registered one; train it from scratch instead"
         )
     vae_final = out / "vae" / FINAL
-    if accelerator.is_main_process and not vae_final.is_dir():
+    if vae_final.is_dir():
+        came_from = load_checkpoint(vae_final).metadata.get("copied_from")
+        if came_from != str(folder):
+            raise ValueError(
+                f"{out} already holds a VAE ({vae_final}, from {came_from or 'its own VAE stage'}),"
+                f" not {folder}'s: use a new --out"
+            )
+    elif accelerator.is_main_process:
         save_checkpoint(
             vae_final,
             {"vae": {k: v.float() for k, v in ckpt.tensors["vae"].items()}},
@@ -813,29 +832,32 @@ def main(argv: list[str] | None = None) -> int:
             f"need at least one batch: {len(pairs)} images for batches of {args.batch_size} "
             f"(UNet, x {accelerator.num_processes} processes) and {args.vae_batch_size} (VAE)"
         )
-    images = decode_images(pairs.image_paths, cfg.image_size, args.workers)
     args.out.mkdir(parents=True, exist_ok=True)
-    log_path = args.out / LOG_NAME
     init_unet: dict[str, torch.Tensor] | None = None
-    if args.init_from is not None:
+    if args.init_from is not None:  # before the images are decoded: a bad folder fails fast
         try:
             cfg, init_unet = start_from(args.init_from, cfg, args.out, accelerator)
         except (CheckpointError, ValueError) as err:
             parser.error(f"--init-from: {err}")
+    images = decode_images(pairs.image_paths, cfg.image_size, args.workers)
+    log_path = args.out / LOG_NAME
     with log_path.open("a", encoding="utf-8") as log:
-        cfg = train_vae(cfg, images, args, accelerator, log, deadline)
-        if args.stage == "vae":
-            return 0
-        vae, unet, steps, stopped = train_unet(
-            cfg, images, pairs, args, accelerator, log, deadline, init_unet
-        )
+        try:
+            cfg = train_vae(cfg, images, args, accelerator, log, deadline)
+            if args.stage == "vae":
+                return 0
+            vae, unet, steps, stopped = train_unet(
+                cfg, images, pairs, args, accelerator, log, deadline, init_unet
+            )
+        except ResumeMismatchError as err:  # --resume with other settings: a usage error
+            parser.error(str(err))
     seconds = time.time() - t_start
     if not accelerator.is_main_process:
         return 0
     final = args.out / FINAL
     metadata = {
         "vae_steps": args.vae_steps if args.init_from is None else 0,
-        "init_from": None if args.init_from is None else str(args.init_from),
+        "init_from": None if args.init_from is None else str(args.init_from.resolve()),
         "unet_steps": steps,
         "unet_steps_planned": args.unet_steps,
         "stopped_early": stopped,
@@ -897,9 +919,14 @@ def write_model_card(
         "",
         "## Training",
         "",
-        f"- VAE: {metadata['vae_steps']} steps, batch {args.vae_batch_size} crops of "
-        f"{args.vae_crop} px, lr {args.vae_lr}; latent scaling factor "
-        f"{cfg.vae.scaling_factor:.4f}",
+        (
+            f"- VAE: {metadata['vae_steps']} steps, batch {args.vae_batch_size} crops of "
+            f"{args.vae_crop} px, lr {args.vae_lr}; latent scaling factor "
+            f"{cfg.vae.scaling_factor:.4f}"
+            if metadata["init_from"] is None
+            else f"- VAE: copied from `{metadata['init_from']}` (latent scaling factor "
+            f"{cfg.vae.scaling_factor:.4f}); the UNet below started from its weights"
+        ),
         f"- UNet: {metadata['unet_steps']} of {metadata['unet_steps_planned']} planned steps"
         f"{' (stopped early)' if metadata['stopped_early'] else ''}, batch "
         f"{args.batch_size}, lr {args.unet_lr}, condition dropout {args.cond_dropout}, min-SNR "
