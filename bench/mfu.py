@@ -25,8 +25,8 @@ Model FLOPs per step are what the step must compute, counted from the shapes (no
   forward + 2 * V * d backward per labelled token;
 - projector: 6 * N_proj per visual token (its weights do get gradients); CLIP runs under no_grad:
   2 * N_clip per image patch, forward only (approximated by its linear layers);
-- the image LoRA (``--lora-rank``; train.vlm's): 6 * N_lora per token, its A and B matrices get
-  weight gradients; they are not part of N_body.
+- the image LoRA (``--lora-rank``; train.vlm's): 6 * N_lora per token of a batch with images (it
+  is off otherwise), its A and B matrices get weight gradients; they are not part of N_body.
 
 ``--merge``, ``--lora-rank`` and ``--lora-targets`` set the projector's patch merge and the image
 LoRA as train.vlm's options of the same names do (default: the preset's), so the figure is for
@@ -97,7 +97,8 @@ def step_flops(vlm: PolychromeVLM, batch: dict[str, torch.Tensor]) -> float:
     proj = _linear_params(vlm.projector)
     clip_patches = n_images * vlm.tokens_per_image * vlm.config.projector.merge**2
     flops = 4 * body * tokens  # frozen body: forward + input-gradient backward
-    flops += 6 * _lora_params(vlm.llm) * tokens  # the image LoRA, on for every training row
+    if n_images:  # the image LoRA runs for batches with images (train.vlm's always have them)
+        flops += 6 * _lora_params(vlm.llm) * tokens
     flops += 3 * 4 * seq * seq * d * layers * mask.shape[0]  # attention, fwd + bwd, padded
     flops += 4 * vocab * d * labelled
     flops += 6 * proj * n_images * vlm.tokens_per_image

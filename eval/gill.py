@@ -22,7 +22,8 @@ test call. Protocol:
 - Decision: the scenes' requests are labelled retrieve (their images are in the index), the
   generation prompts' requests generate (one or two objects, not in the index); accuracy per
   class and macro-F1, and retrieve-accuracy split by the scene's object count (two-object scenes
-  read like compositions).
+  read like compositions); beside them, a reference with no model: the best macro-F1 of any rule
+  on the object count alone (count_rule_f1).
 - Emission: how often greedy decoding opens the reply with [IMG0] on the requests, and on ordinary
   prompts (held-out text-only questions and image questions about the scenes) where it should not.
 """
@@ -133,20 +134,25 @@ def _macro_f1(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def count_rule_f1(counts: np.ndarray, truth: np.ndarray) -> tuple[float, dict[int, int]]:
     """The best macro-F1 of any rule that decides from the number of objects a request names and
-    nothing else (every count -> class map tried), and that map. A reference for the decision
-    head: on ShapeWorld a scene's listing and a composition of as many objects read alike ("A
-    blue heart and a pink heart."), so where the two kinds share a count no text-only rule can
-    tell them apart; this is what reading the count perfectly is worth."""
-    values = sorted({int(c) for c in counts})
-    if len(values) > 16:
-        raise ValueError(f"count_rule_f1: at most 16 distinct counts, received {len(values)}")
-    best, best_map = -1.0, {}
-    for bits in range(2 ** len(values)):
-        rule = {v: (GENERATE if bits >> i & 1 else RETRIEVE) for i, v in enumerate(values)}
+    nothing else, and that rule (count -> class). A reference for the decision head: on
+    ShapeWorld a scene's listing and a composition of as many objects read alike ("A blue heart
+    and a pink heart."), so where the two kinds share a count no text-only rule can tell them
+    apart; this is what reading the count perfectly is worth.
+
+    A count seen in one class only goes to that class in the best rule (moving it can only lose
+    true positives of one class and add false positives to the other), so only the counts both
+    classes share are searched, every assignment of them tried."""
+    rule = {int(c): int(truth[counts == c][0]) for c in np.unique(counts)}
+    shared = [int(c) for c in np.unique(counts) if len(np.unique(truth[counts == c])) > 1]
+    if len(shared) > 16:
+        raise ValueError(f"count_rule_f1: at most 16 shared counts, received {len(shared)}")
+    best, best_rule = -1.0, dict(rule)
+    for bits in range(2 ** len(shared)):
+        rule.update({v: (GENERATE if bits >> i & 1 else RETRIEVE) for i, v in enumerate(shared)})
         f1 = _macro_f1(np.array([rule[int(c)] for c in counts]), truth)
         if f1 > best:
-            best, best_map = f1, rule
-    return best, best_map
+            best, best_rule = f1, dict(rule)
+    return best, best_rule
 
 
 @torch.inference_mode()
@@ -206,6 +212,10 @@ def evaluate_gill(
     # -- generation ---------------------------------------------------------------------------
     single, two = load_prompts(gen_root, gen_split, n_single, n_two)
     items: list[PromptItem] = single + two
+    # the decision's count-only reference needs no model: computed before the long part
+    counts = np.array([len(s.objects) for s in scenes] + [len(it.objects) for it in items])
+    truth_d = np.array([RETRIEVE] * len(scenes) + [GENERATE] * len(items))
+    ceiling, rule = count_rule_f1(counts, truth_d)
     prompts = [it.prompt for it in items]
     requests = [request_prompt(p) for p in prompts]
     _, gen_states = batched_request_states(gill, requests, batch_size, progress, "gen")
@@ -238,10 +248,7 @@ def evaluate_gill(
         p_scene = gill.p_generate(states).cpu().numpy()
         p_gen = gill.p_generate(gen_states).cpu().numpy()
     pred = np.concatenate([p_scene > 0.5, p_gen > 0.5]).astype(int)
-    truth_d = np.array([RETRIEVE] * len(scenes) + [GENERATE] * len(items))
     two_obj = np.array([len(s.objects) == 2 for s in scenes])
-    counts = np.array([len(s.objects) for s in scenes] + [len(it.objects) for it in items])
-    ceiling, rule = count_rule_f1(counts, truth_d)
     results["decision"] = {
         "accuracy": float((pred == truth_d).mean()),
         "macro_f1": _macro_f1(pred, truth_d),

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from sklearn.metrics import f1_score
 
 from data.render import LayoutConfig
 from data.shapeworld import ShapeWorldConfig, SplitSizes, generate
@@ -18,7 +19,14 @@ from generation.gill import GENERATE, RETRIEVE, GILLMapperConfig
 from generation.index import IndexMismatchError
 from vlm.assistant import Assistant
 from vlm.config import PolychromeConfig
-from vlm.gill import GILLVLM, IMG_TOKENS, ImageMaker, gill_config_for, request_prompt
+from vlm.gill import (
+    GILLVLM,
+    IMG_TOKENS,
+    ImageMaker,
+    gill_config_for,
+    load_scenes,
+    request_prompt,
+)
 from vlm.model import PolychromeVLM, VLMConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -355,7 +363,10 @@ def test_eval_runs_on_a_tiny_shapeworld(shapeworld, compositions, tmp_path):
     assert r["recall"]["1"] <= r["recall"]["5"] <= r["recall"]["10"]
     assert r["decision"]["n_retrieve"] == 3 and r["decision"]["n_generate"] == 2
     assert 0 <= r["decision"]["macro_f1"] <= 1
+    scene_counts = {str(len(s.objects)) for s in load_scenes(shapeworld, "test", 3)}
+    assert scene_counts <= set(r["decision"]["count_rule"])  # a class for every count seen
     assert set(r["decision"]["count_rule"].values()) <= {"retrieve", "generate"}
+    assert 0 < r["decision"]["count_rule_macro_f1"] <= 1
     for key in ("mapper_single_acc", "decoder_text_two_acc", "generation_distance"):
         assert r[key] is not None
     assert recall_at([[2, 0, 1], [0, 1, 2]], [0, 2], ks=(1, 2, 3)) == {1: 0.0, 2: 0.5, 3: 1.0}
@@ -374,3 +385,19 @@ def test_count_rule_reference_is_the_best_count_to_class_map():
     assert rule == {1: GENERATE, 2: RETRIEVE, 3: RETRIEVE}
     # counts that do not overlap: a perfect rule
     assert count_rule_f1(np.array([4, 1]), np.array([RETRIEVE, GENERATE]))[0] == 1.0
+    # against an exhaustive search over every count -> class map (shared or not)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        counts, truth = rng.integers(1, 6, 30), rng.integers(0, 2, 30)
+        values = sorted(set(counts.tolist()))
+        best = max(
+            _macro_f1_of(np.array([bits >> values.index(c) & 1 for c in counts]), truth)
+            for bits in range(2 ** len(values))
+        )
+        assert count_rule_f1(counts, truth)[0] == pytest.approx(best)
+
+
+def _macro_f1_of(pred: np.ndarray, truth: np.ndarray) -> float:
+    return float(
+        f1_score(truth, pred, average="macro", labels=[RETRIEVE, GENERATE], zero_division=0)
+    )

@@ -209,6 +209,12 @@ def test_core_config_applies_a_runs_overrides_and_names_bad_ones():
     ):
         with pytest.raises(ValueError, match=message):
             preset.vlm.core_config(preset.llm, preset.clip, **kwargs)
+    # targets are checked against the decoder's linear layers, one by one (peft alone lets a
+    # typo beside a good name through), and the LM head is not one
+    for targets in (["q_proj", "up_prj"], ["lm_head"]):
+        cfg = preset.vlm.core_config(preset.llm, preset.clip, lora_rank=2, lora_targets=targets)
+        with pytest.raises(ValueError, match=rf"\['{targets[-1]}'\] name no linear layer"):
+            PolychromeVLM.build(cfg)
 
 
 def _lora_vlms() -> tuple[PolychromeVLM, PolychromeVLM]:
@@ -405,6 +411,8 @@ def test_train_resumes_exactly_and_eval_runs(shapeworld, tmp_path):
     assert saved["lora"]["rank"] == 2 and saved["lora"]["targets"] == ["q_proj", "down_proj"]
     for bad in (
         ["--lora-targets", "no_such_proj"],
+        ["--lora-targets", "q_proj", "up_prj"],  # a typo beside a good name
+        ["--lora-targets", "lm_head"],
         ["--lora-rank", "0", "--lora-targets", "q_proj"],
     ):
         with pytest.raises(SystemExit):
@@ -456,15 +464,19 @@ def test_mfu_bench_counts_the_image_lora_apart_from_the_frozen_body(shapeworld, 
     assert mfu._linear_params(lora.llm.base_model) == 2 * per_layer
     r = lora.config.lora.rank  # A: r x in, B: out x r on q (32->32), k, v (32->16), o (32->32)
     assert mfu._lora_params(lora.llm) == 2 * (r * (32 + 32) + 2 * r * (32 + 16) + r * (32 + 32))
-    batch = lora.collate(
-        [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]]
-    )
+    image = Image.new("RGB", (64, 64), "red")
+    conv = [
+        {"role": "user", "content": "hi", "images": [image]},
+        {"role": "assistant", "content": "a"},
+    ]
+    batch = lora.collate([conv])
     tokens = float(batch["attention_mask"].sum())
-    with_lora = mfu.step_flops(lora, batch)
     # the same model without the LoRA: the difference is 6 FLOPs per LoRA weight per token
-    assert with_lora - mfu.step_flops(plain, batch) == pytest.approx(
+    assert mfu.step_flops(lora, batch) - mfu.step_flops(plain, batch) == pytest.approx(
         6 * mfu._lora_params(lora.llm) * tokens
     )
+    text_only = lora.collate([[{"role": "user", "content": "hi"}, conv[1]]])
+    assert mfu.step_flops(lora, text_only) == mfu.step_flops(plain, text_only)  # LoRA off
     out = tmp_path / "mfu.json"
     args = ["--preset", "tiny", "--data", str(shapeworld), "--quick", "--lora-rank", "2"]
     assert mfu.main([*args, "--merge", "1", "--lora-targets", "q_proj", "--json", str(out)]) == 0

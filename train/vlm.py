@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora-rank",
         type=int,
         default=0,
-        help="LoRA of this rank on the LLM's attention, on only for prompts with an image "
-        "(text-only prompts stay the bare LLM's); 0 = none, the LLM frozen (default)",
+        help="LoRA of this rank on the LLM (attention by default, see --lora-targets), on only "
+        "for prompts with an image (text-only prompts stay the bare LLM's); 0 = none, the LLM "
+        "frozen (default)",
     )
     parser.add_argument(
         "--lora-targets",
@@ -258,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         if saved != vlm_cfg and not adds_lora:
             parser.error(
                 f"--init-from {args.init_from}: its VLM config differs from this run's "
-                "(the preset's, with --projector-norm and --lora-rank if given)"
+                "(the preset's, with --merge, --projector-norm, --lora-rank and --lora-targets if "
+                "given)"
             )
         state = ckpt.tensors["vlm"]
         if adds_lora:  # the fresh LoRA's tensors, and nothing else, from this run's model

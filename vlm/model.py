@@ -157,7 +157,7 @@ class VLMPresetConfig(Config):
     ) -> VLMConfig:
         """The core a training run builds: this projector with the run's overrides (train.vlm's
         and bench.mfu's --merge, --projector-norm, --lora-rank, --lora-targets; None keeps the
-        preset's). ValueError naming the option on a bad value."""
+        preset's). ValueError naming the setting on a bad value."""
         projector = self.projector
         for name, value in (("merge", merge), ("output_norm", output_norm)):
             if value is not None:
@@ -252,6 +252,16 @@ class PolychromeVLM(nn.Module):
         self._lora_params: list[nn.Parameter] = []
         self._lora_on = False  # inside an image_lora block
         if config.lora.rank:
+            # peft refuses only targets that match nothing at all; a typo beside a good name
+            # would train without it while the config names it. The LM head is not a target.
+            body = llm.base_model.named_modules()
+            linear = {n.rsplit(".", 1)[-1] for n, m in body if isinstance(m, nn.Linear)}
+            unknown = [t for t in config.lora.targets if t not in linear]
+            if unknown:
+                raise ValueError(
+                    f"lora.targets {unknown} name no linear layer of the LLM's decoder "
+                    f"({type(llm).__name__}); its linear layers are {sorted(linear)}"
+                )
             lora = LoraConfig(
                 r=config.lora.rank,
                 lora_alpha=config.lora.alpha,
