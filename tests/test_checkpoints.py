@@ -171,13 +171,13 @@ def test_vlm_checkpoint_keeps_its_figures(val_split, one_thread):
 def test_vlm_lora_checkpoint_keeps_its_figures(val_split, one_thread):
     """checkpoints/shapes/vlm_lora: the core with an image LoRA (not the preset's; model card)."""
     vlm, r = _vlm_figures(project_path("checkpoints/shapes/vlm_lora"), val_split)
-    assert vlm.has_image_lora and vlm.config.lora.rank == 8
-    # Model card (100 test images): caption F1 0.526 (colour 0.949), QA 41.8 %. On these 8 val
-    # images it measured caption F1 0.513 (colour 0.957) and QA 19 / 41 = 46.3 %; the
-    # projector-only core names colours at 0.857 here.
+    assert vlm.has_image_lora and vlm.config.lora.rank == 8 and vlm.config.projector.merge == 2
+    # Model card (100 test images): caption F1 0.528 (colour 0.949), QA 43.8 %. On these 8 val
+    # images it measured caption F1 0.576 (colour 0.909) and QA 19 / 41 = 46.3 %; the
+    # projector-only core measures 0.511 and 18 / 41 here.
     assert r["questions"] == 41
-    assert r["caption_f1"]["all"] >= 0.47
-    assert r["caption_f1"]["colour"] >= 0.9
+    assert r["caption_f1"]["all"] >= 0.53
+    assert r["caption_f1"]["colour"] >= 0.85
     assert r["qa_accuracy"]["overall"] >= 0.41
 
 
