@@ -432,12 +432,8 @@ def test_train_resumes_exactly_and_eval_runs(shapeworld, tmp_path):
     saved = json.loads((tmp_path / "m1" / "final" / "manifest.json").read_text())["config"]
     assert saved["projector"]["merge"] == 1
     width = a["projector.fc1.weight"].shape[1] // 4  # the preset's merge 2: 4 patches per token
-    assert (
-        load_file(str(tmp_path / "m1" / "final" / "vlm.safetensors"))["projector.fc1.weight"].shape[
-            1
-        ]
-        == width
-    )
+    m1 = load_file(str(tmp_path / "m1" / "final" / "vlm.safetensors"))
+    assert m1["projector.fc1.weight"].shape[1] == width
     with pytest.raises(SystemExit):
         train_main([*merged[:-1], "3", "--out", str(tmp_path / "m3")])
 

@@ -514,7 +514,7 @@ def train_unet(
         "images": len(pairs),
     }
     if init is not None:  # runs started from scratch keep the keys they were saved with
-        run_config["init_from"] = str(args.init_from.resolve())
+        run_config["init_from"] = str(args.init_from)
     folder = args.out / "unet"
     start = 0
     if args.resume and (folder / "last").is_dir():
@@ -718,7 +718,6 @@ def start_from(
     its VAE is written to ``<out>/vae/final`` (once), so the UNet stage reads it as its own. A
     ``vae/final`` that came from elsewhere is refused (the UNet would learn another latent
     space)."""
-    folder = folder.resolve()
     ckpt = load_checkpoint(folder)
     if set(ckpt.tensors) != {"vae", "unet"}:
         raise CheckpointError(
@@ -835,6 +834,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     init_unet: dict[str, torch.Tensor] | None = None
     if args.init_from is not None:  # before the images are decoded: a bad folder fails fast
+        args.init_from = args.init_from.resolve()  # as recorded (resume key, metadata)
         try:
             cfg, init_unet = start_from(args.init_from, cfg, args.out, accelerator)
         except (CheckpointError, ValueError) as err:
@@ -857,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     final = args.out / FINAL
     metadata = {
         "vae_steps": args.vae_steps if args.init_from is None else 0,
-        "init_from": None if args.init_from is None else str(args.init_from.resolve()),
+        "init_from": None if args.init_from is None else str(args.init_from),
         "unet_steps": steps,
         "unet_steps_planned": args.unet_steps,
         "stopped_early": stopped,
