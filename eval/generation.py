@@ -96,6 +96,7 @@ __all__ = [
     "sample_grid",
     "shuffled_control",
     "time_sampling",
+    "vae_round_trip",
 ]
 
 MIN_MASK_PIXELS = 30  # SAM masks smaller than this are noise, not objects (ShapeWorld: >= ~300)
@@ -293,9 +294,12 @@ def evaluate_generation(
     seed: int = 0,
     batch_size: int = 8,
     real: bool = True,
+    reconstructed: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Generation accuracy (single / two objects), CLIP scores, and the same judge on real images.
+    """Generation accuracy (single / two objects), CLIP scores, and the same judge on real images
+    (``real``) and on the real images round-tripped through the pipeline's VAE (``reconstructed``:
+    the most the decoder's autoencoder lets any denoiser reach).
 
     Returns a JSON-ready dict (accuracies in [0, 1], None for an empty group) with a "records"
     list (prompt, requested objects, labels found, correct) and the images under the private key
@@ -325,10 +329,17 @@ def evaluate_generation(
     }
     records: list[dict[str, Any]] = []
     sources = [("generated", images)]
-    if real:
-        sources.append(("real", [Image.open(it.image_path).convert("RGB") for it in items]))
+    if real or reconstructed:
+        photos = [Image.open(it.image_path).convert("RGB") for it in items]
+        if real:
+            sources.append(("real", photos))
+        if reconstructed:
+            sources.append(("reconstructed", vae_round_trip(pipe, photos, batch_size)))
     for name, imgs in sources:
-        found = [judge.objects(image) for image in imgs]  # SAM masks + CLIP crops
+        found = [  # SAM masks + CLIP crops
+            judge.objects(image)
+            for image in tqdm(imgs, desc=f"judge {name}", disable=not progress, unit="img")
+        ]
         ok = [labels_satisfy(f, it.objects) for f, it in zip(found, items, strict=True)]
         k = len(single)
         results[f"{name}_single_acc"] = float(np.mean(ok[:k])) if single else None
@@ -367,6 +378,33 @@ def evaluate_generation(
     results["_images"] = images
     results["_items"] = items
     return results
+
+
+@torch.no_grad()
+def vae_round_trip(
+    pipe: Any, images: Sequence[Image.Image], batch_size: int = 8
+) -> list[Image.Image]:
+    """Each image encoded and decoded by ``pipe.vae`` at the pipeline's resolution (an
+    AutoencoderKL through its posterior's mode)."""
+    vae = pipe.vae
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    param = next(vae.parameters())
+    out: list[Image.Image] = []
+    for start in range(0, len(images), batch_size):
+        part = [
+            im.convert("RGB").resize((size, size), Image.BICUBIC)
+            for im in images[start : start + batch_size]
+        ]
+        x = torch.from_numpy(np.stack([np.asarray(im) for im in part])).permute(0, 3, 1, 2)
+        x = (x.to(param.device, param.dtype) / 127.5 - 1).contiguous()
+        encoded = vae.encode(x)  # AutoencoderTiny: .latents; AutoencoderKL: .latent_dist
+        latents = getattr(encoded, "latents", None)
+        if latents is None:
+            latents = encoded.latent_dist.mode()
+        recon = vae.decode(latents).sample.clamp(-1, 1)
+        pixels = ((recon.float() + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        out += [Image.fromarray(p) for p in pixels]
+    return out
 
 
 def time_sampling(
@@ -449,28 +487,33 @@ def format_table(results: dict[str, Any]) -> str:
         f"guidance {guide}) | generated | real images | n |",
         "| --- | ---: | ---: | ---: |",
     ]
+    recon = "reconstructed_single_acc" in results
+    if recon:  # a column for the VAE's round trip of the real images
+        lines[0] = lines[0].replace("| real images |", "| real images | real, VAE round trip |")
+        lines[1] += " ---: |"
     for name, key, n in rows:
-        lines.append(
-            f"| {name} | {_fmt(results.get('generated_' + key))} | "
-            f"{_fmt(results.get('real_' + key))} | {n} |"
-        )
+        cells = [_fmt(results.get("generated_" + key)), _fmt(results.get("real_" + key))]
+        if recon:
+            cells.append(_fmt(results.get("reconstructed_" + key)))
+        lines.append(f"| {name} | {' | '.join(cells)} | {n} |")
+    blank = "| | " if recon else "| "  # the real-image column(s) of generated-only rows
     if "generated_single_whole_colour_acc" in results:
         lines += [
             f"| whole-image: colour right | {_fmt(results['generated_single_whole_colour_acc'])} "
-            f"| | {n1} |",
+            f"{blank}| {n1} |",
             f"| whole-image: class right | {_fmt(results['generated_single_whole_class_acc'])} "
-            f"| | {n1} |",
+            f"{blank}| {n1} |",
         ]
-    real_score = results.get("real_clip_score")
-    lines.append(
-        f"| CLIP image-text cosine | {results['generated_clip_score']:.3f} | "
-        f"{'n/a' if real_score is None else f'{real_score:.3f}'} | {n1 + n2} |"
-    )
+    scores = [results["generated_clip_score"], results.get("real_clip_score")]
+    if recon:
+        scores.append(results.get("reconstructed_clip_score"))
+    cells = " | ".join("n/a" if v is None else f"{v:.3f}" for v in scores)
+    lines.append(f"| CLIP image-text cosine | {cells} | {n1 + n2} |")
     if "sampling" in results:
         t = results["sampling"]
         lines.append(
             f"| seconds per 128 px image, batch 1, median of {t['repeats']} "
-            f"({t['threads']} thread(s)) | {t['median_s']:.2f} | | |"
+            f"({t['threads']} thread(s)) | {t['median_s']:.2f} {blank}| |"
         )
     return "\n".join(lines)
 
@@ -508,6 +551,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip", type=Path, default=Path("checkpoints/shapes/clip"))
     parser.add_argument("--sam", type=Path, default=Path("checkpoints/shapes/sam"))
     parser.add_argument("--no-real", action="store_true", help="skip judging the real images")
+    parser.add_argument(
+        "--reconstructed",
+        action="store_true",
+        help="also judge the real images after a round trip through the decoder's VAE (the "
+        "ceiling its autoencoder sets)",
+    )
     parser.add_argument(
         "--time-repeats", type=int, default=5, help="timed single-image runs (0: skip timing)"
     )
@@ -573,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         real=not args.no_real,
+        reconstructed=args.reconstructed,
     )
     items = results.pop("_items")
     results.pop("_images")

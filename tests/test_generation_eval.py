@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL
+from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from core.checkpoint import save_checkpoint
@@ -22,6 +25,7 @@ from eval.generation import (
     labels_satisfy,
     load_prompts,
     shuffled_control,
+    vae_round_trip,
 )
 from eval.generation import main as eval_main
 from generation.diffusion import build_pipeline, get_diffusion_config
@@ -128,6 +132,83 @@ def test_accuracy_and_control_hand_computed(world):
     assert [rec["correct"] for rec in r["records"]] == [True, False, True, True, False]
 
 
+def _kl_pipe() -> SimpleNamespace:
+    """The parts of an SD-1.5-style pipeline the round trip reads, with a tiny AutoencoderKL
+    (diffusers' get_dummy_components sizes) making 64 px images from 32 px latents."""
+    vae = AutoencoderKL(
+        block_out_channels=(4, 8),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=2,
+    ).eval()
+    return SimpleNamespace(
+        vae=vae,
+        unet=SimpleNamespace(config=SimpleNamespace(sample_size=32)),
+        vae_scale_factor=2,
+        image_processor=VaeImageProcessor(vae_scale_factor=2),
+    )
+
+
+@pytest.mark.parametrize("kind", ["tiny-ldm", "autoencoder-kl"])
+def test_vae_round_trip_matches_diffusers_image_processor(world, kind):
+    """The round trip against diffusers' own pre/post-processing (VaeImageProcessor) around the
+    same VAE: equal to within one grey level (rounding); an AutoencoderKL through its mode."""
+    torch.manual_seed(0)
+    pipe = build_pipeline("tiny-ldm") if kind == "tiny-ldm" else _kl_pipe()
+    single, two = load_prompts(world, "val", 2, 1)
+    images = [Image.open(it.image_path).convert("RGB") for it in single + two]
+    ours = vae_round_trip(pipe, images, batch_size=2)
+    proc = pipe.image_processor
+    with torch.no_grad():
+        x = proc.preprocess(images)
+        enc = pipe.vae.encode(x)
+        latents = enc.latents if kind == "tiny-ldm" else enc.latent_dist.mode()
+        ref = proc.postprocess(pipe.vae.decode(latents).sample, "pil")
+    assert len(ours) == 3 and ours[0].size == images[0].size
+    for a, b in zip(ours, ref, strict=True):
+        diff = np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
+        assert diff.max() <= 1
+    # a VAE that is not the identity changes the image: the test can fail
+    assert np.abs(np.asarray(ours[0], dtype=int) - np.asarray(images[0], dtype=int)).mean() > 1
+
+
+def test_reconstructed_images_are_judged_separately(world):
+    """With reconstructed=True the judge sees the real images after the VAE round trip, and
+    their figures land under reconstructed_* and in the table's own column."""
+    seen = []
+
+    class Stub:
+        def objects(self, image):
+            seen.append(np.asarray(image).copy())
+            return []
+
+        def whole_image(self, images):
+            return [("none", "none")] * len(images)
+
+        def clip_score(self, images, prompts):
+            return np.zeros(len(images))
+
+    torch.manual_seed(0)
+    pipe = build_pipeline("tiny-ldm")
+    r = evaluate_generation(
+        pipe, Stub(), world, "val", 2, 1, num_inference_steps=1, real=True,
+        reconstructed=True, progress=False,
+    )  # fmt: skip
+    assert r["reconstructed_single_acc"] == 0.0 and r["reconstructed_two_acc"] == 0.0
+    assert len(seen) == 9  # generated, real, reconstructed: 3 images each
+    single, two = load_prompts(world, "val", 2, 1)
+    real = [Image.open(it.image_path).convert("RGB") for it in single + two]
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(seen[3:6], real, strict=True))
+    expected = vae_round_trip(pipe, real)
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(seen[6:], expected, strict=True))
+    table = format_table(r)
+    assert "| real images | real, VAE round trip | n |" in table
+    assert "| single-object accuracy (SAM masks + CLIP crops) | 0.0 | 0.0 | 0.0 | 2 |" in table
+
+
 def test_shuffled_control_hand_computed():
     red, blue, green = ("red", "circle"), ("blue", "star"), ("green", "cross")
     items = [PromptItem(f"p{i}", [o], Path("x"), i) for i, o in enumerate([red, blue, green])]
@@ -176,12 +257,14 @@ def test_cli_writes_json_table_and_grid(world, checkpoints, tmp_path, capsys):
     argv += ["--clip", str(checkpoints["clip"]), "--sam", str(checkpoints["sam"])]
     argv += ["--single", "2", "--two", "1", "--steps", "2", "--time-repeats", "2"]
     argv += ["--json", str(out), "--grid", str(grid), "--grid-prompts", "1", "--grid-seeds", "2"]
-    assert eval_main(argv) == 0
+    assert eval_main([*argv, "--reconstructed"]) == 0
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved["table"] in printed and "| single-object accuracy" in printed
     assert saved["sampling"]["repeats"] == 2 and saved["sampling"]["median_s"] > 0
     assert len(saved["records"]) == 3
+    assert 0 <= saved["reconstructed_single_acc"] <= 1  # --reconstructed: the VAE's round trip
+    assert "| real, VAE round trip |" in printed
     assert (saved["num_inference_steps"], saved["guidance_scale"]) == (2, 4.0)  # 4.0: no preset
     image = Image.open(grid)
     assert image.height == 18 + 2 * 64  # header + one row per prompt (1 single, 1 two-object)
