@@ -565,6 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid-seeds", type=int, default=4, help="seeds per prompt in --grid")
     parser.add_argument("--device", default="cpu", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     for name in ("single", "two", "grid_prompts", "time_repeats"):
         if getattr(args, name) < 0:
@@ -623,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size,
         real=not args.no_real,
         reconstructed=args.reconstructed,
+        progress=not args.no_progress,
     )
     items = results.pop("_items")
     results.pop("_images")

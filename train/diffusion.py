@@ -15,6 +15,10 @@
     # one stage only: --stage vae, or --stage unet (a new UNet on the VAE in <out>/vae/final)
     python -m train.diffusion --preset shapes --data out/shapeworld_diffusion \\
         --out out/runs/diffusion --stage unet --unet-steps 3000
+    # a trained decoder's VAE decoder fine-tuned, its encoder (so the latents and the UNet) kept
+    python -m train.diffusion --preset shapes --data out/shapeworld_diffusion \\
+        --out out/runs/diffusion_dec --init-from checkpoints/shapes/diffusion --stage decoder \\
+        --vae-steps 3000 --vae-crop 128 --vae-lr 5e-4
     # your own image-caption data (images are resized + centre-cropped to the model's size)
     python -m train.diffusion --preset shapes --imagefolder my_photos --out runs/diffusion_mine
     # several GPUs (each process takes its slice of every global batch)
@@ -36,6 +40,12 @@ Stages (``generation.diffusion`` builds both models from diffusers' classes):
    ``compute_snr``), AdamW, linear warmup + cosine decay, grad clip 1, EMA of the weights
    (diffusers ``EMAModel``, warmup power 2/3). Sample grids of fixed prompts (EMA weights,
    25 DDIM steps) go to ``<out>/samples`` every ``--sample-every`` steps.
+
+``--stage decoder`` (with ``--init-from``) trains only the VAE's decoder of a trained model, its
+encoder frozen, with the VAE stage's loss and ``--vae-*`` settings; the latents, their scale and
+so the UNet stay valid, and ``<out>/final`` is the UNet as it was with the new decoder. Stable
+Diffusion's released VAE was improved the same way (the "ft-MSE" decoder, encoder kept so the
+UNet needed no retraining). Output of the stage: ``<out>/decoder/final``.
 
 ``--max-minutes`` is a wall-clock budget for the whole run (both stages): when it runs out the
 UNet stage saves its state and finishes with the steps it has (the model card says so).
@@ -247,21 +257,31 @@ def train_vae(
     accelerator: Accelerator,
     log: Any,
     deadline: float,
+    decoder_from: dict[str, torch.Tensor] | None = None,
 ) -> DiffusionConfig:
-    """Train the VAE (resumable); write ``<out>/vae/final``; return cfg with the latent scale."""
-    folder = args.out / "vae"
+    """Train the VAE (resumable); write ``<out>/vae/final``; return cfg with the latent scale.
+
+    With ``decoder_from`` (a trained VAE's tensors: ``--stage decoder``) only its decoder trains,
+    the encoder frozen, the latent scale kept; output ``<out>/decoder/final``."""
+    stage = "vae" if decoder_from is None else "decoder"
+    folder = args.out / stage
     final = folder / FINAL
     if final.is_dir():
         ckpt = load_checkpoint(final)
-        print(f"VAE stage done already: {final}")
+        print(f"{stage} stage done already: {final}")
         return DiffusionConfig.from_dict(ckpt.config)
     device = accelerator.device
     torch.manual_seed(args.seed)  # the init does not depend on what ran before
-    vae = build_vae(cfg.vae).to(device).train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    vae = build_vae(cfg.vae)
+    if decoder_from is not None:
+        load_state_strict(vae, {k: v.float() for k, v in decoder_from.items()}, what="the VAE")
+        vae.encoder.requires_grad_(False)
+    vae = vae.to(device).train()
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=args.vae_lr, weight_decay=0.0)
     scheduler = cosine_with_warmup(optimizer, max(1, args.vae_steps // 20), args.vae_steps)
     run_config = {
-        "stage": "vae",
+        "stage": stage,
         "diffusion": cfg.to_dict(),
         "seed": args.seed,
         "batch_size": args.vae_batch_size,
@@ -270,6 +290,8 @@ def train_vae(
         "lr": args.vae_lr,
         "steps": args.vae_steps,
     }
+    if decoder_from is not None:
+        run_config["init_from"] = str(args.init_from)
     start = 0
     if args.resume and (folder / "last").is_dir():
         tensors, state = load_state(folder, run_config)
@@ -291,7 +313,7 @@ def train_vae(
         range(start, args.vae_steps),
         initial=start,
         total=args.vae_steps,
-        desc="train vae",
+        desc=f"train {stage}",
         disable=not main_process,
     )
     for step in bar:
@@ -311,7 +333,7 @@ def train_vae(
         value = accelerator.reduce(loss.detach(), "mean").item()  # the global batch's
         bar.set_postfix(loss=f"{value:.4f}")
         if main_process:
-            log.write(json.dumps({"stage": "vae", "step": done, "loss": value}) + "\n")
+            log.write(json.dumps({"stage": stage, "step": done, "loss": value}) + "\n")
             log.flush()
         out_of_time = args.max_minutes is not None and _out_of_time(accelerator, deadline)
         if done % args.save_every == 0 or done == args.vae_steps or out_of_time:
@@ -320,25 +342,23 @@ def train_vae(
                 state = {"vae": vae.state_dict()}
                 save_state(folder, state, optimizer, scheduler, done, run_config)
         if main_process and (done % args.sample_every == 0 or done == args.vae_steps):
-            _save_reconstructions(vae, images, args.out / "samples" / f"vae_{done:06d}.png")
+            _save_reconstructions(vae, images, args.out / "samples" / f"{stage}_{done:06d}.png")
         if out_of_time:
             raise SystemExit(
-                f"--max-minutes {args.max_minutes} ran out during the VAE stage (step {done} of "
-                f"{args.vae_steps}); state saved in {folder / 'last'}: rerun with --resume"
+                f"--max-minutes {args.max_minutes} ran out during the {stage} stage (step {done} "
+                f"of {args.vae_steps}); state saved in {folder / 'last'}: rerun with --resume"
             )
     bar.close()
     vae.eval()
-    scale = latent_scale(vae, images, device)
-    cfg = cfg.replace(vae=cfg.vae.replace(scaling_factor=scale))
+    if decoder_from is None:
+        scale = latent_scale(vae, images, device)
+        cfg = cfg.replace(vae=cfg.vae.replace(scaling_factor=scale))
+        info: dict[str, Any] = {"steps": args.vae_steps, "latent_std": 1 / scale}
+    else:  # the encoder did not move: its latents keep their scale
+        info = {"steps": args.vae_steps, "decoder_only": True, "init_from": str(args.init_from)}
     if main_process:
-        save_checkpoint(
-            final,
-            {"vae": vae.state_dict()},
-            cfg.to_dict(),
-            {"steps": args.vae_steps, "latent_std": 1 / scale},
-            overwrite=True,
-        )
-        print(f"VAE done: latent std {1 / scale:.4f} -> scaling_factor {scale:.4f}")
+        save_checkpoint(final, {"vae": vae.state_dict()}, cfg.to_dict(), info, overwrite=True)
+        print(f"{stage} done: scaling_factor {cfg.vae.scaling_factor:.4f}")
     accelerator.wait_for_everyone()  # the UNet stage reads vae/final in every process
     return cfg
 
@@ -648,14 +668,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_caption_arguments(src)
     src.add_argument("--limit", type=int, default=None, help="use the first N images only")
     parser.add_argument("--out", type=Path, required=True, help="run folder (vae/, unet/, final/)")
-    parser.add_argument("--stage", choices=["all", "vae", "unet"], default="all")
+    parser.add_argument(
+        "--stage",
+        choices=["all", "vae", "unet", "decoder"],
+        default="all",
+        help="all (VAE then UNet), vae, unet, or decoder: fine-tune only the VAE decoder of "
+        "--init-from's model, its encoder and UNet kept (module docstring)",
+    )
     parser.add_argument(
         "--init-from",
         type=Path,
         default=None,
         help="continue training a trained decoder (a final/ folder, e.g. "
         "checkpoints/shapes/diffusion): its VAE as is, its UNet weights as the start, with a "
-        "fresh optimizer, schedule and EMA (UNet stage only)",
+        "fresh optimizer, schedule and EMA (UNet stage only); with --stage decoder, the model "
+        "whose VAE decoder is fine-tuned",
     )
     parser.add_argument("--vae-steps", type=int, default=1000, help="VAE optimizer steps")
     parser.add_argument(
@@ -786,6 +813,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--limit must be >= 1, received {args.limit}")
     if args.eval and args.data is None:
         parser.error("--eval needs a ShapeWorld --data folder (its val split gives the prompts)")
+    if args.stage == "decoder" and args.init_from is None:
+        parser.error("--stage decoder fine-tunes a trained model's VAE decoder: give --init-from")
     if args.init_from is not None:
         if args.stage == "vae":
             parser.error("--init-from continues the UNet: it cannot go with --stage vae")
@@ -793,7 +822,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--init-from: {args.init_from} is not a checkpoint folder (no manifest)")
     elif args.stage == "unet" and not (args.out / "vae" / FINAL).is_dir():
         parser.error(f"--stage unet needs a trained VAE in {args.out / 'vae' / FINAL}")
-    has_state = any((args.out / s / "last").is_dir() for s in ("vae", "unet"))
+    has_state = any((args.out / s / "last").is_dir() for s in ("vae", "unet", "decoder"))
     if args.resume and not has_state and not (args.out / "vae" / FINAL).is_dir():
         parser.error(f"--resume: no training state in {args.out}; start without --resume")
 
@@ -843,12 +872,20 @@ def main(argv: list[str] | None = None) -> int:
     log_path = args.out / LOG_NAME
     with log_path.open("a", encoding="utf-8") as log:
         try:
-            cfg = train_vae(cfg, images, args, accelerator, log, deadline)
-            if args.stage == "vae":
-                return 0
-            vae, unet, steps, stopped = train_unet(
-                cfg, images, pairs, args, accelerator, log, deadline, init_unet
-            )
+            if args.stage == "decoder":
+                assert init_unet is not None  # _check_args: --stage decoder needs --init-from
+                copied = load_checkpoint(args.out / "vae" / FINAL).tensors["vae"]
+                cfg = train_vae(cfg, images, args, accelerator, log, deadline, copied)
+                vae_state = load_checkpoint(args.out / "decoder" / FINAL).tensors["vae"]
+                unet_state, steps, stopped = init_unet, 0, False  # the UNet as it was
+            else:
+                cfg = train_vae(cfg, images, args, accelerator, log, deadline)
+                if args.stage == "vae":
+                    return 0
+                vae, unet, steps, stopped = train_unet(
+                    cfg, images, pairs, args, accelerator, log, deadline, init_unet
+                )
+                vae_state, unet_state = vae.state_dict(), unet.state_dict()
         except ResumeMismatchError as err:  # --resume with other settings: a usage error
             parser.error(str(err))
     seconds = time.time() - t_start
@@ -857,9 +894,10 @@ def main(argv: list[str] | None = None) -> int:
     final = args.out / FINAL
     metadata = {
         "vae_steps": args.vae_steps if args.init_from is None else 0,
+        "decoder_steps": args.vae_steps if args.stage == "decoder" else 0,
         "init_from": None if args.init_from is None else str(args.init_from),
         "unet_steps": steps,
-        "unet_steps_planned": args.unet_steps,
+        "unet_steps_planned": 0 if args.stage == "decoder" else args.unet_steps,
         "stopped_early": stopped,
         "command": command,
         "data": description,
@@ -870,8 +908,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch_version": torch.__version__,
     }
     tensors = {
-        "vae": {k: v.to(torch.float16) for k, v in vae.state_dict().items()},
-        "unet": {k: v.to(torch.float16) for k, v in unet.state_dict().items()},
+        "vae": {k: v.to(torch.float16) for k, v in vae_state.items()},
+        "unet": {k: v.to(torch.float16) for k, v in unet_state.items()},
     }
     save_checkpoint(final, tensors, cfg.to_dict(), metadata, overwrite=True)
     results = _run_eval(final, args) if args.eval else None
@@ -889,6 +927,23 @@ def _run_eval(final: Path, args: argparse.Namespace) -> dict[str, Any]:
     subprocess.run(cmd, check=True)
     results: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
     return results
+
+
+def _vae_line(cfg: DiffusionConfig, args: argparse.Namespace, metadata: dict[str, Any]) -> str:
+    scale = f"latent scaling factor {cfg.vae.scaling_factor:.4f}"
+    crops = f"batch {args.vae_batch_size} crops of {args.vae_crop} px, lr {args.vae_lr}"
+    if metadata["init_from"] is None:
+        return f"- VAE: {metadata['vae_steps']} steps, {crops}; {scale}"
+    if metadata["decoder_steps"]:
+        return (
+            f"- VAE: `{metadata['init_from']}`'s, its decoder fine-tuned for "
+            f"{metadata['decoder_steps']} steps ({crops}, chroma weight {args.vae_chroma_weight}), "
+            f"its encoder frozen ({scale}, unchanged)"
+        )
+    return (
+        f"- VAE: copied from `{metadata['init_from']}` ({scale}); the UNet below started from "
+        "its weights"
+    )
 
 
 def write_model_card(
@@ -919,18 +974,15 @@ def write_model_card(
         "",
         "## Training",
         "",
+        _vae_line(cfg, args, metadata),
         (
-            f"- VAE: {metadata['vae_steps']} steps, batch {args.vae_batch_size} crops of "
-            f"{args.vae_crop} px, lr {args.vae_lr}; latent scaling factor "
-            f"{cfg.vae.scaling_factor:.4f}"
-            if metadata["init_from"] is None
-            else f"- VAE: copied from `{metadata['init_from']}` (latent scaling factor "
-            f"{cfg.vae.scaling_factor:.4f}); the UNet below started from its weights"
+            f"- UNet: `{metadata['init_from']}`'s, unchanged (its latents did not move)"
+            if metadata["decoder_steps"]
+            else f"- UNet: {metadata['unet_steps']} of {metadata['unet_steps_planned']} planned "
+            f"steps{' (stopped early)' if metadata['stopped_early'] else ''}, batch "
+            f"{args.batch_size}, lr {args.unet_lr}, condition dropout {args.cond_dropout}, min-SNR "
+            f"gamma {args.snr_gamma}, EMA decay {args.ema_decay}; seed {args.seed}"
         ),
-        f"- UNet: {metadata['unet_steps']} of {metadata['unet_steps_planned']} planned steps"
-        f"{' (stopped early)' if metadata['stopped_early'] else ''}, batch "
-        f"{args.batch_size}, lr {args.unet_lr}, condition dropout {args.cond_dropout}, min-SNR "
-        f"gamma {args.snr_gamma}, EMA decay {args.ema_decay}; seed {args.seed}",
         f"- device: {metadata['device']} ({metadata['threads']} threads); wall seconds "
         f"(this run): {metadata['train_seconds_this_run']}",
         f"- diffusers {metadata['diffusers_version']}, torch {metadata['torch_version']}",
