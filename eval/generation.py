@@ -392,7 +392,7 @@ def vae_round_trip(
     out: list[Image.Image] = []
     for start in range(0, len(images), batch_size):
         part = [
-            im.convert("RGB").resize((size, size), Image.BICUBIC)
+            im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
             for im in images[start : start + batch_size]
         ]
         x = torch.from_numpy(np.stack([np.asarray(im) for im in part])).permute(0, 3, 1, 2)
@@ -507,8 +507,8 @@ def format_table(results: dict[str, Any]) -> str:
     scores = [results["generated_clip_score"], results.get("real_clip_score")]
     if recon:
         scores.append(results.get("reconstructed_clip_score"))
-    cells = " | ".join("n/a" if v is None else f"{v:.3f}" for v in scores)
-    lines.append(f"| CLIP image-text cosine | {cells} | {n1 + n2} |")
+    score_cells = " | ".join("n/a" if v is None else f"{v:.3f}" for v in scores)
+    lines.append(f"| CLIP image-text cosine | {score_cells} | {n1 + n2} |")
     if "sampling" in results:
         t = results["sampling"]
         lines.append(

@@ -23,7 +23,10 @@ test call. Protocol:
   generation prompts' requests generate (one or two objects, not in the index); accuracy per
   class and macro-F1, and retrieve-accuracy split by the scene's object count (two-object scenes
   read like compositions); beside them, a reference with no model: the best macro-F1 of any rule
-  on the object count alone (count_rule_f1).
+  on the object count alone (count_rule_f1). Two threshold-free diagnostics: the ROC AUC of the
+  head's p(generate) (how well it ranks the two kinds, whatever the threshold), and that of each
+  request's best retrieval score in the scenes' index, negated (could the index itself tell a
+  request about an image it holds from a new composition?).
 - Emission: how often greedy decoding opens the reply with [IMG0] on the requests, and on ordinary
   prompts (held-out text-only questions and image questions about the scenes) where it should not.
 """
@@ -40,6 +43,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
 from core.io import atomic_write_text
@@ -156,16 +160,27 @@ def count_rule_f1(counts: np.ndarray, truth: np.ndarray) -> tuple[float, dict[in
 
 
 @torch.inference_mode()
-def retrieval_recall(
-    gill: GILLVLM, scenes: Sequence[SceneItem], batch_size: int = 16, progress: bool = False
-) -> tuple[dict[int, float], torch.Tensor, ImgTokenStates]:
-    """Text -> image recall@{1, 5, 10} of each scene's listing ("Show me this: ...") among the
-    scenes' images, in an exact index of GILL's retrieval space; with the requests' last prompt
-    states and [IMG] states."""
+def scene_index(gill: GILLVLM, scenes: Sequence[SceneItem]) -> ImageIndex:
+    """An exact index of the scenes' images in GILL's retrieval space, in scene order."""
     embedder = gill.image_embedder()
     paths = [str(s.image_path.resolve()) for s in scenes]
     index = ImageIndex(embedder.name, embedder.dim, "exact")
     index.add(embedder([s.image_path for s in scenes]), paths, model=embedder.name)
+    return index
+
+
+@torch.inference_mode()
+def retrieval_recall(
+    gill: GILLVLM,
+    scenes: Sequence[SceneItem],
+    batch_size: int = 16,
+    progress: bool = False,
+    index: ImageIndex | None = None,
+) -> tuple[dict[int, float], torch.Tensor, ImgTokenStates]:
+    """Text -> image recall@{1, 5, 10} of each scene's listing ("Show me this: ...") among the
+    scenes' images, in an exact index of GILL's retrieval space (``scene_index``, built here
+    unless given); with the requests' last prompt states and [IMG] states."""
+    index = scene_index(gill, scenes) if index is None else index
     requests = [request_prompt(s.listing) for s in scenes]
     last, states = batched_request_states(gill, requests, batch_size, progress, "scene requests")
     hits = index.search(gill.retrieval_queries(states).cpu().numpy(), min(max(KS), len(scenes)))
@@ -201,7 +216,8 @@ def evaluate_gill(
         )
     results: dict[str, Any] = {"split": split, "n_images": len(scenes)}
     # -- retrieval --------------------------------------------------------------------------
-    results["recall"], last, states = retrieval_recall(gill, scenes, batch_size, progress)
+    index = scene_index(gill, scenes)
+    results["recall"], last, states = retrieval_recall(gill, scenes, batch_size, progress, index)
     k = min(max(KS), len(scenes))
     truth = list(range(len(scenes)))
     if clip_reference is not None:
@@ -247,7 +263,14 @@ def evaluate_gill(
     with torch.inference_mode():
         p_scene = gill.p_generate(states).cpu().numpy()
         p_gen = gill.p_generate(gen_states).cpu().numpy()
+        # the best retrieval score of each request in the scenes' index: would the index itself
+        # tell a request about an indexed image from a new composition? (a diagnostic)
+        top = [
+            index.search(gill.retrieval_queries(st).cpu().numpy(), 1).scores[:, 0]
+            for st in (states, gen_states)
+        ]
     pred = np.concatenate([p_scene > 0.5, p_gen > 0.5]).astype(int)
+    is_gen = truth_d == GENERATE
     two_obj = np.array([len(s.objects) == 2 for s in scenes])
     results["decision"] = {
         "accuracy": float((pred == truth_d).mean()),
@@ -261,6 +284,12 @@ def evaluate_gill(
             float((p_scene[~two_obj] <= 0.5).mean()) if (~two_obj).any() else None
         ),
         "n_two_object_scenes": int(two_obj.sum()),
+        # threshold-free: how well each score ranks "generate" above "retrieve" (0.5: chance)
+        "head_auc": float(roc_auc_score(is_gen, np.concatenate([p_scene, p_gen]))),
+        "index_score_auc": float(roc_auc_score(is_gen, -np.concatenate(top))),
+        # per request (scenes, then compositions), for other thresholds and rules
+        "p_generate": np.concatenate([p_scene, p_gen]).round(5).tolist(),
+        "index_top_score": np.concatenate(top).round(5).tolist(),
         "count_rule_macro_f1": ceiling,
         "count_rule": {
             str(k): ("generate" if v == GENERATE else "retrieve") for k, v in rule.items()
@@ -343,6 +372,10 @@ def format_tables(r: dict[str, Any]) -> str:
         f"| composition requests -> generate | {_pct(d['generate_acc'])} | {d['n_generate']} |",
         f"| reference: the best rule on the object count alone, macro-F1 | "
         f"{_pct(d['count_rule_macro_f1'])} | {d['n_retrieve'] + d['n_generate']} |",
+        f"| ROC AUC of the head's p(generate) (threshold-free) | {d['head_auc']:.3f} | "
+        f"{d['n_retrieve'] + d['n_generate']} |",
+        f"| ROC AUC of minus the best retrieval score in the index | "
+        f"{d['index_score_auc']:.3f} | {d['n_retrieve'] + d['n_generate']} |",
         "",
         "| greedy reply opens with [IMG0] | rate | n |",
         "| --- | ---: | ---: |",

@@ -341,7 +341,7 @@ def test_train_resumes_exactly(shapeworld, tmp_path):
         train_main([*args, "--resume", "--lr", "0.5"])
 
 
-def test_eval_runs_on_a_tiny_shapeworld(shapeworld, compositions, tmp_path):
+def test_eval_runs_on_a_tiny_shapeworld(shapeworld, compositions, tmp_path, capsys):
     import json
 
     from eval.gill import main as eval_main
@@ -367,6 +367,21 @@ def test_eval_runs_on_a_tiny_shapeworld(shapeworld, compositions, tmp_path):
     assert scene_counts <= set(r["decision"]["count_rule"])  # a class for every count seen
     assert set(r["decision"]["count_rule"].values()) <= {"retrieve", "generate"}
     assert 0 < r["decision"]["count_rule_macro_f1"] <= 1
+    # the AUCs against a naive pairwise count over the per-request scores (ties count half)
+    d = r["decision"]
+    is_gen = np.array([0] * 3 + [1] * 2)
+
+    def pairwise_auc(scores):
+        pos, neg = np.asarray(scores)[is_gen == 1], np.asarray(scores)[is_gen == 0]
+        return np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg])
+
+    assert d["head_auc"] == pytest.approx(pairwise_auc(d["p_generate"]), abs=1e-4)
+    assert d["index_score_auc"] == pytest.approx(
+        pairwise_auc(-np.asarray(d["index_top_score"])), abs=1e-4
+    )
+    pred = (np.asarray(d["p_generate"]) > 0.5).astype(int)
+    assert d["accuracy"] == pytest.approx(float((pred == is_gen).mean()))
+    assert f"| {d['head_auc']:.3f} |" in capsys.readouterr().out  # the printed table
     for key in ("mapper_single_acc", "decoder_text_two_acc", "generation_distance"):
         assert r[key] is not None
     assert recall_at([[2, 0, 1], [0, 1, 2]], [0, 2], ks=(1, 2, 3)) == {1: 0.0, 2: 0.5, 3: 1.0}
