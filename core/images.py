@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["MAX_SIDE", "ImageError", "load_rgb", "paint_labels", "to_rgb"]
+__all__ = ["MAX_SIDE", "ImageError", "load_rgb", "paint_labels", "square_crop", "to_rgb"]
 
 MAX_SIDE = 4096  # pixels, per side
 # PIL refuses files above ~179 MP as decompression bombs; we stop far earlier (MAX_SIDE^2).
@@ -135,6 +135,19 @@ def load_rgb(source: str | os.PathLike[str] | bytes | Image.Image | np.ndarray) 
         raise ImageError(f"{what}: {err}") from None
     except (OSError, SyntaxError) as err:
         raise ImageError(f"{what}: corrupt or truncated image ({err})") from None
+
+
+def square_crop(image: Image.Image, size: int) -> Image.Image:
+    """`image` at `size` x `size`: its shorter side resized to `size` (bicubic), then the centre
+    cropped (how the training scripts read user images)."""
+    if image.size == (size, size):
+        return image
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((nw, nh), Image.Resampling.BICUBIC)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return image.crop((left, top, left + size, top + size))
 
 
 def paint_labels(

@@ -30,9 +30,11 @@ Protocol:
   once; correct when class and colour are the requested ones), and which attribute it missed.
 - Ceiling and control: the same judge on the real held-out images with their own prompts (how
   often the judge finds objects that are there), and on every image against another prompt of
-  its group (``shuffled_control``: how often it finds objects that are not).
+  its group (``shuffled_control``: how often it finds objects that are not). With
+  ``--reconstructed``, also on the real images after a round trip through the decoder's own VAE
+  (``vae_round_trip``): what the autoencoder alone loses, a practical ceiling for its UNet.
 - CLIP image-text score: mean cosine similarity between the CLIP embeddings of each image and of
-  its prompt (generated and real).
+  its prompt (generated, real and, with ``--reconstructed``, round-tripped).
 - Sampling time: median wall time to generate one image (batch 1, guidance on, so the UNet runs
   on 2 latents per step) over ``--time-repeats`` runs, in this process's torch thread count.
 """
@@ -57,6 +59,7 @@ from PIL import Image, ImageDraw
 from segment_anything import SamAutomaticMaskGenerator
 from tqdm import tqdm
 
+from core.images import square_crop
 from core.io import atomic_write_text
 from core.runtime import resolve_device
 from data.datasets import InstanceDataset, shapeworld_paths
@@ -299,7 +302,8 @@ def evaluate_generation(
 ) -> dict[str, Any]:
     """Generation accuracy (single / two objects), CLIP scores, and the same judge on real images
     (``real``) and on the real images round-tripped through the pipeline's VAE (``reconstructed``:
-    the most the decoder's autoencoder lets any denoiser reach).
+    a practical ceiling for any denoiser on this VAE; not a strict bound, as the encoder's latents
+    need not be the decoder's best input).
 
     Returns a JSON-ready dict (accuracies in [0, 1], None for an empty group) with a "records"
     list (prompt, requested objects, labels found, correct) and the images under the private key
@@ -384,17 +388,15 @@ def evaluate_generation(
 def vae_round_trip(
     pipe: Any, images: Sequence[Image.Image], batch_size: int = 8
 ) -> list[Image.Image]:
-    """Each image encoded and decoded by ``pipe.vae`` at the pipeline's resolution (an
-    AutoencoderKL through its posterior's mode)."""
+    """Each image encoded and decoded by ``pipe.vae`` at the pipeline's resolution (resized and
+    centre-cropped as train.diffusion reads images; an AutoencoderKL through its posterior's
+    mode, in the VAE's own dtype)."""
     vae = pipe.vae
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     param = next(vae.parameters())
     out: list[Image.Image] = []
     for start in range(0, len(images), batch_size):
-        part = [
-            im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-            for im in images[start : start + batch_size]
-        ]
+        part = [square_crop(im.convert("RGB"), size) for im in images[start : start + batch_size]]
         x = torch.from_numpy(np.stack([np.asarray(im) for im in part])).permute(0, 3, 1, 2)
         x = (x.to(param.device, param.dtype) / 127.5 - 1).contiguous()
         encoded = vae.encode(x)  # AutoencoderTiny: .latents; AutoencoderKL: .latent_dist

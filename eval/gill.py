@@ -70,12 +70,15 @@ __all__ = [
     "OTHER_PROMPTS",
     "add_generation_arguments",
     "batched_request_states",
+    "count_rule_f1",
     "evaluate_gill",
     "format_tables",
     "judge_from_args",
     "load_for_generation",
     "main",
     "recall_at",
+    "retrieval_recall",
+    "scene_index",
     "write_results",
 ]
 
@@ -288,8 +291,8 @@ def evaluate_gill(
         "head_auc": float(roc_auc_score(is_gen, np.concatenate([p_scene, p_gen]))),
         "index_score_auc": float(roc_auc_score(is_gen, -np.concatenate(top))),
         # per request (scenes, then compositions), for other thresholds and rules
-        "p_generate": np.concatenate([p_scene, p_gen]).round(5).tolist(),
-        "index_top_score": np.concatenate(top).round(5).tolist(),
+        "p_generate": np.concatenate([p_scene, p_gen]).tolist(),
+        "index_top_score": np.concatenate(top).tolist(),
         "count_rule_macro_f1": ceiling,
         "count_rule": {
             str(k): ("generate" if v == GENERATE else "retrieve") for k, v in rule.items()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.images import MAX_SIDE, ImageError, load_rgb, to_rgb
+from core.images import MAX_SIDE, ImageError, load_rgb, square_crop, to_rgb
 
 
 def _png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -98,3 +98,18 @@ def test_not_images(tmp_path):
         load_rgb(np.zeros((2, 2, 5), dtype=np.uint8))
     with pytest.raises(ImageError, match=r"values in \[0, 1\]"):
         load_rgb(np.full((2, 2), 3.0))
+
+
+def test_square_crop_keeps_the_centre():
+    """A 300 x 100 image of three 100 px bands (red, green, blue): the 50 px square crop is the
+    green middle band, shrunk; a square image of the right size comes back as is."""
+    bands = np.zeros((100, 300, 3), dtype=np.uint8)
+    bands[:, :100, 0] = bands[:, 100:200, 1] = bands[:, 200:, 2] = 255
+    out = np.asarray(square_crop(Image.fromarray(bands), 50)).astype(int)
+    assert out.shape == (50, 50, 3)
+    inner = out[:, 2:-2]  # bicubic blurs the band edges by a pixel or two
+    assert (inner[..., 1] >= 250).all() and (inner[..., [0, 2]] <= 5).all()
+    tall = np.asarray(square_crop(Image.fromarray(bands.transpose(1, 0, 2).copy()), 50))
+    assert tall.shape == (50, 50, 3) and tall[2:-2, :, 1].min() >= 250
+    same = Image.new("RGB", (50, 50), (1, 2, 3))
+    assert square_crop(same, 50) is same

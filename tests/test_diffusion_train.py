@@ -258,7 +258,8 @@ def test_decoder_stage_trains_only_the_vae_decoder(world, trained, tmp_path, cap
     assert final.metadata["decoder_steps"] == 6 and final.metadata["unet_steps"] == 0
     assert len(_losses(out, "decoder")) == 6 and _losses(out, "unet") == []
     card = (out / "final" / "MODEL_CARD.md").read_text()
-    assert "its decoder fine-tuned for 6 steps" in card and "unchanged" in card
+    assert "its decoder fine-tuned for 6 steps" in card
+    assert "'s, unchanged (its latents did not move)" in card  # the UNet's line
 
     # what the decoder learned, measured apart from training: the stage's loss on the round
     # trip of all 32 training images (whole, not cropped), the init's VAE against the new one
@@ -279,8 +280,21 @@ def test_decoder_stage_trains_only_the_vae_decoder(world, trained, tmp_path, cap
     with pytest.raises(SystemExit, match="ran out during the decoder stage"):
         _train(world, part, *common, "--max-minutes", "1e-9")
     assert _train(world, part, *common, "--resume") == 0
+    assert len(_losses(part, "decoder")) == 6  # 1 + 5: the resume went on from step 1
     resumed = load_checkpoint(part / "final").tensors["vae"]
     assert all(torch.equal(resumed[k], vae[k]) for k in vae)
+    capsys.readouterr()
+    # refused: no --init-from; a decoder and a UNet run in one --out (final/ would drop one);
+    # a finished decoder stage asked for other settings
     with pytest.raises(SystemExit):
         _train(world, tmp_path / "y", "--stage", "decoder")
     assert "give --init-from" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _train(world, trained, *common)
+    assert "holds a UNet run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _train(world, out, "--init-from", str(trained / "final"), "--unet-steps", "2")
+    assert "holds a --stage decoder run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _train(world, out, *common[:-6], "--vae-steps", "9", "--save-every", "3")
+    assert "trained with other settings (['steps'])" in capsys.readouterr().err

@@ -26,12 +26,11 @@ from typing import Any, TextIO, TypeVar
 import numpy as np
 import torch
 from accelerate import Accelerator
-from PIL import Image
 from tqdm.auto import tqdm
 
 from core.checkpoint import load_checkpoint, load_state_strict, save_checkpoint
 from core.config import Config, ConfigError
-from core.images import load_rgb
+from core.images import load_rgb, square_crop
 from core.io import atomic_dir, atomic_write_text
 from core.runtime import destroy_process_group_at_exit
 
@@ -352,15 +351,7 @@ def remove_training_state(out: str | os.PathLike[str]) -> None:
 
 def _load_image(path: Path, size: int) -> np.ndarray:
     """(3, size, size) uint8: shorter side resized to `size` (bicubic), centre crop."""
-    image = load_rgb(path)
-    if image.size != (size, size):
-        w, h = image.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        image = image.resize((nw, nh), Image.Resampling.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+    return np.asarray(square_crop(load_rgb(path), size), dtype=np.uint8).transpose(2, 0, 1)
 
 
 def decode_images(paths: list[Path], size: int, workers: int) -> torch.Tensor:

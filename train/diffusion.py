@@ -48,7 +48,8 @@ Diffusion's released VAE was improved the same way (the "ft-MSE" decoder, encode
 UNet needed no retraining). Output of the stage: ``<out>/decoder/final``.
 
 ``--max-minutes`` is a wall-clock budget for the whole run (both stages): when it runs out the
-UNet stage saves its state and finishes with the steps it has (the model card says so).
+UNet stage saves its state and finishes with the steps it has (the model card says so); a VAE or
+decoder stage saves its state and exits without final/ (``--resume`` continues it).
 
 Output: ``<out>/final``: a core.checkpoint folder with ``vae.safetensors`` and ``unet.safetensors``
 (EMA weights, fp16), the DiffusionConfig as its config, MODEL_CARD.md and, with --eval, the figures
@@ -266,20 +267,6 @@ def train_vae(
     stage = "vae" if decoder_from is None else "decoder"
     folder = args.out / stage
     final = folder / FINAL
-    if final.is_dir():
-        ckpt = load_checkpoint(final)
-        print(f"{stage} stage done already: {final}")
-        return DiffusionConfig.from_dict(ckpt.config)
-    device = accelerator.device
-    torch.manual_seed(args.seed)  # the init does not depend on what ran before
-    vae = build_vae(cfg.vae)
-    if decoder_from is not None:
-        load_state_strict(vae, {k: v.float() for k, v in decoder_from.items()}, what="the VAE")
-        vae.encoder.requires_grad_(False)
-    vae = vae.to(device).train()
-    trained = [p for p in vae.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=args.vae_lr, weight_decay=0.0)
-    scheduler = cosine_with_warmup(optimizer, max(1, args.vae_steps // 20), args.vae_steps)
     run_config = {
         "stage": stage,
         "diffusion": cfg.to_dict(),
@@ -292,6 +279,29 @@ def train_vae(
     }
     if decoder_from is not None:
         run_config["init_from"] = str(args.init_from)
+    if final.is_dir():
+        ckpt = load_checkpoint(final)
+        # a finished decoder stage is reused only with its own settings (a VAE stage is also
+        # reused by a later `--stage unet` run, which need not repeat the --vae-* arguments)
+        done_with = ckpt.metadata.get("run_config") or {}
+        wanted = json.loads(json.dumps(run_config))  # as saved: tuples become lists
+        if decoder_from is not None and done_with != wanted:
+            differ = sorted(k for k in wanted if done_with.get(k) != wanted[k])
+            raise ResumeMismatchError(
+                f"{final} was trained with other settings ({differ}): use a new --out"
+            )
+        print(f"{stage} stage done already: {final}")
+        return DiffusionConfig.from_dict(ckpt.config)
+    device = accelerator.device
+    torch.manual_seed(args.seed)  # the init does not depend on what ran before
+    vae = build_vae(cfg.vae)
+    if decoder_from is not None:
+        load_state_strict(vae, {k: v.float() for k, v in decoder_from.items()}, what="the VAE")
+        vae.encoder.requires_grad_(False)
+    vae = vae.to(device).train()
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=args.vae_lr, weight_decay=0.0)
+    scheduler = cosine_with_warmup(optimizer, max(1, args.vae_steps // 20), args.vae_steps)
     start = 0
     if args.resume and (folder / "last").is_dir():
         tensors, state = load_state(folder, run_config)
@@ -355,7 +365,7 @@ def train_vae(
         cfg = cfg.replace(vae=cfg.vae.replace(scaling_factor=scale))
         info: dict[str, Any] = {"steps": args.vae_steps, "latent_std": 1 / scale}
     else:  # the encoder did not move: its latents keep their scale
-        info = {"steps": args.vae_steps, "decoder_only": True, "init_from": str(args.init_from)}
+        info = {"steps": args.vae_steps, "decoder_only": True, "run_config": run_config}
     if main_process:
         save_checkpoint(final, {"vae": vae.state_dict()}, cfg.to_dict(), info, overwrite=True)
         print(f"{stage} done: scaling_factor {cfg.vae.scaling_factor:.4f}")
@@ -667,7 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_caption_arguments(src)
     src.add_argument("--limit", type=int, default=None, help="use the first N images only")
-    parser.add_argument("--out", type=Path, required=True, help="run folder (vae/, unet/, final/)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="run folder (vae/, unet/ or decoder/, final/)"
+    )
     parser.add_argument(
         "--stage",
         choices=["all", "vae", "unet", "decoder"],
@@ -684,7 +696,12 @@ def build_parser() -> argparse.ArgumentParser:
         "fresh optimizer, schedule and EMA (UNet stage only); with --stage decoder, the model "
         "whose VAE decoder is fine-tuned",
     )
-    parser.add_argument("--vae-steps", type=int, default=1000, help="VAE optimizer steps")
+    parser.add_argument(
+        "--vae-steps",
+        type=int,
+        default=1000,
+        help="VAE optimizer steps (with --stage decoder: the decoder's)",
+    )
     parser.add_argument(
         "--vae-batch-size", type=int, default=16, help="crops per VAE step per process"
     )
@@ -719,7 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-minutes",
         type=float,
         default=None,
-        help="wall-clock budget for the whole run; the UNet stage stops early when it is spent",
+        help="wall-clock budget for the whole run; the UNet stage stops early when it is spent "
+        "and writes final/; a VAE or decoder stage saves its state and exits (--resume goes on)",
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--seed", type=int, default=0, help="data order, noise, init")
@@ -822,6 +840,14 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--init-from: {args.init_from} is not a checkpoint folder (no manifest)")
     elif args.stage == "unet" and not (args.out / "vae" / FINAL).is_dir():
         parser.error(f"--stage unet needs a trained VAE in {args.out / 'vae' / FINAL}")
+    # a decoder run and a UNet run never share an --out: final/ would keep one and drop the other
+    if args.stage == "decoder" and (args.out / "unet").is_dir():
+        parser.error(f"--stage decoder: {args.out} holds a UNet run; use a new --out")
+    if args.stage in ("all", "unet") and (args.out / "decoder").is_dir():
+        parser.error(
+            f"{args.out} holds a --stage decoder run: resume it with --stage decoder, or use a "
+            "new --out"
+        )
     has_state = any((args.out / s / "last").is_dir() for s in ("vae", "unet", "decoder"))
     if args.resume and not has_state and not (args.out / "vae" / FINAL).is_dir():
         parser.error(f"--resume: no training state in {args.out}; start without --resume")
@@ -855,7 +881,8 @@ def main(argv: list[str] | None = None) -> int:
         pairs, description = load_pairs(args)
     except (ValueError, OSError) as err:  # bad data: say what, no traceback
         parser.error(str(err))
-    if len(pairs) < max(args.batch_size * accelerator.num_processes, args.vae_batch_size):
+    unet_batch = 0 if args.stage == "decoder" else args.batch_size * accelerator.num_processes
+    if len(pairs) < max(unet_batch, args.vae_batch_size):
         parser.error(
             f"need at least one batch: {len(pairs)} images for batches of {args.batch_size} "
             f"(UNet, x {accelerator.num_processes} processes) and {args.vae_batch_size} (VAE)"
