@@ -75,6 +75,22 @@ def sharp_vlm():
     return sharpened_tiny_vlm()
 
 
+def tiny_autoencoder_kl():
+    """An SD-style AutoencoderKL of diffusers' get_dummy_components sizes (factor 2, 4 latent
+    channels), random weights."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(4, 8),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=2,
+    )
+
+
 def serve_demo(assistant, tools=None):
     """Serve the demo over `assistant` (and `tools`, a VisionTools) on a free local port; yields
     the URL, closes afterwards."""

@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_autoencoder_kl
 from diffusers import (
-    AutoencoderKL,
     DDIMScheduler,
     DPMSolverMultistepScheduler,
     StableDiffusionPipeline,
@@ -278,15 +278,7 @@ def test_paper_preset_loads_a_stable_diffusion_folder_offline(tmp_path, monkeypa
         cross_attention_dim=32,
         norm_num_groups=2,
     )
-    vae = AutoencoderKL(
-        block_out_channels=(4, 8),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=2,
-    )
+    vae = tiny_autoencoder_kl()
     text = CLIPTextModel(
         CLIPTextConfig(
             bos_token_id=0,

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from conftest import tiny_autoencoder_kl
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
@@ -135,15 +135,7 @@ def test_accuracy_and_control_hand_computed(world):
 def _kl_pipe() -> SimpleNamespace:
     """The parts of an SD-1.5-style pipeline the round trip reads, with a tiny AutoencoderKL
     (diffusers' get_dummy_components sizes) making 64 px images from 32 px latents."""
-    vae = AutoencoderKL(
-        block_out_channels=(4, 8),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=2,
-    ).eval()
+    vae = tiny_autoencoder_kl().eval()
     return SimpleNamespace(
         vae=vae,
         unet=SimpleNamespace(config=SimpleNamespace(sample_size=32)),
