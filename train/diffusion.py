@@ -18,7 +18,7 @@
     # a trained decoder's VAE decoder fine-tuned, its encoder (so the latents and the UNet) kept
     python -m train.diffusion --preset shapes --data out/shapeworld_diffusion \\
         --out out/runs/diffusion_dec --init-from checkpoints/shapes/diffusion --stage decoder \\
-        --vae-steps 3000 --vae-crop 128 --vae-lr 5e-4
+        --vae-steps 3000 --vae-batch-size 16 --vae-crop 128 --vae-lr 1e-3
     # your own image-caption data (images are resized + centre-cropped to the model's size)
     python -m train.diffusion --preset shapes --imagefolder my_photos --out runs/diffusion_mine
     # several GPUs (each process takes its slice of every global batch)
