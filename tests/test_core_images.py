@@ -113,3 +113,7 @@ def test_square_crop_keeps_the_centre():
     assert tall.shape == (50, 50, 3) and tall[2:-2, :, 1].min() >= 250
     same = Image.new("RGB", (50, 50), (1, 2, 3))
     assert square_crop(same, 50) is same
+    # smaller than the target: scaled up (30 x 10 -> 150 x 50), then the centre cut out
+    small = np.asarray(square_crop(Image.fromarray(bands[::10, ::10].copy()), 50)).astype(int)
+    assert small.shape == (50, 50, 3)
+    assert (small[:, 5:-5, 1] >= 240).all() and (small[:, 5:-5, [0, 2]] <= 15).all()

@@ -286,7 +286,9 @@ def train_vae(
         done_with = ckpt.metadata.get("run_config") or {}
         wanted = json.loads(json.dumps(run_config))  # as saved: tuples become lists
         if decoder_from is not None and done_with != wanted:
-            differ = sorted(k for k in wanted if done_with.get(k) != wanted[k])
+            differ = sorted(
+                k for k in set(done_with) | set(wanted) if done_with.get(k) != wanted.get(k)
+            )
             raise ResumeMismatchError(
                 f"{final} was trained with other settings ({differ}): use a new --out"
             )
@@ -883,9 +885,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     unet_batch = 0 if args.stage == "decoder" else args.batch_size * accelerator.num_processes
     if len(pairs) < max(unet_batch, args.vae_batch_size):
+        unet_part = (
+            f"{args.batch_size} (UNet, x {accelerator.num_processes} processes) and "
+            if unet_batch
+            else ""
+        )
         parser.error(
-            f"need at least one batch: {len(pairs)} images for batches of {args.batch_size} "
-            f"(UNet, x {accelerator.num_processes} processes) and {args.vae_batch_size} (VAE)"
+            f"need at least one batch: {len(pairs)} images for batches of {unet_part}"
+            f"{args.vae_batch_size} (VAE)"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     init_unet: dict[str, torch.Tensor] | None = None
