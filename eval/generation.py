@@ -389,23 +389,21 @@ def vae_round_trip(
     pipe: Any, images: Sequence[Image.Image], batch_size: int = 8
 ) -> list[Image.Image]:
     """Each image encoded and decoded by ``pipe.vae`` at the pipeline's resolution (resized and
-    centre-cropped as train.diffusion reads images; an AutoencoderKL through its posterior's
-    mode, in the VAE's own dtype)."""
-    vae = pipe.vae
+    centre-cropped as train.diffusion reads images; pixels to and from the VAE's range by the
+    pipeline's own ``image_processor``; an AutoencoderKL through its posterior's mode, in the
+    VAE's own dtype)."""
+    vae, proc = pipe.vae, pipe.image_processor
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     param = next(vae.parameters())
     out: list[Image.Image] = []
     for start in range(0, len(images), batch_size):
         part = [square_crop(im.convert("RGB"), size) for im in images[start : start + batch_size]]
-        x = torch.from_numpy(np.stack([np.asarray(im) for im in part])).permute(0, 3, 1, 2)
-        x = (x.to(param.device, param.dtype) / 127.5 - 1).contiguous()
+        x = proc.preprocess(part).to(param.device, param.dtype)
         encoded = vae.encode(x)  # AutoencoderTiny: .latents; AutoencoderKL: .latent_dist
         latents = getattr(encoded, "latents", None)
         if latents is None:
             latents = encoded.latent_dist.mode()
-        recon = vae.decode(latents).sample.clamp(-1, 1)
-        pixels = ((recon.float() + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-        out += [Image.fromarray(p) for p in pixels]
+        out += proc.postprocess(vae.decode(latents).sample.float(), output_type="pil")
     return out
 
 
