@@ -23,7 +23,7 @@ from segmentation.stamp import (
     stamp_losses,
 )
 from vlm.config import PolychromeConfig
-from vlm.model import PolychromeVLM, VLMConfig
+from vlm.model import ImageLoraConfig, PolychromeVLM, VLMConfig
 from vlm.stamp import StampVLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -192,6 +192,84 @@ def test_chat_logits_stay_bitwise_the_vlm_cores_and_lora_serves_the_mask_pass():
     for a, b in zip(before, after, strict=True):
         assert torch.equal(a, b)
     assert not np.allclose(on, off)  # the adapters are active in the mask pass
+
+
+def _lora_core(seed: int = 0) -> PolychromeVLM:
+    """The tiny core with a rank-4 image LoRA, its B matrices random (peft starts them at 0)."""
+    cfg = PolychromeConfig.from_preset("tiny")
+    torch.manual_seed(seed)
+    lora = ImageLoraConfig(rank=4)
+    vlm_cfg = VLMConfig(llm=cfg.llm, vision=cfg.clip, projector=cfg.vlm.projector, lora=lora)
+    core = PolychromeVLM.build(vlm_cfg)
+    with torch.no_grad():
+        for name, p in core.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return core
+
+
+def test_stamp_on_a_core_with_an_image_lora(tmp_path):
+    """The core's image LoRA stays the core's: on for every pass over a prompt with an image
+    (STAMP's prefix, steps and mask pass), beside STAMP's own adapter in the mask pass only;
+    frozen in training; saved with the core, not in STAMP's tensors."""
+    reference = _lora_core()
+    model = StampVLM(_lora_core(), CFG)  # the same core from the same seed, STAMP attached
+    with torch.no_grad():
+        for name, p in model.vlm.llm.named_parameters():
+            if "lora_B" in name and ".default." in name:
+                p.normal_(0, 0.5)
+    model.eval()
+    text = reference.prepare([{"role": "user", "content": "Hello there"}])
+    image = reference.prepare(_prompt("What is this?"))
+    with torch.no_grad():
+        for batch in (text, image):  # chat logits: bitwise the core's, image LoRA and all
+            assert torch.equal(model.vlm(**batch).logits, reference(**batch).logits)
+        # STAMP's own prefix reads the image prompt with the image LoRA, as the core does
+        ids, attn, pixels, _, _ = model._batch([_prompt("What is this?")])
+        visual, _ = model.image_features(pixels)
+        hidden, cache = model.prefix(ids, attn, visual)
+        with reference.image_lora():
+            want = reference.llm.base_model(
+                inputs_embeds=reference.embed(ids, visual), attention_mask=attn
+            ).last_hidden_state[:, -1]
+        torch.testing.assert_close(hidden, want, rtol=1e-5, atol=1e-5)
+        _, text_cache = model.prefix(text["input_ids"], text["attention_mask"], None)
+        assert cache in model.vlm.image_caches and text_cache not in model.vlm.image_caches
+        # the mask pass reads both adapters: zeroing either one's B changes the mask
+        both = model.segment([_prompt()])[0]
+        for adapter in ("image", "default"):
+            saved = {
+                n: p.clone()
+                for n, p in model.vlm.llm.named_parameters()
+                if "lora_B" in n and f".{adapter}." in n
+            }
+            params = dict(model.vlm.llm.named_parameters())
+            for n in saved:
+                params[n].zero_()
+            assert not np.allclose(model.segment([_prompt()])[0], both)
+            for n, v in saved.items():
+                params[n].copy_(v)
+        np.testing.assert_array_equal(model.segment([_prompt()])[0], both)
+    # training: gradient reaches STAMP's adapter only; the image LoRA is frozen with the core
+    model.train()
+    gt = np.zeros((64, 64), bool)
+    gt[:32, :32] = True
+    model.training_losses([_prompt()], [gt], [_prompt("Describe the image.")])["loss"].backward()
+    for name, p in model.vlm.llm.named_parameters():
+        if "lora_B" in name:
+            own = ".default." in name
+            assert p.requires_grad == own and (p.grad is not None) == own, name
+    model.eval()
+    # saving: STAMP's tensors hold its adapter only, the core's its own; both load back
+    folder = model.save_pretrained(tmp_path / "stamp")
+    mine = load_file(str(folder / "stamp.safetensors"))
+    core_tensors = load_file(str(folder / "vlm.safetensors"))
+    assert any(".default." in k for k in mine) and not any(".image." in k for k in mine)
+    assert any(".image." in k for k in core_tensors) and not any(
+        ".default." in k for k in core_tensors
+    )
+    again = StampVLM.from_pretrained(folder)
+    np.testing.assert_allclose(again.segment([_prompt()])[0], both, rtol=1e-5, atol=1e-5)
 
 
 def test_prefix_is_read_once_and_each_seg_gives_a_mask(stamp):

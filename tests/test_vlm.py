@@ -277,11 +277,12 @@ def test_image_lora_is_on_only_for_prompts_with_an_image(tmp_path):
             if p.ndim == 2 and "lora_" not in name:
                 p.mul_(25)  # the frozen LLM comes from its source: sharpen it again
         torch.testing.assert_close(again(**again.prepare(image)).logits, with_image)
-    from segmentation.stamp import StampConfig
-    from vlm.stamp import StampVLM
-
-    with pytest.raises(ValueError, match="without the image LoRA"):
-        StampVLM(lora, StampConfig())
+    # The switch is per forward: a batch mixing image and text-only rows is refused, not run
+    # with the LoRA on the text-only rows (the model without one batches them as before).
+    mixed = [image, [{"role": "user", "content": "Name three shapes."}]]
+    with pytest.raises(ValueError, match="1 of 2 rows hold images"):
+        lora.generate_texts(mixed, max_new_tokens=2)
+    assert len(plain.generate_texts(mixed, max_new_tokens=2)) == 2
     with pytest.raises(ValueError, match=r"lora\.rank must be"):
         ImageLoraConfig(rank=-1)
 

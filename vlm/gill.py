@@ -67,7 +67,7 @@ from generation.gill import (
 )
 from generation.index import ImageIndex
 from vlm.model import PolychromeVLM
-from vlm.specials import Special, VLMExtension, decode_with_specials, reject_image_lora
+from vlm.specials import Special, VLMExtension, decode_with_specials
 
 __all__ = [
     "GILLVLM",
@@ -173,7 +173,6 @@ class GILLVLM(VLMExtension):
 
     def __init__(self, vlm: PolychromeVLM, config: GILLConfig) -> None:
         super().__init__()
-        reject_image_lora(vlm, "GILL")
         hidden = int(vlm.llm.config.get_text_config().hidden_size)
         if config.llm_dim != hidden:
             raise ValueError(
@@ -344,9 +343,10 @@ class GILLVLM(VLMExtension):
             pixels = batch.get("pixel_values")
             feats = self.vlm.encode_images(pixels) if pixels is not None else None
             embeds = self.vlm.embed(batch["input_ids"].to(device), feats)
-            hidden = self.vlm.llm.base_model(
-                inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device)
-            ).last_hidden_state
+            with self.vlm.image_lora(self.vlm.holds_images(batch["input_ids"])):
+                hidden = self.vlm.llm.base_model(
+                    inputs_embeds=embeds, attention_mask=batch["attention_mask"].to(device)
+                ).last_hidden_state
         targets = batch["labels"][:, 1:].to(device)
         keep = targets != -100
         loss = F.cross_entropy(self.decision_logits(hidden[:, :-1][keep]), targets[keep])

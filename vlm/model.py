@@ -30,6 +30,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import warnings
+import weakref
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -40,7 +43,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from core.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
@@ -62,7 +65,6 @@ __all__ = [
     "VLMPresetConfig",
     "load_extension",
     "save_extension",
-    "switch_lora",
 ]
 
 IMAGE_TOKEN = "<image>"  # one placeholder per visual token in the tokenized prompt
@@ -248,9 +250,15 @@ class PolychromeVLM(nn.Module):
         self.projector = projector
         self.llm.requires_grad_(False).eval()
         self.clip.requires_grad_(False).eval()
-        self._lora_layers: list[BaseTunerLayer] = []
+        # peft LoRA adapters on the LLM, by name (the image LoRA here; STAMP adds its own), each
+        # on only inside an `adapter(name)` block; `_active` counts the open blocks per adapter.
+        self._tuner_layers: list[BaseTunerLayer] = []
         self._lora_params: list[nn.Parameter] = []
-        self._lora_on = False  # inside an image_lora block
+        self._adapters: set[str] = set()
+        self._active: Counter[str] = Counter()
+        # KV caches whose sequence holds an image (vlm.specials.cached_prefix marks them): every
+        # later pass over such a cache runs with the image LoRA, as generate_texts does
+        self.image_caches: weakref.WeakSet[DynamicCache] = weakref.WeakSet()
         if config.lora.rank:
             # peft refuses only targets that match nothing at all; a typo beside a good name
             # would train without it while the config names it. The LM head is not a target.
@@ -268,15 +276,8 @@ class PolychromeVLM(nn.Module):
                 lora_dropout=config.lora.dropout,
                 target_modules=list(config.lora.targets),
             )
-            inject_adapter_in_model(lora, self.llm, adapter_name=IMAGE_ADAPTER)
-            self._lora_layers = [m for m in self.llm.modules() if isinstance(m, BaseTunerLayer)]
-            if not self._lora_layers:
-                raise ValueError(
-                    f"lora.targets {config.lora.targets} match no module of the LLM "
-                    f"{type(self.llm).__name__}"
-                )
-            self._lora_params = [p for n, p in self.llm.named_parameters() if "lora_" in n]
-            self._set_image_lora(False)
+            for p in self.add_adapter(lora, IMAGE_ADAPTER):
+                p.requires_grad_(True)  # trained with the projector (train.vlm --lora-rank)
         tokenizer.add_special_tokens(
             {"additional_special_tokens": list(config.added_tokens)},
             replace_extra_special_tokens=False,
@@ -314,27 +315,84 @@ class PolychromeVLM(nn.Module):
 
     @property
     def has_image_lora(self) -> bool:
-        return bool(self._lora_layers)
+        return IMAGE_ADAPTER in self._adapters
 
-    def _set_image_lora(self, on: bool) -> None:
-        switch_lora(self._lora_layers, self._lora_params, on)
+    def add_adapter(self, lora: LoraConfig, name: str) -> list[nn.Parameter]:
+        """Inject a peft LoRA adapter called `name` into the LLM, switched off (on inside
+        `adapter(name)` blocks); returns its parameters. ValueError if the name is taken or its
+        targets match no module. The caller sets what trains (requires_grad), and the switch
+        keeps it."""
+        if name in self._adapters:
+            raise ValueError(f"the LLM already has an adapter called {name!r}")
+        with warnings.catch_warnings():  # peft warns at a second adapter: ours are by design
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            inject_adapter_in_model(lora, self.llm, adapter_name=name)
+        layers: list[BaseTunerLayer] = [
+            m for m in self.llm.modules() if isinstance(m, BaseTunerLayer)
+        ]
+        if not any(name in cast(Any, m).lora_A for m in layers):
+            raise ValueError(
+                f"LoRA targets {sorted(lora.target_modules or [])} match no module of the LLM "
+                f"{type(self.llm).__name__}"
+            )
+        self._adapters.add(name)
+        self._tuner_layers = layers
+        self._lora_params = [p for n, p in self.llm.named_parameters() if "lora_" in n]
+        self._apply_adapters()
+        return [p for n, p in self.llm.named_parameters() if "lora_" in n and f".{name}." in n]
+
+    def _apply_adapters(self) -> None:
+        """Set every LoRA layer to the adapters of the open `adapter` blocks (none: all off),
+        keeping each LoRA weight's requires_grad: peft's switch flips it, and a weight switched
+        off between the forward and the backward would get no gradient."""
+        grads = [p.requires_grad for p in self._lora_params]
+        names = sorted(self._active)
+        for layer in self._tuner_layers:
+            if names:
+                layer.set_adapter(names)
+            layer.enable_adapters(bool(names))
+        for p, grad in zip(self._lora_params, grads, strict=True):
+            p.requires_grad_(grad)
 
     @contextlib.contextmanager
-    def image_lora(self, on: bool = True) -> Iterator[None]:
-        """The image LoRA on inside the block when `on` (a prompt holds an image), off again
-        afterwards whatever happens; nothing without one, or inside a block that has it on
-        already. The switch is the module's state, not the call's: callers that may overlap
-        hold ``self._lock`` (generate_texts, stream do; training runs one forward at a time)."""
-        if not (on and self._lora_layers) or self._lora_on:
+    def adapter(self, name: str, on: bool = True) -> Iterator[None]:
+        """The LoRA adapter `name` on inside the block when `on`, beside any adapter already on
+        (their deltas add up), off again afterwards whatever happens; blocks nest. The switch is
+        the module's state, not the call's: callers that may overlap hold ``self._lock``
+        (generate_texts, stream do; training runs one forward at a time)."""
+        if not on:
             yield
             return
-        self._lora_on = True
-        self._set_image_lora(True)
+        if name not in self._adapters:
+            raise ValueError(f"the LLM has no adapter {name!r}; it has {sorted(self._adapters)}")
+        self._active[name] += 1
+        if self._active[name] == 1:
+            self._apply_adapters()
         try:
             yield
         finally:
-            self._set_image_lora(False)
-            self._lora_on = False
+            self._active[name] -= 1
+            if not self._active[name]:
+                del self._active[name]
+                self._apply_adapters()
+
+    def holds_images(self, input_ids: torch.Tensor) -> bool:
+        """Whether the rows of a batch (B, T) hold images: the image LoRA's switch. On a core
+        with an image LoRA, a batch that mixes rows with and without images raises ValueError:
+        the switch is per forward, and would run the text-only rows with the LoRA."""
+        rows = (input_ids == self.image_token_id).reshape(-1, input_ids.shape[-1]).any(-1)
+        n = int(rows.sum())
+        if self.has_image_lora and 0 < n < rows.numel():
+            raise ValueError(
+                f"a core with an image LoRA needs batches whose rows all hold images or none do; "
+                f"{n} of {rows.numel()} rows hold images (batch them apart)"
+            )
+        return n > 0
+
+    def image_lora(self, on: bool = True) -> AbstractContextManager[None]:
+        """The image LoRA on inside the block when `on` (a prompt holds an image); nothing
+        without one (`adapter`)."""
+        return self.adapter(IMAGE_ADAPTER, on and self.has_image_lora)
 
     @classmethod
     def build(cls, config: VLMConfig, device: str | torch.device = "cpu") -> PolychromeVLM:
@@ -553,7 +611,7 @@ class PolychromeVLM(nn.Module):
         """
         feats = self.encode_images(pixel_values) if pixel_values is not None else None
         embeds = self.embed(input_ids, feats)
-        with self.image_lora(feats is not None):
+        with self.image_lora(self.holds_images(input_ids)):
             hidden = self.llm.base_model(
                 inputs_embeds=embeds, attention_mask=attention_mask
             ).last_hidden_state  # (B, T, H)
@@ -685,7 +743,7 @@ class PolychromeVLM(nn.Module):
         images = [im for p in prompts for m in p for im in (m.get("images") or ())]
         feats = self.encode_images(self.pixel_values(images)) if images else None
         embeds = self.embed(enc["input_ids"].to(self.device), feats)
-        with self._lock, self.image_lora(feats is not None):
+        with self._lock, self.image_lora(self.holds_images(enc["input_ids"])):
             out = cast(Any, self.llm).generate(
                 inputs_embeds=embeds,
                 attention_mask=enc["attention_mask"].to(self.device),
@@ -724,20 +782,10 @@ class PolychromeVLM(nn.Module):
             "inputs_embeds": embeds,
             "attention_mask": batch["attention_mask"].to(self.device),
         }
-        guard = _both(lock or self._lock, self.image_lora(feats is not None))
+        guard = _both(lock or self._lock, self.image_lora(self.holds_images(ids)))
         yield from stream_generate(
             self.llm, self.tokenizer, kwargs, lock=guard, seed=seed, timeout=timeout
         )
-
-
-def switch_lora(layers: Sequence[BaseTunerLayer], params: Sequence[nn.Parameter], on: bool) -> None:
-    """Switch peft LoRA `layers` on or off, keeping their `params` trainable: peft's switch also
-    flips requires_grad, and an adapter switched off between the forward and the backward would
-    get no gradient."""
-    for layer in layers:
-        layer.enable_adapters(on)
-    for p in params:
-        p.requires_grad_(True)
 
 
 @contextlib.contextmanager

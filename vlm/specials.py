@@ -17,8 +17,11 @@ action leaves:
         event.text, event.special, event.payload     # a text chunk, or an action's result
 
 The prompt pass (``cached_prefix``) and the one-token steps (``cached_step``) run through the bare
-LLM (``llm.base_model``: no LoRA switched on, no LM head) with one DynamicCache for the whole
-reply, so a reply that segments and shows an image reads its prompt once.
+LLM (``llm.base_model``, no LM head) with one DynamicCache for the whole reply, so a reply that
+segments and shows an image reads its prompt once. A core with an image LoRA has it on for every
+pass over a cache whose prompt holds an image, as the core's own generation does; an extension's
+own adapter (STAMP's) is switched on beside it only for its pass. As in the core, the switch is
+per forward: on such a core, rows with and without images are batched apart.
 """
 
 from __future__ import annotations
@@ -44,7 +47,6 @@ __all__ = [
     "cached_prefix",
     "cached_step",
     "decode_with_specials",
-    "reject_image_lora",
 ]
 E = TypeVar("E", bound="VLMExtension")
 
@@ -59,11 +61,16 @@ def cached_prefix(
     attention_mask: torch.Tensor,
     visual: torch.Tensor | None,
 ) -> tuple[torch.Tensor, DynamicCache]:
-    """Left-padded prompts through the bare LLM: (last hidden (B, H), the KV cache)."""
+    """Left-padded prompts through the bare LLM: (last hidden (B, H), the KV cache). A cache
+    whose prompts hold images is marked (``vlm.image_caches``): the forwards over it run with the
+    core's image LoRA, if it has one, as the core's own generation does (and, as there, rows with
+    and without images cannot share a batch on such a core: ValueError)."""
     embeds = vlm.embed(input_ids.to(vlm.device), visual)
     mask = attention_mask.to(vlm.device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
+    if vlm.holds_images(input_ids):
+        vlm.image_caches.add(cache)
     out = forward(embeds, attention_mask=mask, position_ids=positions, cache=cache)
     return out.last_hidden_state[:, -1], cache
 
@@ -81,16 +88,6 @@ def cached_step(
     positions = mask.sum(-1, keepdim=True) - 1
     out = forward(vlm.embed(ids), attention_mask=mask, position_ids=positions, cache=cache)
     return cast(torch.Tensor, out.last_hidden_state[:, -1])
-
-
-def reject_image_lora(vlm: PolychromeVLM, what: str) -> None:
-    """Extensions run the LLM through their own loops (`prefix`/`step`), which do not switch the
-    core's image LoRA on: a core with one is refused rather than run without it."""
-    if vlm.has_image_lora:
-        raise ValueError(
-            f"{what} needs a VLM core without the image LoRA; this one has lora.rank "
-            f"{vlm.config.lora.rank} (train the core with --lora-rank 0)"
-        )
 
 
 class VLMExtension(nn.Module):
@@ -153,9 +150,14 @@ class VLMExtension(nn.Module):
         model.load_extension_state(ckpt.tensors[name], what=str(directory))
         return model
 
-    def _forward(self, embeds: torch.Tensor, **kwargs: Any) -> Any:
+    def _forward(self, embeds: torch.Tensor, cache: DynamicCache, **kwargs: Any) -> Any:
+        """The bare LLM over `embeds` after `cache`; the core's image LoRA on where the cache
+        holds an image (`cached_prefix`)."""
         self.tokens_processed += int(embeds.shape[0] * embeds.shape[1])
-        return self.vlm.llm.base_model(inputs_embeds=embeds, use_cache=True, **kwargs)
+        with self.vlm.image_lora(cache in self.vlm.image_caches):
+            return self.vlm.llm.base_model(
+                inputs_embeds=embeds, use_cache=True, cache=cache, **kwargs
+            )
 
     def prefix(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: torch.Tensor | None

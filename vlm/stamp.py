@@ -13,17 +13,19 @@ How it follows the paper (segmentation/stamp.py has the mechanism and the loss):
   tokens in one forward pass, read by the head, then cropped back, so the reply continues from the
   same cache; the prefix is never recomputed (`tokens_processed` counts what the LLM reads).
 - LoRA adapters (peft) on the LLM are switched on only for the mask pass. Every other token,
-  text-only or with images, goes through the bare frozen LLM: chat logits are bitwise the VLM
-  core's (a test checks it).
+  text-only or with images, goes through the VLM core as it is (the frozen LLM, with the core's
+  image LoRA where the prompt holds an image, beside STAMP's in the mask pass): chat logits are
+  bitwise the VLM core's (tests check it, on a core with and without an image LoRA).
 - Trained: the LoRA weights, the mask head, the ``<seg>``/``<mask>`` rows, the ``<seg>`` output row
   and, when ``mask_merge > 0``, the projector of the finer mask grid. The VLM core (projector,
-  CLIP, LLM) stays frozen.
+  image LoRA, CLIP, LLM) stays frozen.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -31,8 +33,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft import LoraConfig
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
@@ -51,8 +52,8 @@ from segmentation.stamp import (
 )
 from vision.clip import dense_features
 from vision.sam import predict_masks_batched, prepare_image, sam_from_preset
-from vlm.model import PolychromeVLM, Projector, switch_lora
-from vlm.specials import Special, VLMExtension, decode_with_specials, reject_image_lora
+from vlm.model import PolychromeVLM, Projector
+from vlm.specials import Special, VLMExtension, decode_with_specials
 
 __all__ = [
     "MASK_TOKEN",
@@ -65,6 +66,7 @@ __all__ = [
 SEG_TOKEN = "<seg>"
 MASK_TOKEN = "<mask>"
 TENSOR_FILE = "stamp"  # <checkpoint>/stamp.safetensors beside vlm.safetensors
+STAMP_ADAPTER = "default"  # the peft adapter name of STAMP's LoRA (peft's default; in saved keys)
 # Instructions a segmentation request is phrased with in training ({} = the expression).
 SEG_PROMPTS = (
     "Segment {}.",
@@ -95,7 +97,6 @@ class StampVLM(VLMExtension):
 
     def __init__(self, vlm: PolychromeVLM, config: StampConfig, sam: Sam | None = None) -> None:
         super().__init__()
-        reject_image_lora(vlm, "STAMP")
         self.vlm = vlm
         self.config = config
         self.seg_id, self.mask_id = vlm.add_tokens([SEG_TOKEN, MASK_TOKEN])
@@ -108,17 +109,15 @@ class StampVLM(VLMExtension):
             lora_dropout=config.lora_dropout,
             target_modules=list(config.lora_targets),
         )
-        inject_adapter_in_model(lora, llm)
-        self._lora_layers = [m for m in llm.modules() if isinstance(m, BaseTunerLayer)]
-        if not self._lora_layers:
-            raise ValueError(
-                f"lora_targets {config.lora_targets} match no module of the LLM "
-                f"{type(llm).__name__}"
-            )
-        for name, p in llm.named_parameters():
-            p.requires_grad_("lora_" in name)
-        self._lora_params = [p for name, p in llm.named_parameters() if "lora_" in name]
-        self._set_lora(False)
+        try:
+            self._lora_params = vlm.add_adapter(lora, STAMP_ADAPTER)
+        except ValueError as err:
+            raise ValueError(f"lora_targets: {err}") from None
+        # only STAMP's adapter trains: the LLM and the core's image LoRA, if any, stay frozen
+        for p in llm.parameters():
+            p.requires_grad_(False)
+        for p in self._lora_params:
+            p.requires_grad_(True)
         vlm.projector.requires_grad_(False)  # the VLM core stays as it was trained
         self.seg_out = nn.Parameter(torch.zeros(hidden))  # the <seg> row beside the LM head
         self.seg_bias = nn.Parameter(torch.zeros(()))
@@ -162,17 +161,10 @@ class StampVLM(VLMExtension):
 
     # -- LoRA switch ----------------------------------------------------------------------------
 
-    def _set_lora(self, on: bool) -> None:
-        switch_lora(self._lora_layers, self._lora_params, on)
-
-    @contextlib.contextmanager
-    def lora(self) -> Iterator[None]:
-        """LoRA on inside the block (the mask pass), off again afterwards whatever happens."""
-        self._set_lora(True)
-        try:
-            yield
-        finally:
-            self._set_lora(False)
+    def lora(self) -> AbstractContextManager[None]:
+        """STAMP's LoRA on inside the block (the mask pass), beside the core's image LoRA where
+        the pass reads an image; off again afterwards whatever happens."""
+        return self.vlm.adapter(STAMP_ADAPTER)
 
     def train(self, mode: bool = True) -> StampVLM:
         super().train(mode)
@@ -203,7 +195,11 @@ class StampVLM(VLMExtension):
     # -- saving ---------------------------------------------------------------------------------
 
     def stamp_state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"llm.{n}": p.data for n, p in self.vlm.llm.named_parameters() if "lora_" in n}
+        state = {
+            f"llm.{n}": p.data
+            for n, p in self.vlm.llm.named_parameters()
+            if "lora_" in n and f".{STAMP_ADAPTER}." in n
+        }
         for name, module in self._trained_modules().items():
             state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         state["seg_out"] = self.seg_out.data
