@@ -248,6 +248,66 @@ def test_save_and_load_round_trip(gill, tmp_path):
     torch.testing.assert_close(a, b)
 
 
+def test_rebase_onto_a_core_with_an_image_lora(tmp_path, capsys):
+    """GILL moved onto another core (merge 2, an image LoRA): what it computes from a text-only
+    request is unchanged; a prompt with an image runs the new core with its LoRA on; the saved
+    folder attaches to the new core and is refused by the old one."""
+    from core.checkpoint import CheckpointError
+    from vlm.gill import main as gill_main
+    from vlm.model import ImageLoraConfig
+
+    model = _gill()
+    with torch.no_grad():
+        for p in model.heads.parameters():
+            p.normal_(0, 0.1)
+        model.vlm.added_embeddings.normal_()
+        model.img_out.normal_()
+    old_dir = model.save_pretrained(tmp_path / "old")
+    cfg = PolychromeConfig.from_preset("tiny")
+    torch.manual_seed(1)
+    core_cfg = VLMConfig(
+        llm=cfg.llm,
+        vision=cfg.clip,
+        projector=cfg.vlm.projector.replace(merge=1),
+        lora=ImageLoraConfig(rank=4),
+    )
+    core = PolychromeVLM.build(core_cfg)
+    with torch.no_grad():
+        for name, p in core.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    core_dir = core.save_pretrained(tmp_path / "core")
+    assert gill_main(["rebase", "--checkpoint", str(old_dir), "--vlm", str(core_dir),
+                      "--out", str(tmp_path / "new")]) == 0  # fmt: skip
+    with pytest.raises(SystemExit):  # an existing --out is not overwritten unasked
+        gill_main(["rebase", "--checkpoint", str(old_dir), "--vlm", str(core_dir),
+                   "--out", str(tmp_path / "new")])  # fmt: skip
+    assert "exists" in capsys.readouterr().err
+    core = PolychromeVLM.from_pretrained(core_dir)
+    moved = GILLVLM.from_pretrained(tmp_path / "new", vlm=core).eval()
+    with pytest.raises(CheckpointError, match="another VLM core"):
+        GILLVLM.from_pretrained(tmp_path / "new", vlm=_vlm())
+    request = [request_prompt("a red circle")]
+    with torch.no_grad():
+        a_last, a_states = model.request_states(request)
+        b_last, b_states = moved.request_states(request)
+        assert torch.equal(a_last, b_last) and torch.equal(a_states.hidden, b_states.hidden)
+        torch.testing.assert_close(model.prompt_embeds(a_states), moved.prompt_embeds(b_states))
+        assert torch.equal(model.decision_logits(a_last), moved.decision_logits(b_last))
+        # a prompt with an image: the new core's projector, with its image LoRA on
+        asked = [[{"role": "user", "content": "What is this?", "images": [_image()]}]]
+        ids, attn, visual = moved._batch(asked)
+        last, _ = moved.prefix(ids, attn, visual)
+        with core.image_lora():
+            want = core.llm.base_model(
+                inputs_embeds=core.embed(ids, visual), attention_mask=attn
+            ).last_hidden_state[:, -1]
+    torch.testing.assert_close(last, want, rtol=1e-5, atol=1e-5)
+    other = PolychromeVLM.build(core_cfg.replace(llm=cfg.llm.replace(dtype="bf16")))
+    with pytest.raises(CheckpointError, match="another LLM or CLIP"):
+        GILLVLM.rebase(old_dir, other)
+
+
 def test_training_steps_lower_each_loss(pipe):
     images = [_image(i) for i in range(4)]
     captions = [

@@ -760,7 +760,8 @@ def compose_description(rng: np.random.Generator) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vlm.gill",
-        description="Build an image index in a GILL checkpoint's retrieval space.",
+        description="Build an image index in a GILL checkpoint's retrieval space, or move a "
+        "checkpoint onto another VLM core.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("index", help="index every image under a folder")
@@ -768,7 +769,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     build.add_argument("--images", type=Path, required=True, help="folder of images (recursive)")
     build.add_argument("--out", type=Path, required=True, help="index folder to write")
     build.add_argument("--kind", choices=("exact", "ivf", "hnsw"), default="exact")
+    move = sub.add_parser(
+        "rebase",
+        help="re-save a checkpoint on another VLM core (GILLVLM.rebase)",
+        description="Re-save a GILL checkpoint on another VLM core (same LLM and CLIP): GILL's "
+        "heads and [IMG] rows as trained, the new core's projector and image LoRA. What GILL "
+        "computes from a text-only request is unchanged (it reads only the frozen LLM); replies "
+        "to prompts with images go through the new core. The index stays valid.",
+    )
+    move.add_argument("--checkpoint", type=Path, required=True, help="a GILL checkpoint folder")
+    move.add_argument("--vlm", type=Path, required=True, help="the VLM core to move it onto")
+    move.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
+    move.add_argument(
+        "--dtype", choices=("float32", "float16"), default="float32", help="tensors as saved"
+    )
+    move.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
+    if args.command == "rebase":
+        if args.out.exists() and not args.overwrite:
+            parser.error(f"{args.out} exists; pass --overwrite to replace it")
+        try:
+            core = PolychromeVLM.from_pretrained(args.vlm)
+            moved = GILLVLM.rebase(args.checkpoint, core)
+        except (ValueError, OSError) as err:  # CheckpointError is a ValueError
+            parser.error(str(err))
+        meta = {"rebased_from": str(args.checkpoint), "vlm": str(args.vlm)}
+        dtype = getattr(torch, args.dtype)
+        moved.save_pretrained(args.out, dtype=dtype, metadata=meta, overwrite=args.overwrite)
+        print(f"{args.out}: {args.checkpoint} on the core {args.vlm}")
+        return 0
     gill = GILLVLM.from_pretrained(args.checkpoint).eval()
     index = gill.build_index(args.images, args.kind)
     index.metadata["checkpoint"] = str(args.checkpoint.resolve())

@@ -37,6 +37,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from core.checkpoint import CheckpointError
 from core.config import Config
 from vlm.model import PolychromeVLM, load_extension, load_extension_core, save_extension
 
@@ -149,6 +150,33 @@ class VLMExtension(nn.Module):
         load_extension_core(core, ckpt, model.own_tokens, vlm is not None, what=str(directory))
         model.load_extension_state(ckpt.tensors[name], what=str(directory))
         return model
+
+    @classmethod
+    def rebase(
+        cls: type[E],
+        directory: str | os.PathLike[str],
+        vlm: PolychromeVLM,
+    ) -> E:
+        """The extension saved in `directory`, moved onto another VLM core `vlm` (same LLM and
+        CLIP; any projector and image LoRA): its own tensors and token rows as trained, the rest
+        of the core `vlm`'s. Sound for what the extension computes from text-only prompts, which
+        read no part of the core but the frozen LLM (GILL's requests); whatever reads an image
+        goes through the new core untrained (STAMP's masks do: retrain STAMP instead).
+        CheckpointError if the LLM or CLIP differ."""
+        old = cls.from_pretrained(directory, device=vlm.device)
+        mine, theirs = vlm.config.to_dict(), old.vlm.config.to_dict()
+        differ = [k for k in ("llm", "vision") if mine[k] != theirs[k]]
+        if differ:
+            raise CheckpointError(
+                f"{directory} was trained on another LLM or CLIP than this core's (differs in: "
+                f"{', '.join(differ)}); rebasing moves an extension between projectors only"
+            )
+        new = cls(vlm, old.config)
+        for token in new.own_tokens:
+            row = old.vlm.added_embeddings[old.vlm.config.added_tokens.index(token)]
+            vlm.added_embeddings.data[vlm.config.added_tokens.index(token)] = row.detach()
+        new.load_extension_state(old.extension_state_dict(), what=str(directory))
+        return new
 
     def _forward(self, embeds: torch.Tensor, cache: DynamicCache, **kwargs: Any) -> Any:
         """The bare LLM over `embeds` after `cache`; the core's image LoRA on where the cache
