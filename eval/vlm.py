@@ -221,6 +221,21 @@ def evaluate_vlm(
             {"q": q["question"], "answer": q["answer"], "reply": rep}
             for (_, q), rep in list(zip(questions, replies, strict=True))[:10]
         ],
+        # every question's reply, for error analysis (e.g. what position questions get)
+        "qa_replies": [
+            {
+                "image": str(r.image),
+                "type": q.get("type") or "other",
+                "q": q["question"],
+                "answer": q["answer"],
+                "reply": rep,
+                "right": normalise_answer(rep) == normalise_answer(q["answer"]),
+            }
+            for (r, q), rep in zip(questions, replies, strict=True)
+        ],
+        "captions": [
+            {"image": str(r.image), "caption": c} for r, c in zip(records, captions, strict=True)
+        ],
     }
 
 

@@ -425,6 +425,13 @@ def test_train_resumes_exactly_and_eval_runs(shapeworld, tmp_path):
     result = json.loads(out.read_text())
     assert result["images"] == 2 and result["questions"] > 0
     assert 0.0 <= result["qa_accuracy"]["overall"] <= 1.0
+    # every question's reply is kept, and the per-question verdicts add up to the accuracy
+    replies = result["qa_replies"]
+    assert len(replies) == result["questions"] and len(result["captions"]) == 2
+    right = sum(r["right"] for r in replies) / len(replies)
+    assert right == pytest.approx(result["qa_accuracy"]["overall"])
+    assert all(r["right"] == (normalise_answer(r["reply"]) == normalise_answer(r["answer"]))
+               for r in replies)  # fmt: skip
     with pytest.raises(SystemExit):
         train_main([*common, "--out", str(tmp_path / "x"), "--align-steps", "9"])
     # --merge: the saved projector reads 1x1 blocks (the preset's is 2x2); 3 does not divide.
