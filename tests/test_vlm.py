@@ -107,6 +107,26 @@ def test_projector_merges_each_block_of_patches_in_reading_order():
         proj(torch.randn(1, 9, 3), (3, 3))
 
 
+def test_learned_position_embeddings_add_each_tokens_row_and_column():
+    torch.manual_seed(0)
+    plain = Projector(vision_width=3, llm_width=5, merge=2)
+    proj = Projector(vision_width=3, llm_width=5, merge=2, position_grid=(2, 2))
+    proj.load_state_dict(plain.state_dict(), strict=False)  # the same MLP
+    assert proj.row_embed is not None and proj.col_embed is not None
+    tokens = torch.randn(1, 16, 3)  # a 4x4 patch grid -> 2x2 visual tokens
+    got = proj(tokens, (4, 4)) - plain(tokens, (4, 4))
+    for k, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):  # reading order
+        torch.testing.assert_close(got[0, k], proj.row_embed[r] + proj.col_embed[c])
+    with pytest.raises(ValueError, match="for a 2x2 token grid, received 3x3"):
+        proj(torch.randn(1, 36, 3), (6, 6))
+    with pytest.raises(ValueError, match="position must be one of"):
+        ProjectorConfig(position="sincos")
+    cfg = PolychromeConfig.from_preset("tiny")
+    vlm_cfg = cfg.vlm.core_config(cfg.llm, cfg.clip, position="learned")
+    vlm = PolychromeVLM.build(vlm_cfg)
+    assert {"projector.row_embed", "projector.col_embed"} <= set(vlm.trained_state_dict())
+
+
 def test_labels_cover_only_the_assistant_replies(vlm):
     conv = [
         {"role": "user", "content": "Describe it.", "images": [_image()]},
@@ -444,6 +464,13 @@ def test_train_resumes_exactly_and_eval_runs(shapeworld, tmp_path):
     assert m1["projector.fc1.weight"].shape[1] == width
     with pytest.raises(SystemExit):
         train_main([*merged[:-1], "3", "--out", str(tmp_path / "m3")])
+    # --position learned: the row and column embeddings train and are saved with the projector
+    assert train_main([*merged[:-2], "--position", "learned", "--out", str(tmp_path / "p")]) == 0
+    saved = json.loads((tmp_path / "p" / "final" / "manifest.json").read_text())["config"]
+    assert saved["projector"]["position"] == "learned"
+    pos = load_file(str(tmp_path / "p" / "final" / "vlm.safetensors"))
+    rows, cols = pos["projector.row_embed"], pos["projector.col_embed"]
+    assert rows.ndim == cols.ndim == 2 and rows.shape[1] == cols.shape[1] == 32  # tiny LLM width
 
 
 def test_mfu_bench_counts_the_llm_body_by_hand_and_reports(vlm, shapeworld, tmp_path):

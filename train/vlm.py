@@ -58,7 +58,7 @@ from train.common import (
     save_training_state,
 )
 from vlm.config import PolychromeConfig
-from vlm.model import OUTPUT_NORMS, PolychromeVLM, VLMConfig
+from vlm.model import OUTPUT_NORMS, POSITIONS, PolychromeVLM, VLMConfig
 
 RESUME_KEYS = ("vlm", "seed", "batch_size", "lr", "align_steps", "steps", "data", "init_from")
 
@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="normalise the visual tokens: rms = an RMSNorm with a gain started at the LLM "
         "embeddings' scale (default: the preset's projector.output_norm)",
+    )
+    parser.add_argument(
+        "--position",
+        choices=POSITIONS,
+        default=None,
+        help="learned = add learned row and column embeddings to the visual tokens (default: "
+        "the preset's projector.position)",
     )
     parser.add_argument(
         "--merge",
@@ -198,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             preset.clip,
             merge=args.merge,
             output_norm=args.projector_norm,
+            position=args.position,
             lora_rank=args.lora_rank,
             lora_targets=args.lora_targets,
         )
@@ -259,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         if saved != vlm_cfg and not adds_lora:
             parser.error(
                 f"--init-from {args.init_from}: its VLM config differs from this run's "
-                "(the preset's, with --merge, --projector-norm, --lora-rank and --lora-targets if "
-                "given)"
+                "(the preset's, with --merge, --projector-norm, --position, --lora-rank and "
+                "--lora-targets if given)"
             )
         state = ckpt.tensors["vlm"]
         if adds_lora:  # the fresh LoRA's tensors, and nothing else, from this run's model
@@ -385,6 +393,8 @@ def write_model_card(folder: Path, run_config: dict[str, Any], metadata: dict[st
     vlm = run_config["vlm"]
     merge = vlm["projector"]["merge"]
     norm = ", output RMSNorm" if vlm["projector"].get("output_norm") == "rms" else ""
+    if vlm["projector"].get("position") == "learned":
+        norm += ", learned row and column embeddings"
     rank = vlm.get("lora", {}).get("rank", 0)
     targets = "/".join(vlm.get("lora", {}).get("targets", []))
     lora = (

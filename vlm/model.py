@@ -71,6 +71,7 @@ IMAGE_TOKEN = "<image>"  # one placeholder per visual token in the tokenized pro
 IGNORE_INDEX = -100  # label of positions without a loss (prompt, images, padding)
 TENSOR_FILE = "vlm"  # <checkpoint>/vlm.safetensors
 OUTPUT_NORMS = ("none", "rms")  # ProjectorConfig.output_norm
+POSITIONS = ("none", "learned")  # ProjectorConfig.position
 IMAGE_ADAPTER = "image"  # the peft adapter name of ImageLoraConfig's LoRA
 
 
@@ -85,8 +86,15 @@ class ProjectorConfig(Config):
     # the residual stream at the scale of text (unnormalised, ours grew to ~100x the embeddings'
     # norm: docs/RESULTS.md, VLM core).
     output_norm: str = "none"
+    # "none": the visual tokens carry position only through CLIP's features and their order in
+    # the prompt (LLaVA). "learned": a learned embedding of each token's row plus one of its
+    # column is added to the projector's output (ViT-style factorised 2D position embeddings),
+    # so each visual token states its grid cell in the LLM's residual stream.
+    position: str = "none"
 
     def __post_init__(self) -> None:
+        if self.position not in POSITIONS:
+            raise ValueError(f"position must be one of {POSITIONS}, received {self.position!r}")
         if not 1 <= self.merge <= 16:
             raise ValueError(f"merge must be in [1, 16], received {self.merge}")
         if self.hidden < 0:
@@ -154,14 +162,15 @@ class VLMPresetConfig(Config):
         *,
         merge: int | None = None,
         output_norm: str | None = None,
+        position: str | None = None,
         lora_rank: int = 0,
         lora_targets: Sequence[str] | None = None,
     ) -> VLMConfig:
         """The core a training run builds: this projector with the run's overrides (train.vlm's
-        and bench.mfu's --merge, --projector-norm, --lora-rank, --lora-targets; None keeps the
-        preset's). ValueError naming the setting on a bad value."""
+        and bench.mfu's --merge, --projector-norm, --position, --lora-rank, --lora-targets; None
+        keeps the preset's). ValueError naming the setting on a bad value."""
         projector = self.projector
-        for name, value in (("merge", merge), ("output_norm", output_norm)):
+        for name, value in (("merge", merge), ("output_norm", output_norm), ("position", position)):
             if value is not None:
                 try:
                     projector = projector.replace(**{name: value})
@@ -198,6 +207,7 @@ class Projector(nn.Module):
         hidden: int = 0,
         output_norm: str = "none",
         output_rms: float = 1.0,
+        position_grid: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if output_norm not in OUTPUT_NORMS:
@@ -213,6 +223,14 @@ class Projector(nn.Module):
         if output_norm == "rms":
             self.out_norm = nn.RMSNorm(llm_width, eps=1e-6)
             nn.init.constant_(self.out_norm.weight, output_rms)
+        # ProjectorConfig.position "learned": (rows, cols) of the token grid; the embeddings
+        # start at N(0, 1) per coordinate (a random, distinct vector per row and per column)
+        self.row_embed: nn.Parameter | None = None
+        self.col_embed: nn.Parameter | None = None
+        if position_grid is not None:
+            rows, cols = position_grid
+            self.row_embed = nn.Parameter(torch.randn(rows, llm_width))
+            self.col_embed = nn.Parameter(torch.randn(cols, llm_width))
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         b, n, d = tokens.shape  # (B, h*w, D_vis)
@@ -226,6 +244,15 @@ class Projector(nn.Module):
         x = tokens.reshape(b, h // s, s, w // s, s, d).permute(0, 1, 3, 2, 4, 5)
         x = x.reshape(b, (h // s) * (w // s), s * s * d)  # (B, N_vis, s*s*D_vis)
         out = self.fc2(self.act(self.fc1(self.norm(x))))  # (B, N_vis, H)
+        if self.row_embed is not None and self.col_embed is not None:
+            rows, cols = self.row_embed.shape[0], self.col_embed.shape[0]
+            if (h // s, w // s) != (rows, cols):
+                raise ValueError(
+                    f"the position embeddings are for a {rows}x{cols} token grid, received "
+                    f"{h // s}x{w // s}"
+                )
+            pos = self.row_embed[:, None, :] + self.col_embed[None, :, :]  # (rows, cols, H)
+            out = out + pos.reshape(rows * cols, -1).to(out.dtype)
         # in fp32 under autocast too (CPU autocast leaves rms_norm out, CUDA's runs it in fp32)
         return out if self.out_norm is None else self.out_norm(out.float())
 
@@ -411,6 +438,11 @@ class PolychromeVLM(nn.Module):
             output_rms = (
                 float(torch.linalg.vector_norm(emb, dtype=torch.float32)) / emb.numel() ** 0.5
             )
+        position_grid = None
+        if config.projector.position == "learned":
+            gh, gw = _grid(clip.model, _image_size(clip.preprocess))
+            s = config.projector.merge
+            position_grid = (gh // s, gw // s)
         projector = Projector(
             vision_width,
             int(llm.config.get_text_config().hidden_size),
@@ -418,6 +450,7 @@ class PolychromeVLM(nn.Module):
             config.projector.hidden,
             config.projector.output_norm,
             output_rms=output_rms,
+            position_grid=position_grid,
         ).to(device)
         vlm = cls(config, llm, tokenizer, clip, projector)
         vlm.added_embeddings.data = vlm.added_embeddings.data.to(device)
