@@ -120,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--merge", type=int, default=None, help="projector patch merge (default: the preset's)"
     )
     parser.add_argument(
-        "--lora-rank", type=int, default=0, help="image LoRA rank, as train.vlm's (0 = none)"
+        "--lora-rank",
+        type=int,
+        default=None,
+        help="image LoRA rank, as train.vlm's (0 = none; default: the preset's)",
     )
     parser.add_argument(
         "--lora-targets", nargs="+", default=None, metavar="MODULE", help="as train.vlm's"

@@ -45,7 +45,7 @@ from data.formats import FormatError, read_imagefolder
 from data.language import number_word, plural
 from data.scene import COLOURS, SHAPES
 from vlm.config import PolychromeConfig
-from vlm.model import PolychromeVLM, VLMConfig
+from vlm.model import PolychromeVLM
 
 DESCRIBE = "Describe the image."
 QA_TYPES = ("count", "colour", "shape", "position", "exists")
@@ -138,9 +138,7 @@ def load_vlm(args: argparse.Namespace) -> PolychromeVLM:
     preset = PolychromeConfig.from_preset(args.preset)
     if preset.vlm.checkpoint:
         return PolychromeVLM.from_pretrained(project_path(preset.vlm.checkpoint))
-    return PolychromeVLM.build(
-        VLMConfig(llm=preset.llm, vision=preset.clip, projector=preset.vlm.projector)
-    )
+    return PolychromeVLM.build(preset.vlm.core_config(preset.llm, preset.clip))
 
 
 def evaluate_vlm(

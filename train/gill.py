@@ -91,7 +91,7 @@ from vlm.gill import (
     load_scenes,
     scenes_from_pairs,
 )
-from vlm.model import PolychromeVLM, VLMConfig
+from vlm.model import PolychromeVLM
 
 # Text-only prompts the model must answer in text, never with [IMG0]: some about shapes, so that
 # the request phrasing, not the topic, is what makes it fire.
@@ -232,9 +232,7 @@ def build_model(
     if vlm_dir is None and preset.vlm.checkpoint:
         vlm_dir = project_path(preset.vlm.checkpoint)
     if vlm_dir is None:
-        vlm = PolychromeVLM.build(
-            VLMConfig(llm=preset.llm, vision=preset.clip, projector=preset.vlm.projector)
-        )
+        vlm = PolychromeVLM.build(preset.vlm.core_config(preset.llm, preset.clip))
     else:
         vlm = PolychromeVLM.from_pretrained(vlm_dir)
     width = args.mapper_width

@@ -206,10 +206,8 @@ def build_model(
     if vlm_dir is None and preset.vlm.checkpoint:
         vlm_dir = project_path(preset.vlm.checkpoint)
     if vlm_dir is None:
-        from vlm.model import VLMConfig
-
         vlm = PolychromeVLM.build(
-            VLMConfig(llm=preset.llm, vision=preset.clip, projector=preset.vlm.projector),
+            preset.vlm.core_config(preset.llm, preset.clip),
             device=device,
         )
     else:
@@ -389,7 +387,8 @@ def write_model_card(folder: Path, run_config: dict[str, Any], metadata: dict[st
     cfg = run_config["stamp"]
     title = f"Referring segmentation, method `{cfg['method']}` (`StampVLM`, train/stamp.py)"
     intro = (
-        f"On the frozen VLM core `{run_config['vlm']}` (its LLM, CLIP and projector unchanged). "
+        f"On the frozen VLM core `{run_config['vlm']}` (its LLM, CLIP, projector and image LoRA, "
+        "if it has one, unchanged). "
         f"Trained: LoRA r={cfg['lora_rank']} on {cfg['lora_targets']} (active only while the "
         "mask is made), the <seg>/<mask> rows, the <seg> output row, and the method's head."
     )

@@ -109,10 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--lora-rank",
         type=int,
-        default=0,
+        default=None,
         help="LoRA of this rank on the LLM (attention by default, see --lora-targets), on only "
         "for prompts with an image (text-only prompts stay the bare LLM's); 0 = none, the LLM "
-        "frozen (default)",
+        "frozen (default: the preset's vlm.lora.rank)",
     )
     parser.add_argument(
         "--lora-targets",

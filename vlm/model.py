@@ -148,9 +148,11 @@ class VLMConfig(Config):
 
 @dataclass
 class VLMPresetConfig(Config):
-    """The preset's VLM: projector settings and where its trained weights are."""
+    """The preset's VLM: the core's settings (projector, image LoRA) and where its trained
+    weights are."""
 
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    lora: ImageLoraConfig = field(default_factory=ImageLoraConfig)
     checkpoint: str | None = (
         None  # folder of PolychromeVLM.save_pretrained; None = random projector
     )
@@ -163,12 +165,13 @@ class VLMPresetConfig(Config):
         merge: int | None = None,
         output_norm: str | None = None,
         position: str | None = None,
-        lora_rank: int = 0,
+        lora_rank: int | None = None,
         lora_targets: Sequence[str] | None = None,
     ) -> VLMConfig:
-        """The core a training run builds: this projector with the run's overrides (train.vlm's
-        and bench.mfu's --merge, --projector-norm, --position, --lora-rank, --lora-targets; None
-        keeps the preset's). ValueError naming the setting on a bad value."""
+        """The core a training run builds: this projector and image LoRA with the run's
+        overrides (train.vlm's and bench.mfu's --merge, --projector-norm, --position,
+        --lora-rank, --lora-targets; None keeps the preset's). ValueError naming the setting on
+        a bad value."""
         projector = self.projector
         for name, value in (("merge", merge), ("output_norm", output_norm), ("position", position)):
             if value is not None:
@@ -176,10 +179,11 @@ class VLMPresetConfig(Config):
                     projector = projector.replace(**{name: value})
                 except ValueError as err:
                     raise ValueError(f"{name}: {err}") from None
-        if lora_targets is not None and lora_rank == 0:
+        rank = self.lora.rank if lora_rank is None else lora_rank
+        if lora_targets is not None and rank == 0:
             raise ValueError("lora targets need a LoRA: a rank > 0")
         try:
-            lora = ImageLoraConfig(rank=lora_rank)
+            lora = self.lora.replace(rank=rank)
             if lora_targets is not None:
                 lora = lora.replace(targets=list(lora_targets))
         except ValueError as err:
