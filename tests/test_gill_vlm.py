@@ -285,6 +285,8 @@ def test_rebase_onto_a_core_with_an_image_lora(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
     core = PolychromeVLM.from_pretrained(core_dir)
     moved = GILLVLM.from_pretrained(tmp_path / "new", vlm=core).eval()
+    # the core's image LoRA is frozen with the rest of the core (GILL trains none of it)
+    assert not any(p.requires_grad for p in core.llm.parameters())
     with pytest.raises(CheckpointError, match="another VLM core"):
         GILLVLM.from_pretrained(tmp_path / "new", vlm=_vlm())
     request = [request_prompt("a red circle")]

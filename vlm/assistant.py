@@ -51,7 +51,7 @@ from lm.sparsity.switch import WEIGHTS, SparsitySwitch
 from lm.streaming import stream_generate
 from vlm.config import PolychromeConfig
 from vlm.gill import GILLVLM, IMG_TOKENS, REQUEST_TEMPLATES, GILLImage, ImageMaker, Source
-from vlm.model import PolychromeVLM, VLMConfig
+from vlm.model import PolychromeVLM
 from vlm.specials import Special, decode_with_specials
 from vlm.stamp import SEG_PROMPTS, SEG_TOKEN, StampVLM
 
@@ -275,8 +275,7 @@ class Assistant:
                 guidance_scale=cfg.diffusion.guidance_scale,
             )
         if vlm is None:
-            vlm_cfg = VLMConfig(llm=cfg.llm, vision=cfg.clip, projector=cfg.vlm.projector)
-            vlm = PolychromeVLM.build(vlm_cfg, device=device)
+            vlm = PolychromeVLM.build(cfg.vlm.core_config(cfg.llm, cfg.clip), device=device)
         return cls(
             vlm.llm,
             vlm.tokenizer,

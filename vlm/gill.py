@@ -190,7 +190,9 @@ class GILLVLM(VLMExtension):
         # gradient hook below: GILL's tokens are the last ones a GILLVLM's core gets.
         self.img_ids = vlm.add_tokens(self.img_tokens)
         self.own_tokens = self.img_tokens
-        vlm.projector.requires_grad_(False)  # the VLM core stays as it was trained
+        # the VLM core stays as it was trained (an image LoRA left trainable would get no
+        # gradient here and stall DDP's reduction)
+        vlm.freeze_core()
         rows = [vlm.config.added_tokens.index(t) for t in self.img_tokens]
         keep = torch.zeros(len(vlm.added_ids), 1)
         keep[rows] = 1.0

@@ -379,9 +379,14 @@ class PolychromeVLM(nn.Module):
         grads = [p.requires_grad for p in self._lora_params]
         names = sorted(self._active)
         for layer in self._tuner_layers:
-            if names:
+            if names and list(layer.active_adapters) != names:
                 layer.set_adapter(names)
-            layer.enable_adapters(bool(names))
+            # peft's enable_adapters() sets this flag and also resets every adapter's
+            # requires_grad, which costs ~20x the flag (6 ms a switch on SmolLM2, where a decoded
+            # token takes ~50 ms, and the extensions switch per token): set the flag alone.
+            # LoRA layers run their base layer alone while it is set (tests/test_vlm.py checks
+            # text-only logits stay bitwise the bare LLM's).
+            layer._disable_adapters = not names
         for p, grad in zip(self._lora_params, grads, strict=True):
             p.requires_grad_(grad)
 
@@ -397,15 +402,23 @@ class PolychromeVLM(nn.Module):
         if name not in self._adapters:
             raise ValueError(f"the LLM has no adapter {name!r}; it has {sorted(self._adapters)}")
         self._active[name] += 1
-        if self._active[name] == 1:
-            self._apply_adapters()
         try:
+            if self._active[name] == 1:
+                self._apply_adapters()
             yield
         finally:
             self._active[name] -= 1
             if not self._active[name]:
                 del self._active[name]
                 self._apply_adapters()
+
+    def freeze_core(self) -> None:
+        """Freeze what the core trained (the projector, the image LoRA), as an extension built
+        on it does; the added token rows stay trainable (extensions mask their gradient)."""
+        self.projector.requires_grad_(False)
+        for name, p in self.llm.named_parameters():
+            if "lora_" in name and f".{IMAGE_ADAPTER}." in name:
+                p.requires_grad_(False)
 
     def holds_images(self, input_ids: torch.Tensor) -> bool:
         """Whether the rows of a batch (B, T) hold images: the image LoRA's switch. On a core
@@ -896,8 +909,8 @@ def load_extension(
     Without ``vlm``, the core is built from the checkpoint without the extension's own added
     tokens. With ``vlm`` (a core shared by several extensions: STAMP and GILL in one Assistant),
     the extension attaches to it; it must be the core the extension was trained on (same LLM,
-    CLIP and projector config, projector tensors equal), else CheckpointError. The caller then
-    builds the extension (which adds its tokens) and calls `load_extension_core`.
+    CLIP, projector and image LoRA config, their tensors equal), else CheckpointError. The caller
+    then builds the extension (which adds its tokens) and calls `load_extension_core`.
     """
     ckpt = load_checkpoint(directory)
     if set(ckpt.tensors) != {TENSOR_FILE, name} or name not in ckpt.config:
@@ -914,10 +927,10 @@ def load_extension(
             ckpt,
         )
     mine, theirs = vlm.config.to_dict(), vlm_cfg.to_dict()
-    differ = [k for k in ("llm", "vision", "projector") if mine[k] != theirs[k]]
+    differ = [k for k in ("llm", "vision", "projector", "lora") if mine[k] != theirs[k]]
     saved = ckpt.tensors[TENSOR_FILE]
     for key, value in vlm.trained_state_dict().items():
-        if key.startswith("projector.") and not (
+        if key.startswith(("projector.", "llm.")) and not (
             key in saved
             and saved[key].shape == value.shape
             and torch.allclose(saved[key].float().cpu(), value.float().cpu(), atol=1e-3)

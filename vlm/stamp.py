@@ -113,12 +113,10 @@ class StampVLM(VLMExtension):
             self._lora_params = vlm.add_adapter(lora, STAMP_ADAPTER)
         except ValueError as err:
             raise ValueError(f"lora_targets: {err}") from None
-        # only STAMP's adapter trains: the LLM and the core's image LoRA, if any, stay frozen
-        for p in llm.parameters():
-            p.requires_grad_(False)
+        # only STAMP's adapter trains in the LLM: the core's image LoRA, if any, stays frozen
+        vlm.freeze_core()
         for p in self._lora_params:
             p.requires_grad_(True)
-        vlm.projector.requires_grad_(False)  # the VLM core stays as it was trained
         self.seg_out = nn.Parameter(torch.zeros(hidden))  # the <seg> row beside the LM head
         self.seg_bias = nn.Parameter(torch.zeros(()))
         self.head: MaskHead | None = None
