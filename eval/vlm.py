@@ -1,6 +1,6 @@
 """Evaluate a VLM on ShapeWorld: caption attribute F1 and QA accuracy by question type.
 
-    python -m eval.vlm --checkpoint checkpoints/shapes/vlm --data out/shapeworld --split test
+    python -m eval.vlm --checkpoint checkpoints/shapes/vlm_lora --data out/shapeworld --split test
     python -m eval.vlm --preset shapes --data out/shapeworld --split test --limit 100 \\
         --out runs/vlm/eval_test.json
 

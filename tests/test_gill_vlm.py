@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -262,7 +263,7 @@ def test_rebase_onto_a_core_with_an_image_lora(tmp_path, capsys):
             p.normal_(0, 0.1)
         model.vlm.added_embeddings.normal_()
         model.img_out.normal_()
-    old_dir = model.save_pretrained(tmp_path / "old")
+    old_dir = model.save_pretrained(tmp_path / "old", metadata={"history": "its training"})
     cfg = PolychromeConfig.from_preset("tiny")
     torch.manual_seed(1)
     core_cfg = VLMConfig(
@@ -283,6 +284,8 @@ def test_rebase_onto_a_core_with_an_image_lora(tmp_path, capsys):
         gill_main(["rebase", "--checkpoint", str(old_dir), "--vlm", str(core_dir),
                    "--out", str(tmp_path / "new")])  # fmt: skip
     assert "exists" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "new" / "manifest.json").read_text())["metadata"]
+    assert meta["history"] == "its training" and meta["rebase"]["vlm"] == str(core_dir)
     core = PolychromeVLM.from_pretrained(core_dir)
     moved = GILLVLM.from_pretrained(tmp_path / "new", vlm=core).eval()
     # the core's image LoRA is frozen with the rest of the core (GILL trains none of it)

@@ -49,7 +49,7 @@ from PIL import Image
 from torch import nn
 from transformers import DynamicCache
 
-from core.checkpoint import CheckpointError, load_state_strict
+from core.checkpoint import CheckpointError, load_checkpoint, load_state_strict
 from core.images import load_rgb
 from data.datasets import InstanceDataset, shapeworld_paths
 from data.formats import read_coco_captions
@@ -795,7 +795,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             moved = GILLVLM.rebase(args.checkpoint, core)
         except (ValueError, OSError) as err:  # CheckpointError is a ValueError
             parser.error(str(err))
-        meta = {"rebased_from": str(args.checkpoint), "vlm": str(args.vlm)}
+        # the source's own metadata (its training history) goes with it
+        meta = {
+            **load_checkpoint(args.checkpoint).metadata,
+            "rebase": {"from": str(args.checkpoint), "vlm": str(args.vlm)},
+        }
         dtype = getattr(torch, args.dtype)
         moved.save_pretrained(args.out, dtype=dtype, metadata=meta, overwrite=args.overwrite)
         print(f"{args.out}: {args.checkpoint} on the core {args.vlm}")

@@ -1,7 +1,7 @@
 """The vision-language model: CLIP patch features -> projector -> visual tokens in a frozen LLM.
 
     vlm = PolychromeVLM.build(VLMConfig(...))                 # random projector
-    vlm = PolychromeVLM.from_pretrained("checkpoints/shapes/vlm")
+    vlm = PolychromeVLM.from_pretrained("checkpoints/shapes/vlm_lora")
     batch = vlm.prepare([{"role": "user", "content": "What is this?", "images": [img]}])
     out = vlm(**batch)                                        # VLMOutput(logits=(B, T, V))
 
@@ -11,8 +11,8 @@ How an image becomes tokens (LLaVA-1.5's recipe, with a patch merge so a CPU can
    (vision.clip.dense_features; a ConvNeXt tower's feature map goes the same way).
 2. Each s x s block of neighbouring patches is concatenated into one vector
    (B, h/s * w/s, s*s*D_vis), as InternVL / Qwen2-VL do: the 16x16 patches of the ShapeWorld CLIP
-   become 4x4 = 16 tokens that keep every patch's features (avg-pooling would blur positions and
-   counts).
+   become 8x8 = 64 tokens with the shapes preset's s = 2, keeping every patch's features
+   (avg-pooling would blur positions and counts).
 3. A 2-layer MLP (LayerNorm, Linear, GELU, Linear) maps them to the LLM's embedding width;
    with ``ProjectorConfig.output_norm = "rms"`` an RMSNorm follows, its gain started at the scale
    of the LLM's token embeddings.
