@@ -75,6 +75,16 @@ def sharp_vlm():
     return sharpened_tiny_vlm()
 
 
+def image_lora_last_hidden(core, input_ids, attention_mask, visual):
+    """The reference an extension's prefix must match on a core with an image LoRA: the core's
+    own forward over the prompt with the LoRA on, last position (B, H)."""
+    with torch.no_grad(), core.image_lora():
+        hidden = core.llm.base_model(
+            inputs_embeds=core.embed(input_ids, visual), attention_mask=attention_mask
+        ).last_hidden_state
+    return hidden[:, -1]
+
+
 def tiny_autoencoder_kl():
     """An SD-style AutoencoderKL of diffusers' get_dummy_components sizes (factor 2, 4 latent
     channels), random weights."""

@@ -224,7 +224,8 @@ def test_reply_messages_show_the_images(gill, maker):
     assert captions == ["image 1: generated", "image 2: generated"]
 
 
-def test_save_and_load_round_trip(gill, tmp_path):
+def _trained_gill() -> GILLVLM:
+    """The tiny GILL with random heads, rows and [IMG0] output row, as if trained."""
     model = _gill()
     with torch.no_grad():
         for p in model.heads.parameters():
@@ -232,6 +233,11 @@ def test_save_and_load_round_trip(gill, tmp_path):
         model.vlm.added_embeddings.normal_()
         model.img_out.normal_()
         model.img_bias.fill_(0.7)
+    return model
+
+
+def test_save_and_load_round_trip(gill, tmp_path):
+    model = _trained_gill()
     path = model.save_pretrained(tmp_path / "gill")
     loaded = GILLVLM.from_pretrained(path)
     for a, b in ((model.gill_state_dict(), loaded.gill_state_dict()),
@@ -253,16 +259,13 @@ def test_rebase_onto_a_core_with_an_image_lora(tmp_path, capsys):
     """GILL moved onto another core (merge 2, an image LoRA): what it computes from a text-only
     request is unchanged; a prompt with an image runs the new core with its LoRA on; the saved
     folder attaches to the new core and is refused by the old one."""
+    from conftest import image_lora_last_hidden
+
     from core.checkpoint import CheckpointError
     from vlm.gill import main as gill_main
     from vlm.model import ImageLoraConfig
 
-    model = _gill()
-    with torch.no_grad():
-        for p in model.heads.parameters():
-            p.normal_(0, 0.1)
-        model.vlm.added_embeddings.normal_()
-        model.img_out.normal_()
+    model = _trained_gill()
     old_dir = model.save_pretrained(tmp_path / "old", metadata={"history": "its training"})
     cfg = PolychromeConfig.from_preset("tiny")
     torch.manual_seed(1)
@@ -303,10 +306,7 @@ def test_rebase_onto_a_core_with_an_image_lora(tmp_path, capsys):
         asked = [[{"role": "user", "content": "What is this?", "images": [_image()]}]]
         ids, attn, visual = moved._batch(asked)
         last, _ = moved.prefix(ids, attn, visual)
-        with core.image_lora():
-            want = core.llm.base_model(
-                inputs_embeds=core.embed(ids, visual), attention_mask=attn
-            ).last_hidden_state[:, -1]
+    want = image_lora_last_hidden(core, ids, attn, visual)
     torch.testing.assert_close(last, want, rtol=1e-5, atol=1e-5)
     other = PolychromeVLM.build(core_cfg.replace(llm=cfg.llm.replace(dtype="bf16")))
     with pytest.raises(CheckpointError, match="another LLM or CLIP"):

@@ -212,6 +212,8 @@ def test_stamp_on_a_core_with_an_image_lora(tmp_path):
     """The core's image LoRA stays the core's: on for every pass over a prompt with an image
     (STAMP's prefix, steps and mask pass), beside STAMP's own adapter in the mask pass only;
     frozen in training; saved with the core, not in STAMP's tensors."""
+    from conftest import image_lora_last_hidden
+
     reference = _lora_core()
     model = StampVLM(_lora_core(), CFG)  # the same core from the same seed, STAMP attached
     with torch.no_grad():
@@ -228,10 +230,7 @@ def test_stamp_on_a_core_with_an_image_lora(tmp_path):
         ids, attn, pixels, _, _ = model._batch([_prompt("What is this?")])
         visual, _ = model.image_features(pixels)
         hidden, cache = model.prefix(ids, attn, visual)
-        with reference.image_lora():
-            want = reference.llm.base_model(
-                inputs_embeds=reference.embed(ids, visual), attention_mask=attn
-            ).last_hidden_state[:, -1]
+        want = image_lora_last_hidden(reference, ids, attn, visual)
         torch.testing.assert_close(hidden, want, rtol=1e-5, atol=1e-5)
         _, text_cache = model.prefix(text["input_ids"], text["attention_mask"], None)
         assert cache in model.vlm.image_caches and text_cache not in model.vlm.image_caches
