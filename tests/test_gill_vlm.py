@@ -256,9 +256,9 @@ def test_save_and_load_round_trip(gill, tmp_path):
 
 
 def test_rebase_onto_a_core_with_an_image_lora(tmp_path, capsys):
-    """GILL moved onto another core (merge 2, an image LoRA): what it computes from a text-only
-    request is unchanged; a prompt with an image runs the new core with its LoRA on; the saved
-    folder attaches to the new core and is refused by the old one."""
+    """GILL moved onto another core (another merge, an image LoRA): what it computes from a
+    text-only request is unchanged; a prompt with an image runs the new core with its LoRA on;
+    the saved folder attaches to the new core and is refused by the old one."""
     from conftest import image_lora_last_hidden
 
     from core.checkpoint import CheckpointError
