@@ -223,7 +223,7 @@ def test_stamp_checkpoint_keeps_its_figures(val_split, one_thread):
         seg_rate={"stamp": model.chooses_seg},
     )["methods"]["stamp"]
     # Model card (300 test expressions): see docs/RESULTS.md. On these 60 val expressions it
-    # measured cIoU 0.181 / gIoU 0.177 and chose <seg> for all 60 (the session-12 STAMP on the
+    # measured cIoU 0.181 / gIoU 0.177 and chose <seg> for all 60 (the previous STAMP, on the
     # projector-only core: 0.185 / 0.179). It finds objects, not yet the one the expression
     # names (RESULTS); a fresh head predicts nothing (cIoU 0).
     assert model.vlm.config.lora == SHAPES.vlm.lora  # trained on the preset's LoRA core

@@ -9,8 +9,9 @@ On one shared core (vlm.specials offers both tokens in one loop) the rows compet
 only the two output rows (``seg_out``/``seg_bias``, ``img_out``/``img_bias``: 2 x (H + 1)
 numbers) with the training objective of both methods, cross-entropy over [vocabulary, <seg>,
 [IMG0]]: a segmentation request's target is ``<seg>``, an image request's ``[IMG0]``, an
-ordinary turn's the bare LLM's own first token. The prompt is read by the frozen LLM without
-LoRA, so its last hidden state does not depend on the rows: it is computed once per prompt, and
+ordinary turn's the VLM core's own first token. The prompt is read by the VLM core as it is
+(the frozen LLM, with the core's image LoRA where the prompt holds an image; no extension's
+LoRA), so its last hidden state does not depend on the rows: it is computed once per prompt, and
 the fit is a small convex problem over the cached states (full-batch Adam, classes weighted
 equally).
 
@@ -151,10 +152,11 @@ def prompt_states(
     desc: str,
     reply_tokens: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """The states the decision is made from (bare LLM), with the vocabulary logits' logsumexp
-    and max: all the fit needs, since the rows do not change what the LLM reads. Position 0 is
-    the prompt's last state; with ``reply_tokens`` also the states of the bare LLM's own greedy
-    reply, up to its end of turn (where an image or a mask could fire mid-reply)."""
+    """The states the decision is made from (the VLM core, no extension's LoRA), with the
+    vocabulary logits' logsumexp and max: all the fit needs, since the rows do not change what
+    the LLM reads. Position 0 is the prompt's last state; with ``reply_tokens`` also the states of
+    the core's own greedy reply, up to its end of turn (where an image or a mask could fire
+    mid-reply)."""
     out: dict[str, list[torch.Tensor]] = {
         k: [] for k in ("hidden", "lse", "top", "has_image", "prompt", "position")
     }
@@ -210,7 +212,7 @@ def fit_rows(
     lr: float,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Minimise the class-balanced cross-entropy over [vocabulary, <seg>, [IMG0]] (a text
-    target is the bare LLM's own token, whose logit is the vocabulary's max)."""
+    target is the core's own token, whose logit is the vocabulary's max)."""
     rows = {k: v.detach().float().clone().requires_grad_(True) for k, v in init.items()}
     opt = torch.optim.Adam(rows.values(), lr=lr)
     counts = torch.bincount(targets, minlength=3).clamp(min=1).float()
@@ -262,7 +264,7 @@ def table(before: dict[str, Any], after: dict[str, Any], counts: dict[str, int])
         for where in ("", " anywhere"):
             if f"<seg>{where}" not in b:
                 continue
-            label = kind if not where else "... at any token of the bare LLM's reply"
+            label = kind if not where else "... at any token of the core's own reply"
             lines.append(
                 f"| {label} | {counts[kind]} | {100 * b['<seg>' + where]:.1f}% | "
                 f"{100 * a['<seg>' + where]:.1f}% | {100 * b['[IMG0]' + where]:.1f}% | "

@@ -12,7 +12,7 @@
 Starts from the preset's trained VLM core (``--vlm`` to choose another), which stays frozen. Each
 step: B segmentation requests ("Segment the red circle.", the reply target ``<seg>`` + end of
 turn, the mask on the patch grid) and ``--negatives`` ordinary questions about the same images,
-whose target is the bare LLM's own first token (so ``<seg>`` does not fire on them). Loss =
+whose target is the VLM core's own first token (so ``<seg>`` does not fire on them). Loss =
 LM + 0.3 BCE + 0.7 Dice (segmentation.stamp). Resumable (``--resume``), ``--max-minutes`` stops
 cleanly with everything saved; ``<out>/final`` is a StampVLM.save_pretrained folder.
 """

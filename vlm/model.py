@@ -21,8 +21,9 @@ How an image becomes tokens (LLaVA-1.5's recipe, with a patch merge so a CPU can
 
 The LLM is frozen and never resized: added special tokens get their own trainable embedding rows
 (``added_embeddings``) looked up beside the frozen matrix, so every text token's embedding, and
-therefore every text-only logit, is bitwise the bare LLM's. Only the projector and the added rows
-are trained and saved; the LLM and CLIP are named by their sources in the saved config.
+therefore every text-only logit, is bitwise the bare LLM's. Only the projector, the added rows
+and the image LoRA (if any: on only for prompts with an image) are trained and saved; the LLM and
+CLIP are named by their sources in the saved config.
 """
 
 from __future__ import annotations
@@ -340,8 +341,6 @@ class PolychromeVLM(nn.Module):
         self.clip.eval()
         return self
 
-    # -- building and loading -------------------------------------------------------------------
-
     # -- the image LoRA (ImageLoraConfig) -------------------------------------------------------
 
     @property
@@ -437,6 +436,8 @@ class PolychromeVLM(nn.Module):
         """The image LoRA on inside the block when `on` (a prompt holds an image); nothing
         without one (`adapter`)."""
         return self.adapter(IMAGE_ADAPTER, on and self.has_image_lora)
+
+    # -- building and loading -------------------------------------------------------------------
 
     @classmethod
     def build(cls, config: VLMConfig, device: str | torch.device = "cpu") -> PolychromeVLM:

@@ -162,7 +162,9 @@ class VLMExtension(nn.Module):
         of the core `vlm`'s. Sound for what the extension computes from text-only prompts, which
         read no part of the core but the frozen LLM (GILL's requests); whatever reads an image
         goes through the new core untrained (STAMP's masks do: retrain STAMP instead).
-        CheckpointError if the LLM or CLIP differ."""
+        CheckpointError if the LLM or CLIP differ. `vlm` gets the extension's tokens and its
+        trained parts are frozen before the saved tensors load: after an error, start again
+        from a fresh core."""
         old = cls.from_pretrained(directory, device=vlm.device)
         mine, theirs = vlm.config.to_dict(), old.vlm.config.to_dict()
         differ = [k for k in ("llm", "vision") if mine[k] != theirs[k]]

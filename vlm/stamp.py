@@ -400,7 +400,7 @@ class StampVLM(VLMExtension):
         """Losses of one batch. seg_prompts: conversations ending with a user turn asking to segment
         (its last image is the one segmented); masks: the referred objects, (H, W) on those
         images. The reply target is ``<seg>`` then the end of turn. other_prompts: prompts the LLM
-        answers in text: their target is the bare LLM's own first token, so ``<seg>`` learns not
+        answers in text: their target is the VLM core's own first token, so ``<seg>`` learns not
         to fire on them.
 
         Returns {"loss", "lm", "bce", "dice"}; "loss" = lm_weight * lm + 0.3 bce + 0.7 dice
