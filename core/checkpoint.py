@@ -33,6 +33,7 @@ __all__ = [
     "MANIFEST_NAME",
     "Checkpoint",
     "CheckpointError",
+    "checkpoint_metadata",
     "load_checkpoint",
     "load_module",
     "load_state_strict",
@@ -118,6 +119,11 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         if not isinstance(manifest.get(key), tp):
             raise CheckpointError(f"{path}: field '{key}' must be an object")
     return manifest
+
+
+def checkpoint_metadata(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint's metadata, from its manifest alone (no file is hashed or read)."""
+    return dict(_read_manifest(Path(directory))["metadata"])
 
 
 def verify_checkpoint(directory: str | os.PathLike[str]) -> dict[str, Any]:

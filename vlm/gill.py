@@ -49,7 +49,7 @@ from PIL import Image
 from torch import nn
 from transformers import DynamicCache
 
-from core.checkpoint import CheckpointError, load_checkpoint, load_state_strict
+from core.checkpoint import CheckpointError, checkpoint_metadata, load_state_strict
 from core.images import load_rgb
 from data.datasets import InstanceDataset, shapeworld_paths
 from data.formats import read_coco_captions
@@ -797,7 +797,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(str(err))
         # the source's own metadata (its training history) goes with it
         meta = {
-            **load_checkpoint(args.checkpoint).metadata,
+            **checkpoint_metadata(args.checkpoint),
             "rebase": {"from": str(args.checkpoint), "vlm": str(args.vlm)},
         }
         dtype = getattr(torch, args.dtype)

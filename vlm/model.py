@@ -369,25 +369,31 @@ class PolychromeVLM(nn.Module):
         self._tuner_layers = layers
         self._lora_params = [p for n, p in self.llm.named_parameters() if "lora_" in n]
         self._apply_adapters()
-        return [p for n, p in self.llm.named_parameters() if "lora_" in n and f".{name}." in n]
+        return list(self.adapter_parameters(name).values())
+
+    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
+        """The LoRA weights of adapter `name`, by their names in the LLM."""
+        return {n: p for n, p in self.llm.named_parameters() if "lora_" in n and f".{name}." in n}
 
     def _apply_adapters(self) -> None:
         """Set every LoRA layer to the adapters of the open `adapter` blocks (none: all off),
         keeping each LoRA weight's requires_grad: peft's switch flips it, and a weight switched
         off between the forward and the backward would get no gradient."""
-        grads = [p.requires_grad for p in self._lora_params]
         names = sorted(self._active)
-        for layer in self._tuner_layers:
-            if names and list(layer.active_adapters) != names:
+        stale = [m for m in self._tuner_layers if names and list(m.active_adapters) != names]
+        if stale:  # a new set of adapters: peft's set_adapter, which flips requires_grad
+            grads = [p.requires_grad for p in self._lora_params]
+            for layer in stale:
                 layer.set_adapter(names)
+            for p, grad in zip(self._lora_params, grads, strict=True):
+                p.requires_grad_(grad)
+        for layer in self._tuner_layers:
             # peft's enable_adapters() sets this flag and also resets every adapter's
             # requires_grad, which costs ~20x the flag (6 ms a switch on SmolLM2, where a decoded
             # token takes ~50 ms, and the extensions switch per token): set the flag alone.
             # LoRA layers run their base layer alone while it is set (tests/test_vlm.py checks
             # text-only logits stay bitwise the bare LLM's).
             layer._disable_adapters = not names
-        for p, grad in zip(self._lora_params, grads, strict=True):
-            p.requires_grad_(grad)
 
     @contextlib.contextmanager
     def adapter(self, name: str, on: bool = True) -> Iterator[None]:
@@ -415,9 +421,8 @@ class PolychromeVLM(nn.Module):
         """Freeze what the core trained (the projector, the image LoRA), as an extension built
         on it does; the added token rows stay trainable (extensions mask their gradient)."""
         self.projector.requires_grad_(False)
-        for name, p in self.llm.named_parameters():
-            if "lora_" in name and f".{IMAGE_ADAPTER}." in name:
-                p.requires_grad_(False)
+        for p in self.adapter_parameters(IMAGE_ADAPTER).values():
+            p.requires_grad_(False)
 
     def holds_images(self, input_ids: torch.Tensor) -> bool:
         """Whether the rows of a batch (B, T) hold images: the image LoRA's switch. On a core
@@ -509,9 +514,8 @@ class PolychromeVLM(nn.Module):
         """Only what we train: the projector, the added token rows and the image LoRA."""
         state = {f"projector.{k}": v for k, v in self.projector.state_dict().items()}
         state["added_embeddings"] = self.added_embeddings.data
-        for name, p in self.llm.named_parameters():
-            if "lora_" in name and f".{IMAGE_ADAPTER}." in name:
-                state[f"llm.{name}"] = p.data
+        for name, p in self.adapter_parameters(IMAGE_ADAPTER).items():
+            state[f"llm.{name}"] = p.data
         return state
 
     def load_trained_state(self, state: dict[str, torch.Tensor], what: str) -> None:

@@ -193,11 +193,8 @@ class StampVLM(VLMExtension):
     # -- saving ---------------------------------------------------------------------------------
 
     def stamp_state_dict(self) -> dict[str, torch.Tensor]:
-        state = {
-            f"llm.{n}": p.data
-            for n, p in self.vlm.llm.named_parameters()
-            if "lora_" in n and f".{STAMP_ADAPTER}." in n
-        }
+        own = self.vlm.adapter_parameters(STAMP_ADAPTER)
+        state = {f"llm.{n}": p.data for n, p in own.items()}
         for name, module in self._trained_modules().items():
             state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
         state["seg_out"] = self.seg_out.data
