@@ -389,10 +389,9 @@ class PolychromeVLM(nn.Module):
                 p.requires_grad_(grad)
         for layer in self._tuner_layers:
             # peft's enable_adapters() sets this flag and also resets every adapter's
-            # requires_grad, which costs ~20x the flag (6 ms a switch on SmolLM2, where a decoded
-            # token takes ~50 ms, and the extensions switch per token): set the flag alone.
-            # LoRA layers run their base layer alone while it is set (tests/test_vlm.py checks
-            # text-only logits stay bitwise the bare LLM's).
+            # requires_grad, most of a switch's cost, and the extensions switch per decoded
+            # token: set the flag alone. LoRA layers run their base layer alone while it is set
+            # (tests/test_vlm.py checks text-only logits stay bitwise the bare LLM's).
             layer._disable_adapters = not names
 
     @contextlib.contextmanager
