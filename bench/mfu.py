@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from core.io import atomic_write_text
 from data.conversations import instruct_conversation, read_chat_records
 from vlm.config import PolychromeConfig
-from vlm.model import IGNORE_INDEX, PolychromeVLM
+from vlm.model import FEATURES, IGNORE_INDEX, PolychromeVLM
 
 
 def matmul_peak(size: int, repeats: int) -> float:
@@ -102,7 +102,7 @@ def step_flops(vlm: PolychromeVLM, batch: dict[str, torch.Tensor]) -> float:
     flops += 3 * 4 * seq * seq * d * layers * mask.shape[0]  # attention, fwd + bwd, padded
     flops += 4 * vocab * d * labelled
     flops += 6 * proj * n_images * vlm.tokens_per_image
-    flops += 2 * _linear_params(vlm.clip.visual) * clip_patches
+    flops += 2 * _linear_params(vlm.clip.visual) * clip_patches * vlm.clip_passes
     return flops
 
 
@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--lora-targets", nargs="+", default=None, metavar="MODULE", help="as train.vlm's"
     )
+    parser.add_argument(
+        "--features", choices=FEATURES, default=None, help="as train.vlm's (default: the preset's)"
+    )
+    parser.add_argument("--window", type=int, default=None, help="as train.vlm's")
     parser.add_argument("--steps", type=int, default=5, help="timed training steps")
     parser.add_argument("--peak-size", type=int, default=2048, help="square matmul side")
     parser.add_argument("--peak-repeats", type=int, default=5)
@@ -154,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             preset.llm,
             preset.clip,
             merge=args.merge,
+            features=args.features,
+            window=args.window,
             lora_rank=args.lora_rank,
             lora_targets=args.lora_targets,
         )

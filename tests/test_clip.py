@@ -34,6 +34,7 @@ from vision.clip import (
     trained_state_dict,
     visual_head,
     weighted_pool,
+    window_attention_mask,
 )
 
 
@@ -171,6 +172,57 @@ def test_dense_features_convnext_registry_model():
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+def test_window_attention_mask_against_a_loop():
+    h, w, k = 3, 4, 3
+    mask = window_attention_mask((h, w), k)
+    assert mask.shape == (1 + h * w, 1 + h * w)
+    cells = [(r, c) for r in range(h) for c in range(w)]
+    for i in range(1 + h * w):
+        for j in range(1 + h * w):
+            if i == 0:
+                allowed = True  # the class token reads everything
+            elif j == 0:
+                allowed = False  # no patch reads the class token
+            else:
+                (ri, ci), (rj, cj) = cells[i - 1], cells[j - 1]
+                allowed = abs(ri - rj) <= k // 2 and abs(ci - cj) <= k // 2
+            assert mask[i, j] == (0.0 if allowed else float("-inf")), (i, j)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        window_attention_mask((2, 2), 0)
+
+
+def test_local_features_depend_only_on_their_receptive_field(tiny):
+    """tiny-vit: 8x8 patches, 2 blocks. With a 3x3 window a patch sees 1 patch away per block, so
+    after 2 blocks its features depend on the patches at most 2 rows and columns away: a change in
+    the top-left patch reaches (2, 2) and not (3, 3) or (0, 3). Global attention reaches all."""
+    model, _, _ = tiny
+    x = torch.randn(1, 3, 64, 64)
+    y = x.clone()
+    y[:, :, :8, :8] += 1.0  # the pixels of patch (0, 0)
+    with torch.no_grad():
+        a, b = (dense_features(model, t, window=3).tokens[0].reshape(8, 8, -1) for t in (x, y))
+        ga, gb = (dense_features(model, t).tokens[0].reshape(8, 8, -1) for t in (x, y))
+    changed = (a - b).abs().amax(-1) > 1e-6
+    for r in range(8):
+        for c in range(8):
+            assert bool(changed[r, c]) == (max(r, c) <= 2), (r, c)
+    assert bool(((ga - gb).abs().amax(-1) > 1e-6).all())
+    # local features are not the global ones, and window 0 is the tower as trained
+    assert not torch.allclose(a, ga)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            dense_features(model, x, window=0).tokens, ga.reshape(1, 64, -1), rtol=0, atol=0
+        )
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        dense_features(model, x, window=-1)
+
+
+def test_local_features_need_a_vit_tower():
+    model, _, _ = build_clip("convnext_large_d_320", image_size=64)
+    with pytest.raises(ValueError, match=r"needs a ViT image tower.*TimmModel"):
+        dense_features(model, torch.randn(1, 3, 64, 64), window=3)
 
 
 def test_dense_features_rejects_bad_input(tiny):

@@ -22,8 +22,9 @@ from segmentation.stamp import (
     sample_points,
     stamp_losses,
 )
+from vision.clip import dense_features
 from vlm.config import PolychromeConfig
-from vlm.model import ImageLoraConfig, PolychromeVLM, VLMConfig
+from vlm.model import ImageLoraConfig, PolychromeVLM, ProjectorConfig, VLMConfig
 from vlm.stamp import StampVLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -594,3 +595,25 @@ def test_eval_script_scores_the_trained_methods_side_by_side(shapeworld, tmp_pat
     assert 0.0 <= result["methods"]["stamp"]["false_seg_rate"] <= 1.0
     with pytest.raises(SystemExit):
         eval_main([*args, "--sam-refine", "nope"])
+
+
+def test_stamp_on_a_core_that_reads_local_features_too():
+    """A core whose projector reads global and local CLIP features (ProjectorConfig.features
+    "both"): the prompt's visual tokens are the core's own, the mask projector reads CLIP's
+    global patch tokens at their own width."""
+    cfg = PolychromeConfig.from_preset("tiny")
+    projector = ProjectorConfig(merge=cfg.vlm.projector.merge, features="both", window=3)
+    torch.manual_seed(0)
+    core = PolychromeVLM.build(VLMConfig(llm=cfg.llm, vision=cfg.clip, projector=projector))
+    model = StampVLM(core, CFG).eval()
+    pixels = core.pixel_values([_image(1)])
+    with torch.no_grad():
+        visual, feats = model.image_features(pixels)
+        dense = dense_features(core.clip, pixels)
+        torch.testing.assert_close(visual, core.encode_images(pixels), rtol=0, atol=0)
+        assert model.mask_projector is not None
+        expected = model.mask_projector(dense.tokens.float(), dense.grid)
+    torch.testing.assert_close(feats, expected, rtol=0, atol=0)
+    assert feats.shape[1] == model.mask_grid[0] * model.mask_grid[1]
+    masks = model.segment([_prompt()])
+    assert masks[0].shape == (64, 64)

@@ -26,6 +26,7 @@ from data.shapeworld import main as shapeworld_main
 from eval.vlm import caption_scores, normalise_answer, parse_objects
 from eval.vlm import main as eval_main
 from train.vlm import main as train_main
+from vision.clip import dense_features
 from vlm.assistant import MAX_IMAGES, Assistant, SamplingSettings
 from vlm.config import PolychromeConfig
 from vlm.model import (
@@ -211,6 +212,40 @@ def test_rms_output_norm_puts_visual_tokens_at_the_embeddings_scale(tmp_path):
         torch.testing.assert_close(again.encode_images(pixels), vlm.encode_images(pixels))
     with pytest.raises(ValueError, match="output_norm must be one of"):
         ProjectorConfig(output_norm="layer")
+
+
+@pytest.mark.parametrize("features", ["local", "both"])
+def test_local_features_feed_the_projector(features, tmp_path):
+    cfg = PolychromeConfig.from_preset("tiny")
+    projector = ProjectorConfig(merge=cfg.vlm.projector.merge, features=features, window=3)
+    torch.manual_seed(0)
+    vlm = PolychromeVLM.build(VLMConfig(llm=cfg.llm, vision=cfg.clip, projector=projector))
+    pixels = vlm.pixel_values([_image(1), _image(2)])
+    with torch.no_grad():
+        local = dense_features(vlm.clip, pixels, window=3)
+        glob = dense_features(vlm.clip, pixels)
+        parts = [local.tokens] if features == "local" else [glob.tokens, local.tokens]
+        expected = vlm.projector(torch.cat(parts, -1), local.grid)
+        tokens = vlm.encode_images(pixels)
+    assert vlm.clip_passes == len(parts)
+    assert vlm.projector.norm.normalized_shape[0] == glob.tokens.shape[-1] * len(parts) * 4
+    torch.testing.assert_close(tokens, expected, rtol=0, atol=0)
+    assert tokens.shape[1] == vlm.tokens_per_image
+    # text-only prompts still never touch CLIP or the projector: bitwise the bare LLM's
+    batch = vlm.prepare([{"role": "user", "content": "Name three shapes."}])
+    with torch.no_grad():
+        ours = vlm(**batch).logits
+        bare = vlm.llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(ours, bare)
+    # saved and reloaded with its feature kind and window
+    again = PolychromeVLM.from_pretrained(vlm.save_pretrained(tmp_path / "local"))
+    assert (again.config.projector.features, again.config.projector.window) == (features, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_images(pixels), tokens, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="features must be one of"):
+        ProjectorConfig(features="regional")
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        ProjectorConfig(window=0)
 
 
 def test_core_config_applies_a_runs_overrides_and_names_bad_ones():

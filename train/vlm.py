@@ -58,7 +58,7 @@ from train.common import (
     save_training_state,
 )
 from vlm.config import PolychromeConfig
-from vlm.model import OUTPUT_NORMS, POSITIONS, PolychromeVLM, VLMConfig
+from vlm.model import FEATURES, OUTPUT_NORMS, POSITIONS, PolychromeVLM, VLMConfig
 
 RESUME_KEYS = ("vlm", "seed", "batch_size", "lr", "align_steps", "steps", "data", "init_from")
 
@@ -105,6 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="merge each MxM block of CLIP patches into one visual token (the grid side must "
         "divide by M; default: the preset's projector.merge)",
+    )
+    parser.add_argument(
+        "--features",
+        choices=FEATURES,
+        default=None,
+        help="what the projector reads from CLIP: global = the tower's patch tokens as trained, "
+        "local = the same tower with windowed attention (see --window), both = the two "
+        "concatenated (default: the preset's projector.features)",
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="patches per side of CLIP's attention window for local features (default: the "
+        "preset's projector.window)",
     )
     parser.add_argument(
         "--lora-rank",
@@ -206,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             merge=args.merge,
             output_norm=args.projector_norm,
             position=args.position,
+            features=args.features,
+            window=args.window,
             lora_rank=args.lora_rank,
             lora_targets=args.lora_targets,
         )
@@ -395,6 +412,11 @@ def write_model_card(folder: Path, run_config: dict[str, Any], metadata: dict[st
     norm = ", output RMSNorm" if vlm["projector"].get("output_norm") == "rms" else ""
     if vlm["projector"].get("position") == "learned":
         norm += ", learned row and column embeddings"
+    features = vlm["projector"].get("features", "global")
+    if features != "global":
+        window = vlm["projector"].get("window")
+        what = "local" if features == "local" else "global and local"
+        norm += f", reading CLIP's {what} patch features (attention window {window}x{window})"
     rank = vlm.get("lora", {}).get("rank", 0)
     targets = "/".join(vlm.get("lora", {}).get("targets", []))
     lora = (

@@ -36,6 +36,15 @@ Dense features (``dense_features``), for segmentation heads (Mask-Adapter, PMP):
 ``pooled_from_dense`` recomputes the image embedding from those dense features exactly as the
 tower pools; it equals ``model.encode_image`` (tested), which pins down that the dense head is the
 global head.
+
+Local features (``dense_features(..., window=k)``, ViT towers): the same tower and weights, but
+every patch token attends only to the patches at most ``k // 2`` rows and columns away in every
+block (the class token still attends to all, and no patch reads it). A CLIP trained on whole-scene
+captions mixes the scene into every patch under global attention; windowing the attention is a
+training-free way to get features of what is around each patch (the observation behind
+SCLIP / NACLIP-style dense CLIP inference; the windows are written here, no library has them).
+On ShapeWorld an object's class is read much better from windowed patches (docs/RESULTS.md,
+``eval.vision_probe``).
 """
 
 from __future__ import annotations
@@ -94,6 +103,7 @@ __all__ = [
     "trained_state_dict",
     "visual_head",
     "weighted_pool",
+    "window_attention_mask",
 ]
 
 OPEN_CLIP_PREFIX = "polychrome-"  # our variants' names in open_clip's registry
@@ -616,24 +626,68 @@ def _unsupported_tower(visual: Any) -> ValueError:
     )
 
 
-def dense_features(model: ClipModel, images: torch.Tensor) -> DenseFeatures:
+def window_attention_mask(
+    grid: tuple[int, int], window: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Additive (1 + h*w, 1 + h*w) attention mask over [class token, patches in row-major order]:
+    a patch attends to the patches at most ``window // 2`` rows and columns away, the class token
+    to everything, no patch to the class token. 0 where allowed, -inf elsewhere."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1 (patches per side), received {window}")
+    h, w = grid
+    rows = torch.arange(h).repeat_interleave(w)
+    cols = torch.arange(w).repeat(h)
+    r = window // 2
+    near = ((rows[:, None] - rows[None]).abs() <= r) & ((cols[:, None] - cols[None]).abs() <= r)
+    allowed = torch.zeros(1 + h * w, 1 + h * w, dtype=torch.bool)
+    allowed[0] = True
+    allowed[1:, 1:] = near
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    return mask.masked_fill(~allowed, float("-inf"))
+
+
+def dense_features(model: ClipModel, images: torch.Tensor, window: int = 0) -> DenseFeatures:
     """Patch / location features of preprocessed images (B, 3, H, W); see the module docstring.
 
+    window: 0 = the tower as trained (global attention); k >= 1 = local features, each patch
+    attending to a k x k neighbourhood in every block (``window_attention_mask``; ViT towers only).
     Runs under the caller's grad mode (segmentation training may backpropagate into it). Call
     the model in eval mode: patch dropout would remove tokens.
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (B, 3, H, W), received shape {tuple(images.shape)}")
+    if window < 0:
+        raise ValueError(f"window must be >= 0 (0 = global attention), received {window}")
     visual = model.visual
     b, _, height, width = images.shape
+    if window and not isinstance(visual, VisionTransformer):
+        raise ValueError(
+            f"window={window} (local attention) needs a ViT image tower, received "
+            f"{type(visual).__name__}; use window=0"
+        )
     if isinstance(visual, VisionTransformer):
         ph, pw = visual.patch_size
         h, w = height // ph, width // pw
-        out = visual.forward_intermediates(
-            images, indices=1, output_fmt="NLC", output_extra_tokens=True, intermediates_only=True
-        )
-        tokens = out["image_intermediates"][-1]  # (B, h*w, D_vis), before ln_post
-        cls = out["image_intermediates_prefix"][-1][:, 0]  # (B, D_vis)
+        if window:
+            x = visual._embeds(images)  # class token + patches, position embedded, ln_pre
+            if x.shape[1] != 1 + h * w:
+                raise ValueError(
+                    f"expected 1 + {h}x{w} tokens for {height}x{width} input, received "
+                    f"{x.shape[1]} (patch dropout active? call model.eval())"
+                )
+            attn = window_attention_mask((h, w), window, x.dtype).to(x.device)
+            x = visual.transformer(x, attn_mask=attn)
+            tokens, cls = x[:, 1:], x[:, 0]  # before ln_post, as below
+        else:
+            out = visual.forward_intermediates(
+                images,
+                indices=1,
+                output_fmt="NLC",
+                output_extra_tokens=True,
+                intermediates_only=True,
+            )
+            tokens = out["image_intermediates"][-1]  # (B, h*w, D_vis), before ln_post
+            cls = out["image_intermediates_prefix"][-1][:, 0]  # (B, D_vis)
         if tokens.shape[1] != h * w:
             raise ValueError(
                 f"expected {h}x{w}={h * w} patch tokens for {height}x{width} input, received "

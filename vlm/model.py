@@ -52,9 +52,16 @@ from core.config import Config
 from core.images import load_rgb
 from lm.loading import LLMConfig, load_causal_lm
 from lm.streaming import stream_generate
-from vision.clip import ClipBundle, ClipPresetConfig, clip_from_preset, dense_features
+from vision.clip import (
+    ClipBundle,
+    ClipPresetConfig,
+    DenseFeatures,
+    clip_from_preset,
+    dense_features,
+)
 
 __all__ = [
+    "FEATURES",
     "IGNORE_INDEX",
     "IMAGE_TOKEN",
     "ImageLoraConfig",
@@ -73,6 +80,7 @@ IGNORE_INDEX = -100  # label of positions without a loss (prompt, images, paddin
 TENSOR_FILE = "vlm"  # <checkpoint>/vlm.safetensors
 OUTPUT_NORMS = ("none", "rms")  # ProjectorConfig.output_norm
 POSITIONS = ("none", "learned")  # ProjectorConfig.position
+FEATURES = ("global", "local", "both")  # ProjectorConfig.features
 IMAGE_ADAPTER = "image"  # the peft adapter name of ImageLoraConfig's LoRA
 
 
@@ -92,10 +100,22 @@ class ProjectorConfig(Config):
     # column is added to the projector's output (ViT-style factorised 2D position embeddings),
     # so each visual token states its grid cell in the LLM's residual stream.
     position: str = "none"
+    # What the projector reads from CLIP at each patch. "global": the final-layer patch tokens of
+    # the tower as trained (LLaVA). "local": the same tower with every patch attending only to a
+    # `window` x `window` neighbourhood in every block (vision.clip.dense_features(window=...)),
+    # so a token says what is around it rather than what is in the scene. "both": the two
+    # concatenated per patch (two CLIP passes). ShapeWorld's CLIP reads an object's class far
+    # better from local features (docs/RESULTS.md, eval.vision_probe).
+    features: str = "global"
+    window: int = 5  # patches per side of the local attention window ("local" and "both")
 
     def __post_init__(self) -> None:
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, received {self.position!r}")
+        if self.features not in FEATURES:
+            raise ValueError(f"features must be one of {FEATURES}, received {self.features!r}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1 (patches per side), received {self.window}")
         if not 1 <= self.merge <= 16:
             raise ValueError(f"merge must be in [1, 16], received {self.merge}")
         if self.hidden < 0:
@@ -166,15 +186,24 @@ class VLMPresetConfig(Config):
         merge: int | None = None,
         output_norm: str | None = None,
         position: str | None = None,
+        features: str | None = None,
+        window: int | None = None,
         lora_rank: int | None = None,
         lora_targets: Sequence[str] | None = None,
     ) -> VLMConfig:
         """The core a training run builds: this projector and image LoRA with the run's
         overrides (train.vlm's and bench.mfu's --merge, --projector-norm, --position,
-        --lora-rank, --lora-targets; None keeps the preset's). ValueError naming the setting on
-        a bad value."""
+        --features, --window, --lora-rank, --lora-targets; None keeps the preset's). ValueError
+        naming the setting on a bad value."""
         projector = self.projector
-        for name, value in (("merge", merge), ("output_norm", output_norm), ("position", position)):
+        overrides = (
+            ("merge", merge),
+            ("output_norm", output_norm),
+            ("position", position),
+            ("features", features),
+            ("window", window),
+        )
+        for name, value in overrides:
             if value is not None:
                 try:
                     projector = projector.replace(**{name: value})
@@ -453,7 +482,7 @@ class PolychromeVLM(nn.Module):
         # rebuilds exactly the tower the projector was trained on
         clip = clip_from_preset(config.vision)
         clip.model.to(device)
-        vision_width = _vision_width(clip)
+        vision_width = _vision_width(clip) * (2 if config.projector.features == "both" else 1)
         output_rms = 1.0
         if config.projector.output_norm == "rms":
             emb = cast(torch.Tensor, llm.get_input_embeddings().weight).detach()
@@ -601,12 +630,37 @@ class PolychromeVLM(nn.Module):
             return torch.empty(0, 3, 1, 1)
         return torch.stack([self.preprocess(load_rgb(image)) for image in images])
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) -> (N, tokens_per_image, H) visual tokens; CLIP is frozen (no grad)."""
+    def encode_images(
+        self, pixel_values: torch.Tensor, dense: DenseFeatures | None = None
+    ) -> torch.Tensor:
+        """(N, 3, S, S) -> (N, tokens_per_image, H) visual tokens; CLIP is frozen (no grad).
+
+        dense: CLIP's global features of the same pixels, when the caller already has them
+        (STAMP's mask features read them too); computed here otherwise.
+        """
+        tokens, grid = self.patch_features(pixel_values, dense)
+        return self.projector(tokens, grid)
+
+    @property
+    def clip_passes(self) -> int:
+        """CLIP forward passes per image (ProjectorConfig.features "both": two)."""
+        return 2 if self.config.projector.features == "both" else 1
+
+    def patch_features(
+        self, pixel_values: torch.Tensor, dense: DenseFeatures | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """What the projector reads, (N, h*w, D_in) in float32, and the grid (h, w): CLIP's
+        patch tokens as ``ProjectorConfig.features`` says (global, local or both)."""
+        features, window = self.config.projector.features, self.config.projector.window
+        pixels = pixel_values.to(self.device)
         with torch.no_grad():
-            dense = dense_features(self.clip, pixel_values.to(self.device))
-        tokens = dense.tokens.float()  # (N, h*w, D_vis)
-        return self.projector(tokens, dense.grid)
+            parts: list[DenseFeatures] = []
+            if features in ("global", "both"):
+                parts.append(dense if dense is not None else dense_features(self.clip, pixels))
+            if features in ("local", "both"):
+                parts.append(dense_features(self.clip, pixels, window=window))
+        tokens = torch.cat([p.tokens.float() for p in parts], -1)
+        return tokens, parts[0].grid
 
     # -- text + images --------------------------------------------------------------------------
 

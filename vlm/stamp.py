@@ -133,7 +133,9 @@ class StampVLM(VLMExtension):
                         f"{gh}x{gw}"
                     )
                 pm = vlm.config.projector.merge
-                width = int(vlm.projector.norm.normalized_shape[0]) // (pm * pm)
+                # CLIP's patch width: the core's projector reads pm x pm patches, of both
+                # feature kinds when ProjectorConfig.features is "both"
+                width = int(vlm.projector.norm.normalized_shape[0]) // (pm * pm * vlm.clip_passes)
                 self.mask_projector = Projector(width, hidden, config.mask_merge)
         elif config.method == "text4seg":
             labels = [vlm.tokenizer.encode(t, add_special_tokens=False) for t in ("0", "1")]
@@ -242,12 +244,13 @@ class StampVLM(VLMExtension):
         return grid[0] // s, grid[1] // s
 
     def image_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, 3, S, S) -> (visual tokens for the prompt, mask-token features), one CLIP pass."""
+        """(N, 3, S, S) -> (visual tokens for the prompt, mask-token features). One CLIP pass
+        (two for a core whose projector reads local features too); the mask projector reads
+        CLIP's global patch tokens."""
         with torch.no_grad():
             dense = dense_features(self.vlm.clip, pixel_values.to(self.vlm.device))
+            visual = self.vlm.encode_images(pixel_values, dense)
         tokens = dense.tokens.float()
-        with torch.no_grad():
-            visual = self.vlm.projector(tokens, dense.grid)
         feats = visual if self.mask_projector is None else self.mask_projector(tokens, dense.grid)
         if self.feature_norm is not None:
             feats = F.normalize(feats, dim=-1) * self.feature_norm
