@@ -19,8 +19,9 @@ readouts of its features:
 Three targets: the object's class, its colour, and the 3 x 3 cell of the image its centroid lies
 in. One multinomial logistic regression per (readout, target) on standardised features
 (scikit-learn), fitted on the objects of ``--train-split`` and scored (accuracy) on those of
-``--split``. Each ``--windows`` value is one feature kind: 0 = the tower as trained (global
-attention), k = every patch attending to a k x k neighbourhood in every block
+``--split``; beside them, the accuracy of always answering the most common training label.
+Each ``--windows`` value is one feature kind: 0 = the tower as trained (global attention),
+k = every patch attending to a k x k neighbourhood in every block
 (vision.clip.dense_features(window=k); the VLM's ``ProjectorConfig.features = "local"``).
 ShapeWorld's train split leaves the unseen classes and colours out; draw the probe's training
 objects from ``pretrain``, which has them all.
@@ -51,7 +52,14 @@ from data.scene import Scene
 from data.shapeworld import read_split
 from vision.clip import ClipModel, dense_features, load_clip
 
-__all__ = ["READOUTS", "TARGETS", "object_features", "probe_accuracy", "run_probes"]
+__all__ = [
+    "READOUTS",
+    "TARGETS",
+    "majority_accuracy",
+    "object_features",
+    "probe_accuracy",
+    "run_probes",
+]
 
 READOUTS = ("token", "mask mean")
 TARGETS = ("class", "colour", "cell")
@@ -148,6 +156,7 @@ def run_probes(
             model, preprocess, test_scenes, window=window, merge=merge, progress=progress
         )
         counts = {"train": len(train_y["class"]), "test": len(test_y["class"])}
+        majority = {t: majority_accuracy(train_y[t], test_y[t]) for t in TARGETS}
         row: dict[str, Any] = {"window": window}
         for readout in READOUTS:
             for target in TARGETS:
@@ -155,7 +164,14 @@ def run_probes(
                     train_x[readout], train_y[target], test_x[readout], test_y[target]
                 )
         rows.append(row)
-    return {"rows": rows, "objects": counts, "merge": merge}
+    return {"rows": rows, "objects": counts, "merge": merge, "majority": majority}
+
+
+def majority_accuracy(train_y: Sequence[Any], test_y: Sequence[Any]) -> float:
+    """Accuracy of always answering the training labels' most common value (the floor)."""
+    values, counts = np.unique(np.asarray(train_y), return_counts=True)
+    top = values[int(np.argmax(counts))]
+    return float(np.mean(np.asarray(test_y) == top))
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -167,6 +183,8 @@ def format_table(results: dict[str, Any]) -> str:
     for row in results["rows"]:
         name = "global (as trained)" if row["window"] == 0 else f"local, window {row['window']}"
         lines.append(f"| {name} | " + " | ".join(f"{100 * row[c]:.1f}" for c in cols) + " |")
+    floor = [f"{100 * results['majority'][c.split(' / ')[1]]:.1f}" for c in cols]
+    lines.append("| the most common label (no features) | " + " | ".join(floor) + " |")
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from data.shapeworld import main as shapeworld_main
 from data.shapeworld import read_split
-from eval.vision_probe import main, object_features, probe_accuracy
+from eval.vision_probe import main, majority_accuracy, object_features, probe_accuracy
 from vision.clip import build_clip, dense_features
 
 
@@ -68,6 +68,8 @@ def test_probe_reads_a_separable_label_and_not_a_shuffled_one():
     x = rng.normal(size=(400, 8))
     x[:, 0] += 12.0 * y  # the label is in one coordinate, 6 standard deviations apart
     assert probe_accuracy(x[:300], y[:300], x[300:], y[300:]) == 1.0
+    # the floor: always the most common training label
+    assert majority_accuracy(["a", "b", "b"], ["b", "a", "b", "b"]) == 0.75
     shuffled = rng.permutation(y)
     assert probe_accuracy(x[:300], shuffled[:300], x[300:], shuffled[300:]) < 0.6
 
@@ -87,6 +89,7 @@ def test_cli_writes_a_row_per_window(tiny, shapeworld, tmp_path, monkeypatch):
             for t in ("class", "colour", "cell")
         )
     assert "| local, window 3 |" in results["table"]
+    assert set(results["majority"]) == {"class", "colour", "cell"}
     with pytest.raises(SystemExit):
         main([*args, "--windows", "-1"])
     with pytest.raises(SystemExit):
