@@ -189,8 +189,9 @@ def test_window_attention_mask_against_a_loop():
                 (ri, ci), (rj, cj) = cells[i - 1], cells[j - 1]
                 allowed = abs(ri - rj) <= k // 2 and abs(ci - cj) <= k // 2
             assert mask[i, j] == (0.0 if allowed else float("-inf")), (i, j)
-    with pytest.raises(ValueError, match="window must be >= 1"):
-        window_attention_mask((2, 2), 0)
+    for bad in (0, 2):
+        with pytest.raises(ValueError, match="window must be an odd number >= 1"):
+            window_attention_mask((2, 2), bad)
 
 
 def test_local_features_depend_only_on_their_receptive_field(tiny):
@@ -209,20 +210,35 @@ def test_local_features_depend_only_on_their_receptive_field(tiny):
         for c in range(8):
             assert bool(changed[r, c]) == (max(r, c) <= 2), (r, c)
     assert bool(((ga - gb).abs().amax(-1) > 1e-6).all())
-    # local features are not the global ones, and window 0 is the tower as trained
-    assert not torch.allclose(a, ga)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            dense_features(model, x, window=0).tokens, ga.reshape(1, 64, -1), rtol=0, atol=0
-        )
+    assert not torch.allclose(a, ga)  # local features are not the global ones
     with pytest.raises(ValueError, match="window must be >= 0"):
         dense_features(model, x, window=-1)
+    with pytest.raises(ValueError, match="window must be an odd number"):
+        dense_features(model, x, window=4)
+
+
+def test_windowed_path_with_an_open_mask_is_the_tower_as_trained(tiny, monkeypatch):
+    """The hand-written windowed forward (embeddings, then the transformer with a mask) is the
+    tower's own forward when the mask allows everything."""
+    model, _, _ = tiny
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = dense_features(model, x)  # open_clip's forward_intermediates
+        monkeypatch.setattr(
+            "vision.clip.window_attention_mask", lambda grid, window, dtype: torch.zeros(65, 65)
+        )
+        open_mask = dense_features(model, x, window=3)
+    torch.testing.assert_close(open_mask.tokens, ref.tokens, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(open_mask.cls_token, ref.cls_token, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(open_mask.projected, ref.projected, rtol=1e-5, atol=1e-5)
 
 
 def test_local_features_need_a_vit_tower():
-    model, _, _ = build_clip("convnext_large_d_320", image_size=64)
-    with pytest.raises(ValueError, match=r"needs a ViT image tower.*TimmModel"):
-        dense_features(model, torch.randn(1, 3, 64, 64), window=3)
+    class NotAViT:  # any other tower (open_clip's TimmModel, a ConvNeXt) is refused up front
+        visual = torch.nn.Identity()
+
+    with pytest.raises(ValueError, match=r"needs a ViT image tower.*Identity"):
+        dense_features(NotAViT(), torch.randn(1, 3, 64, 64), window=3)
 
 
 def test_dense_features_rejects_bad_input(tiny):

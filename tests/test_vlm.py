@@ -244,8 +244,9 @@ def test_local_features_feed_the_projector(features, tmp_path):
         torch.testing.assert_close(again.encode_images(pixels), tokens, rtol=0, atol=0)
     with pytest.raises(ValueError, match="features must be one of"):
         ProjectorConfig(features="regional")
-    with pytest.raises(ValueError, match="window must be >= 1"):
-        ProjectorConfig(window=0)
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="window must be an odd number"):
+            ProjectorConfig(window=bad)
 
 
 def test_core_config_applies_a_runs_overrides_and_names_bad_ones():
@@ -257,10 +258,15 @@ def test_core_config_applies_a_runs_overrides_and_names_bad_ones():
     assert (cfg.lora.rank, cfg.lora.targets) == (2, ["q_proj"])
     plain = preset.vlm.core_config(preset.llm, preset.clip)
     assert plain.projector == preset.vlm.projector and plain.lora.rank == 0
+    local = preset.vlm.core_config(preset.llm, preset.clip, features="both", window=3)
+    assert (local.projector.features, local.projector.window) == ("both", 3)
     for kwargs, message in (
         ({"merge": 0}, "merge: merge must be in"),
         ({"lora_rank": -1}, "lora: lora.rank must be >= 0"),
         ({"lora_targets": ["q_proj"]}, "lora targets need a LoRA"),
+        ({"features": "regional"}, "features: features must be one of"),
+        ({"features": "local", "window": 2}, "window: window must be an odd number"),
+        ({"window": 3}, "window: the attention window applies to local features"),
     ):
         with pytest.raises(ValueError, match=message):
             preset.vlm.core_config(preset.llm, preset.clip, **kwargs)

@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--window",
         type=int,
         default=None,
-        help="patches per side of CLIP's attention window for local features (default: the "
+        help="patches per side (odd) of CLIP's attention window for local features (default: the "
         "preset's projector.window)",
     )
     parser.add_argument(

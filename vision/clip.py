@@ -37,14 +37,14 @@ Dense features (``dense_features``), for segmentation heads (Mask-Adapter, PMP):
 tower pools; it equals ``model.encode_image`` (tested), which pins down that the dense head is the
 global head.
 
-Local features (``dense_features(..., window=k)``, ViT towers): the same tower and weights, but
-every patch token attends only to the patches at most ``k // 2`` rows and columns away in every
-block (the class token still attends to all, and no patch reads it). A CLIP trained on whole-scene
-captions mixes the scene into every patch under global attention; windowing the attention is a
-training-free way to get features of what is around each patch (the observation behind
-SCLIP / NACLIP-style dense CLIP inference; the windows are written here, no library has them).
-On ShapeWorld an object's class is read much better from windowed patches (docs/RESULTS.md,
-``eval.vision_probe``).
+Local features (``dense_features(..., window=k)``, odd k, ViT towers): the same tower and
+weights, but every patch token attends only to the patches at most ``k // 2`` rows and columns
+away in every block (the class token still attends to all, and no patch reads it). Under global
+attention a CLIP's patch tokens carry much of the scene besides what lies on them; windowing the
+attention is a training-free way to get features of what is around each patch (the observation
+behind SCLIP / NACLIP-style dense CLIP inference; the windows are written here, no library has
+them). On ShapeWorld a linear probe reads an object's class much better from windowed patches
+(docs/RESULTS.md, ``eval.vision_probe``).
 """
 
 from __future__ import annotations
@@ -99,6 +99,7 @@ __all__ = [
     "open_clip_model_config",
     "pooled_from_dense",
     "register_open_clip_config",
+    "supports_window",
     "text_classifier",
     "trained_state_dict",
     "visual_head",
@@ -632,8 +633,11 @@ def window_attention_mask(
     """Additive (1 + h*w, 1 + h*w) attention mask over [class token, patches in row-major order]:
     a patch attends to the patches at most ``window // 2`` rows and columns away, the class token
     to everything, no patch to the class token. 0 where allowed, -inf elsewhere."""
-    if window < 1:
-        raise ValueError(f"window must be >= 1 (patches per side), received {window}")
+    if window < 1 or window % 2 == 0:
+        raise ValueError(
+            f"window must be an odd number >= 1 (patches per side, centred on each patch), "
+            f"received {window}"
+        )
     h, w = grid
     rows = torch.arange(h).repeat_interleave(w)
     cols = torch.arange(w).repeat(h)
@@ -646,11 +650,17 @@ def window_attention_mask(
     return mask.masked_fill(~allowed, float("-inf"))
 
 
+def supports_window(model: ClipModel) -> bool:
+    """Whether ``dense_features(model, ..., window=k)`` can run: a ViT image tower."""
+    return isinstance(model.visual, VisionTransformer)
+
+
 def dense_features(model: ClipModel, images: torch.Tensor, window: int = 0) -> DenseFeatures:
     """Patch / location features of preprocessed images (B, 3, H, W); see the module docstring.
 
-    window: 0 = the tower as trained (global attention); k >= 1 = local features, each patch
-    attending to a k x k neighbourhood in every block (``window_attention_mask``; ViT towers only).
+    window: 0 = the tower as trained (global attention); an odd k >= 1 = local features, each
+    patch attending to the k x k neighbourhood centred on it in every block
+    (``window_attention_mask``; ViT towers only).
     Runs under the caller's grad mode (segmentation training may backpropagate into it). Call
     the model in eval mode: patch dropout would remove tokens.
     """
@@ -660,7 +670,7 @@ def dense_features(model: ClipModel, images: torch.Tensor, window: int = 0) -> D
         raise ValueError(f"window must be >= 0 (0 = global attention), received {window}")
     visual = model.visual
     b, _, height, width = images.shape
-    if window and not isinstance(visual, VisionTransformer):
+    if window and not supports_window(model):
         raise ValueError(
             f"window={window} (local attention) needs a ViT image tower, received "
             f"{type(visual).__name__}; use window=0"

@@ -58,6 +58,7 @@ from vision.clip import (
     DenseFeatures,
     clip_from_preset,
     dense_features,
+    supports_window,
 )
 
 __all__ = [
@@ -107,15 +108,17 @@ class ProjectorConfig(Config):
     # concatenated per patch (two CLIP passes). ShapeWorld's CLIP reads an object's class far
     # better from local features (docs/RESULTS.md, eval.vision_probe).
     features: str = "global"
-    window: int = 5  # patches per side of the local attention window ("local" and "both")
+    window: int = 5  # odd: patches per side of the local attention window ("local" and "both")
 
     def __post_init__(self) -> None:
         if self.position not in POSITIONS:
             raise ValueError(f"position must be one of {POSITIONS}, received {self.position!r}")
         if self.features not in FEATURES:
             raise ValueError(f"features must be one of {FEATURES}, received {self.features!r}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1 (patches per side), received {self.window}")
+        if self.window < 1 or self.window % 2 == 0:
+            raise ValueError(
+                f"window must be an odd number >= 1 (patches per side), received {self.window}"
+            )
         if not 1 <= self.merge <= 16:
             raise ValueError(f"merge must be in [1, 16], received {self.merge}")
         if self.hidden < 0:
@@ -203,6 +206,11 @@ class VLMPresetConfig(Config):
             ("features", features),
             ("window", window),
         )
+        if window is not None and (features or projector.features) == "global":
+            raise ValueError(
+                "window: the attention window applies to local features (features 'local' or "
+                "'both'); the projector reads 'global' ones"
+            )
         for name, value in overrides:
             if value is not None:
                 try:
@@ -482,6 +490,11 @@ class PolychromeVLM(nn.Module):
         # rebuilds exactly the tower the projector was trained on
         clip = clip_from_preset(config.vision)
         clip.model.to(device)
+        if config.projector.features != "global" and not supports_window(clip.model):
+            raise ValueError(
+                f"projector.features {config.projector.features!r} needs a ViT image tower (local "
+                f"attention windows), received {type(clip.model.visual).__name__}; use 'global'"
+            )
         vision_width = _vision_width(clip) * (2 if config.projector.features == "both" else 1)
         output_rms = 1.0
         if config.projector.output_norm == "rms":

@@ -244,14 +244,17 @@ class StampVLM(VLMExtension):
         return grid[0] // s, grid[1] // s
 
     def image_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, 3, S, S) -> (visual tokens for the prompt, mask-token features). One CLIP pass
-        (two for a core whose projector reads local features too); the mask projector reads
+        """(N, 3, S, S) -> (visual tokens for the prompt, mask-token features). One CLIP pass,
+        and one more for a core whose projector reads local features; the mask projector reads
         CLIP's global patch tokens."""
-        with torch.no_grad():
-            dense = dense_features(self.vlm.clip, pixel_values.to(self.vlm.device))
-            visual = self.vlm.encode_images(pixel_values, dense)
-        tokens = dense.tokens.float()
-        feats = visual if self.mask_projector is None else self.mask_projector(tokens, dense.grid)
+        if self.mask_projector is None:  # the mask tokens read the core's own visual tokens
+            with torch.no_grad():
+                feats = visual = self.vlm.encode_images(pixel_values)
+        else:
+            with torch.no_grad():
+                dense = dense_features(self.vlm.clip, pixel_values.to(self.vlm.device))
+                visual = self.vlm.encode_images(pixel_values, dense)
+            feats = self.mask_projector(dense.tokens.float(), dense.grid)
         if self.feature_norm is not None:
             feats = F.normalize(feats, dim=-1) * self.feature_norm
         return visual, feats
