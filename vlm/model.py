@@ -105,8 +105,9 @@ class ProjectorConfig(Config):
     # the tower as trained (LLaVA). "local": the same tower with every patch attending only to a
     # `window` x `window` neighbourhood in every block (vision.clip.dense_features(window=...)),
     # so a token says what is around it rather than what is in the scene. "both": the two
-    # concatenated per patch (two CLIP passes). ShapeWorld's CLIP reads an object's class far
-    # better from local features (docs/RESULTS.md, eval.vision_probe).
+    # concatenated per patch (two CLIP passes). A linear probe reads a ShapeWorld object's class
+    # far better from local features; the VLM did not gain from them at 300 steps
+    # (docs/RESULTS.md, VLM core, session 14).
     features: str = "global"
     window: int = 5  # odd: patches per side of the local attention window ("local" and "both")
 
