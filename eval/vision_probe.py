@@ -145,9 +145,11 @@ def run_probes(
     merge: int = 2,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Every (window, readout, target) accuracy: {"rows": [...], "objects": {...}}."""
+    """Every (window, readout, target) accuracy: {"rows": one per window, "objects": counts of
+    the fitted and scored objects, "merge", "majority": the floor per target}."""
+    if not windows:
+        raise ValueError("windows is empty; expected at least one (0 = global attention)")
     rows = []
-    counts: dict[str, int] = {}
     for window in windows:
         train_x, train_y = object_features(
             model, preprocess, train_scenes, window=window, merge=merge, progress=progress
@@ -155,8 +157,6 @@ def run_probes(
         test_x, test_y = object_features(
             model, preprocess, test_scenes, window=window, merge=merge, progress=progress
         )
-        counts = {"train": len(train_y["class"]), "test": len(test_y["class"])}
-        majority = {t: majority_accuracy(train_y[t], test_y[t]) for t in TARGETS}
         row: dict[str, Any] = {"window": window}
         for readout in READOUTS:
             for target in TARGETS:
@@ -164,6 +164,9 @@ def run_probes(
                     train_x[readout], train_y[target], test_x[readout], test_y[target]
                 )
         rows.append(row)
+    # the objects and their labels are the same for every window: the last pass's will do
+    counts = {"train": len(train_y["class"]), "test": len(test_y["class"])}
+    majority = {t: majority_accuracy(train_y[t], test_y[t]) for t in TARGETS}
     return {"rows": rows, "objects": counts, "merge": merge, "majority": majority}
 
 

@@ -12,7 +12,13 @@ from PIL import Image
 
 from data.shapeworld import main as shapeworld_main
 from data.shapeworld import read_split
-from eval.vision_probe import main, majority_accuracy, object_features, probe_accuracy
+from eval.vision_probe import (
+    main,
+    majority_accuracy,
+    object_features,
+    probe_accuracy,
+    run_probes,
+)
 from vision.clip import build_clip, dense_features
 
 
@@ -92,5 +98,7 @@ def test_cli_writes_a_row_per_window(tiny, shapeworld, tmp_path, monkeypatch):
     assert set(results["majority"]) == {"class", "colour", "cell"}
     with pytest.raises(SystemExit):
         main([*args, "--windows", "-1"])
+    with pytest.raises(ValueError, match="windows is empty"):
+        run_probes(model, preprocess, [], [], [])
     with pytest.raises(SystemExit):
         main(["--data", str(tmp_path / "missing"), "--no-progress"])
