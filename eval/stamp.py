@@ -31,7 +31,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ from core.runtime import destroy_process_group_at_exit
 from data.conversations import read_chat_records
 from data.datasets import ReferringDataset, add_referring_arguments, referring_dataset_from_args
 from eval.metrics import ciou_from_counts, giou_from_counts, intersection_union, mask_iou
-from segmentation.stamp import refine_with_sam
+from segmentation.stamp import fit_grid_logits, mask_like_clip_input, refine_with_sam
 from vision.sam import load_sam
 from vlm.config import PolychromeConfig
 from vlm.stamp import SEG_PROMPTS, StampVLM
@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also report, over this many images, the mean IoU between masks predicted for "
         "expressions naming different objects (1.0 = the words are ignored)",
     )
+    parser.add_argument(
+        "--grid-oracle",
+        action="store_true",
+        help="add a row 'grid oracle': per-sample logits on the first 'stamp' checkpoint's mask "
+        "grid fitted to the ground truth on STAMP's loss, upsampled as the model's are (the "
+        "ceiling of any mask head on that grid; not timed)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -133,6 +140,7 @@ def evaluate(
     repeats: int = 3,
     progress: bool = True,
     seg_rate: dict[str, Callable[[list[Prompt]], list[bool]]] | None = None,
+    untimed: Collection[str] = (),
     shard: tuple[int, int] = (0, 1),
     gather: Callable[[list[Any]], list[Any]] | None = None,
 ) -> dict[str, Any]:
@@ -140,7 +148,8 @@ def evaluate(
 
     shard = (rank, world): this process scores items rank, rank + world, ...; `gather` (e.g.
     accelerate's gather_object) collects every process's per-sample counts, so the metrics are
-    the whole dataset's on every process. Timing runs on the samples of shard 0 only.
+    the whole dataset's on every process. Timing runs on the samples of shard 0 only, for every
+    segmenter not named in `untimed` (references such as the grid oracle).
     """
     if len(data) == 0:
         raise ValueError("no referring expressions to evaluate")
@@ -195,11 +204,13 @@ def evaluate(
             entry["seg_rate"] = float(np.mean([r[3][name] for r in rows]))
         results["methods"][name] = entry
     # Timing: batch 1, the methods in turn on each sample (shard 0's samples).
-    times: dict[str, list[float]] = {name: [] for name in segmenters}
+    times: dict[str, list[float]] = {name: [] for name in segmenters if name not in untimed}
     if rank == 0:
         for i in range(min(timing_samples, len(items))):
             for _ in range(repeats):
                 for name, segment in segmenters.items():
+                    if name in untimed:
+                        continue
                     began = time.perf_counter()
                     segment([prompts[i]])
                     times[name].append(time.perf_counter() - began)
@@ -303,6 +314,34 @@ def _sam_refined(model: StampVLM, sam_dir: Path) -> Segmenter:
     return segment
 
 
+def grid_oracle(model: StampVLM, data: ReferringDataset) -> Segmenter:
+    """A segmenter that reads the answer: for each prompt of `data` (as `evaluate` writes them),
+    logits on `model`'s mask grid fitted to the ground truth with its loss
+    (segmentation.stamp.fit_grid_logits), turned into pixel logits as the model's are. Its cIoU is
+    the ceiling of any mask head on that grid."""
+    truth: dict[tuple[str, str], npt.NDArray[np.bool_]] = {}
+    for i in range(len(data)):
+        it = data[i]
+        truth[(SEG_PROMPTS[0].format(it.expression), str(it.image_path))] = it.mask
+    resolution = model.config.loss_resolution
+
+    def segment(prompts: list[Prompt]) -> list[npt.NDArray[np.float32]]:
+        masks, sizes = [], []
+        for prompt in prompts:
+            turn = prompt[-1]
+            key = (str(turn["content"]), str(turn["images"][-1]))
+            if key not in truth:
+                raise KeyError(f"grid oracle: no ground truth for {key}")
+            mask = truth[key]
+            side = int(model.vlm.pixel_values([load_rgb(key[1])]).shape[-1])
+            masks.append(mask_like_clip_input(mask, side))
+            sizes.append((mask.shape[1], mask.shape[0]))
+        fitted = fit_grid_logits(torch.stack(masks), model.mask_grid, resolution).numpy()
+        return [model.pixel_logits(z, size) for z, size in zip(fitted, sizes, strict=True)]
+
+    return segment
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -328,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         data.items = data.items[: args.limit]
     segmenters: dict[str, Segmenter] = {}
     rates: dict[str, Callable[[list[Prompt]], list[bool]]] = {}
+    models: dict[str, StampVLM] = {}
     for name, path in checkpoints.items():
-        model = StampVLM.from_pretrained(path).eval()
+        model = models[name] = StampVLM.from_pretrained(path).eval()
         segmenters[name] = model.segment
         rates[name] = model.chooses_seg
         if name in args.sam_refine:
@@ -340,6 +380,14 @@ def main(argv: list[str] | None = None) -> int:
                     parser.error(f"--sam-refine: preset {args.preset!r} has no SAM; pass --sam")
                 sam_dir = project_path(preset.sam.checkpoint)
             segmenters[f"{name} + SAM"] = _sam_refined(model, sam_dir)
+    oracle = ""
+    if args.grid_oracle:
+        first = next((m for m in models.values() if m.config.method == "stamp"), None)
+        if first is None:
+            parser.error("--grid-oracle needs a 'stamp' checkpoint (its mask grid and loss)")
+        gh, gw = first.mask_grid
+        oracle = f"grid oracle {gh}x{gw}"
+        segmenters[oracle] = grid_oracle(first, data)
     state = PartialState(cpu=True)
     destroy_process_group_at_exit()
     gather = gather_object if state.num_processes > 1 else None
@@ -352,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
             repeats=args.repeats,
             progress=not args.no_progress,
             seg_rate=rates,
+            untimed=(oracle,) if oracle else (),
             shard=(state.process_index, state.num_processes),
             gather=gather,
         )
@@ -372,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.text_dependence:
         with torch.inference_mode():
             for name, segment in segmenters.items():
+                if name == oracle:  # it reads the answer: nothing to learn about the words
+                    continue
                 dep = text_dependence(data, segment, args.text_dependence)
                 result["methods"][name]["text_dependence"] = dep
                 print(

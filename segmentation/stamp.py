@@ -12,6 +12,7 @@ here:
     targets = grid_targets(gt_masks, grid)                           # (B, N) area fractions
     bce, dice = stamp_losses(logits, targets)                        # paper: 0.3 BCE + 0.7 Dice
     full = upsample_logits(logits, grid, (H, W))                     # (B, H, W); > 0 = foreground
+    oracle = fit_grid_logits(gt_masks, grid, resolution)             # the grid's ceiling
     refined = refine_with_sam(predictor, logits_hw)                  # optional SAM refinement
 """
 
@@ -30,10 +31,12 @@ from core.config import Config
 from vision.sam import SamPresetConfig
 
 __all__ = [
+    "MASK_FEATURES",
     "METHODS",
     "MaskHead",
     "StampConfig",
     "StampPresetConfig",
+    "fit_grid_logits",
     "grid_targets",
     "mask_like_clip_input",
     "mask_pass_attention",
@@ -45,6 +48,7 @@ __all__ = [
 
 METHODS = ("stamp", "text4seg", "lisa")
 MASK_FEATURE_NORMS = ("embedding", "none")
+MASK_FEATURES = ("global", "local")
 
 
 @dataclass
@@ -60,9 +64,10 @@ class StampConfig(Config):
     method: str = "stamp"
 
     # CLIP patches merged per mask token side. 0 = the VLM's own visual tokens (the paper: one
-    # mask token per visual token). Our shapes VLM merges 4x4 patches into one visual token to keep
-    # the prompt short, and a 4x4 grid (32-pixel cells on 128-pixel scenes) is too coarse for masks,
-    # so the shapes preset uses 2 (an 8x8 grid) with its own small projector of the same patches.
+    # mask token per visual token). > 0: a small projector of its own, trained with STAMP, reads
+    # CLIP's patches (see mask_features). The shapes preset uses 2, an 8x8 grid (16-pixel cells on
+    # 128-pixel scenes), chosen when its core merged 4x4 patches (a 4x4 grid was too coarse for
+    # masks); its core now merges 2x2 too, so 0 gives the same grid.
     mask_merge: int = 2
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -87,6 +92,12 @@ class StampConfig(Config):
     # addition. Rescaling did not change what 400 steps learn on ShapeWorld (RESULTS, session 9),
     # so the default stays the paper's.
     mask_feature_norm: str = "none"
+    # What the mask projector (mask_merge > 0) reads: CLIP's patch tokens as trained ("global"),
+    # or the same tower with each patch attending to a mask_window x mask_window neighbourhood
+    # ("local", vision.clip.dense_features; ViT towers only), from which a linear probe reads an
+    # object's class better (RESULTS, "Local CLIP features"). One more CLIP pass per image.
+    mask_features: str = "global"
+    mask_window: int = 5  # odd; read only with mask_features "local"
     sam: SamPresetConfig = field(default_factory=SamPresetConfig)  # the "lisa" method's SAM
 
     def __post_init__(self) -> None:
@@ -102,6 +113,19 @@ class StampConfig(Config):
                 f"mask_feature_norm {self.mask_feature_norm!r} scales the mask tokens' features, "
                 f"which only the 'stamp' method has; received method {self.method!r}"
             )
+        if self.mask_features not in MASK_FEATURES:
+            raise ValueError(
+                f"mask_features must be one of {list(MASK_FEATURES)}, received "
+                f"{self.mask_features!r}"
+            )
+        if self.mask_features != "global" and (self.method != "stamp" or not self.mask_merge):
+            raise ValueError(
+                f"mask_features {self.mask_features!r} is what the mask projector reads, which "
+                f"only the 'stamp' method with mask_merge > 0 has; received method "
+                f"{self.method!r}, mask_merge {self.mask_merge}"
+            )
+        if self.mask_window < 1 or self.mask_window % 2 == 0:
+            raise ValueError(f"mask_window must be odd and >= 1, received {self.mask_window}")
         if self.loss_resolution < 0:
             raise ValueError(f"loss_resolution must be >= 0, received {self.loss_resolution}")
         if not 0 <= self.mask_merge <= 16:
@@ -204,6 +228,43 @@ def upsample_logits(
         )
     x = logits.float().reshape(b, 1, *grid)
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def fit_grid_logits(
+    masks: torch.Tensor,
+    grid: tuple[int, int],
+    resolution: int = 0,
+    steps: int = 300,
+    lr: float = 0.5,
+    bce_weight: float = 0.3,
+    dice_weight: float = 0.7,
+) -> torch.Tensor:
+    """The grid's oracle: (B, H, W) ground-truth masks -> (B, gh * gw) logits fitted to them.
+
+    Each sample's grid logits are optimised (Adam, from zero) on STAMP's own loss, taken where
+    training takes it (``resolution``: the side the logits are upsampled to before the loss, as
+    StampConfig.loss_resolution; 0 = on the grid). No model and no words: what the best possible
+    mask head could score on this grid, the ceiling of a method's cIoU before its features are
+    blamed. Hand-written: a few hundred Adam steps on B x N free parameters.
+    """
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be (batch, H, W), received shape {tuple(masks.shape)}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, received {steps}")
+    side = (resolution, resolution) if resolution else grid
+    # callers may be under inference mode (eval.stamp): autograd is needed here, on copies
+    with torch.inference_mode(False), torch.enable_grad():
+        targets = grid_targets(masks.detach().clone().float(), side)
+        logits = torch.zeros(masks.shape[0], grid[0] * grid[1], requires_grad=True)
+        opt = torch.optim.Adam([logits], lr=lr)
+        for _ in range(steps):
+            up = upsample_logits(logits, grid, side).flatten(1) if resolution else logits
+            bce, dice = stamp_losses(up, targets)
+            loss = bce_weight * bce + dice_weight * dice
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return logits.detach()
 
 
 def sample_points(

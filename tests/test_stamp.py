@@ -15,12 +15,14 @@ from safetensors.torch import load_file
 from data.shapeworld import main as shapeworld_main
 from segmentation.stamp import (
     StampConfig,
+    fit_grid_logits,
     grid_targets,
     mask_like_clip_input,
     mask_pass_attention,
     refine_with_sam,
     sample_points,
     stamp_losses,
+    upsample_logits,
 )
 from vision.clip import dense_features
 from vlm.config import PolychromeConfig
@@ -62,6 +64,28 @@ def _prompt(text: str = "Segment the red circle.", seed: int = 0) -> list[dict]:
 
 
 # -- the model-agnostic parts ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resolution", [0, 32])
+def test_grid_oracle_recovers_a_grid_aligned_mask(resolution):
+    """A mask made of whole cells of the 8x8 grid is what the fitted grid logits trace once
+    upsampled and thresholded, whether the loss is taken on the grid or upsampled to 32."""
+    mask = torch.zeros(2, 64, 64)
+    mask[0, 16:40, 24:48] = 1  # cells rows 2-4, cols 3-5
+    mask[1, 48:64, 0:8] = 1  # one corner cell
+    logits = fit_grid_logits(mask, (8, 8), resolution)
+    assert logits.shape == (2, 64)
+    cells = grid_targets(mask, (8, 8))
+    assert ((logits > 0) == (cells > 0.5)).all()  # the cells' signs, computed independently
+    pixels = upsample_logits(logits, (8, 8), (64, 64)) > 0
+    for p, m in zip(pixels, mask.bool(), strict=True):
+        iou = (p & m).sum() / (p | m).sum()
+        assert iou > 0.8
+    bce0, dice0 = stamp_losses(torch.zeros(2, 64), cells)
+    bce1, dice1 = stamp_losses(logits, cells)
+    assert 0.3 * bce1 + 0.7 * dice1 < 0.3 * (0.3 * bce0 + 0.7 * dice0)
+    with pytest.raises(ValueError, match="batch, H, W"):
+        fit_grid_logits(mask[0], (8, 8))
 
 
 def test_mask_pass_attention_sees_real_prefix_and_all_mask_tokens():
@@ -383,6 +407,32 @@ def test_mask_features_are_scaled_to_the_embedding_norm(stamp):
         CFG.replace(method="lisa", mask_feature_norm="embedding")
 
 
+def test_local_mask_features_read_the_windowed_tower(stamp):
+    """mask_features "local": the mask projector reads CLIP with k x k windowed attention
+    (dense_features(window=k), called here), while the prompt's visual tokens stay the core's
+    global ones; a config saved before the field existed reads "global"."""
+    pixels = stamp.vlm.pixel_values([_image(0), _image(1)])
+    visual, projected = stamp.image_features(pixels)
+    local = StampVLM(_vlm(), CFG.replace(mask_features="local", mask_window=3))
+    local.load_state_dict(stamp.state_dict())  # the same projector, other features
+    visual_l, feats = local.image_features(pixels)
+    torch.testing.assert_close(visual_l, visual)
+    with torch.no_grad():
+        windowed = dense_features(stamp.vlm.clip, pixels, window=3)
+        want = stamp.mask_projector(windowed.tokens.float(), windowed.grid)
+    assert stamp.vlm.patch_grid[0] > 3  # a 3 x 3 window is narrower than the grid
+    torch.testing.assert_close(feats, want)
+    assert not torch.allclose(feats, projected, atol=1e-3)
+    old = {k: v for k, v in CFG.to_dict().items() if k not in ("mask_features", "mask_window")}
+    assert StampConfig.from_dict(old).mask_features == "global"
+    with pytest.raises(ValueError, match="mask_window"):
+        CFG.replace(mask_features="local", mask_window=4)
+    with pytest.raises(ValueError, match="mask_merge > 0"):
+        CFG.replace(mask_features="local", mask_merge=0)
+    with pytest.raises(ValueError, match="mask_features"):
+        CFG.replace(mask_features="both")
+
+
 # -- the scripts ----------------------------------------------------------------------------------
 
 
@@ -417,6 +467,15 @@ def test_train_on_some_expression_types_only(shapeworld, tmp_path, capsys):
     argv = ["--preset", "tiny", "--data", str(shapeworld), "--steps", "1", "--batch-size", "2"]
     argv += ["--negatives", "0", "--no-progress", "--lora-rank", "4", "--out", str(tmp_path / "a")]
     assert train_main([*argv, "--expression-types", "attribute"]) == 0
+    n_attr = kinds.count("attribute")
+    capsys.readouterr()
+    b = ["--out", str(tmp_path / "b"), "--mask-features", "local", "--mask-window", "3"]
+    assert train_main([*argv[:-2], *b, "--expression-types", "attribute", "--limit", "2"]) == 0
+    assert "2 referring expressions from " in capsys.readouterr().out and n_attr > 2
+    saved = StampVLM.from_pretrained(tmp_path / "b" / "final").config
+    assert (saved.mask_features, saved.mask_window) == ("local", 3)
+    with pytest.raises(SystemExit):
+        train_main([*argv, "--limit", "0"])
 
 
 def test_train_resumes_exactly_and_continues_from_a_trained_folder(shapeworld, tmp_path):
@@ -592,6 +651,14 @@ def test_eval_script_scores_the_trained_methods_side_by_side(shapeworld, tmp_pat
     for row in result["methods"].values():
         assert 0.0 <= row["cIoU"] <= 1.0 and row["seconds_per_sample"] > 0
     assert result["false_seg_questions"] > 0
+    # the grid oracle: a reference row, untimed, far above a one-step model on the same samples
+    args = [*args[: args.index("--sam-refine")], "--timing-samples", "1", "--repeats", "1"]
+    args += ["--false-seg-questions", "0", "--grid-oracle", "--json", str(out)]
+    assert eval_main(args) == 0
+    rows = json.loads(out.read_text())["methods"]
+    (oracle,) = [name for name in rows if name.startswith("grid oracle")]
+    assert "seconds_per_sample" not in rows[oracle] and rows["stamp"]["seconds_per_sample"] > 0
+    assert rows[oracle]["cIoU"] > rows["stamp"]["cIoU"] + 0.2  # tiny: a 4x4 grid on 64 pixels
     assert 0.0 <= result["methods"]["stamp"]["false_seg_rate"] <= 1.0
     with pytest.raises(SystemExit):
         eval_main([*args, "--sam-refine", "nope"])

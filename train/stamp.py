@@ -39,7 +39,7 @@ from data.datasets import (
     add_referring_arguments,
     referring_dataset_from_args,
 )
-from segmentation.stamp import MASK_FEATURE_NORMS, METHODS, StampConfig
+from segmentation.stamp import MASK_FEATURE_NORMS, MASK_FEATURES, METHODS, StampConfig
 from train import common
 from train.common import (
     DataParallel,
@@ -110,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
         "embedding norm, 'none' (default) adds it as projected (the paper)",
     )
     parser.add_argument(
+        "--mask-features",
+        choices=MASK_FEATURES,
+        default=None,
+        help="override StampConfig: what the mask projector reads, CLIP's patch tokens as "
+        "trained ('global', default) or with windowed attention ('local', see --mask-window)",
+    )
+    parser.add_argument(
+        "--mask-window",
+        type=int,
+        default=None,
+        help="override StampConfig: odd window side for --mask-features local (default 5)",
+    )
+    parser.add_argument(
         "--lm-weight",
         type=float,
         default=None,
@@ -134,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
         "ordinal; RefCOCO-style refs carry one in an 'expression_type' field), e.g. attribute "
         "first as a curriculum",
     )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on the first N expressions only (after --expression-types), e.g. to check "
+        "that a small set can be fitted",
+    )
     parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default 3%%)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last")
@@ -151,6 +172,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     for name in ("steps", "batch_size", "save_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, received {args.limit}")
     if args.negatives < 0:
         parser.error(f"--negatives must be >= 0, received {args.negatives}")
     if args.lr <= 0:
@@ -246,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     if args.expression_types:
         data, data_desc = only_types(parser, data, data_desc, args.expression_types)
+    if args.limit is not None and args.limit < len(data):
+        data = ReferringDataset(data.images_root, data.items[: args.limit])
+        data_desc = f"{data_desc}, first {args.limit}"
     command = "python -m train.stamp " + shlex.join(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -257,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             ("lora_rank", args.lora_rank),
             ("lm_weight", args.lm_weight),
             ("mask_feature_norm", args.mask_feature_norm),
+            ("mask_features", args.mask_features),
+            ("mask_window", args.mask_window),
         )
         if v is not None
     }

@@ -50,7 +50,7 @@ from segmentation.stamp import (
     stamp_losses,
     upsample_logits,
 )
-from vision.clip import dense_features
+from vision.clip import dense_features, supports_window
 from vision.sam import predict_masks_batched, prepare_image, sam_from_preset
 from vlm.model import PolychromeVLM, Projector
 from vlm.specials import Special, VLMExtension, decode_with_specials
@@ -137,6 +137,11 @@ class StampVLM(VLMExtension):
                 # feature kinds when ProjectorConfig.features is "both"
                 width = int(vlm.projector.norm.normalized_shape[0]) // (pm * pm * vlm.clip_passes)
                 self.mask_projector = Projector(width, hidden, config.mask_merge)
+                if config.mask_features == "local" and not supports_window(vlm.clip):
+                    raise ValueError(
+                        f"mask_features 'local' needs a ViT image tower, received "
+                        f"{type(vlm.clip.visual).__name__}; use mask_features 'global'"
+                    )
         elif config.method == "text4seg":
             labels = [vlm.tokenizer.encode(t, add_special_tokens=False) for t in ("0", "1")]
             if any(len(ids) != 1 for ids in labels):
@@ -245,15 +250,19 @@ class StampVLM(VLMExtension):
 
     def image_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 3, S, S) -> (visual tokens for the prompt, mask-token features). One CLIP pass,
-        and one more for a core whose projector reads local features; the mask projector reads
-        CLIP's global patch tokens."""
+        one more for a core whose projector reads local features, and one more for a mask
+        projector that does (StampConfig.mask_features "local"); otherwise the mask projector
+        reads the global patch tokens the core's projector reads."""
         if self.mask_projector is None:  # the mask tokens read the core's own visual tokens
             with torch.no_grad():
                 feats = visual = self.vlm.encode_images(pixel_values)
         else:
+            pixels = pixel_values.to(self.vlm.device)
             with torch.no_grad():
-                dense = dense_features(self.vlm.clip, pixel_values.to(self.vlm.device))
+                dense = dense_features(self.vlm.clip, pixels)
                 visual = self.vlm.encode_images(pixel_values, dense)
+                if self.config.mask_features == "local":
+                    dense = dense_features(self.vlm.clip, pixels, window=self.config.mask_window)
             feats = self.mask_projector(dense.tokens.float(), dense.grid)
         if self.feature_norm is not None:
             feats = F.normalize(feats, dim=-1) * self.feature_norm
