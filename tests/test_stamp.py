@@ -478,6 +478,34 @@ def test_train_on_some_expression_types_only(shapeworld, tmp_path, capsys):
         train_main([*argv, "--limit", "0"])
 
 
+def test_same_image_batches_pair_different_objects_of_one_scene(shapeworld, tmp_path):
+    from itertools import islice
+
+    from data.datasets import ReferringDataset
+    from train.stamp import main as train_main
+    from train.stamp import same_image_batches
+
+    data = ReferringDataset.from_shapeworld(shapeworld, "train")
+    run = list(islice(same_image_batches(data, 4, 2, seed=0), 6))
+    for batch in run:
+        assert len(batch) == 4
+        for a, b in (batch[:2], batch[2:]):  # one scene, two different objects
+            assert data.items[a][0] == data.items[b][0]
+            assert data.items[a][2].id != data.items[b][2].id
+            assert not np.array_equal(data[int(a)].mask, data[int(b)].mask)
+        assert data.items[batch[0]][0] != data.items[batch[2]][0]
+    resumed = list(islice(same_image_batches(data, 4, 2, seed=0, start_step=4), 2))
+    for x, y in zip(run[4:], resumed, strict=True):  # a resumed run draws the same batches
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="50 different objects"):
+        next(same_image_batches(data, 50, 50, seed=0))
+    argv = ["--preset", "tiny", "--data", str(shapeworld), "--steps", "1", "--batch-size", "4"]
+    argv += ["--negatives", "0", "--no-progress", "--lora-rank", "4", "--out", str(tmp_path)]
+    assert train_main([*argv, "--same-image", "2"]) == 0
+    with pytest.raises(SystemExit):
+        train_main([*argv, "--same-image", "3"])  # does not divide the batch
+
+
 def test_train_resumes_exactly_and_continues_from_a_trained_folder(shapeworld, tmp_path):
     from train.stamp import main as train_main
 

@@ -20,10 +20,12 @@ cleanly with everything saved; ``<out>/final`` is a StampVLM.save_pretrained fol
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="train on the first N expressions only (after --expression-types), e.g. to check "
         "that a small set can be fitted",
     )
+    parser.add_argument(
+        "--same-image",
+        type=int,
+        default=1,
+        metavar="K",
+        help="fill each batch with K expressions about K different objects of each of "
+        "batch-size / K images, so every step shows the same scene asked for different objects "
+        "(default 1: expressions drawn independently, as the paper)",
+    )
     parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default 3%%)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue from <out>/last")
@@ -174,6 +185,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, received {args.limit}")
+    if args.same_image < 1 or args.batch_size % args.same_image:
+        parser.error(
+            f"--same-image must be >= 1 and divide --batch-size {args.batch_size}, received "
+            f"{args.same_image}"
+        )
     if args.negatives < 0:
         parser.error(f"--negatives must be >= 0, received {args.negatives}")
     if args.lr <= 0:
@@ -238,6 +254,31 @@ def build_model(
     return StampVLM(vlm, cfg)
 
 
+def same_image_batches(
+    data: ReferringDataset, batch_size: int, per_image: int, seed: int, start_step: int = 0
+) -> Iterator[np.ndarray]:
+    """Endless batches of expression indices (as train.common.batch_indices, from `start_step`
+    on): batch_size / per_image images a step, and for each, expressions about per_image different
+    objects (different annotations), one expression drawn per object. Images whose expressions
+    name fewer objects are left out. A pure function of (seed, step), so a resumed run draws what
+    the uninterrupted one would."""
+    by_image: dict[str, dict[int, list[int]]] = {}
+    for i, (file_name, _, ann, _, _, _) in enumerate(data.items):
+        by_image.setdefault(file_name, {}).setdefault(ann.id, []).append(i)
+    scenes = [list(objs.values()) for objs in by_image.values() if len(objs) >= per_image]
+    if not scenes:
+        raise ValueError(f"no image has expressions about {per_image} different objects")
+    images = batch_indices(len(scenes), batch_size // per_image, seed, start_step)
+    for step, chosen in enumerate(images, start_step):
+        rng = np.random.default_rng([seed, step, per_image])
+        picked = []
+        for g in chosen:
+            objects = scenes[int(g)]
+            for o in rng.choice(len(objects), per_image, replace=False):
+                picked.append(objects[int(o)][int(rng.integers(len(objects[int(o)])))])
+        yield np.asarray(picked)
+
+
 def batch_for(
     data: ReferringDataset, indices: np.ndarray, step: int, seed: int, negatives: int
 ) -> tuple[list[list[dict[str, Any]]], list[np.ndarray], list[list[dict[str, Any]]]]:
@@ -272,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit is not None and args.limit < len(data):
         data = ReferringDataset(data.images_root, data.items[: args.limit])
         data_desc = f"{data_desc}, first {args.limit}"
+    if args.same_image > 1:
+        data_desc = f"{data_desc}, {args.same_image} objects per image per batch"
     command = "python -m train.stamp " + shlex.join(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -356,7 +399,15 @@ def main(argv: list[str] | None = None) -> int:
     curve = args.out / "loss.jsonl"
     if main_process:  # rows logged after the state we resume from are dropped
         trim_log(curve, start)
-    batches = batch_indices(len(data), args.batch_size, args.seed, start)
+    if args.same_image > 1:
+        try:
+            batches = same_image_batches(data, args.batch_size, args.same_image, args.seed, start)
+            first = next(batches)  # fails here, before any step, if no image qualifies
+        except ValueError as err:
+            parser.error(str(err))
+        batches = itertools.chain([first], batches)
+    else:
+        batches = batch_indices(len(data), args.batch_size, args.seed, start)
     stop = args.stop_at or args.steps
     bar = tqdm(
         total=stop,
