@@ -316,27 +316,42 @@ def _sam_refined(model: StampVLM, sam_dir: Path) -> Segmenter:
 
 def grid_oracle(model: StampVLM, data: ReferringDataset) -> Segmenter:
     """A segmenter that reads the answer: for each prompt of `data` (as `evaluate` writes them),
-    logits on `model`'s mask grid fitted to the ground truth with its loss
+    logits on `model`'s mask grid fitted to the ground truth with its loss and loss weights
     (segmentation.stamp.fit_grid_logits), turned into pixel logits as the model's are. Its cIoU is
-    the ceiling of any mask head on that grid."""
-    truth: dict[tuple[str, str], npt.NDArray[np.bool_]] = {}
-    for i in range(len(data)):
-        it = data[i]
-        truth[(SEG_PROMPTS[0].format(it.expression), str(it.image_path))] = it.mask
-    resolution = model.config.loss_resolution
+    the ceiling of any mask head on that grid. Masks are decoded when asked for."""
+    where: dict[tuple[str, str], tuple[int, int]] = {}  # prompt -> (dataset index, object id)
+    for i, (file_name, sentence, ann, _, _, _) in enumerate(data.items):
+        key = (SEG_PROMPTS[0].format(sentence), str(data.images_root / file_name))
+        if key in where and where[key][1] != ann.id:
+            raise ValueError(
+                f"grid oracle: the expression {sentence!r} names two different objects of "
+                f"{file_name}; the oracle cannot tell which mask a prompt asks for"
+            )
+        where[key] = (i, ann.id)
+    cfg = model.config
+    side = int(model.vlm.pixel_values([np.zeros((8, 8, 3), np.uint8)]).shape[-1])  # CLIP's input
 
     def segment(prompts: list[Prompt]) -> list[npt.NDArray[np.float32]]:
         masks, sizes = [], []
         for prompt in prompts:
             turn = prompt[-1]
             key = (str(turn["content"]), str(turn["images"][-1]))
-            if key not in truth:
+            if key not in where:
                 raise KeyError(f"grid oracle: no ground truth for {key}")
-            mask = truth[key]
-            side = int(model.vlm.pixel_values([load_rgb(key[1])]).shape[-1])
+            mask = data[where[key][0]].mask
             masks.append(mask_like_clip_input(mask, side))
             sizes.append((mask.shape[1], mask.shape[0]))
-        fitted = fit_grid_logits(torch.stack(masks), model.mask_grid, resolution).numpy()
+        fitted = (
+            fit_grid_logits(
+                torch.stack(masks),
+                model.mask_grid,
+                cfg.loss_resolution,
+                bce_weight=cfg.bce_weight,
+                dice_weight=cfg.dice_weight,
+            )
+            .cpu()
+            .numpy()
+        )
         return [model.pixel_logits(z, size) for z, size in zip(fitted, sizes, strict=True)]
 
     return segment

@@ -249,13 +249,19 @@ def fit_grid_logits(
     """
     if masks.ndim != 3:
         raise ValueError(f"masks must be (batch, H, W), received shape {tuple(masks.shape)}")
+    if masks.shape[0] == 0:
+        raise ValueError("masks is an empty batch: nothing to fit")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, received {steps}")
+    if resolution < 0:
+        raise ValueError(f"resolution must be >= 0 (0 = the grid), received {resolution}")
     side = (resolution, resolution) if resolution else grid
     # callers may be under inference mode (eval.stamp): autograd is needed here, on copies
     with torch.inference_mode(False), torch.enable_grad():
         targets = grid_targets(masks.detach().clone().float(), side)
-        logits = torch.zeros(masks.shape[0], grid[0] * grid[1], requires_grad=True)
+        logits = torch.zeros(
+            masks.shape[0], grid[0] * grid[1], device=masks.device, requires_grad=True
+        )
         opt = torch.optim.Adam([logits], lr=lr)
         for _ in range(steps):
             up = upsample_logits(logits, grid, side).flatten(1) if resolution else logits

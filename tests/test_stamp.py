@@ -476,9 +476,16 @@ def test_train_on_some_expression_types_only(shapeworld, tmp_path, capsys):
     assert (saved.mask_features, saved.mask_window) == ("local", 3)
     with pytest.raises(SystemExit):
         train_main([*argv, "--limit", "0"])
+    assert "--limit must be >= 1, received 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_main([*argv, "--limit", "1"])  # fewer than one batch of 2
+    assert "1 expressions (after --limit" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_main([*argv, "--mask-window", "3"])  # with the default global features
+    assert "--mask-window is read only with --mask-features local" in capsys.readouterr().err
 
 
-def test_same_image_batches_pair_different_objects_of_one_scene(shapeworld, tmp_path):
+def test_same_image_batches_pair_different_objects_of_one_scene(shapeworld, tmp_path, capsys):
     from itertools import islice
 
     from data.datasets import ReferringDataset
@@ -497,13 +504,18 @@ def test_same_image_batches_pair_different_objects_of_one_scene(shapeworld, tmp_
     resumed = list(islice(same_image_batches(data, 4, 2, seed=0, start_step=4), 2))
     for x, y in zip(run[4:], resumed, strict=True):  # a resumed run draws the same batches
         np.testing.assert_array_equal(x, y)
-    with pytest.raises(ValueError, match="50 different objects"):
+    with pytest.raises(ValueError, match="different objects; a batch of 50 needs 1"):
         next(same_image_batches(data, 50, 50, seed=0))
     argv = ["--preset", "tiny", "--data", str(shapeworld), "--steps", "1", "--batch-size", "4"]
     argv += ["--negatives", "0", "--no-progress", "--lora-rank", "4", "--out", str(tmp_path)]
     assert train_main([*argv, "--same-image", "2"]) == 0
+    assert ", 2 objects per image per batch" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        train_main([*argv, "--same-image", "3"])  # does not divide the batch
+        train_main([*argv, "--same-image", "3"])
+    assert "must be >= 1 and divide --batch-size 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_main([*argv, "--same-image", "4", "--limit", "8"])
+    assert "a batch of 4 needs 1" in capsys.readouterr().err
 
 
 def test_train_resumes_exactly_and_continues_from_a_trained_folder(shapeworld, tmp_path):
@@ -652,6 +664,41 @@ def test_evaluate_scores_an_oracle_and_an_empty_segmenter(shapeworld):
     )
 
 
+def test_grid_oracle_segments_the_object_each_prompt_names(shapeworld):
+    """The oracle row reads the mask of the prompt's own object: on every image, its mask
+    overlaps the named object more than any other object that image's expressions name."""
+    from data.datasets import ReferringDataset
+    from eval.metrics import mask_iou
+    from eval.stamp import grid_oracle
+
+    data = ReferringDataset.from_shapeworld(shapeworld, "test")
+    model = StampVLM(_vlm(), CFG.replace(mask_merge=1)).eval()  # a finer grid: 8x8 on 64 pixels
+    segment = grid_oracle(model, data)
+    items = [data[i] for i in range(min(len(data), 16))]
+    ids = [data.items[i][2].id for i in range(len(items))]
+    preds = segment(
+        [
+            [{"role": "user", "content": f"Segment {it.expression}.", "images": [it.image_path]}]
+            for it in items
+        ]
+    )
+    compared = 0
+    for a, (it, pred) in enumerate(zip(items, preds, strict=True)):
+        own = mask_iou(pred > 0, it.mask)
+        assert own > 0.5
+        for b, other in enumerate(items):
+            if other.image_path == it.image_path and ids[b] != ids[a]:
+                assert own > mask_iou(pred > 0, other.mask)
+                compared += 1
+    assert compared > 0
+    # an expression that names two different objects of one image is refused, not guessed
+    first = data.items[0]
+    twin = next(x for x in data.items if x[0] == first[0] and x[2].id != first[2].id)
+    clash = ReferringDataset(data.images_root, [first, (twin[0], first[1], *twin[2:])])
+    with pytest.raises(ValueError, match="names two different objects"):
+        grid_oracle(model, clash)
+
+
 def test_eval_script_scores_the_trained_methods_side_by_side(shapeworld, tmp_path):
     import json
 
@@ -679,15 +726,17 @@ def test_eval_script_scores_the_trained_methods_side_by_side(shapeworld, tmp_pat
     for row in result["methods"].values():
         assert 0.0 <= row["cIoU"] <= 1.0 and row["seconds_per_sample"] > 0
     assert result["false_seg_questions"] > 0
-    # the grid oracle: a reference row, untimed, far above a one-step model on the same samples
+    assert 0.0 <= result["methods"]["stamp"]["false_seg_rate"] <= 1.0
+    # the grid oracle: a reference row, untimed, left out of the text dependence, far above a
+    # one-step model on the same samples
     args = [*args[: args.index("--sam-refine")], "--timing-samples", "1", "--repeats", "1"]
-    args += ["--false-seg-questions", "0", "--grid-oracle", "--json", str(out)]
-    assert eval_main(args) == 0
+    args += ["--false-seg-questions", "0", "--text-dependence", "2"]
+    assert eval_main([*args, "--grid-oracle", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["methods"]
     (oracle,) = [name for name in rows if name.startswith("grid oracle")]
     assert "seconds_per_sample" not in rows[oracle] and rows["stamp"]["seconds_per_sample"] > 0
+    assert "text_dependence" not in rows[oracle] and "text_dependence" in rows["stamp"]
     assert rows[oracle]["cIoU"] > rows["stamp"]["cIoU"] + 0.2  # tiny: a 4x4 grid on 64 pixels
-    assert 0.0 <= result["methods"]["stamp"]["false_seg_rate"] <= 1.0
     with pytest.raises(SystemExit):
         eval_main([*args, "--sam-refine", "nope"])
 

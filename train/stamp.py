@@ -20,7 +20,6 @@ cleanly with everything saved; ``<out>/final`` is a StampVLM.save_pretrained fol
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import shlex
 import sys
@@ -266,8 +265,11 @@ def same_image_batches(
     for i, (file_name, _, ann, _, _, _) in enumerate(data.items):
         by_image.setdefault(file_name, {}).setdefault(ann.id, []).append(i)
     scenes = [list(objs.values()) for objs in by_image.values() if len(objs) >= per_image]
-    if not scenes:
-        raise ValueError(f"no image has expressions about {per_image} different objects")
+    if len(scenes) < batch_size // per_image:
+        raise ValueError(
+            f"{len(scenes)} of {len(by_image)} images have expressions about {per_image} "
+            f"different objects; a batch of {batch_size} needs {batch_size // per_image}"
+        )
     images = batch_indices(len(scenes), batch_size // per_image, seed, start_step)
     for step, chosen in enumerate(images, start_step):
         rng = np.random.default_rng([seed, step, per_image])
@@ -314,7 +316,21 @@ def main(argv: list[str] | None = None) -> int:
         data = ReferringDataset(data.images_root, data.items[: args.limit])
         data_desc = f"{data_desc}, first {args.limit}"
     if args.same_image > 1:
+        try:  # fails here, before the model is built, when too few images qualify
+            next(same_image_batches(data, args.batch_size, args.same_image, args.seed))
+        except ValueError as err:
+            parser.error(f"--same-image {args.same_image}: {err}")
         data_desc = f"{data_desc}, {args.same_image} objects per image per batch"
+    elif len(data) < args.batch_size:
+        parser.error(
+            f"{len(data)} expressions (after --limit / --expression-types) is fewer than one "
+            f"batch, --batch-size {args.batch_size}"
+        )
+    if args.mask_window is not None and args.mask_features != "local":
+        parser.error(
+            f"--mask-window is read only with --mask-features local, received --mask-features "
+            f"{args.mask_features or 'global (the default)'}"
+        )
     command = "python -m train.stamp " + shlex.join(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -338,6 +354,11 @@ def main(argv: list[str] | None = None) -> int:
     why = dp.divides(batch_size=args.batch_size, negatives=args.negatives)
     if why:
         parser.error(why)
+    if (args.batch_size // world) % args.same_image:
+        parser.error(
+            f"--same-image {args.same_image} must divide each process's share of the batch "
+            f"({args.batch_size} over {world} processes), so a scene's expressions stay together"
+        )
     seed_everything(args.seed)
     if args.init_from is not None:
         try:
@@ -400,12 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     if main_process:  # rows logged after the state we resume from are dropped
         trim_log(curve, start)
     if args.same_image > 1:
-        try:
-            batches = same_image_batches(data, args.batch_size, args.same_image, args.seed, start)
-            first = next(batches)  # fails here, before any step, if no image qualifies
-        except ValueError as err:
-            parser.error(str(err))
-        batches = itertools.chain([first], batches)
+        batches = same_image_batches(data, args.batch_size, args.same_image, args.seed, start)
     else:
         batches = batch_indices(len(data), args.batch_size, args.seed, start)
     stop = args.stop_at or args.steps
