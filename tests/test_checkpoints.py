@@ -206,8 +206,10 @@ def test_query_decoder_checkpoint_keeps_its_figures(val_split, one_thread):
 
 def test_stamp_checkpoint_keeps_its_figures(val_split, one_thread):
     """Forced segmentation of the first 60 val expressions, and <seg> chosen by the model."""
+    import torch
+
     from data.datasets import ReferringDataset
-    from eval.stamp import evaluate
+    from eval.stamp import evaluate, text_dependence
     from vlm.stamp import StampVLM
 
     folder = project_path("checkpoints/shapes/stamp")
@@ -223,12 +225,16 @@ def test_stamp_checkpoint_keeps_its_figures(val_split, one_thread):
         seg_rate={"stamp": model.chooses_seg},
     )["methods"]["stamp"]
     # Model card (300 test expressions): see docs/RESULTS.md. On these 60 val expressions it
-    # measured cIoU 0.181 / gIoU 0.177 and chose <seg> for all 60 (the previous STAMP, on the
-    # projector-only core: 0.185 / 0.179). It finds objects, not yet the one the expression
-    # names (RESULTS); a fresh head predicts nothing (cIoU 0).
+    # measured cIoU 0.209 / gIoU 0.219 and chose <seg> for all 60 (the 400-step STAMP it was
+    # continued from: 0.181 / 0.177); a fresh head predicts nothing (cIoU 0). Its masks follow
+    # the words: on the first 12 images, masks for different objects overlap at IoU 0.51 (37
+    # pairs), where the 400-step model's were the same mask (0.98).
     assert model.vlm.config.lora == SHAPES.vlm.lora  # trained on the preset's LoRA core
-    assert r["cIoU"] >= 0.15 and r["gIoU"] >= 0.14
+    assert r["cIoU"] >= 0.19 and r["gIoU"] >= 0.20
     assert r["seg_rate"] >= 0.95
+    with torch.inference_mode():
+        words = text_dependence(data, model.segment, images=12)
+    assert words["pairs"] >= 30 and words["mean_iou"] <= 0.65
 
 
 def test_gill_checkpoint_keeps_its_figures(val_split, one_thread):
