@@ -189,6 +189,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             f"--same-image must be >= 1 and divide --batch-size {args.batch_size}, received "
             f"{args.same_image}"
         )
+    if args.mask_window is not None and args.mask_features != "local":
+        parser.error(
+            f"--mask-window is read only with --mask-features local, received --mask-features "
+            f"{args.mask_features or 'global (the default)'}"
+        )
     if args.negatives < 0:
         parser.error(f"--negatives must be >= 0, received {args.negatives}")
     if args.lr <= 0:
@@ -325,11 +330,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"{len(data)} expressions (after --limit / --expression-types) is fewer than one "
             f"batch, --batch-size {args.batch_size}"
-        )
-    if args.mask_window is not None and args.mask_features != "local":
-        parser.error(
-            f"--mask-window is read only with --mask-features local, received --mask-features "
-            f"{args.mask_features or 'global (the default)'}"
         )
     command = "python -m train.stamp " + shlex.join(argv)
     if args.threads:
