@@ -2,7 +2,10 @@
 
     # the linear-layer shapes of SmolLM2-135M (random 2:4 weights; speed does not depend on them)
     python -m bench.sparse_speed --model smollm2-135m-instruct --out runs/bench_sparse
-    # LLaMA-2-7B's shapes, bf16, CUTLASS kernels
+    # the same shapes without loading the model (its 30 blocks: q, o; k, v; gate, up; down)
+    python -m bench.sparse_speed --shapes 576x576*60,192x576*60,1536x576*60,576x1536*30 \\
+        --out runs/bench_sparse
+    # LLaMA-2-7B's shapes, bf16, CUTLASS kernels (compute capability 8.x only)
     python -m bench.sparse_speed --shapes 4096x4096,11008x4096,4096x11008 --dtype bf16 \\
         --backend cutlass --tokens 1,16,256,2048,8192 --out runs/bench_sparse_7b
 
@@ -39,13 +42,17 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_shapes(spec: str) -> list[tuple[int, int]]:
-    """'576x1536,192x576' -> [(576, 1536), (192, 576)] as (out, in)."""
+    """'576x1536,192x576*2' -> [(576, 1536), (192, 576), (192, 576)] as (out, in); ``*K``
+    repeats a shape K times (how many such layers the model has)."""
     shapes = []
     for part in spec.split(","):
-        dims = part.strip().lower().split("x")
+        shape, star, times = part.strip().lower().partition("*")
+        dims = shape.split("x")
         if len(dims) != 2 or not all(d.isdigit() and int(d) > 0 for d in dims):
             raise ValueError(f"expected shapes like 4096x11008 (out x in), received {part!r}")
-        shapes.append((int(dims[0]), int(dims[1])))
+        if star and not (times.isdigit() and int(times) > 0):
+            raise ValueError(f"expected a positive repeat like 4096x11008*32, received {part!r}")
+        shapes += [(int(dims[0]), int(dims[1]))] * int(times or 1)
     return shapes
 
 
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokens = parse_ints(args.tokens)
         counts = Counter(parse_shapes(args.shapes)) if args.shapes else None
-        require_semi_structured_device(args.device)
+        require_semi_structured_device(args.device, args.backend)
     except ValueError as err:
         parser.error(str(err))
     if counts is None:

@@ -131,8 +131,12 @@ def test_eval_table_scores_dense_and_each_checkpoint(tmp_path):
 
 def test_bench_parses_its_arguments_and_refuses_cpu(tmp_path, capsys):
     assert parse_shapes("576x1536, 192x576") == [(576, 1536), (192, 576)]
+    assert parse_shapes("576x576*2,192x576") == [(576, 576), (576, 576), (192, 576)]
     with pytest.raises(ValueError, match="out x in"):
         parse_shapes("576x")
+    for bad in ("576x576*0", "576x576*", "576x576*two"):
+        with pytest.raises(ValueError, match="positive repeat"):
+            parse_shapes(bad)
     with pytest.raises(SystemExit) as exit_info:
         bench_main(["--help"])
     assert exit_info.value.code == 0

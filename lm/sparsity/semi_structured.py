@@ -7,8 +7,10 @@
 indices and runs the matmul on the sparse tensor cores (cuSPARSELt, or CUTLASS with
 ``backend="cutlass"``). It takes 2-D contiguous fp16 / bf16 CUDA weights whose sides are
 multiples of the backend's block (CUTLASS fp16: 32 rows x 64 columns). The speed-up appears for
-large layers and batches (MaskLLM / the PyTorch tutorial: 1.3-1.4x; none at batch 1);
-bench/sparse_speed.py measures it. Weights become inference-only (no backward).
+large layers and batches on an A100 (MaskLLM / the PyTorch tutorial: 1.3-1.4x; none at batch 1);
+bench/sparse_speed.py measures it. On an H200 (torch 2.11, cuSPARSELt 0.8) it did not: the sparse
+F.linear was slower at every size timed (docs/RESULTS.md, "2:4 kernels on a GPU"). CUTLASS runs
+on compute capability 8.x only. Weights become inference-only (no backward).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 TWO_FOUR = NM(2, 4)
 
 
-def require_semi_structured_device(device: torch.device | str) -> None:
-    """Raise ValueError unless `device` is a CUDA GPU with compute capability >= 8.0."""
+def require_semi_structured_device(device: torch.device | str, backend: str = "auto") -> None:
+    """Raise ValueError unless `device` is a CUDA GPU with compute capability >= 8.0, and 8.x
+    for ``backend="cutlass"``: torch's CUTLASS 2:4 kernels run only there (an H100 / H200, 9.0,
+    converted the weights and then failed at the first matmul)."""
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(
@@ -41,6 +45,12 @@ def require_semi_structured_device(device: torch.device | str) -> None:
         raise ValueError(
             f"semi-structured 2:4 kernels need compute capability >= 8.0 (Ampere or newer), "
             f"{torch.cuda.get_device_name(device)} has {major}.{minor}"
+        )
+    if backend == "cutlass" and major != 8:
+        raise ValueError(
+            f"torch's CUTLASS 2:4 kernels run only on compute capability 8.x (Ampere, Ada); "
+            f"{torch.cuda.get_device_name(device)} has {major}.{minor}: use backend='auto' "
+            "(cuSPARSELt)"
         )
 
 
@@ -60,7 +70,7 @@ def to_semi_structured(model: nn.Module, names: Sequence[str], backend: str = "a
         if not isinstance(layer, nn.Linear):
             raise ValueError(f"{name}: expected an nn.Linear, found {type(layer).__name__}")
         weight = layer.weight
-        require_semi_structured_device(weight.device)
+        require_semi_structured_device(weight.device, backend)
         if weight.dtype not in SEMI_STRUCTURED_DTYPES:
             raise ValueError(
                 f"{name}: semi-structured kernels take fp16 or bf16 weights, received "
