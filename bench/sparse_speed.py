@@ -17,7 +17,7 @@ the decoder blocks (one forward of all pruned linear layers). Ratio = dense / sp
 sparse is faster). Expect ~1.3x only for large layers and many tokens, none at B = 1.
 
 Outputs in --out: ``sparse_speed.json`` and ``sparse_speed.md``. Needs a CUDA GPU with compute
-capability >= 8.0; anywhere else it exits with an error saying so.
+capability >= 8.0 (8.x for ``--backend cutlass``); anywhere else it exits with an error saying so.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def parse_shapes(spec: str) -> list[tuple[int, int]]:
     repeats a shape K times (how many such layers the model has)."""
     shapes = []
     for part in spec.split(","):
-        shape, star, times = part.strip().lower().partition("*")
+        shape, star, times = (x.strip() for x in part.strip().lower().partition("*"))
         dims = shape.split("x")
         if len(dims) != 2 or not all(d.isdigit() and int(d) > 0 for d in dims):
             raise ValueError(f"expected shapes like 4096x11008 (out x in), received {part!r}")

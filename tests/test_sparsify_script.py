@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -134,6 +135,12 @@ def test_bench_parses_its_arguments_and_refuses_cpu(tmp_path, capsys):
     assert parse_shapes("576x576*2,192x576") == [(576, 576), (576, 576), (192, 576)]
     with pytest.raises(ValueError, match="out x in"):
         parse_shapes("576x")
+    assert parse_shapes(" 576x576 * 2 ") == [(576, 576), (576, 576)]
+    # the spelling RESULTS quotes counts the same layers as the written-out list that ran
+    blocks = ",".join(["576x576", "192x576", "192x576", "576x576", "1536x576", "1536x576",
+                       "576x1536"] * 30)  # fmt: skip
+    short = "576x576*60,192x576*60,1536x576*60,576x1536*30"
+    assert Counter(parse_shapes(short)) == Counter(parse_shapes(blocks))
     for bad in ("576x576*0", "576x576*", "576x576*two"):
         with pytest.raises(ValueError, match="positive repeat"):
             parse_shapes(bad)

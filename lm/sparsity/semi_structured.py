@@ -30,8 +30,9 @@ TWO_FOUR = NM(2, 4)
 
 def require_semi_structured_device(device: torch.device | str, backend: str = "auto") -> None:
     """Raise ValueError unless `device` is a CUDA GPU with compute capability >= 8.0, and 8.x
-    for ``backend="cutlass"``: torch's CUTLASS 2:4 kernels run only there (an H100 / H200, 9.0,
-    converted the weights and then failed at the first matmul)."""
+    where the kernels would be CUTLASS's (``backend="cutlass"``, or a torch built without
+    cuSPARSELt): torch's CUTLASS 2:4 kernels run only there (on an H200, 9.0, they converted the
+    weights and then failed at the first matmul)."""
     device = torch.device(device)
     if device.type != "cuda":
         raise ValueError(
@@ -46,11 +47,17 @@ def require_semi_structured_device(device: torch.device | str, backend: str = "a
             f"semi-structured 2:4 kernels need compute capability >= 8.0 (Ampere or newer), "
             f"{torch.cuda.get_device_name(device)} has {major}.{minor}"
         )
-    if backend == "cutlass" and major != 8:
+    if major != 8 and backend == "cutlass":
         raise ValueError(
             f"torch's CUTLASS 2:4 kernels run only on compute capability 8.x (Ampere, Ada); "
             f"{torch.cuda.get_device_name(device)} has {major}.{minor}: use backend='auto' "
             "(cuSPARSELt)"
+        )
+    if major != 8 and not torch.backends.cusparselt.is_available():
+        raise ValueError(
+            f"this torch has no cuSPARSELt, so backend='auto' would fall back to CUTLASS, whose "
+            f"2:4 kernels run only on compute capability 8.x; {torch.cuda.get_device_name(device)} "
+            f"has {major}.{minor}"
         )
 
 
