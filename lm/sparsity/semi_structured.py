@@ -7,7 +7,7 @@
 indices and runs the matmul on the sparse tensor cores (cuSPARSELt, or CUTLASS with
 ``backend="cutlass"``). It takes 2-D contiguous fp16 / bf16 CUDA weights whose sides are
 multiples of the backend's block (CUTLASS fp16: 32 rows x 64 columns). The speed-up appears for
-large layers and batches on an A100 (MaskLLM / the PyTorch tutorial: 1.3-1.4x; none at batch 1);
+large layers and batches (MaskLLM / the PyTorch tutorial: 1.3-1.4x; none at batch 1);
 bench/sparse_speed.py measures it. On an H200 (torch 2.11, cuSPARSELt 0.8) it did not: the sparse
 F.linear was slower at every size timed (docs/RESULTS.md, "2:4 kernels on a GPU"). CUTLASS runs
 on compute capability 8.x only. Weights become inference-only (no backward).
