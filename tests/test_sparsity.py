@@ -439,18 +439,18 @@ def test_semi_structured_model_matches_its_dense_pruned_copy_on_cuda(backend):
 
 
 @pytest.mark.parametrize(
-    ("capability", "backend", "error"),
+    ("capability", "backend", "cusparselt", "error"),
     [
-        ((9, 0), "cutlass", r"8\.x \(Ampere, Ada\).*has 9\.0"),
-        ((9, 0), "auto", None),
-        ((8, 6), "cutlass", None),
-        ((7, 5), "auto", r"compute capability >= 8\.0.*has 7\.5"),
-        ((9, 0), "auto, no cuSPARSELt", r"no cuSPARSELt.*has 9\.0"),
-        ((8, 0), "auto, no cuSPARSELt", None),
+        ((9, 0), "cutlass", True, r"8\.x \(Ampere, Ada\).*has 9\.0"),
+        ((9, 0), "auto", True, None),
+        ((8, 6), "cutlass", True, None),
+        ((7, 5), "auto", True, r"compute capability >= 8\.0.*has 7\.5"),
+        ((9, 0), "auto", False, r"no cuSPARSELt.*has 9\.0"),
+        ((8, 0), "auto", False, None),
     ],
 )
 def test_semi_structured_device_check_by_compute_capability(
-    monkeypatch, capability, backend, error
+    monkeypatch, capability, backend, cusparselt, error
 ):
     """Which GPUs the refusal lets through, with the CUDA queries stubbed: cuSPARSELt from 8.0
     up, torch's CUTLASS kernels (asked for, or auto's fallback without cuSPARSELt) on 8.x only
@@ -460,9 +460,7 @@ def test_semi_structured_device_check_by_compute_capability(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "GPU")
-    cusparselt = not backend.endswith("no cuSPARSELt")
     monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: cusparselt)
-    backend = backend.split(",")[0]
     if error is None:
         require_semi_structured_device("cuda", backend)
     else:
