@@ -37,7 +37,6 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from data.conversations import DESCRIBE_PROMPTS
 from data.stories import Story, make_stories
 from eval.generation import GenerationJudge, labels_satisfy
 from eval.gill import (
@@ -51,20 +50,11 @@ from generation.diffusion import (
     generate,
 )
 from generation.index import clip_embedder
-from vlm.gill import GILLVLM, request_prompt
+from vlm.gill import GILLVLM, request_prompt, story_prompt
 
-__all__ = ["METHODS", "bootstrap_interval", "evaluate_stories", "main", "story_prompt"]
+__all__ = ["METHODS", "bootstrap_interval", "evaluate_stories", "main"]
 
 METHODS = ("gill_context", "gill_caption", "decoder_caption", "decoder_full")
-
-
-def story_prompt(story: Story) -> list[dict[str, Any]]:
-    """GILL's contextual request: the four panels as described images, then the fifth caption."""
-    turns: list[dict[str, Any]] = []
-    for image, caption in story.context:
-        turns.append({"role": "user", "content": DESCRIBE_PROMPTS[0], "images": [image]})
-        turns.append({"role": "assistant", "content": caption})
-    return turns + request_prompt(story.last)
 
 
 def bootstrap_interval(

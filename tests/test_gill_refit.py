@@ -10,10 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from data.datasets import CaptionDataset
+from data.shapeworld import LayoutConfig, ShapeWorldConfig, SplitSizes, generate
 from data.shapeworld import main as shapeworld_main
+from data.stories import make_stories
+from generation.diffusion import encode_prompts, pipeline_from_preset
 from train.gill import main as gill_main
-from train.gill_mapper import draw_requests
+from train.gill_mapper import draw_requests, is_story, request_items, val_distance
 from train.gill_mapper import main as mapper_main
+from vlm.config import PolychromeConfig
 from vlm.gill import GILLVLM, REQUEST_TEMPLATES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,3 +127,89 @@ def test_retrieval_refit_changes_the_retrieval_heads_only_and_logs_val_recall(ba
     again = [*args[:3], str(out / "final"), *args[4:]]
     assert retrieval_main(again) == 0
     assert part.stat().st_mtime_ns == stamp
+
+
+def test_story_requests_train_the_mapper_on_the_fifth_scenes_caption(base, tmp_path):
+    """--stories: contextual requests (four captioned panels, then the fifth caption) enter the
+    cache beside the plain ones, with the fifth scene's own caption as their target, on a core
+    whose image LoRA refuses batches that mix them; the held-out stories' distance is reported
+    apart."""
+
+    checkpoint = _on_an_image_lora_core(base[1], tmp_path)  # stories and text apart in a batch
+    world = tmp_path / "world"  # the decoder's kind: one or two objects per scene
+    cfg = ShapeWorldConfig(
+        seed=0,
+        layout=LayoutConfig(image_size=64, min_objects=1, max_objects=2, min_size=0.08),
+        splits=SplitSizes(train=0, val=40, test=0, pretrain=0),
+    )
+    generate(world, cfg, workers=1, progress=False)
+    out = tmp_path / "stories"
+    args = [
+        "--preset", "tiny", "--checkpoint", str(checkpoint), "--data", str(world),
+        "--split", "val", "--out", str(out), "--requests", "10", "--compositions", "2",
+        "--stories", "8", "--val", "8", "--steps", "4", "--batch-size", "4", "--lr", "3e-3",
+        "--eval-every", "2", "--no-progress",
+    ]  # fmt: skip
+    assert mapper_main(args) == 0
+    stories = make_stories(world, "val", 8, seed=0)
+    assert len(stories) == 8
+    captions = CaptionDataset.from_shapeworld(world, "val").captions
+    pairs = draw_requests([c for caps in captions for c in caps], 10, 2, seed=0)  # the run's
+    items = request_items(pairs, stories, seed=0)
+    told = [(turns, cap) for turns, cap in items if is_story(turns)]
+    assert len(items) == 20 and sorted(cap for _, cap in told) == sorted(
+        s.target_caption for s in stories
+    )
+    for turns, cap in told:
+        story = next(s for s in stories if s.target_caption == cap)
+        assert [t["content"] for t in turns[1:-1:2]] == [c for _, c in story.context]
+        assert story.last in turns[-1]["content"] and cap not in turns[-1]["content"]
+    meta = json.loads((out / "final" / "manifest.json").read_text())["metadata"]
+    assert meta["stories"] == 8 and meta["requests"] == 20
+    curve = [json.loads(r) for r in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve if "val_distance_stories" in r] == [2, 4]
+    # the cache, row by row in the items' order: each request's [IMG] states as when it runs on
+    # its own (batching and padding change nothing), and the encoding of its caption
+    cache = load_file(str(out / "cache" / "part-0000.safetensors"))
+    model = GILLVLM.from_pretrained(checkpoint).eval()
+    assert model.vlm.has_image_lora
+    pipe = pipeline_from_preset(PolychromeConfig.from_preset("tiny").diffusion)
+    with torch.no_grad():
+        for k, (turns, _) in enumerate(items):
+            _, alone = model.request_states([turns])
+            torch.testing.assert_close(cache["hidden"][k], alone.hidden[0].float(), msg=str(k))
+        targets = encode_prompts(pipe, [cap for _, cap in items]).float()
+    torch.testing.assert_close(cache["targets"], targets)
+    # the held-out stories' distance is that of the trained mapper on the story rows of the tail
+    tail = [k for k in range(20 - 8, 20) if is_story(items[k][0])]
+    assert tail
+    trained = GILLVLM.from_pretrained(out / "final").eval()
+    with torch.no_grad():
+        embeds = trained.vlm.embed(torch.tensor(trained.img_ids)[None]).float()
+    want = val_distance(trained, cache["hidden"][tail], embeds, cache["targets"][tail])
+    assert meta["val_distance_stories"] == pytest.approx(want, abs=1e-3)
+
+
+def _on_an_image_lora_core(checkpoint: Path, tmp_path: Path) -> Path:
+    """`checkpoint` moved onto a tiny core with an image LoRA (vlm.gill rebase), whose batches
+    must hold images in every row or in none."""
+    from vlm.gill import main as gill_cli
+    from vlm.model import ImageLoraConfig, PolychromeVLM, VLMConfig
+
+    cfg = PolychromeConfig.from_preset("tiny")
+    torch.manual_seed(1)
+    core = PolychromeVLM.build(
+        VLMConfig(
+            llm=cfg.llm, vision=cfg.clip, projector=cfg.vlm.projector,
+            lora=ImageLoraConfig(rank=4),
+        )
+    )  # fmt: skip
+    with torch.no_grad():
+        for name, p in core.llm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    core_dir = core.save_pretrained(tmp_path / "core")
+    out = tmp_path / "rebased"
+    args = ["rebase", "--checkpoint", str(checkpoint), "--vlm", str(core_dir), "--out", str(out)]
+    assert gill_cli(args) == 0
+    return out

@@ -12,7 +12,8 @@ from data.datasets import InstanceDataset
 from data.scene import COLOURS
 from data.shapeworld import LayoutConfig, ShapeWorldConfig, SplitSizes, generate
 from data.stories import CONTEXT_PANELS, last_caption, make_stories
-from eval.gill_stories import bootstrap_interval, story_prompt
+from eval.gill_stories import bootstrap_interval
+from vlm.gill import story_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

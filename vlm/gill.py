@@ -51,10 +51,12 @@ from transformers import DynamicCache
 
 from core.checkpoint import CheckpointError, checkpoint_metadata, load_state_strict
 from core.images import load_rgb
+from data.conversations import DESCRIBE_PROMPTS
 from data.datasets import InstanceDataset, shapeworld_paths
 from data.formats import read_coco_captions
 from data.language import listing_caption
 from data.scene import COLOURS, SHAPES, UNSEEN_COLOURS, UNSEEN_SHAPES
+from data.stories import Story
 from generation.diffusion import DiffusionConfig, Pipeline, expected_embeds_shape, generate
 from generation.gill import (
     GENERATE,
@@ -83,6 +85,7 @@ __all__ = [
     "load_scenes",
     "main",
     "request_prompt",
+    "story_prompt",
 ]
 
 IMG_TOKENS = tuple(f"[IMG{i}]" for i in range(NUM_IMG_TOKENS))
@@ -670,6 +673,17 @@ class ImageMaker:
 def request_prompt(description: str, template: int = 0) -> list[dict[str, Any]]:
     """The user turn asking for an image of `description` (REQUEST_TEMPLATES[template])."""
     return [{"role": "user", "content": REQUEST_TEMPLATES[template].format(description)}]
+
+
+def story_prompt(story: Story, template: int = 0) -> list[dict[str, Any]]:
+    """GILL's contextual request (data/stories.py): the four panels as described images (the user
+    shows each, asking for a description; the assistant answers with its caption), then the
+    request for the fifth caption (REQUEST_TEMPLATES[template])."""
+    turns: list[dict[str, Any]] = []
+    for image, caption in story.context:
+        turns.append({"role": "user", "content": DESCRIBE_PROMPTS[0], "images": [image]})
+        turns.append({"role": "assistant", "content": caption})
+    return turns + request_prompt(story.last, template)
 
 
 # --------------------------------------------------------------------------------------------
