@@ -284,10 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         "requests": args.requests,
         "compositions": args.compositions,
         "seed": args.seed,
-        # the requests and captions themselves (without stories, the key of the runs before
-        # --stories existed, so that their caches stay valid)
-        **({"stories": len(stories), "items": items_digest(items)} if stories else {}),
-        **({} if stories else {"items": items_digest(pairs)}),
+        # the requests and captions themselves; without stories, the key of the runs before
+        # --stories existed (a digest of the pairs), so that their caches stay valid
+        "items": items_digest(items if stories else pairs),
+        **({"stories": len(stories)} if stories else {}),
     }
     n_caps = len(pairs) - args.compositions
     print(
