@@ -42,6 +42,22 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
+def stories_world(tmp_path_factory) -> Path:
+    """The diffusion decoder's kind of data, read-only: 64 px scenes of one or two objects, 40 val
+    images (data/stories.py makes 8 stories of them)."""
+    from data.shapeworld import LayoutConfig, ShapeWorldConfig, SplitSizes, generate
+
+    root = tmp_path_factory.mktemp("stories") / "world"
+    cfg = ShapeWorldConfig(
+        seed=0,
+        layout=LayoutConfig(image_size=64, min_objects=1, max_objects=2, min_size=0.08),
+        splits=SplitSizes(train=0, val=40, test=0, pretrain=0),
+    )
+    generate(root, cfg, workers=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
 def tiny_lm():
     """(model, tokenizer) of the tiny random Llama, frozen, built once per session."""
     from lm.loading import load_causal_lm

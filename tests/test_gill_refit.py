@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from data.datasets import CaptionDataset
-from data.shapeworld import LayoutConfig, ShapeWorldConfig, SplitSizes, generate
 from data.shapeworld import main as shapeworld_main
 from data.stories import make_stories
 from generation.diffusion import encode_prompts, pipeline_from_preset
@@ -129,20 +128,14 @@ def test_retrieval_refit_changes_the_retrieval_heads_only_and_logs_val_recall(ba
     assert part.stat().st_mtime_ns == stamp
 
 
-def test_story_requests_train_the_mapper_on_the_fifth_scenes_caption(base, tmp_path):
+def test_story_requests_train_the_mapper_on_the_fifth_scenes_caption(base, stories_world, tmp_path):
     """--stories: contextual requests (four captioned panels, then the fifth caption) enter the
     cache beside the plain ones, with the fifth scene's own caption as their target, on a core
     whose image LoRA refuses batches that mix them; the held-out stories' distance is reported
     apart."""
 
     checkpoint = _on_an_image_lora_core(base[1], tmp_path)  # stories and text apart in a batch
-    world = tmp_path / "world"  # the decoder's kind: one or two objects per scene
-    cfg = ShapeWorldConfig(
-        seed=0,
-        layout=LayoutConfig(image_size=64, min_objects=1, max_objects=2, min_size=0.08),
-        splits=SplitSizes(train=0, val=40, test=0, pretrain=0),
-    )
-    generate(world, cfg, workers=1, progress=False)
+    world = stories_world  # the decoder's kind: one or two objects per scene
     out = tmp_path / "stories"
     args = [
         "--preset", "tiny", "--checkpoint", str(checkpoint), "--data", str(world),

@@ -10,7 +10,6 @@ import pytest
 
 from data.datasets import InstanceDataset
 from data.scene import COLOURS
-from data.shapeworld import LayoutConfig, ShapeWorldConfig, SplitSizes, generate
 from data.stories import CONTEXT_PANELS, last_caption, make_stories
 from eval.gill_stories import bootstrap_interval
 from vlm.gill import story_prompt
@@ -19,16 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    """The decoder's kind of data: 64 px scenes of one or two objects, 40 val images."""
-    root = tmp_path_factory.mktemp("stories") / "world"
-    cfg = ShapeWorldConfig(
-        seed=0,
-        layout=LayoutConfig(image_size=64, min_objects=1, max_objects=2, min_size=0.08),
-        splits=SplitSizes(train=0, val=40, test=0, pretrain=0),
-    )
-    generate(root, cfg, workers=1, progress=False)
-    return root
+def world(stories_world) -> Path:
+    return stories_world
 
 
 def test_each_panel_shows_an_object_of_the_target_and_the_last_caption_names_no_colour(world):
