@@ -302,6 +302,7 @@ def test_gill_mapper_conditions_the_decoder_to_draw_the_request(decoder_val, one
     # colour 8 / 8; the mapper before the refit (train.gill alone) 4.48, 0.251 and 2 / 8. With
     # session 16's decoder (the continued UNet): 1.06, 0.469, 8 / 8; after session 17's refit on
     # stories beside the captions: 1.05, 0.466, 8 / 8.
+    print(f"distance {distance:.2f}, CLIP cosine {score:.3f}, colour {colour * 8:.0f} / 8")  # -rP
     assert distance <= 1.25
     assert score >= 0.40
     assert colour >= 6 / 8
@@ -353,6 +354,10 @@ def test_gill_mapper_draws_what_a_story_told(decoder_val, one_thread):
     # the distance with the panels measured 3.81 against 5.24 without them, and 6 of the 7
     # one-object panels came out in the colour the context named; the caption-only mapper before
     # the refit: 6.99 (the panels made it worse), 5.26, and 3 of 7.
+    print(
+        f"stories {len(stories)}: distance {with_panels:.2f} with the panels, {without:.2f} "
+        f"without; colour {colour * len(one):.0f} / {len(one)}"
+    )  # shown by pytest -rP
     assert with_panels <= 4.5 and with_panels < without - 1.0
     assert colour >= 5 / 7
 
