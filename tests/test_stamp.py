@@ -560,6 +560,36 @@ def test_train_resumes_exactly_and_continues_from_a_trained_folder(shapeworld, t
             train_main([*cont, *bad, "--out", str(tmp_path / "bad")])
 
 
+def test_init_from_with_vlm_moves_stamp_onto_another_core(shapeworld, tmp_path):
+    """--init-from X --vlm CORE: STAMP's own tensors as trained in X (a learning rate of ~0
+    leaves them), the core's tensors CORE's; the result attaches to CORE, not to X's core."""
+    from core.checkpoint import CheckpointError
+    from train.stamp import main as train_main
+
+    common = ["--preset", "tiny", "--data", str(shapeworld), "--batch-size", "2"]
+    common += ["--negatives", "0", "--no-progress", "--mask-merge", "2", "--lora-rank", "4"]
+    assert train_main([*common, "--steps", "2", "--lr", "1e-2", "--out", str(tmp_path / "a")]) == 0
+    core_dir = _lora_core(seed=3).save_pretrained(tmp_path / "core")
+    moved = tmp_path / "moved"
+    args = ["--init-from", str(tmp_path / "a" / "final"), "--vlm", str(core_dir)]
+    assert train_main([*common, *args, "--steps", "1", "--lr", "1e-12", "--out", str(moved)]) == 0
+    before = load_file(str(tmp_path / "a" / "final" / "stamp.safetensors"))
+    after = load_file(str(moved / "final" / "stamp.safetensors"))
+    assert before.keys() == after.keys()
+    for k in before:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=1e-6)
+    core_tensors = load_file(str(core_dir / "vlm.safetensors"))
+    saved_core = load_file(str(moved / "final" / "vlm.safetensors"))
+    for k, v in core_tensors.items():
+        if k.startswith(("projector.", "llm.")):
+            assert torch.equal(saved_core[k], v), k
+    core = PolychromeVLM.from_pretrained(core_dir)
+    attached = StampVLM.from_pretrained(moved / "final", vlm=core).eval()
+    assert attached.segment([_prompt()])[0].shape == (64, 64)
+    with pytest.raises(CheckpointError, match="another VLM core"):
+        StampVLM.from_pretrained(moved / "final", vlm=_vlm())
+
+
 # -- the baselines on the same model ---------------------------------------------------------
 
 

@@ -8,6 +8,9 @@
     # continue the committed STAMP on a new schedule, the mask alone (<seg> row kept)
     python -m train.stamp --init-from checkpoints/shapes/stamp --lm-weight 0 --negatives 0 \
         --data /work/data/sw --out /work/runs/stamp_more --steps 900
+    # the same, moved onto another VLM core first (a retrained core: STAMP's masks read it)
+    python -m train.stamp --init-from checkpoints/shapes/stamp --vlm runs/vlm/final --lm-weight 0 \
+        --negatives 0 --data /work/data/sw --out /work/runs/stamp_moved --steps 600
 
 Starts from the preset's trained VLM core (``--vlm`` to choose another), which stays frozen. Each
 step: B segmentation requests ("Segment the red circle.", the reply target ``<seg>`` + end of
@@ -137,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="start from this trained STAMP folder (its VLM core, config, LoRA and head; a new "
         "schedule of --steps), e.g. checkpoints/shapes/stamp; its config is kept: --method, "
         "--mask-merge, --lora-rank and --mask-feature-norm, when given, must agree with it, "
-        "--lm-weight may change",
+        "--lm-weight may change. With --vlm: its STAMP parts moved onto that core first "
+        "(StampVLM.rebase; same LLM and CLIP), to retrain STAMP for a new core",
     )
     parser.add_argument(
         "--expression-types",
@@ -204,13 +208,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
     if args.lm_weight is not None and args.lm_weight < 0:
         parser.error(f"--lm-weight must be >= 0, received {args.lm_weight}")
-    if args.init_from is not None:
-        if args.vlm is not None:
-            parser.error("--init-from brings its own VLM core: drop --vlm")
-        if not (args.init_from / "stamp.safetensors").is_file():
-            parser.error(
-                f"--init-from: {args.init_from} is not a saved STAMP folder (no stamp.safetensors)"
-            )
+    if args.init_from is not None and not (args.init_from / "stamp.safetensors").is_file():
+        parser.error(
+            f"--init-from: {args.init_from} is not a saved STAMP folder (no stamp.safetensors)"
+        )
 
 
 def only_types(
@@ -227,11 +228,18 @@ def only_types(
     return ReferringDataset(data.images_root, kept), f"{desc}, types {sorted(set(types))}"
 
 
-def init_from(folder: Path, given: dict[str, Any], device: torch.device) -> StampVLM:
-    """A trained STAMP folder to continue from. Its config is kept; `given` (the options set on the
-    command line) may change the loss weights, and ValueError names any other field it would
-    change (the trained weights are of that config)."""
-    model = StampVLM.from_pretrained(folder, device=device)
+def init_from(
+    folder: Path, given: dict[str, Any], device: torch.device, vlm_dir: Path | None = None
+) -> StampVLM:
+    """A trained STAMP folder to continue from, on its own VLM core or, with `vlm_dir`, moved onto
+    that one (StampVLM.rebase: STAMP's LoRA, head and rows as trained; its masks then read the
+    new core's visual tokens, which is what the continued training is for). Its config is kept;
+    `given` (the options set on the command line) may change the loss weights, and ValueError
+    names any other field it would change (the trained weights are of that config)."""
+    if vlm_dir is None:
+        model = StampVLM.from_pretrained(folder, device=device)
+    else:
+        model = StampVLM.rebase(folder, PolychromeVLM.from_pretrained(vlm_dir, device=device))
     saved = model.config.to_dict()
     weights = ("lm_weight", "bce_weight", "dice_weight")
     differ = sorted(k for k, v in given.items() if k not in weights and saved.get(k) != v)
@@ -362,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(args.seed)
     if args.init_from is not None:
         try:
-            model = init_from(args.init_from, overrides, device)
+            model = init_from(args.init_from, overrides, device, args.vlm)
         except (ValueError, OSError) as err:
             parser.error(str(err))
         cfg = model.config
@@ -389,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "stamp": cfg.to_dict(),
         "vlm": (
             f"the core saved in {args.init_from}"
-            if args.init_from
+            if args.init_from and args.vlm is None
             else str(args.vlm or preset.vlm.checkpoint)
         ),
         "init_from": str(args.init_from) if args.init_from else None,
