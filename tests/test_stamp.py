@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -583,11 +584,26 @@ def test_init_from_with_vlm_moves_stamp_onto_another_core(shapeworld, tmp_path):
     for k, v in core_tensors.items():
         if k.startswith(("projector.", "llm.")):
             assert torch.equal(saved_core[k], v), k
+    # STAMP's <seg>/<mask> input rows travel with it (matched by name: two cores may order them differently)
+    old_core = load_file(str(tmp_path / "a" / "final" / "vlm.safetensors"))["added_embeddings"]
+    tokens = {
+        name: json.loads((tmp_path / name / "final" / "manifest.json").read_text())["config"][
+            "vlm"
+        ]["added_tokens"]
+        for name in ("a", "moved")
+    }
+    for token in ("<seg>", "<mask>"):
+        row_a = old_core[tokens["a"].index(token)]
+        row_b = saved_core["added_embeddings"][tokens["moved"].index(token)]
+        torch.testing.assert_close(row_b, row_a, rtol=0, atol=1e-6)
     core = PolychromeVLM.from_pretrained(core_dir)
     attached = StampVLM.from_pretrained(moved / "final", vlm=core).eval()
     assert attached.segment([_prompt()])[0].shape == (64, 64)
     with pytest.raises(CheckpointError, match="another VLM core"):
         StampVLM.from_pretrained(moved / "final", vlm=_vlm())
+    for bad in (args, []):  # a --vlm that is no core: a parser error, with or without --init-from
+        with pytest.raises(SystemExit):
+            train_main([*common, *bad[:2], "--vlm", str(tmp_path), "--out", str(tmp_path / "x")])
 
 
 # -- the baselines on the same model ---------------------------------------------------------

@@ -86,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preset", default="shapes", help="preset name (configs/*.json)")
     parser.add_argument(
-        "--vlm", type=Path, default=None, help="VLM core checkpoint (default: the preset's)"
+        "--vlm",
+        type=Path,
+        default=None,
+        help="VLM core checkpoint (default: the preset's; with --init-from, that folder's core)",
     )
     add_referring_arguments(parser, default_split="train")
     parser.add_argument("--out", type=Path, required=True, help="run folder (last/, final/)")
@@ -382,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
             )
         except ValueError as err:
             parser.error(str(err))
-        model = build_model(preset, args.vlm, cfg, device)
+        try:
+            model = build_model(preset, args.vlm, cfg, device)
+        except (ValueError, OSError) as err:  # CheckpointError is a ValueError
+            parser.error(str(err))
     if dp.main:
         print(
             f"{len(data)} referring expressions from {data_desc}; mask grid {model.mask_grid}, "
