@@ -584,7 +584,8 @@ def test_init_from_with_vlm_moves_stamp_onto_another_core(shapeworld, tmp_path):
     for k, v in core_tensors.items():
         if k.startswith(("projector.", "llm.")):
             assert torch.equal(saved_core[k], v), k
-    # STAMP's <seg>/<mask> input rows travel with it (matched by name: two cores may order them differently)
+    # STAMP's <seg>/<mask> input rows travel with it (matched by name: two cores may order
+    # them differently)
     old_core = load_file(str(tmp_path / "a" / "final" / "vlm.safetensors"))["added_embeddings"]
     tokens = {
         name: json.loads((tmp_path / name / "final" / "manifest.json").read_text())["config"][
