@@ -602,6 +602,11 @@ def test_init_from_with_vlm_moves_stamp_onto_another_core(shapeworld, tmp_path):
     assert attached.segment([_prompt()])[0].shape == (64, 64)
     with pytest.raises(CheckpointError, match="another VLM core"):
         StampVLM.from_pretrained(moved / "final", vlm=_vlm())
+    # and STAMP's parts still train there (the move freezes the core, not STAMP)
+    trained = tmp_path / "trained"
+    assert train_main([*common, *args, "--steps", "1", "--lr", "1e-2", "--out", str(trained)]) == 0
+    moved_on = load_file(str(trained / "final" / "stamp.safetensors"))
+    assert any(k.startswith("head.") and not torch.equal(moved_on[k], after[k]) for k in after)
     for bad in (args, []):  # a --vlm that is no core: a parser error, with or without --init-from
         with pytest.raises(SystemExit):
             train_main([*common, *bad[:2], "--vlm", str(tmp_path), "--out", str(tmp_path / "x")])
