@@ -26,6 +26,8 @@ per forward: on such a core, rows with and without images are batched apart.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -184,9 +186,10 @@ class VLMExtension(nn.Module):
         """The bare LLM over `embeds` after `cache`; the core's image LoRA on where the cache
         holds an image (`cached_prefix`)."""
         self.tokens_processed += int(embeds.shape[0] * embeds.shape[1])
+        base = self.vlm.llm.base_model
         with self.vlm.image_lora(cache in self.vlm.image_caches):
-            return self.vlm.llm.base_model(
-                inputs_embeds=embeds, use_cache=True, cache=cache, **kwargs
+            return base(
+                inputs_embeds=embeds, use_cache=True, **{cache_kwarg(type(base)): cache}, **kwargs
             )
 
     def prefix(
@@ -200,6 +203,21 @@ class VLMExtension(nn.Module):
     ) -> torch.Tensor:
         """One token per row (B,) after the cache, bare LLM; returns its last hidden (B, H)."""
         return cached_step(self.vlm, self._forward, token_ids, kv_mask, cache)
+
+
+@functools.cache
+def cache_kwarg(model_class: type[nn.Module]) -> str:
+    """The name a transformers model's forward takes its KV cache by: ``cache`` in recent
+    transformers 5.x, ``past_key_values`` in earlier 5.x releases. The old forward would take
+    ``cache=`` into its ``**kwargs`` and ignore it: the prefix would silently be left out."""
+    params = inspect.signature(model_class.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise TypeError(
+        f"{model_class.__name__}.forward takes neither `cache` nor `past_key_values`; expected a "
+        "transformers decoder"
+    )
 
 
 @dataclass
