@@ -18,7 +18,7 @@ from vlm.assistant import Assistant, SamplingSettings
 from vlm.config import PolychromeConfig
 from vlm.gill import GILLVLM, IMG_TOKENS, ImageMaker, gill_config_for
 from vlm.model import PolychromeVLM
-from vlm.specials import Special, decode_with_specials
+from vlm.specials import Special, cache_kwarg, decode_with_specials
 from vlm.stamp import MASK_TOKEN, SEG_TOKEN, StampVLM
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -297,3 +297,31 @@ def test_segment_and_generate_in_one_chat_in_the_browser(both, tmp_path):
                 page.screenshot(path=str(shots / "11-segment-and-generate.png"), full_page=True)
     finally:
         both.default_settings = defaults
+
+
+def test_the_kv_cache_goes_by_the_name_the_llms_forward_takes():
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``; an older forward would take
+    ``cache=`` into its **kwargs and run without the prefix (as on a GPU machine's 5.17)."""
+
+    class New(torch.nn.Module):
+        def forward(
+            self, inputs_embeds: object = None, cache: object = None, **kw: object
+        ) -> object:
+            return cache
+
+    class Old(torch.nn.Module):
+        def forward(
+            self, inputs_embeds: object = None, past_key_values: object = None, **kw: object
+        ) -> object:
+            return past_key_values
+
+    class Neither(torch.nn.Module):
+        def forward(self, inputs_embeds: object = None, **kw: object) -> object:
+            return None
+
+    assert cache_kwarg(New) == "cache" and cache_kwarg(Old) == "past_key_values"
+    with pytest.raises(TypeError, match="neither"):
+        cache_kwarg(Neither)
+    marker = object()
+    for cls in (New, Old):
+        assert cls()(torch.zeros(1), **{cache_kwarg(cls): marker}) is marker

@@ -26,7 +26,6 @@ per forward: on such a core, rows with and without images are batched apart.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -205,7 +204,6 @@ class VLMExtension(nn.Module):
         return cached_step(self.vlm, self._forward, token_ids, kv_mask, cache)
 
 
-@functools.cache
 def cache_kwarg(model_class: type[nn.Module]) -> str:
     """The name a transformers model's forward takes its KV cache by: ``cache`` in recent
     transformers 5.x, ``past_key_values`` in earlier 5.x releases. The old forward would take
