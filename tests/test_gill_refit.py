@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from sklearn.metrics import f1_score
 
 from data.datasets import CaptionDataset
 from data.shapeworld import main as shapeworld_main
@@ -206,3 +208,103 @@ def _on_an_image_lora_core(checkpoint: Path, tmp_path: Path) -> Path:
     args = ["rebase", "--checkpoint", str(checkpoint), "--vlm", str(core_dir), "--out", str(out)]
     assert gill_cli(args) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def decoder_world(tmp_path_factory) -> Path:
+    """The decoder's kind of data with a pretrain split: 64 px scenes of one or two objects."""
+    from data.shapeworld import LayoutConfig, ShapeWorldConfig, SplitSizes, generate
+
+    root = tmp_path_factory.mktemp("decoder") / "world"
+    cfg = ShapeWorldConfig(
+        seed=1,
+        layout=LayoutConfig(image_size=64, min_objects=1, max_objects=2, min_size=0.08),
+        splits=SplitSizes(train=0, val=6, test=0, pretrain=8),
+    )
+    generate(root, cfg, workers=1, progress=False)
+    return root
+
+
+def _decision_args(data: Path, gen: Path, checkpoint: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--preset", "tiny", "--checkpoint", str(checkpoint), "--data", str(data),
+        "--gen-data", str(gen), "--out", str(out), "--scenes", "8", "--captions", "6",
+        "--compositions", "2", "--val-scenes", "2", "--val-captions", "4", "--val-gen-from", "0",
+        "--steps", "6", "--batch-size", "4", "--lr", "1e-2", "--eval-every", "3",
+        "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def test_best_margin_is_the_best_threshold_a_brute_force_search_finds():
+    from train.gill_decision import best_margin
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        truth = rng.integers(0, 2, 40)
+        margins = rng.normal(size=40) + 1.5 * truth
+        t, f1 = best_margin(margins, truth)
+        grid = np.append(margins, margins.min() - 1)  # `> m` for every m: every split there is
+        brute = max(f1_score(truth, (margins > g).astype(int), average="macro") for g in grid)
+        assert f1 == pytest.approx(brute)
+        assert f1_score(truth, (margins > t).astype(int), average="macro") == pytest.approx(f1)
+    # a separable set is split perfectly; at equal F1 the threshold nearest 0 is kept
+    assert best_margin(np.array([-2.0, -1.0, 1.0, 2.0]), np.array([0, 0, 1, 1])) == (0.0, 1.0)
+
+
+def test_decision_refit_changes_the_decision_head_only_and_sets_its_prior(
+    base, decoder_world, tmp_path
+):
+    from train.gill_decision import build_parser as decision_parser
+    from train.gill_decision import held_out_requests, main
+    from vlm.gill import request_prompt
+
+    data, checkpoint = base
+    out = tmp_path / "decision"
+    args = _decision_args(data, decoder_world, checkpoint, out)
+    assert main(args) == 0
+    before = load_file(str(checkpoint / "gill.safetensors"))
+    after = load_file(str(out / "final" / "gill.safetensors"))
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith("heads.decision.") for k in changed)
+    rows = load_file(str(checkpoint / "vlm.safetensors"))
+    final_rows = load_file(str(out / "final" / "vlm.safetensors"))
+    assert all(torch.equal(v, final_rows[k]) for k, v in rows.items())
+    meta = json.loads((out / "final" / "manifest.json").read_text())["metadata"]
+    curve = [json.loads(r) for r in (out / "loss.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in curve if "val_macro_f1" in r] == [3, 6]
+    # the saved head's argmax on the held-out requests, recomputed from the loaded model
+    model = GILLVLM.from_pretrained(out / "final").eval()
+    held = held_out_requests(decision_parser().parse_args(args))
+    assert [y for *_, y in held] == [0, 0, 1, 1, 1, 1]
+    with torch.inference_mode():
+        _, states = model.request_states([request_prompt(d, t) for d, t, _ in held])
+        pred = (model.p_generate(states) > 0.5).long().numpy()
+    truth = np.array([y for *_, y in held])
+    f1 = f1_score(truth, pred, average="macro")
+    assert f1 == pytest.approx(meta["val_final"]["val_macro_f1"], abs=1e-6)
+    assert f1 >= meta["val_balanced"]["val_macro_f1"]  # t = 0 is among the candidates
+    # --no-prior keeps the balanced head: its bias is the trained one
+    plain = tmp_path / "plain"
+    assert main(_decision_args(data, decoder_world, checkpoint, plain, "--no-prior")) == 0
+    plain_meta = json.loads((plain / "final" / "manifest.json").read_text())["metadata"]
+    assert plain_meta["prior_margin"] == 0.0
+    bias = load_file(str(plain / "final" / "gill.safetensors"))["heads.decision.fc.bias"]
+    shift = (after["heads.decision.fc.bias"] - bias).float()
+    assert shift[1].item() == pytest.approx(-meta["prior_margin"], abs=1e-2)  # fp dtype of saving
+    assert shift[0].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_decision_refit_refuses_held_out_splits_and_short_data(
+    base, decoder_world, tmp_path, capsys
+):
+    from train.gill_decision import main
+
+    data, checkpoint = base
+    for extra, message in (
+        (["--gen-split", "val"], "--gen-split"),
+        (["--splits", "val"], "--splits"),
+        (["--captions", "50"], "fewer than the 50"),
+    ):
+        with pytest.raises(SystemExit):
+            main(_decision_args(data, decoder_world, checkpoint, tmp_path / "x", *extra))
+        assert message in capsys.readouterr().err
