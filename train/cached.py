@@ -23,7 +23,13 @@ from tqdm.auto import tqdm
 
 from core.config import project_path
 from core.io import atomic_write_bytes, atomic_write_text
-from train.common import batch_indices, save_training_state, trim_log
+from train.common import (
+    batch_indices,
+    cosine_with_warmup,
+    resume_or_start,
+    save_training_state,
+    trim_log,
+)
 
 __all__ = [
     "CHUNK",
@@ -103,6 +109,45 @@ def cached_tensors(
         atomic_write_bytes(path, save(part))
         parts.append(part)
     return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+
+# a refit resumes only with these settings unchanged (`--resume`)
+FIT_RESUME_KEYS = (
+    "base", "cache", "lr", "steps", "warmup", "batch_size", "seed", "weight_decay"
+)  # fmt: skip
+
+
+def start_fit(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    module: torch.nn.Module,
+    param_groups: Any,
+    base: Path,
+    cache_key: dict[str, Any],
+    **extra: Any,
+) -> tuple[torch.optim.Optimizer, Any, dict[str, Any], int]:
+    """AdamW over `param_groups` (betas 0.9/0.95, `args.weight_decay` unless a group sets its
+    own), cosine schedule with `args.warmup` steps (default 3 %), the run's config (`extra`
+    added) and the step to start from: 0, or `<out>/last`'s with `--resume` (a parser error when
+    a setting of FIT_RESUME_KEYS differs). Returns (optimizer, scheduler, run_config, start)."""
+    optimizer = torch.optim.AdamW(
+        param_groups, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95)
+    )
+    warmup = args.warmup if args.warmup is not None else max(1, args.steps * 3 // 100)
+    scheduler = cosine_with_warmup(optimizer, warmup, args.steps)
+    run_config = {
+        "base": str(base),
+        "cache": cache_key,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "steps": args.steps,
+        "warmup": warmup,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        **extra,
+    }
+    start = resume_or_start(parser, args, module, optimizer, scheduler, run_config, FIT_RESUME_KEYS)
+    return optimizer, scheduler, run_config, start
 
 
 def fit_cached(

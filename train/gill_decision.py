@@ -53,16 +53,13 @@ from train.cached import (
     gill_base,
     items_digest,
     save_refit,
+    start_fit,
     tensors_digest,
 )
-from train.common import cosine_with_warmup, resume_or_start
 from train.decoding_common import other_process
 from vlm.config import PolychromeConfig
 from vlm.gill import GILLVLM, REQUEST_TEMPLATES, compose_description, load_scenes, request_prompt
 
-RESUME_KEYS = (
-    "base", "cache", "lr", "steps", "warmup", "batch_size", "seed", "weight_decay"
-)  # fmt: skip
 Request = tuple[str, int, int]  # (description, template, label)
 
 
@@ -238,27 +235,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"held out, the head as loaded: {as_loaded}")
     counts = torch.bincount(labels, minlength=2).float()
     weight = counts.sum() / (2 * counts)  # each class weighs as much in the loss
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": [head.fc.weight], "weight_decay": args.weight_decay},
-            {"params": [head.fc.bias], "weight_decay": 0.0},
-        ],
-        lr=args.lr,
-        betas=(0.9, 0.95),
+    optimizer, scheduler, run_config, start = start_fit(
+        parser,
+        args,
+        head,
+        [{"params": [head.fc.weight]}, {"params": [head.fc.bias], "weight_decay": 0.0}],
+        base,
+        train_key,
     )
-    warmup = args.warmup if args.warmup is not None else max(1, args.steps * 3 // 100)
-    scheduler = cosine_with_warmup(optimizer, warmup, args.steps)
-    run_config = {
-        "base": str(base),
-        "cache": train_key,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
-        "steps": args.steps,
-        "warmup": warmup,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-    }
-    start = resume_or_start(parser, args, head, optimizer, scheduler, run_config, RESUME_KEYS)
 
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(head(img0[idx]), labels[idx], weight=weight)

@@ -70,19 +70,12 @@ from train.cached import (
     gill_base,
     items_digest,
     save_refit,
+    start_fit,
     tensors_digest,
-)
-from train.common import (
-    cosine_with_warmup,
-    resume_or_start,
 )
 from train.decoding_common import other_process
 from vlm.config import PolychromeConfig
 from vlm.gill import GILLVLM, REQUEST_TEMPLATES, compose_description, story_prompt
-
-RESUME_KEYS = (
-    "base", "cache", "lr", "steps", "warmup", "batch_size", "seed", "weight_decay"
-)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,23 +328,9 @@ def main(argv: list[str] | None = None) -> int:
             else ""
         )
     )
-    optimizer = torch.optim.AdamW(
-        mapper.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95)
+    optimizer, scheduler, run_config, start = start_fit(
+        parser, args, mapper, mapper.parameters(), base, cache_key, fresh_mapper=args.fresh_mapper
     )
-    warmup = args.warmup if args.warmup is not None else max(1, args.steps * 3 // 100)
-    scheduler = cosine_with_warmup(optimizer, warmup, args.steps)
-    run_config = {
-        "base": str(base),
-        "cache": cache_key,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
-        "steps": args.steps,
-        "warmup": warmup,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "fresh_mapper": args.fresh_mapper,
-    }
-    start = resume_or_start(parser, args, mapper, optimizer, scheduler, run_config, RESUME_KEYS)
 
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
         h = train_h[idx]

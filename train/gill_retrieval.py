@@ -44,19 +44,12 @@ from train.cached import (
     gill_base,
     items_digest,
     save_refit,
+    start_fit,
     tensors_digest,
-)
-from train.common import (
-    cosine_with_warmup,
-    resume_or_start,
 )
 from train.decoding_common import other_process
 from vlm.config import PolychromeConfig
 from vlm.gill import GILLVLM, REQUEST_TEMPLATES, SceneItem, load_scenes
-
-RESUME_KEYS = (
-    "base", "cache", "lr", "steps", "warmup", "batch_size", "seed", "weight_decay"
-)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,33 +171,20 @@ def main(argv: list[str] | None = None) -> int:
     heads = model.heads.retrieval.cpu().float().requires_grad_(True)
     base_recall = recall(model, val_text, val_image)
     print(f"val recall, the heads as loaded: {base_recall}")
-    optimizer = torch.optim.AdamW(
+    optimizer, scheduler, run_config, start = start_fit(
+        parser,
+        args,
+        heads,
         [
-            {
-                "params": [heads.text_proj.weight, heads.image_proj.weight],
-                "weight_decay": args.weight_decay,
-            },
+            {"params": [heads.text_proj.weight, heads.image_proj.weight]},
             {
                 "params": [heads.text_proj.bias, heads.image_proj.bias, heads.logit_scale],
                 "weight_decay": 0.0,
             },
         ],
-        lr=args.lr,
-        betas=(0.9, 0.95),
+        base,
+        train_key,
     )
-    warmup = args.warmup if args.warmup is not None else max(1, args.steps * 3 // 100)
-    scheduler = cosine_with_warmup(optimizer, warmup, args.steps)
-    run_config = {
-        "base": str(base),
-        "cache": train_key,
-        "lr": args.lr,
-        "weight_decay": args.weight_decay,
-        "steps": args.steps,
-        "warmup": warmup,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-    }
-    start = resume_or_start(parser, args, heads, optimizer, scheduler, run_config, RESUME_KEYS)
 
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
         out = heads(text[idx], image[idx])
