@@ -292,6 +292,17 @@ def test_decision_refit_changes_the_decision_head_only_and_sets_its_prior(
     shift = (after["heads.decision.fc.bias"] - bias).float()
     assert shift[1].item() == pytest.approx(-meta["prior_margin"], abs=1e-2)  # fp dtype of saving
     assert shift[0].item() == pytest.approx(0.0, abs=1e-6)
+    # --prior-only refits nothing: the trained head's weights, its generate bias moved alone
+    prior = tmp_path / "prior"
+    assert main(_decision_args(data, decoder_world, checkpoint, prior, "--prior-only")) == 0
+    kept = load_file(str(prior / "final" / "gill.safetensors"))
+    prior_meta = json.loads((prior / "final" / "manifest.json").read_text())["metadata"]
+    assert prior_meta["steps_run"] == 0 and not (prior / "cache_train").exists()
+    assert all(torch.equal(before[k], kept[k]) for k in before if k != "heads.decision.fc.bias")
+    moved = (kept["heads.decision.fc.bias"] - before["heads.decision.fc.bias"]).float()
+    assert moved[0].item() == 0.0
+    assert moved[1].item() == pytest.approx(-prior_meta["prior_margin"], abs=1e-2)
+    assert prior_meta["val_final"]["val_macro_f1"] >= prior_meta["val_as_loaded"]["val_macro_f1"]
 
 
 def test_decision_refit_refuses_held_out_splits_and_short_data(
@@ -304,6 +315,7 @@ def test_decision_refit_refuses_held_out_splits_and_short_data(
         (["--gen-split", "val"], "--gen-split"),
         (["--splits", "val"], "--splits"),
         (["--captions", "50"], "fewer than the 50"),
+        (["--prior-only", "--no-prior"], "not allowed with"),
     ):
         with pytest.raises(SystemExit):
             main(_decision_args(data, decoder_world, checkpoint, tmp_path / "x", *extra))
