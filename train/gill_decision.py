@@ -26,9 +26,9 @@ and ``--val-captions`` pictures of the decoder's val split from index ``--val-ge
 (eval.gill's test reads the decoder's first val pictures: these stay unseen), so the head's argmax
 is the chosen operating point for that mix (10 : 1 by default, as eval.gill's 1,000 scenes and
 100 prompts). ``--no-prior`` keeps the balanced head; ``--prior-only`` refits nothing and sets the
-prior of the head as trained (what the committed GILL uses: on the shapes preset the refit head
-ranked the held-out mix worse than train.gill's, docs/RESULTS.md). Everything else in the
-checkpoint is left as it was (tested). Under ``accelerate launch`` process 0 runs the script and the others stop.
+prior of the head as trained (on the shapes preset the refit head ranked the held-out mix worse
+than train.gill's: docs/RESULTS.md, GILL, "Session 19"). Everything else in the checkpoint is
+left as it was (tested). Under ``accelerate launch`` process 0 runs the script, the others stop.
 """
 
 from __future__ import annotations
