@@ -320,3 +320,13 @@ def test_decision_refit_refuses_held_out_splits_and_short_data(
         with pytest.raises(SystemExit):
             main(_decision_args(data, decoder_world, checkpoint, tmp_path / "x", *extra))
         assert message in capsys.readouterr().err
+
+
+def test_decision_refit_help_names_its_commands(capsys):
+    from train.gill_decision import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    assert "python -m train.gill_decision --data" in shown and "--prior-only" in shown
