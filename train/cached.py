@@ -33,6 +33,7 @@ from train.common import (
 
 __all__ = [
     "CHUNK",
+    "FIT_RESUME_KEYS",
     "add_fit_arguments",
     "cached_tensors",
     "check_fit_args",
@@ -41,6 +42,7 @@ __all__ = [
     "gill_base",
     "items_digest",
     "save_refit",
+    "start_fit",
     "tensors_digest",
 ]
 
