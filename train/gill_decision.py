@@ -227,10 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     # the [IMG0] states depend on the VLM core and the [IMG] rows (vlm.safetensors) only
     key = {"vlm_tensors": tensors_digest(base / "vlm.safetensors")}
     n_gen = sum(y == GENERATE for _, _, y in train_items)
-    print(
-        f"{len(train_items) - n_gen} retrieve and {n_gen} generate requests; held out "
-        f"{args.val_scenes} + {args.val_captions}; base {base}"
+    fit = (
+        "no refit (--prior-only)"
+        if args.prior_only
+        else (f"{len(train_items) - n_gen} retrieve and {n_gen} generate requests to refit on")
     )
+    print(f"{fit}; held out {args.val_scenes} + {args.val_captions}; base {base}")
     progress = not args.no_progress
     val_key = {**key, "items": items_digest(val_items), "n": len(val_items)}
     val_img0 = img0_cache(model, val_items, args.out / "cache_val", val_key, progress)
