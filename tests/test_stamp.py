@@ -813,3 +813,26 @@ def test_stamp_on_a_core_that_reads_local_features_too():
     assert feats.shape[1] == model.mask_grid[0] * model.mask_grid[1]
     masks = model.segment([_prompt()])
     assert masks[0].shape == (64, 64)
+
+
+def test_the_mask_pass_runs_on_an_llm_that_takes_past_key_values():
+    """transformers before 5.24 (a GPU machine's 5.17) named the KV cache ``past_key_values`` and
+    took ``cache=`` into its **kwargs unused: STAMP's passes ran without their prefix. The same
+    LLM behind the old name must give the same masks."""
+    stamp = _stamp()
+    base = stamp.vlm.llm.base_model
+    new_api = type(base)
+
+    class OldAPI(new_api):  # type: ignore[misc, valid-type]
+        def forward(self, *args, past_key_values=None, **kwargs):  # type: ignore[no-untyped-def]
+            kwargs.pop("cache", None)  # what the old forward did with a name it did not know
+            return super().forward(*args, cache=past_key_values, **kwargs)
+
+    with torch.inference_mode():
+        expected = stamp.segment([_prompt()])[0]
+        base.__class__ = OldAPI
+        try:
+            old = stamp.segment([_prompt()])[0]
+        finally:
+            base.__class__ = new_api
+    np.testing.assert_array_equal(old, expected)
