@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
+import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,6 +26,7 @@ from tqdm.auto import tqdm
 
 from core.config import project_path
 from core.io import atomic_write_bytes, atomic_write_text
+from core.runtime import resolve_device, seed_everything
 from train.common import (
     batch_indices,
     cosine_with_warmup,
@@ -30,11 +34,15 @@ from train.common import (
     save_training_state,
     trim_log,
 )
+from train.decoding_common import other_process
+from vlm.config import PolychromeConfig
 
 __all__ = [
     "CHUNK",
     "FIT_RESUME_KEYS",
+    "RefitRun",
     "add_fit_arguments",
+    "begin_refit",
     "cached_tensors",
     "check_fit_args",
     "checkpoint_dtype",
@@ -255,6 +263,40 @@ def check_fit_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error(f"--stop-at must be in [1, --steps={args.steps}], received {args.stop_at}")
     if args.resume and not (args.out / "last").is_dir():
         parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
+
+
+@dataclass
+class RefitRun:
+    """What a GILL refit script's main() works from (begin_refit)."""
+
+    args: argparse.Namespace
+    command: str  # the command line as run, for the model card
+    preset: PolychromeConfig  # --preset's
+    base: Path  # the GILL folder refit (gill_base)
+    device: torch.device
+
+
+def begin_refit(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    check_args: Callable[[argparse.ArgumentParser, argparse.Namespace], None],
+) -> RefitRun | None:
+    """The start every GILL refit's main() shares: parse `argv` (None: the command line); None
+    on a second process of ``accelerate launch`` (the refits run as one process: the caller
+    returns 0); then `check_args`, --threads, the preset, the base GILL folder (a parser error if
+    none), --device and --seed."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    if other_process(parser.prog):
+        return None
+    check_args(parser, args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    preset = PolychromeConfig.from_preset(args.preset)
+    base = gill_base(parser, args, preset)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    return RefitRun(args, f"{parser.prog} {shlex.join(argv)}", preset, base, device)
 
 
 def gill_base(parser: argparse.ArgumentParser, args: argparse.Namespace, preset: Any) -> Path:

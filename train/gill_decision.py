@@ -34,8 +34,6 @@ left as it was (tested). Under ``accelerate launch`` process 0 runs the script, 
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,22 +42,19 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import f1_score, roc_auc_score
 
-from core.runtime import resolve_device, seed_everything
 from data.datasets import shapeworld_paths
 from generation.gill import GENERATE, RETRIEVE
 from train.cached import (
     add_fit_arguments,
+    begin_refit,
     cached_tensors,
     check_fit_args,
     fit_cached,
-    gill_base,
     items_digest,
     save_refit,
     start_fit,
     tensors_digest,
 )
-from train.decoding_common import other_process
-from vlm.config import PolychromeConfig
 from vlm.gill import GILLVLM, REQUEST_TEMPLATES, compose_description, load_scenes, request_prompt
 
 Request = tuple[str, int, int]  # (description, template, label)
@@ -205,18 +200,10 @@ def scores(head: torch.nn.Module, img0: torch.Tensor, truth: np.ndarray) -> dict
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    if other_process("python -m train.gill_decision"):
+    run = begin_refit(parser, argv, _check_args)
+    if run is None:
         return 0
-    _check_args(parser, args)
-    command = "python -m train.gill_decision " + shlex.join(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    preset = PolychromeConfig.from_preset(args.preset)
-    base = gill_base(parser, args, preset)
-    device = resolve_device(args.device)
-    seed_everything(args.seed)
+    args, base, device = run.args, run.base, run.device
     try:
         val_items = held_out_requests(args)
         train_items = [] if args.prior_only else training_requests(args)
@@ -274,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             head.fc.bias[GENERATE] -= margin
     final_scores = scores(head, val_img0, val_truth)
     metadata = {
-        "command": command,
+        "command": run.command,
         "steps_run": done,
         "steps_planned": 0 if args.prior_only else args.steps,
         "train_minutes_this_run": round(minutes, 2),

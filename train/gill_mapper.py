@@ -42,8 +42,6 @@ process 0 runs the script and the others stop (train/decoding_common.py).
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -52,7 +50,6 @@ import numpy as np
 import torch
 from diffusers.utils import logging as diffusers_logging
 
-from core.runtime import resolve_device, seed_everything
 from data.datasets import (
     CaptionDataset,
     add_caption_arguments,
@@ -64,17 +61,15 @@ from generation.diffusion import encode_prompts, pipeline_from_preset
 from generation.gill import build_mapper, generation_loss
 from train.cached import (
     add_fit_arguments,
+    begin_refit,
     cached_tensors,
     check_fit_args,
     fit_cached,
-    gill_base,
     items_digest,
     save_refit,
     start_fit,
     tensors_digest,
 )
-from train.decoding_common import other_process
-from vlm.config import PolychromeConfig
 from vlm.gill import GILLVLM, REQUEST_TEMPLATES, compose_description, story_prompt
 
 
@@ -233,19 +228,11 @@ def val_distance(
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    if other_process("python -m train.gill_mapper"):
+    run = begin_refit(parser, argv, _check_args)
+    if run is None:
         return 0
-    _check_args(parser, args)
-    command = "python -m train.gill_mapper " + shlex.join(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args, preset, base, device = run.args, run.preset, run.base, run.device
     diffusers_logging.set_verbosity_error()  # long captions are cut by the decoder's tokenizer
-    preset = PolychromeConfig.from_preset(args.preset)
-    base = gill_base(parser, args, preset)
-    device = resolve_device(args.device)
-    seed_everything(args.seed)
     model = GILLVLM.from_pretrained(base, device=device)
     model.eval()  # the LLM side only reads; the mapper is switched to train below
     pipe = pipeline_from_preset(preset.diffusion).to(device)  # frozen: only its text encoder
@@ -343,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     last = evaluate()
     last_val = last["val_distance"]
     metadata = {
-        "command": command,
+        "command": run.command,
         "steps_run": done,
         "steps_planned": args.steps,
         "train_minutes_this_run": round(minutes, 2),

@@ -25,30 +25,25 @@ others stop (train/decoding_common.py).
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from core.runtime import resolve_device, seed_everything
 from data.datasets import shapeworld_paths
 from generation.gill import info_nce
 from train.cached import (
     add_fit_arguments,
+    begin_refit,
     cached_tensors,
     check_fit_args,
     fit_cached,
-    gill_base,
     items_digest,
     save_refit,
     start_fit,
     tensors_digest,
 )
-from train.decoding_common import other_process
-from vlm.config import PolychromeConfig
 from vlm.gill import GILLVLM, REQUEST_TEMPLATES, SceneItem, load_scenes
 
 
@@ -126,18 +121,10 @@ def recall(model: GILLVLM, img0: torch.Tensor, images: torch.Tensor) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    if other_process("python -m train.gill_retrieval"):
+    run = begin_refit(parser, argv, _check_args)
+    if run is None:
         return 0
-    _check_args(parser, args)
-    command = "python -m train.gill_retrieval " + shlex.join(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    preset = PolychromeConfig.from_preset(args.preset)
-    base = gill_base(parser, args, preset)
-    device = resolve_device(args.device)
-    seed_everything(args.seed)
+    args, base, device = run.args, run.base, run.device
     model = GILLVLM.from_pretrained(base, device=device)
     model.eval()
     scenes = [s for split in args.splits for s in load_scenes(args.data, split)][: args.scenes]
@@ -196,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     last = recall(model, val_text, val_image)
     metadata = {
-        "command": command,
+        "command": run.command,
         "steps_run": done,
         "steps_planned": args.steps,
         "train_minutes_this_run": round(minutes, 2),
