@@ -4,6 +4,7 @@ protocol's pieces against hand-computed cases."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from core.checkpoint import load_checkpoint
+from data.datasets import InstanceDataset
+from data.scene import COLOURS, SHAPES
 from data.shapeworld import main as shapeworld_main
+from data.shapeworld import read_split
 from eval.clip import (
     evaluate_clip,
     format_table,
@@ -22,7 +26,15 @@ from eval.clip import (
     retrieval_recalls,
 )
 from eval.clip import main as eval_main
-from train.clip import LOG_NAME, contrastive_loss, object_captions, pick_captions
+from train.clip import (
+    LOG_NAME,
+    contrastive_loss,
+    dense_loss,
+    load_patch_labels,
+    object_captions,
+    patch_labels,
+    pick_captions,
+)
 from train.clip import main as train_main
 from vision.clip import FROZEN_PREFIX, TENSOR_FILE, get_clip_config, load_clip
 
@@ -158,6 +170,124 @@ def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
     final_b = load_checkpoint(tmp_path / "b" / "final").tensors[TENSOR_FILE]
     for key in final_a:
         assert torch.equal(final_a[key], final_b[key]), key
+
+
+def test_dense_heads_train_resume_exactly_and_are_not_stored(world, tmp_path):
+    """--dense-weight: the per-patch loss is logged and falls, the read-outs resume with the
+    tower (exactly), and the final checkpoint holds the CLIP alone, as a plain run's does."""
+    common = ("--steps", "10", "--save-every", "5", "--lr", "3e-3", "--dense-weight", "1")
+    assert _train(world, tmp_path / "a", *common) == 0
+    assert _train(world, tmp_path / "b", *common, "--stop-at", "5") == 0
+    assert _train(world, tmp_path / "b", *common, "--resume") == 0
+    rows = [json.loads(line) for line in (tmp_path / "a" / LOG_NAME).read_text().splitlines()]
+    dense = [r["dense"] for r in rows]
+    assert all(r["loss"] == pytest.approx(r["contrastive"] + r["dense"], rel=1e-5) for r in rows)
+    assert np.mean(dense[-3:]) < 0.8 * np.mean(dense[:3])  # starts near ln(15) + ln(11) over 2
+    a = load_file(str(tmp_path / "a" / "last" / "weights" / "trained.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last" / "weights" / "trained.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("dense.") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert _train(world, tmp_path / "plain", "--steps", "1") == 0
+    final = load_checkpoint(tmp_path / "a" / "final").tensors[TENSOR_FILE]
+    plain = load_checkpoint(tmp_path / "plain" / "final").tensors[TENSOR_FILE]
+    assert final.keys() == plain.keys()
+    load_clip(tmp_path / "a" / "final")
+    with pytest.raises(SystemExit):  # the per-patch targets come from ShapeWorld's masks
+        train_main(["--preset", "tiny", "--imagefolder", str(world), "--out", str(tmp_path / "x"),
+                    "--dense-weight", "1"])  # fmt: skip
+
+
+def test_init_from_starts_at_the_checkpoint(trained, world, tmp_path):
+    """--init-from: a run starts from the given tower (a near-zero lr keeps it); one of another
+    CLIP variant is refused before any data is read."""
+    start = ("--init-from", str(trained / "final"), "--steps", "1", "--lr", "1e-12")
+    assert _train(world, tmp_path / "ft", *start) == 0
+    before = load_checkpoint(trained / "final").tensors[TENSOR_FILE]
+    after = load_checkpoint(tmp_path / "ft" / "final").tensors[TENSOR_FILE]
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert _train(world, tmp_path / "fresh", "--steps", "1", "--lr", "1e-12") == 0
+    fresh = load_checkpoint(tmp_path / "fresh" / "final").tensors[TENSOR_FILE]
+    assert not torch.equal(fresh["visual.conv1.weight"], before["visual.conv1.weight"])
+    with pytest.raises(SystemExit):
+        _train(world, tmp_path / "bad", *start, "--model", "shapes-vit")
+
+
+def test_dense_loss_hand_computed():
+    """The class over object patches only, the colour over every patch, then their mean."""
+    class_logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, 5.0, 5.0]]])
+    colour_logits = torch.tensor([[[0.0, 3.0], [1.0, 0.0], [2.0, 2.0]]])
+    classes = torch.tensor([[1, 2, 0]])  # the third patch is background: no class term
+    colours = torch.tensor([[1, 1, 0]])
+    shape = -(math.log(math.exp(2) / (math.exp(2) + 2)) + math.log(math.e / (math.e + 2))) / 2
+    colour = (
+        -(math.log(math.exp(3) / (1 + math.exp(3))) + math.log(1 / (math.e + 1)) + math.log(0.5))
+        / 3
+    )
+    got = dense_loss((class_logits, colour_logits), classes, colours)
+    assert got.item() == pytest.approx((shape + colour) / 2, rel=1e-6)
+    empty = dense_loss((class_logits, colour_logits), torch.zeros_like(classes), colours * 0)
+    assert torch.isfinite(empty)
+
+
+def test_patch_labels_match_a_per_patch_count():
+    """Against a naive loop: the most common object label of each patch when it covers enough."""
+    hand = np.zeros((4, 4), dtype=np.int64)
+    hand[0, 0:2] = 3  # half of the top-left 2x2 patch
+    hand[2:4, 2] = 1
+    hand[3, 3] = 2  # bottom-right patch: two of label 1, one of label 2
+    assert patch_labels(hand, 2, 0.5).tolist() == [[3, 0], [0, 1]]
+    assert patch_labels(hand, 2, 0.6).tolist() == [[0, 0], [0, 0]]
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        grid, side = int(rng.choice([1, 2, 4])), int(rng.integers(1, 6))
+        size = grid * side
+        noisy = rng.choice(5, size=(size, size), p=[0.4, 0.3, 0.1, 0.1, 0.1])
+        # each patch four uniform quarters: covers of 1/4, 1/2, 3/4 and ties
+        quarters = np.kron(rng.integers(0, 4, (2 * grid, 2 * grid)), np.ones((side, side), int))
+        for label_map in (noisy, quarters):
+            cover = float(rng.uniform(0.1, 0.7))
+            got = patch_labels(label_map, grid, cover)
+            p = label_map.shape[0] // grid
+            for r in range(grid):
+                for c in range(grid):
+                    block = label_map[r * p : (r + 1) * p, c * p : (c + 1) * p].ravel()
+                    best, count = 0, 0
+                    for k in sorted(set(block.tolist()) - {0}):
+                        if (block == k).sum() > count:
+                            best, count = k, int((block == k).sum())
+                    assert got[r, c] == (best if count / block.size >= cover else 0)
+    with pytest.raises(ValueError, match="does not divide"):
+        patch_labels(np.zeros((5, 5), np.int64), 2, 0.5)
+
+
+def test_patch_labels_name_the_objects_of_the_scenes(world):
+    """load_patch_labels against the scenes as data.shapeworld reads them: a patch covered
+    (90 %) by one object's visible mask carries its class and colour; an empty patch is 0."""
+    scenes = read_split(world, "train", limit=6)
+    coco = InstanceDataset.from_shapeworld(world, "train")  # read_split's image order
+    paths = [coco.images_root / name for name in coco.file_names[:6]]
+    grid = get_clip_config("tiny-vit").vision.grid
+    labels = load_patch_labels(world, ["train"], paths, grid, 0.25)
+    assert labels.classes.shape == (6, grid, grid)
+    checked = 0
+    for i, scene in enumerate(scenes):
+        p = scene.height // grid
+        for r in range(grid):
+            for c in range(grid):
+                cell = (slice(r * p, (r + 1) * p), slice(c * p, (c + 1) * p))
+                covers = [np.asarray(o.mask, bool)[cell].mean() for o in scene.objects]
+                if max(covers) == 0:
+                    assert labels.classes[i, r, c] == 0 and labels.colours[i, r, c] == 0
+                elif max(covers) >= 0.9:
+                    obj = scene.objects[int(np.argmax(covers))]
+                    assert labels.classes[i, r, c] == SHAPES.index(obj.shape) + 1
+                    assert labels.colours[i, r, c] == COLOURS.index(obj.colour) + 1
+                    checked += 1
+    assert checked >= 6
+    with pytest.raises(ValueError, match="no instance masks"):
+        load_patch_labels(world, ["val"], paths, grid, 0.25)
 
 
 def test_user_data_sources(world, tmp_path):

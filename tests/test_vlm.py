@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from core.checkpoint import CheckpointError
+from core.checkpoint import CheckpointError, save_checkpoint
 from core.images import ImageError
 from data.conversations import (
     SHORT_ANSWER,
@@ -26,7 +26,13 @@ from data.shapeworld import main as shapeworld_main
 from eval.vlm import caption_scores, normalise_answer, parse_objects
 from eval.vlm import main as eval_main
 from train.vlm import main as train_main
-from vision.clip import dense_features
+from vision.clip import (
+    TENSOR_FILE,
+    build_clip,
+    dense_features,
+    get_clip_config,
+    trained_state_dict,
+)
 from vlm.assistant import MAX_IMAGES, Assistant, SamplingSettings
 from vlm.config import PolychromeConfig
 from vlm.model import (
@@ -512,6 +518,33 @@ def test_train_resumes_exactly_and_eval_runs(shapeworld, tmp_path):
     pos = load_file(str(tmp_path / "p" / "final" / "vlm.safetensors"))
     rows, cols = pos["projector.row_embed"], pos["projector.col_embed"]
     assert rows.ndim == cols.ndim == 2 and rows.shape[1] == cols.shape[1] == 32  # tiny LLM width
+
+
+def test_train_reads_the_clip_it_is_given(shapeworld, tmp_path):
+    """--clip: the core reads that tower (not the preset's), and its saved config names it, so
+    a reload gets the same visual features; a CLIP of another variant is refused."""
+    cfg = get_clip_config("tiny-vit")
+    torch.manual_seed(1)  # not the preset's seed-0 random tower
+    tower = build_clip(cfg).model
+    save_checkpoint(tmp_path / "clip", {TENSOR_FILE: trained_state_dict(tower, cfg)}, cfg.to_dict())
+    common = ["--preset", "tiny", "--data", str(shapeworld), "--steps", "1", "--align-steps", "0"]
+    common += ["--batch-size", "2", "--no-progress"]
+    assert (
+        train_main([*common, "--clip", str(tmp_path / "clip"), "--out", str(tmp_path / "a")]) == 0
+    )
+    saved = json.loads((tmp_path / "a" / "final" / "manifest.json").read_text())["config"]
+    assert saved["vision"]["checkpoint"] == str(tmp_path / "clip")
+    vlm = PolychromeVLM.from_pretrained(tmp_path / "a" / "final")
+    pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size)
+    with torch.no_grad():
+        ours, theirs = dense_features(vlm.clip, pixels), dense_features(tower.eval(), pixels)
+        preset = dense_features(PolychromeVLM.build(vlm.config.replace(
+            vision=vlm.config.vision.replace(checkpoint=None))).clip, pixels)  # fmt: skip
+    torch.testing.assert_close(ours.tokens, theirs.tokens)
+    assert not torch.allclose(ours.tokens, preset.tokens)
+    for bad in (tmp_path / "nowhere", Path("checkpoints/shapes/clip")):  # shapes-vit, not tiny
+        with pytest.raises(SystemExit):
+            train_main([*common, "--clip", str(bad), "--out", str(tmp_path / "bad")])
 
 
 def test_mfu_bench_counts_the_llm_body_by_hand_and_reports(vlm, shapeworld, tmp_path):

@@ -41,6 +41,15 @@ crops made from the instance masks exactly as eval.clip's crops (vision.clip.obj
 captioned as ShapeWorld captions a one-object scene ("A red circle.", "There is a circle.",
 "There is a red shape."). The prompt templates of the zero-shot eval are never trained on.
 
+Per-patch read-outs (``--dense-weight W``, ShapeWorld data; docs/CLIP.md): each step also
+trains linear read-outs of the class and colour of the object on every patch (targets from the
+instance masks, ``patch_labels``) on the patch tokens the VLM's projector reads, so that each
+token names its object; the read-outs are dropped at the end. ``--init-from DIR`` fine-tunes a
+CLIP checkpoint instead of starting from random weights:
+
+    python -m train.clip --preset shapes --data out/shapeworld --init-from checkpoints/shapes/clip \
+        --dense-weight 1 --out runs/clip_dense --steps 350 --batch-size 64 --lr 3e-4 --device cpu
+
 State: ``<out>/last`` (train.common, every --save-every steps) and, at the end, ``<out>/final``: a
 core.checkpoint folder with ``clip.safetensors`` (fp16; image tower, text projection, logit scale;
 the frozen MiniLM is not stored), the ClipConfig as its config, a MODEL_CARD.md and, with --eval,
@@ -81,6 +90,8 @@ from data.datasets import (
     caption_source_error,
     user_captions_from_args,
 )
+from data.formats import rle_to_mask
+from data.scene import COLOURS, SHAPES
 from data.shapeworld import read_manifest
 from train.common import (
     batch_indices,
@@ -97,10 +108,13 @@ from vision.clip import (
     ClipModel,
     background_fill,
     build_clip,
+    dense_features,
     encode_text_pooled,
     get_clip_config,
     list_clip_configs,
+    load_clip,
     object_crop,
+    pooled_from_dense,
     trained_state_dict,
 )
 
@@ -123,6 +137,7 @@ class PairData:
     offsets: np.ndarray  # (N + 1,) int64: image i's captions are text_ids[offsets[i]:offsets[i+1]]
     text_ids: np.ndarray  # (sum of captions,) int64 indices into texts
     description: dict[str, Any]  # where the data came from (for the model card)
+    paths: list[Path] | None = None  # the image files, in `images`' order (scene pairs only)
 
 
 def load_pairs(args: argparse.Namespace, size: int) -> PairData:
@@ -157,7 +172,12 @@ def load_pairs(args: argparse.Namespace, size: int) -> PairData:
     images = decode_images(pairs.image_paths, size, args.workers)
     description.update(images=len(pairs), captions=len(ids), distinct_captions=len(texts))
     return PairData(
-        images, texts, np.asarray(offsets, np.int64), np.asarray(ids, np.int64), description
+        images,
+        texts,
+        np.asarray(offsets, np.int64),
+        np.asarray(ids, np.int64),
+        description,
+        list(pairs.image_paths),
     )
 
 
@@ -227,6 +247,110 @@ def load_object_pairs(
     )
 
 
+def patch_labels(label_map: np.ndarray, grid: int, min_cover: float) -> np.ndarray:
+    """(H, W) integer labels (0 = background) -> (grid, grid): for each patch the most common
+    non-zero label if it covers at least `min_cover` of the patch's pixels, else 0 (ties go to
+    the smaller label). H and W must divide by `grid`."""
+    h, w = label_map.shape
+    if h % grid or w % grid:
+        raise ValueError(f"a {h}x{w} label map does not divide into a {grid}x{grid} patch grid")
+    ph, pw = h // grid, w // grid
+    blocks = label_map.reshape(grid, ph, grid, pw).transpose(0, 2, 1, 3).reshape(grid, grid, -1)
+    top = int(label_map.max())
+    if top == 0:
+        return np.zeros((grid, grid), dtype=np.int64)
+    counts = (blocks[..., None] == np.arange(1, top + 1)).sum(axis=2)  # (grid, grid, top)
+    best = counts.argmax(axis=2)
+    cover = np.take_along_axis(counts, best[..., None], axis=2)[..., 0] / (ph * pw)
+    return np.where(cover >= min_cover, best + 1, 0).astype(np.int64)
+
+
+@dataclass
+class PatchLabelData:
+    """Per-patch targets of the scene images, in PairData.images' order (0 = background)."""
+
+    classes: torch.Tensor  # (N, g, g) int64: 1 + index into SHAPES
+    colours: torch.Tensor  # (N, g, g) int64: 1 + index into COLOURS
+
+
+def load_patch_labels(
+    root: Path, splits: list[str], image_paths: list[Path], grid: int, min_cover: float
+) -> PatchLabelData:
+    """The class and colour of the object on each patch of every image of `image_paths` (the
+    scene pairs' images, from the instance masks of `splits`): `patch_labels` of the scene's
+    class and colour maps, objects painted largest first as InstanceDataset.semantic_map does
+    (ShapeWorld's masks are the visible parts, so the order matters only where masks touch)."""
+    by_path: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
+    for split in splits:
+        dataset = InstanceDataset.from_shapeworld(root, split)
+        for i in tqdm(range(len(dataset)), desc=f"patch labels ({split})", unit="img"):
+            h, w = dataset.sizes[i]
+            shape_map = np.zeros((h, w), dtype=np.int64)
+            colour_map = np.zeros((h, w), dtype=np.int64)
+            anns = sorted(
+                (a for a in dataset.annotations[i] if not a.iscrowd), key=lambda a: -a.area
+            )
+            for a in anns:
+                mask = rle_to_mask(a.segmentation, h, w)
+                name = dataset.category_names[a.category_id]
+                colour = a.extra.get("colour")
+                if name not in SHAPES or colour not in COLOURS:
+                    raise ValueError(
+                        f"{root} ({split}): expected ShapeWorld classes and colours, received "
+                        f"{name!r} / {colour!r}"
+                    )
+                shape_map[mask] = SHAPES.index(name) + 1
+                colour_map[mask] = COLOURS.index(colour) + 1
+            key = (dataset.images_root / dataset.file_names[i]).resolve()
+            by_path[key] = (
+                patch_labels(shape_map, grid, min_cover),
+                patch_labels(colour_map, grid, min_cover),
+            )
+    missing = [p for p in image_paths if p.resolve() not in by_path]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} images have no instance masks in splits {splits}, e.g. {missing[0]}"
+        )
+    pairs = [by_path[p.resolve()] for p in image_paths]
+    return PatchLabelData(
+        torch.from_numpy(np.stack([c for c, _ in pairs])),
+        torch.from_numpy(np.stack([c for _, c in pairs])),
+    )
+
+
+class DenseHeads(torch.nn.Module):
+    """Linear read-outs of the class and the colour of the object on each patch, from the patch
+    tokens the VLM's projector reads (vision.clip.dense_features: before ln_post). Trained with
+    the tower under ``--dense-weight``, and not kept: the checkpoint is the CLIP alone."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.classes = torch.nn.Linear(width, len(SHAPES))
+        self.colours = torch.nn.Linear(width, len(COLOURS) + 1)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, P, D_vis) -> class logits (B, P, 14), colour logits (B, P, 1 + 10)."""
+        x = self.norm(tokens)
+        return self.classes(x), self.colours(x)
+
+
+def dense_loss(
+    logits: tuple[torch.Tensor, torch.Tensor], classes: torch.Tensor, colours: torch.Tensor
+) -> torch.Tensor:
+    """The mean of two per-patch cross-entropies: the class over the patches that hold an object
+    (background patches have no class; ~85 % of ShapeWorld's patches, they would swamp it), the
+    colour over every patch (its background label teaches where the objects are). classes,
+    colours (B, P): PatchLabelData's targets, flattened row-major as the tokens are."""
+    class_logits, colour_logits = logits
+    on_object = classes > 0
+    colour = F.cross_entropy(colour_logits.flatten(0, 1).float(), colours.flatten())
+    if not on_object.any():  # a batch of empty scenes: no class to read
+        return colour / 2
+    shape = F.cross_entropy(class_logits[on_object].float(), classes[on_object] - 1)
+    return (shape + colour) / 2
+
+
 def _text_cache_key(cfg: ClipConfig, texts: list[str]) -> str:
     source = resolve_source(cfg.text.source)
     h = hashlib.sha256()
@@ -291,19 +415,29 @@ def pick_captions(
 
 
 class ContrastiveHeads(torch.nn.Module):
-    """What one training step runs: the image tower and the text projection (DDP wraps this)."""
+    """What one training step runs: the image tower, the text projection and, under
+    ``--dense-weight``, the per-patch read-outs (DDP wraps this)."""
 
-    def __init__(self, clip: ClipModel) -> None:
+    def __init__(self, clip: ClipModel, dense: DenseHeads | None = None) -> None:
         super().__init__()
         self.clip = clip
+        self.dense = dense
 
     def forward(
-        self, pixels: torch.Tensor, text_pooled: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """pixels (B, 3, S, S) normalised, text_pooled (B, D_text) -> unit (B, D), (B, D), scale."""
-        image = F.normalize(self.clip.encode_image(pixels).float(), dim=-1)
+        self, pixels: torch.Tensor, text_pooled: torch.Tensor, scenes: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """pixels (B, 3, S, S) normalised, text_pooled (B, D_text) -> unit (B, D), (B, D), scale,
+        and with dense heads the per-patch logits of the first `scenes` images (else None)."""
+        dense_logits = None
+        if self.dense is None:
+            image = self.clip.encode_image(pixels)
+        else:  # one pass for both: the pooled embedding recomputed from the patch tokens
+            feats = dense_features(self.clip, pixels)
+            image = pooled_from_dense(self.clip, feats)
+            dense_logits = self.dense(feats.tokens[:scenes])
+        image = F.normalize(image.float(), dim=-1)
         text = F.normalize(self.clip.text.proj(text_pooled).float(), dim=-1)
-        return image, text, self.clip.logit_scale.exp().float()
+        return image, text, self.clip.logit_scale.exp().float(), dense_logits
 
 
 def contrastive_loss(
@@ -377,6 +511,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="objects hidden more than this are not used as region pairs (default 0.5)",
     )
+    src.add_argument(
+        "--dense-weight",
+        type=float,
+        default=0.0,
+        help="add this weight x a per-patch loss: linear read-outs of the class and colour of "
+        "the object on each patch (from the --data instance masks) trained with the tower, so "
+        "that each patch token names its object (what the VLM's projector reads); 0 = off",
+    )
+    src.add_argument(
+        "--dense-min-cover",
+        type=float,
+        default=0.25,
+        help="a patch is labelled with an object when the object covers at least this share "
+        "of its pixels, else background (default 0.25)",
+    )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from this CLIP checkpoint folder (same --model) instead of random weights: "
+        "a fine-tune",
+    )
     parser.add_argument("--out", type=Path, required=True, help="run folder (last/, final/)")
     parser.add_argument("--steps", type=int, default=3000, help="optimizer steps in all")
     parser.add_argument(
@@ -424,6 +580,14 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         )
     if args.object_pairs < 0:
         parser.error(f"--object-pairs must be >= 0, received {args.object_pairs}")
+    if args.dense_weight < 0:
+        parser.error(f"--dense-weight must be >= 0, received {args.dense_weight}")
+    if args.dense_weight and args.data is None:
+        parser.error("--dense-weight needs a ShapeWorld --data folder (instance masks)")
+    if not 0 < args.dense_min_cover <= 1:
+        parser.error(f"--dense-min-cover must be in (0, 1], received {args.dense_min_cover}")
+    if args.init_from is not None and not (args.init_from / "manifest.json").is_file():
+        parser.error(f"--init-from: {args.init_from / 'manifest.json'} not found")
     if args.resume and not (args.out / "last").is_dir():
         parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
 
@@ -436,6 +600,9 @@ def _run_config(cfg: ClipConfig, args: argparse.Namespace) -> dict[str, Any]:
         "lr": args.lr,
         "weight_decay": args.weight_decay,
         "object_pairs": args.object_pairs,
+        "dense_weight": args.dense_weight,
+        "dense_min_cover": args.dense_min_cover,
+        "init_from": None if args.init_from is None else str(args.init_from),
     }
 
 
@@ -460,6 +627,15 @@ def main(argv: list[str] | None = None) -> int:
     stored = trained_state_dict(clip, cfg)
     if set(trained) != set(stored):  # what trains is exactly what the checkpoint stores
         raise AssertionError(f"trainable {sorted(set(trained) ^ set(stored))[:5]} mismatch")
+    if args.init_from is not None:
+        saved_cfg = json.loads((args.init_from / "manifest.json").read_text())["config"]
+        if saved_cfg != cfg.to_dict():
+            parser.error(
+                f"--init-from: {args.init_from} is CLIP {saved_cfg.get('name')!r} with another "
+                f"config than {cfg.name!r}; pick its --model / --preset"
+            )
+        clip.load_state_dict(load_clip(args.init_from).model.state_dict())
+    dense = DenseHeads(cfg.vision.width).to(device) if args.dense_weight else None
 
     try:
         data = load_pairs(args, cfg.vision.image_size)
@@ -476,6 +652,14 @@ def main(argv: list[str] | None = None) -> int:
             args.object_max_occlusion,
         )
         data.description.update(objects.description, object_pairs_per_step=args.object_pairs)
+    labels = None
+    if dense is not None:
+        try:
+            labels = load_patch_labels(
+                args.data, args.splits, data.paths or [], cfg.vision.grid, args.dense_min_cover
+            )
+        except (ValueError, OSError) as err:
+            parser.error(str(err))
     pooled_text = precompute_text(clip, tokenizer, cfg, data.texts, device)  # (U, D_text)
     on_gpu = device.type == "cuda"
     images = data.images.to(device) if on_gpu else data.images  # the whole set lives there
@@ -499,9 +683,13 @@ def main(argv: list[str] | None = None) -> int:
             f"--object-pairs {args.object_pairs} x {world} processes is more than the "
             f"{objects.images.shape[0]} objects found"
         )
-    optimizer = torch.optim.AdamW(
-        param_groups(clip, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6
-    )
+    groups = param_groups(clip, args.weight_decay)
+    if dense is not None:  # the read-outs: no decay, they are dropped at the end
+        groups.append({"params": list(dense.parameters()), "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    # what <out>/last holds: the tower and, when trained, the read-outs beside it
+    wrapped = ContrastiveHeads(clip, dense)
+    state_module: torch.nn.Module = clip if dense is None else wrapped
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     scheduler = cosine_with_warmup(optimizer, warmup, args.steps)
     run_config = _run_config(cfg, args)
@@ -513,12 +701,12 @@ def main(argv: list[str] | None = None) -> int:
                 f"--resume: {args.out / 'last'} was trained with another CLIP config "
                 f"({saved['config'].get('clip', {}).get('name')!r}); use the same --preset/--model"
             )
-        start = load_training_state(args.out, clip, optimizer, scheduler)
+        start = load_training_state(args.out, state_module, optimizer, scheduler)
         if start > args.steps:
             parser.error(f"--resume: {args.out / 'last'} is at step {start} > --steps")
-    heads = accelerator.prepare(ContrastiveHeads(clip))
+    heads = accelerator.prepare(wrapped)
     prepared_optimizer = accelerator.prepare(optimizer)
-    params = [p for p in clip.parameters() if p.requires_grad]
+    params = [p for p in wrapped.parameters() if p.requires_grad]
 
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / LOG_NAME
@@ -561,8 +749,19 @@ def main(argv: list[str] | None = None) -> int:
                 tid = torch.cat([tid, torch.from_numpy(obj_caps[part]).to(device)])
             pixels = (pixels.float() - mean) / std  # (B [+ objects], 3, S, S)
             with accelerator.autocast():
-                image_emb, text_emb, scale = heads(pixels, pooled_text[tid])
+                image_emb, text_emb, scale, dense_logits = heads(
+                    pixels, pooled_text[tid], scenes=len(idx)
+                )
             loss = contrastive_loss(image_emb, text_emb, scale, tid)
+            parts = {"contrastive": loss.detach()}
+            if dense_logits is not None and labels is not None:
+                patch = dense_loss(
+                    dense_logits,
+                    labels.classes[idx].flatten(1).to(device),
+                    labels.colours[idx].flatten(1).to(device),
+                )
+                parts["dense"] = patch.detach()
+                loss = loss + args.dense_weight * patch
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, 1.0)
             prepared_optimizer.step()
@@ -576,13 +775,21 @@ def main(argv: list[str] | None = None) -> int:
             if accelerator.is_main_process:
                 lr = scheduler.get_last_lr()[0]
                 row = {"step": done, "loss": loss_value, "lr": lr, "time": time.time() - t0}
+                if dense is not None:  # the two terms apart (this process's batch)
+                    row.update({k: float(v) for k, v in parts.items()})
                 log.write(json.dumps(row) + "\n")
                 bar.set_postfix(loss=f"{loss_value:.3f}", scale=f"{scale.item():.1f}")
             if done % args.save_every == 0 or done == stop:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     save_training_state(
-                        args.out, clip, optimizer, scheduler, done, run_config, {"loss": loss_value}
+                        args.out,
+                        state_module,
+                        optimizer,
+                        scheduler,
+                        done,
+                        run_config,
+                        {"loss": loss_value},
                     )
     bar.close()
     seconds = time.time() - t0

@@ -122,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
         "preset's projector.window)",
     )
     parser.add_argument(
+        "--clip",
+        type=Path,
+        default=None,
+        help="the CLIP checkpoint folder whose image tower the core reads, frozen (e.g. one "
+        "fine-tuned by train.clip --dense-weight; the preset's CLIP model, another checkpoint); "
+        "the core's config records it, so eval.vlm and the Assistant load the same tower "
+        "(default: the preset's clip.checkpoint)",
+    )
+    parser.add_argument(
         "--lora-rank",
         type=int,
         default=None,
@@ -193,6 +202,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--eval needs a ShapeWorld --data folder (its val split)")
     if args.resume and not (args.out / "last").is_dir():
         parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
+    if args.clip is not None and not (args.clip / "manifest.json").is_file():
+        parser.error(f"--clip: {args.clip / 'manifest.json'} not found (a CLIP checkpoint folder)")
 
 
 def conversations_for(
@@ -214,10 +225,19 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
 
     preset = PolychromeConfig.from_preset(args.preset)
+    vision = preset.clip
+    if args.clip is not None:
+        name = json.loads((args.clip / "manifest.json").read_text())["config"].get("name")
+        if name != vision.model:
+            parser.error(
+                f"--clip: {args.clip} is CLIP {name!r}; the {args.preset} preset's core reads "
+                f"{vision.model!r}"
+            )
+        vision = vision.replace(checkpoint=str(args.clip))
     try:
         vlm_cfg = preset.vlm.core_config(
             preset.llm,
-            preset.clip,
+            vision,
             merge=args.merge,
             output_norm=args.projector_norm,
             position=args.position,
