@@ -28,15 +28,18 @@ from eval.clip import (
 from eval.clip import main as eval_main
 from train.clip import (
     LOG_NAME,
+    ContrastiveHeads,
+    DenseHeads,
     contrastive_loss,
     dense_loss,
     load_patch_labels,
     object_captions,
     patch_labels,
     pick_captions,
+    scene_patch_labels,
 )
 from train.clip import main as train_main
-from vision.clip import FROZEN_PREFIX, TENSOR_FILE, get_clip_config, load_clip
+from vision.clip import FROZEN_PREFIX, TENSOR_FILE, build_clip, get_clip_config, load_clip
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +175,7 @@ def test_resume_reproduces_the_uninterrupted_run(world, tmp_path):
         assert torch.equal(final_a[key], final_b[key]), key
 
 
-def test_dense_heads_train_resume_exactly_and_are_not_stored(world, tmp_path):
+def test_dense_heads_train_resume_exactly_and_are_not_stored(world, tmp_path, capsys):
     """--dense-weight: the per-patch loss is logged and falls, the read-outs resume with the
     tower (exactly), and the final checkpoint holds the CLIP alone, as a plain run's does."""
     common = ("--steps", "10", "--save-every", "5", "--lr", "3e-3", "--dense-weight", "1")
@@ -182,7 +185,7 @@ def test_dense_heads_train_resume_exactly_and_are_not_stored(world, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "a" / LOG_NAME).read_text().splitlines()]
     dense = [r["dense"] for r in rows]
     assert all(r["loss"] == pytest.approx(r["contrastive"] + r["dense"], rel=1e-5) for r in rows)
-    assert np.mean(dense[-3:]) < 0.8 * np.mean(dense[:3])  # starts near ln(15) + ln(11) over 2
+    assert np.mean(dense[-3:]) < 0.8 * np.mean(dense[:3])  # starts near (ln 14 + ln 11) / 2
     a = load_file(str(tmp_path / "a" / "last" / "weights" / "trained.safetensors"))
     b = load_file(str(tmp_path / "b" / "last" / "weights" / "trained.safetensors"))
     assert a.keys() == b.keys() and any(k.startswith("dense.") for k in a)
@@ -193,9 +196,61 @@ def test_dense_heads_train_resume_exactly_and_are_not_stored(world, tmp_path):
     plain = load_checkpoint(tmp_path / "plain" / "final").tensors[TENSOR_FILE]
     assert final.keys() == plain.keys()
     load_clip(tmp_path / "a" / "final")
+    # a resume must keep the read-outs' settings: their state is in <out>/last or it is not
+    for changed in (("--dense-weight", "0"), ("--dense-min-cover", "0.5")):
+        with pytest.raises(SystemExit):  # the later flag overrides common's
+            _train(world, tmp_path / "b", *common, *changed, "--resume")
+        assert "pass the same" in capsys.readouterr().err
+    # region crops ride after the scenes and have no targets: the run still trains both terms
+    assert _train(world, tmp_path / "objects", *common, "--object-pairs", "4") == 0
+    assert "dense" in json.loads((tmp_path / "objects" / LOG_NAME).read_text().splitlines()[-1])
+    imagefolder = ["--preset", "tiny", "--imagefolder", str(world / "train"), "--steps", "1"]
+    imagefolder += ["--batch-size", "16", "--device", "cpu"]
     with pytest.raises(SystemExit):  # the per-patch targets come from ShapeWorld's masks
-        train_main(["--preset", "tiny", "--imagefolder", str(world), "--out", str(tmp_path / "x"),
-                    "--dense-weight", "1"])  # fmt: skip
+        train_main([*imagefolder, "--out", str(tmp_path / "x"), "--dense-weight", "1"])
+    assert "--dense-weight needs a ShapeWorld --data" in capsys.readouterr().err
+    assert train_main([*imagefolder, "--out", str(tmp_path / "x"), "--workers", "1"]) == 0
+
+
+def test_contrastive_heads_send_the_dense_loss_into_the_tower_for_the_scenes_only():
+    """The read-outs see the first `scenes` images (the region crops come after them), and
+    their loss reaches the tower's weights, not the read-outs alone."""
+    torch.manual_seed(0)
+    cfg = get_clip_config("tiny-vit")
+    clip = build_clip(cfg).model.train()
+    heads = ContrastiveHeads(clip, DenseHeads(cfg.vision.width))
+    pixels = torch.randn(5, 3, cfg.vision.image_size, cfg.vision.image_size)
+    text = torch.randn(5, clip.text.proj.in_features)
+    *_, mixed = heads(pixels, text, scenes=3)
+    *_, alone = heads(pixels[:3], text[:3])
+    assert mixed is not None and alone is not None and mixed[0].shape[0] == 3
+    torch.testing.assert_close(mixed[0], alone[0], rtol=1e-4, atol=1e-5)
+    grid = cfg.vision.grid
+    classes = torch.randint(0, len(SHAPES) + 1, (3, grid * grid))
+    colours = torch.randint(0, len(COLOURS) + 1, (3, grid * grid))
+    dense_loss(alone, classes, colours).backward()
+    grads = {n: p.grad for n, p in clip.named_parameters() if n.startswith("visual.")}
+    body = [g for n, g in grads.items() if n.startswith(("visual.conv1", "visual.transformer."))]
+    assert body and all(g is not None and g.abs().sum() > 0 for g in body)
+    # the read-outs sit on the tokens before ln_post (what the VLM's projector reads)
+    assert grads["visual.proj"] is None and grads["visual.ln_post.weight"] is None
+
+
+def test_scene_patch_labels_take_class_and_colour_from_one_object():
+    """One vote per object: a patch 40 % red cross, 30 % green circle and 30 % blue circle is
+    the red cross (separate votes on class and colour would say circle and red)."""
+    size, grid = (10, 10), 1
+    cross, left, right = (np.zeros(size, bool) for _ in range(3))
+    cross[:4] = True
+    left[4:, :5] = True
+    right[4:, 5:] = True
+    circle, red, green, blue = SHAPES.index("circle") + 1, 1, 4, 6
+    objects = [(cross, SHAPES.index("cross") + 1, red), (left, circle, green)]
+    objects.append((right, circle, blue))
+    classes, colours = scene_patch_labels(objects, size, grid, 0.25)
+    assert (classes.tolist(), colours.tolist()) == ([[SHAPES.index("cross") + 1]], [[red]])
+    classes, colours = scene_patch_labels(objects, size, grid, 0.5)  # no object covers half
+    assert (classes.tolist(), colours.tolist()) == ([[0]], [[0]])
 
 
 def test_init_from_starts_at_the_checkpoint(trained, world, tmp_path):

@@ -4,6 +4,7 @@ left as it was."""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,8 @@ def test_refit_changes_the_mapper_only_and_lowers_its_distance(base, tmp_path):
                for k, v in rows.items())  # fmt: skip
     meta = json.loads((out / "final" / "manifest.json").read_text())["metadata"]
     assert meta["val_distance"] < meta["val_distance_base"]
+    command = "python -m train.gill_mapper " + shlex.join(_args(data, checkpoint, out))
+    assert meta["command"] == command
     curve = [json.loads(r) for r in (out / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in curve] == list(range(1, 7))
     assert [r["step"] for r in curve if "val_distance" in r] == [3, 6]
@@ -119,6 +122,8 @@ def test_retrieval_refit_changes_the_retrieval_heads_only_and_logs_val_recall(ba
     after = load_file(str(out / "final" / "gill.safetensors"))
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith("heads.retrieval.") for k in changed)
+    meta = json.loads((out / "final" / "manifest.json").read_text())["metadata"]
+    assert meta["command"] == "python -m train.gill_retrieval " + shlex.join(args)
     curve = [json.loads(r) for r in (out / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in curve if "R@1" in r] == [2, 4]
     assert all(0.0 <= r["R@1"] <= r["R@5"] <= 1.0 for r in curve if "R@1" in r)
@@ -270,6 +275,7 @@ def test_decision_refit_changes_the_decision_head_only_and_sets_its_prior(
     final_rows = load_file(str(out / "final" / "vlm.safetensors"))
     assert all(torch.equal(v, final_rows[k]) for k, v in rows.items())
     meta = json.loads((out / "final" / "manifest.json").read_text())["metadata"]
+    assert meta["command"] == "python -m train.gill_decision " + shlex.join(args)
     curve = [json.loads(r) for r in (out / "loss.jsonl").read_text().splitlines()]
     assert [r["step"] for r in curve if "val_macro_f1" in r] == [3, 6]
     # the saved head's argmax on the held-out requests, recomputed from the loaded model

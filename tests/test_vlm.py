@@ -13,6 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from core.checkpoint import CheckpointError, save_checkpoint
+from core.config import project_path
 from core.images import ImageError
 from data.conversations import (
     SHORT_ANSWER,
@@ -520,7 +521,7 @@ def test_train_resumes_exactly_and_eval_runs(shapeworld, tmp_path):
     assert rows.ndim == cols.ndim == 2 and rows.shape[1] == cols.shape[1] == 32  # tiny LLM width
 
 
-def test_train_reads_the_clip_it_is_given(shapeworld, tmp_path):
+def test_train_reads_the_clip_it_is_given(shapeworld, tmp_path, capsys, monkeypatch):
     """--clip: the core reads that tower (not the preset's), and its saved config names it, so
     a reload gets the same visual features; a CLIP of another variant is refused."""
     cfg = get_clip_config("tiny-vit")
@@ -529,11 +530,10 @@ def test_train_reads_the_clip_it_is_given(shapeworld, tmp_path):
     save_checkpoint(tmp_path / "clip", {TENSOR_FILE: trained_state_dict(tower, cfg)}, cfg.to_dict())
     common = ["--preset", "tiny", "--data", str(shapeworld), "--steps", "1", "--align-steps", "0"]
     common += ["--batch-size", "2", "--no-progress"]
-    assert (
-        train_main([*common, "--clip", str(tmp_path / "clip"), "--out", str(tmp_path / "a")]) == 0
-    )
+    monkeypatch.chdir(tmp_path)  # a path on the command line is the working directory's
+    assert train_main([*common, "--clip", "clip", "--out", str(tmp_path / "a")]) == 0
     saved = json.loads((tmp_path / "a" / "final" / "manifest.json").read_text())["config"]
-    assert saved["vision"]["checkpoint"] == str(tmp_path / "clip")
+    assert saved["vision"]["checkpoint"] == str((tmp_path / "clip").resolve())
     vlm = PolychromeVLM.from_pretrained(tmp_path / "a" / "final")
     pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size)
     with torch.no_grad():
@@ -542,9 +542,13 @@ def test_train_reads_the_clip_it_is_given(shapeworld, tmp_path):
             vision=vlm.config.vision.replace(checkpoint=None))).clip, pixels)  # fmt: skip
     torch.testing.assert_close(ours.tokens, theirs.tokens)
     assert not torch.allclose(ours.tokens, preset.tokens)
-    for bad in (tmp_path / "nowhere", Path("checkpoints/shapes/clip")):  # shapes-vit, not tiny
+    for bad, says in (
+        (tmp_path / "nowhere", "manifest.json not found"),
+        (project_path("checkpoints/shapes/clip"), "is CLIP 'shapes-vit'"),  # not tiny-vit
+    ):
         with pytest.raises(SystemExit):
             train_main([*common, "--clip", str(bad), "--out", str(tmp_path / "bad")])
+        assert says in capsys.readouterr().err
 
 
 def test_mfu_bench_counts_the_llm_body_by_hand_and_reports(vlm, shapeworld, tmp_path):

@@ -47,8 +47,9 @@ instance masks, ``patch_labels``) on the patch tokens the VLM's projector reads,
 token names its object; the read-outs are dropped at the end. ``--init-from DIR`` fine-tunes a
 CLIP checkpoint instead of starting from random weights:
 
-    python -m train.clip --preset shapes --data out/shapeworld --init-from checkpoints/shapes/clip \
-        --dense-weight 1 --out runs/clip_dense --steps 350 --batch-size 64 --lr 3e-4 --device cpu
+    python -m train.clip --preset shapes --data out/shapeworld \\
+        --init-from checkpoints/shapes/clip --dense-weight 1 --out runs/clip_dense \\
+        --steps 2500 --batch-size 512 --object-pairs 256 --lr 1e-3 --device cuda
 
 State: ``<out>/last`` (train.common, every --save-every steps) and, at the end, ``<out>/final``: a
 core.checkpoint folder with ``clip.safetensors`` (fp16; image tower, text projection, logit scale;
@@ -67,6 +68,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,25 +275,43 @@ class PatchLabelData:
     colours: torch.Tensor  # (N, g, g) int64: 1 + index into COLOURS
 
 
+def scene_patch_labels(
+    objects: Sequence[tuple[np.ndarray, int, int]],
+    size: tuple[int, int],
+    grid: int,
+    min_cover: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(classes, colours), each (grid, grid), of one scene: `objects` = (mask (H, W) bool,
+    class label, colour label) with labels >= 1, painted in the given order onto an instance map
+    of `size` (H, W); each patch takes the class and the colour of one object, the one
+    `patch_labels` picks on that map (0 for both where none covers enough)."""
+    instances = np.zeros(size, dtype=np.int64)
+    class_of, colour_of = [0], [0]
+    for k, (mask, shape, colour) in enumerate(objects, start=1):
+        instances[mask] = k
+        class_of.append(shape)
+        colour_of.append(colour)
+    winner = patch_labels(instances, grid, min_cover)
+    return np.asarray(class_of)[winner], np.asarray(colour_of)[winner]
+
+
 def load_patch_labels(
     root: Path, splits: list[str], image_paths: list[Path], grid: int, min_cover: float
 ) -> PatchLabelData:
     """The class and colour of the object on each patch of every image of `image_paths` (the
-    scene pairs' images, from the instance masks of `splits`): `patch_labels` of the scene's
-    class and colour maps, objects painted largest first as InstanceDataset.semantic_map does
-    (ShapeWorld's masks are the visible parts, so the order matters only where masks touch)."""
+    scene pairs' images, from the instance masks of `splits`): `scene_patch_labels` with the
+    objects painted largest first as InstanceDataset.semantic_map does (ShapeWorld's masks are
+    the visible parts, so the order matters only where masks touch)."""
     by_path: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
     for split in splits:
         dataset = InstanceDataset.from_shapeworld(root, split)
         for i in tqdm(range(len(dataset)), desc=f"patch labels ({split})", unit="img"):
             h, w = dataset.sizes[i]
-            shape_map = np.zeros((h, w), dtype=np.int64)
-            colour_map = np.zeros((h, w), dtype=np.int64)
             anns = sorted(
                 (a for a in dataset.annotations[i] if not a.iscrowd), key=lambda a: -a.area
             )
+            objects = []
             for a in anns:
-                mask = rle_to_mask(a.segmentation, h, w)
                 name = dataset.category_names[a.category_id]
                 colour = a.extra.get("colour")
                 if name not in SHAPES or colour not in COLOURS:
@@ -299,13 +319,10 @@ def load_patch_labels(
                         f"{root} ({split}): expected ShapeWorld classes and colours, received "
                         f"{name!r} / {colour!r}"
                     )
-                shape_map[mask] = SHAPES.index(name) + 1
-                colour_map[mask] = COLOURS.index(colour) + 1
+                mask = rle_to_mask(a.segmentation, h, w)
+                objects.append((mask, SHAPES.index(name) + 1, COLOURS.index(colour) + 1))
             key = (dataset.images_root / dataset.file_names[i]).resolve()
-            by_path[key] = (
-                patch_labels(shape_map, grid, min_cover),
-                patch_labels(colour_map, grid, min_cover),
-            )
+            by_path[key] = scene_patch_labels(objects, (h, w), grid, min_cover)
     missing = [p for p in image_paths if p.resolve() not in by_path]
     if missing:
         raise ValueError(
@@ -345,8 +362,8 @@ def dense_loss(
     class_logits, colour_logits = logits
     on_object = classes > 0
     colour = F.cross_entropy(colour_logits.flatten(0, 1).float(), colours.flatten())
-    if not on_object.any():  # a batch of empty scenes: no class to read
-        return colour / 2
+    if not on_object.any():  # empty scenes: no class to read (the head stays in the graph for DDP)
+        return (colour + 0 * class_logits.sum()) / 2
     shape = F.cross_entropy(class_logits[on_object].float(), classes[on_object] - 1)
     return (shape + colour) / 2
 
@@ -424,10 +441,11 @@ class ContrastiveHeads(torch.nn.Module):
         self.dense = dense
 
     def forward(
-        self, pixels: torch.Tensor, text_pooled: torch.Tensor, scenes: int = 0
+        self, pixels: torch.Tensor, text_pooled: torch.Tensor, scenes: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """pixels (B, 3, S, S) normalised, text_pooled (B, D_text) -> unit (B, D), (B, D), scale,
-        and with dense heads the per-patch logits of the first `scenes` images (else None)."""
+        and with dense heads the per-patch logits of the first `scenes` images (None: all; the
+        region crops appended after the scenes have no targets), else None."""
         dense_logits = None
         if self.dense is None:
             image = self.clip.encode_image(pixels)
@@ -628,11 +646,18 @@ def main(argv: list[str] | None = None) -> int:
     if set(trained) != set(stored):  # what trains is exactly what the checkpoint stores
         raise AssertionError(f"trainable {sorted(set(trained) ^ set(stored))[:5]} mismatch")
     if args.init_from is not None:
-        saved_cfg = json.loads((args.init_from / "manifest.json").read_text())["config"]
-        if saved_cfg != cfg.to_dict():
+        try:
+            saved_cfg = ClipConfig.from_dict(
+                json.loads((args.init_from / "manifest.json").read_text())["config"],
+                source=f"{args.init_from}/manifest.json config",
+            )
+        except (KeyError, ValueError) as err:
+            parser.error(f"--init-from: {args.init_from} is not a CLIP checkpoint ({err})")
+        if saved_cfg != cfg:
+            differ = [k for k, v in cfg.to_dict().items() if saved_cfg.to_dict().get(k) != v]
             parser.error(
-                f"--init-from: {args.init_from} is CLIP {saved_cfg.get('name')!r} with another "
-                f"config than {cfg.name!r}; pick its --model / --preset"
+                f"--init-from: {args.init_from} is CLIP {saved_cfg.name!r}, whose {differ} differ "
+                f"from {cfg.name!r}'s; pick its --model / --preset"
             )
         clip.load_state_dict(load_clip(args.init_from).model.state_dict())
     dense = DenseHeads(cfg.vision.width).to(device) if args.dense_weight else None
@@ -701,12 +726,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"--resume: {args.out / 'last'} was trained with another CLIP config "
                 f"({saved['config'].get('clip', {}).get('name')!r}); use the same --preset/--model"
             )
+        for key, before in (("dense_weight", 0.0), ("dense_min_cover", args.dense_min_cover)):
+            was = saved["config"].get(key, before)  # runs before these options had neither
+            if was != run_config[key]:
+                parser.error(
+                    f"--resume: {args.out / 'last'} was trained with "
+                    f"--{key.replace('_', '-')} {was}; pass the same"
+                )
         start = load_training_state(args.out, state_module, optimizer, scheduler)
         if start > args.steps:
             parser.error(f"--resume: {args.out / 'last'} is at step {start} > --steps")
     heads = accelerator.prepare(wrapped)
     prepared_optimizer = accelerator.prepare(optimizer)
-    params = [p for p in wrapped.parameters() if p.requires_grad]
+    params = [p for p in clip.parameters() if p.requires_grad]
+    readouts = [] if dense is None else list(dense.parameters())
 
     args.out.mkdir(parents=True, exist_ok=True)
     log_path = args.out / LOG_NAME
@@ -764,6 +797,8 @@ def main(argv: list[str] | None = None) -> int:
                 loss = loss + args.dense_weight * patch
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, 1.0)
+            if readouts:  # apart: the read-outs' gradients must not shrink the tower's step
+                accelerator.clip_grad_norm_(readouts, 1.0)
             prepared_optimizer.step()
             scheduler.step()
             prepared_optimizer.zero_grad(set_to_none=True)

@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.checkpoint import load_checkpoint
+from core.config import project_path
 from core.runtime import resolve_device, seed_everything
 from data.conversations import (
     ChatRecord,
@@ -227,13 +228,20 @@ def main(argv: list[str] | None = None) -> int:
     preset = PolychromeConfig.from_preset(args.preset)
     vision = preset.clip
     if args.clip is not None:
-        name = json.loads((args.clip / "manifest.json").read_text())["config"].get("name")
+        clip_dir = args.clip.resolve()  # the command line's path is the working directory's
+        try:
+            name = json.loads((clip_dir / "manifest.json").read_text())["config"]["name"]
+        except (KeyError, TypeError, ValueError) as err:
+            parser.error(f"--clip: {args.clip} is not a CLIP checkpoint (manifest: {err!r})")
         if name != vision.model:
             parser.error(
                 f"--clip: {args.clip} is CLIP {name!r}; the {args.preset} preset's core reads "
                 f"{vision.model!r}"
             )
-        vision = vision.replace(checkpoint=str(args.clip))
+        # the saved config's path: relative to the repository (as presets' are) when inside it
+        root = project_path(".").resolve()
+        stored = clip_dir.relative_to(root) if clip_dir.is_relative_to(root) else clip_dir
+        vision = vision.replace(checkpoint=str(stored))
     try:
         vlm_cfg = preset.vlm.core_config(
             preset.llm,
