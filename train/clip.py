@@ -798,7 +798,8 @@ def main(argv: list[str] | None = None) -> int:
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(params, 1.0)
             if readouts:  # apart: the read-outs' gradients must not shrink the tower's step
-                accelerator.clip_grad_norm_(readouts, 1.0)
+                # (torch's own: the call above has unscaled every gradient where a scaler runs)
+                torch.nn.utils.clip_grad_norm_(readouts, 1.0)
             prepared_optimizer.step()
             scheduler.step()
             prepared_optimizer.zero_grad(set_to_none=True)
