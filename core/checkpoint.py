@@ -33,6 +33,7 @@ __all__ = [
     "MANIFEST_NAME",
     "Checkpoint",
     "CheckpointError",
+    "checkpoint_config",
     "checkpoint_metadata",
     "load_checkpoint",
     "load_module",
@@ -119,6 +120,11 @@ def _read_manifest(directory: Path) -> dict[str, Any]:
         if not isinstance(manifest.get(key), tp):
             raise CheckpointError(f"{path}: field '{key}' must be an object")
     return manifest
+
+
+def checkpoint_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint's config, from its manifest alone (no file is hashed or read)."""
+    return dict(_read_manifest(Path(directory))["config"])
 
 
 def checkpoint_metadata(directory: str | os.PathLike[str]) -> dict[str, Any]:

@@ -253,7 +253,7 @@ def test_scene_patch_labels_take_class_and_colour_from_one_object():
     assert (classes.tolist(), colours.tolist()) == ([[0]], [[0]])
 
 
-def test_init_from_starts_at_the_checkpoint(trained, world, tmp_path):
+def test_init_from_starts_at_the_checkpoint(trained, world, tmp_path, capsys):
     """--init-from: a run starts from the given tower (a near-zero lr keeps it); one of another
     CLIP variant is refused before any data is read."""
     start = ("--init-from", str(trained / "final"), "--steps", "1", "--lr", "1e-12")
@@ -265,8 +265,14 @@ def test_init_from_starts_at_the_checkpoint(trained, world, tmp_path):
     assert _train(world, tmp_path / "fresh", "--steps", "1", "--lr", "1e-12") == 0
     fresh = load_checkpoint(tmp_path / "fresh" / "final").tensors[TENSOR_FILE]
     assert not torch.equal(fresh["visual.conv1.weight"], before["visual.conv1.weight"])
-    with pytest.raises(SystemExit):
-        _train(world, tmp_path / "bad", *start, "--model", "shapes-vit")
+    for extra, says in (
+        (("--model", "shapes-vit"), "is CLIP 'tiny-vit', whose"),
+        (("--init-from", str(tmp_path / "nowhere")), "checkpoint folder not found"),
+    ):
+        with pytest.raises(SystemExit):
+            _train(world, tmp_path / "bad", *start, *extra)
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()  # refused before anything was written
 
 
 def test_dense_loss_hand_computed():

@@ -7,6 +7,8 @@ import torch
 
 from core.checkpoint import (
     CheckpointError,
+    checkpoint_config,
+    checkpoint_metadata,
     load_checkpoint,
     load_state_strict,
     save_checkpoint,
@@ -40,6 +42,17 @@ def test_round_trip_is_exact(tmp_path):
     manifest = json.loads((tmp_path / "ckpt" / "manifest.json").read_text())
     assert set(manifest["files"]) == {"model.safetensors", "head.safetensors"}
     assert all(len(info["sha256"]) == 64 for info in manifest["files"].values())
+
+
+def test_config_and_metadata_read_the_manifest_alone(tmp_path):
+    save_checkpoint(tmp_path / "ckpt", _tensors(), {"hidden": 4}, {"step": 10})
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"not a tensor file")
+    assert checkpoint_config(tmp_path / "ckpt") == {"hidden": 4}  # no file hashed or read
+    assert checkpoint_metadata(tmp_path / "ckpt") == {"step": 10}
+    with pytest.raises(CheckpointError, match="bytes"):
+        load_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="checkpoint folder not found"):
+        checkpoint_config(tmp_path / "nowhere")
 
 
 def test_corrupted_file_names_file_and_expected_hash(tmp_path):

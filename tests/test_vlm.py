@@ -543,7 +543,8 @@ def test_train_reads_the_clip_it_is_given(shapeworld, tmp_path, capsys, monkeypa
     torch.testing.assert_close(ours.tokens, theirs.tokens)
     assert not torch.allclose(ours.tokens, preset.tokens)
     for bad, says in (
-        (tmp_path / "nowhere", "manifest.json not found"),
+        (tmp_path / "nowhere", "checkpoint folder not found"),
+        (tmp_path / "a" / "final", "manifest.json config"),  # a checkpoint, but a VLM's
         (project_path("checkpoints/shapes/clip"), "is CLIP 'shapes-vit'"),  # not tiny-vit
     ):
         with pytest.raises(SystemExit):

@@ -110,6 +110,7 @@ from vision.clip import (
     ClipModel,
     background_fill,
     build_clip,
+    clip_checkpoint_config,
     dense_features,
     encode_text_pooled,
     get_clip_config,
@@ -604,8 +605,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--dense-weight needs a ShapeWorld --data folder (instance masks)")
     if not 0 < args.dense_min_cover <= 1:
         parser.error(f"--dense-min-cover must be in (0, 1], received {args.dense_min_cover}")
-    if args.init_from is not None and not (args.init_from / "manifest.json").is_file():
-        parser.error(f"--init-from: {args.init_from / 'manifest.json'} not found")
     if args.resume and not (args.out / "last").is_dir():
         parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
 
@@ -631,6 +630,17 @@ def main(argv: list[str] | None = None) -> int:
     _check_args(parser, args)
     cfg = get_clip_config(args.model or PRESET_MODELS[args.preset])
     command = "python -m train.clip " + shlex.join(argv)
+    if args.init_from is not None:  # before anything is built or read
+        try:
+            saved_cfg = clip_checkpoint_config(args.init_from)
+        except ValueError as err:  # CheckpointError, ConfigError
+            parser.error(f"--init-from: {err}")
+        if saved_cfg != cfg:
+            differ = [k for k, v in cfg.to_dict().items() if saved_cfg.to_dict().get(k) != v]
+            parser.error(
+                f"--init-from: {args.init_from} is CLIP {saved_cfg.name!r}, whose {differ} differ "
+                f"from {cfg.name!r}'s; pick its --model / --preset"
+            )
 
     device = resolve_device(args.device)
     accelerator = make_accelerator(
@@ -645,20 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     stored = trained_state_dict(clip, cfg)
     if set(trained) != set(stored):  # what trains is exactly what the checkpoint stores
         raise AssertionError(f"trainable {sorted(set(trained) ^ set(stored))[:5]} mismatch")
-    if args.init_from is not None:
-        try:
-            saved_cfg = ClipConfig.from_dict(
-                json.loads((args.init_from / "manifest.json").read_text())["config"],
-                source=f"{args.init_from}/manifest.json config",
-            )
-        except (KeyError, ValueError) as err:
-            parser.error(f"--init-from: {args.init_from} is not a CLIP checkpoint ({err})")
-        if saved_cfg != cfg:
-            differ = [k for k, v in cfg.to_dict().items() if saved_cfg.to_dict().get(k) != v]
-            parser.error(
-                f"--init-from: {args.init_from} is CLIP {saved_cfg.name!r}, whose {differ} differ "
-                f"from {cfg.name!r}'s; pick its --model / --preset"
-            )
+    if args.init_from is not None:  # its config was checked above
         clip.load_state_dict(load_clip(args.init_from).model.state_dict())
     dense = DenseHeads(cfg.vision.width).to(device) if args.dense_weight else None
 

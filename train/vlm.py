@@ -58,6 +58,7 @@ from train.common import (
     resume_or_start,
     save_training_state,
 )
+from vision.clip import clip_checkpoint_config
 from vlm.config import PolychromeConfig
 from vlm.model import FEATURES, OUTPUT_NORMS, POSITIONS, PolychromeVLM, VLMConfig
 
@@ -126,10 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--clip",
         type=Path,
         default=None,
-        help="the CLIP checkpoint folder whose image tower the core reads, frozen (e.g. one "
-        "fine-tuned by train.clip --dense-weight; the preset's CLIP model, another checkpoint); "
-        "the core's config records it, so eval.vlm and the Assistant load the same tower "
-        "(default: the preset's clip.checkpoint)",
+        help="the CLIP checkpoint folder whose image tower the core reads, frozen: one of the "
+        "preset's CLIP model (e.g. fine-tuned by train.clip --dense-weight); the core's config "
+        "records it, so eval.vlm and the Assistant load the same tower (default: the preset's "
+        "clip.checkpoint)",
     )
     parser.add_argument(
         "--lora-rank",
@@ -203,8 +204,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--eval needs a ShapeWorld --data folder (its val split)")
     if args.resume and not (args.out / "last").is_dir():
         parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
-    if args.clip is not None and not (args.clip / "manifest.json").is_file():
-        parser.error(f"--clip: {args.clip / 'manifest.json'} not found (a CLIP checkpoint folder)")
 
 
 def conversations_for(
@@ -230,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.clip is not None:
         clip_dir = args.clip.resolve()  # the command line's path is the working directory's
         try:
-            name = json.loads((clip_dir / "manifest.json").read_text())["config"]["name"]
-        except (KeyError, TypeError, ValueError) as err:
-            parser.error(f"--clip: {args.clip} is not a CLIP checkpoint (manifest: {err!r})")
+            name = clip_checkpoint_config(clip_dir).name
+        except ValueError as err:  # CheckpointError, ConfigError
+            parser.error(f"--clip: {err}")
         if name != vision.model:
             parser.error(
                 f"--clip: {args.clip} is CLIP {name!r}; the {args.preset} preset's core reads "

@@ -66,7 +66,7 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 from PIL import Image
 
-from core.checkpoint import CheckpointError, load_checkpoint, load_state_strict
+from core.checkpoint import CheckpointError, checkpoint_config, load_checkpoint, load_state_strict
 from core.config import Config, project_path
 from core.images import load_rgb
 from core.io import atomic_write_text, cache_dir
@@ -88,6 +88,7 @@ __all__ = [
     "DenseFeatures",
     "background_fill",
     "build_clip",
+    "clip_checkpoint_config",
     "clip_from_preset",
     "dense_features",
     "encode_images",
@@ -363,6 +364,15 @@ def trained_state_dict(model: ClipModel, cfg: ClipConfig) -> dict[str, torch.Ten
     if not cfg.text.frozen:
         return dict(state)
     return {k: v for k, v in state.items() if not k.startswith(FROZEN_PREFIX)}
+
+
+def clip_checkpoint_config(checkpoint_dir: str | os.PathLike[str]) -> ClipConfig:
+    """The ClipConfig a CLIP checkpoint was saved with, from its manifest alone (nothing is
+    hashed or loaded). CheckpointError for a folder that is no checkpoint, ConfigError for a
+    config that is no CLIP's."""
+    return ClipConfig.from_dict(
+        checkpoint_config(checkpoint_dir), source=f"{checkpoint_dir}/manifest.json config"
+    )
 
 
 def load_clip(checkpoint_dir: str | os.PathLike[str]) -> ClipBundle:
