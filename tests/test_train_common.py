@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import subprocess
@@ -14,6 +15,7 @@ import torch
 from core.config import Config
 from train.common import (
     batch_indices,
+    check_run_args,
     cosine_with_warmup,
     load_training_state,
     resume_mismatches,
@@ -143,3 +145,28 @@ if {{with_hook}}:
         )  # fmt: skip
         assert run.returncode == 0, run.stderr[-2000:]
         assert run.stdout.strip().splitlines() == [expected]
+
+
+def test_check_run_args_names_the_bad_option_and_skips_absent_ones(tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="t")
+    good = dict(steps=10, batch_size=4, lr=1e-3, max_minutes=None, stop_at=None, resume=False)
+
+    def error(**change):
+        args = argparse.Namespace(out=tmp_path, **{**good, **change})
+        with pytest.raises(SystemExit):
+            check_run_args(parser, args, ("steps", "batch_size"))
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    check_run_args(parser, argparse.Namespace(out=tmp_path, **good), ("steps", "batch_size"))
+    assert error(batch_size=0) == "t: error: --batch-size must be >= 1, received 0"
+    assert error(lr=0.0) == "t: error: --lr must be > 0, received 0.0"
+    assert error(max_minutes=-1.0) == "t: error: --max-minutes must be > 0, received -1.0"
+    assert error(stop_at=11) == "t: error: --stop-at must be in [1, --steps=10], received 11"
+    assert error(stop_at=0) == "t: error: --stop-at must be in [1, --steps=10], received 0"
+    missing = f"t: error: --resume: {tmp_path / 'last'} not found; start without --resume"
+    assert error(resume=True) == missing
+    (tmp_path / "last").mkdir()
+    check_run_args(parser, argparse.Namespace(out=tmp_path, **{**good, "resume": True}))
+    check_run_args(parser, argparse.Namespace(out=tmp_path, **{**good, "stop_at": 10}))
+    # a script without --lr, --max-minutes, --stop-at or --resume: only `positive` is checked
+    check_run_args(parser, argparse.Namespace(steps=1, out=tmp_path / "nowhere"), ("steps",))

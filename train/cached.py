@@ -29,6 +29,7 @@ from core.io import atomic_write_bytes, atomic_write_text
 from core.runtime import resolve_device, seed_everything
 from train.common import (
     batch_indices,
+    check_run_args,
     cosine_with_warmup,
     resume_or_start,
     save_training_state,
@@ -252,17 +253,7 @@ def add_fit_arguments(
 
 def check_fit_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """`add_fit_arguments`' values: a parser error naming the first bad one."""
-    for name in ("steps", "batch_size", "save_every", "eval_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
-    if args.lr <= 0:
-        parser.error(f"--lr must be > 0, received {args.lr}")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
-    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
-        parser.error(f"--stop-at must be in [1, --steps={args.steps}], received {args.stop_at}")
-    if args.resume and not (args.out / "last").is_dir():
-        parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
+    check_run_args(parser, args, ("steps", "batch_size", "save_every", "eval_every"))
 
 
 @dataclass

@@ -97,6 +97,7 @@ from data.scene import COLOURS, SHAPES
 from data.shapeworld import read_manifest
 from train.common import (
     batch_indices,
+    check_run_args,
     cosine_with_warmup,
     decode_images,
     load_training_state,
@@ -586,13 +587,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     why = caption_source_error(args, args.splits + (["val"] if args.eval else []))
     if why:
         parser.error(why)
-    for name in ("steps", "batch_size", "save_every", "workers"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
-    if args.lr <= 0:
-        parser.error(f"--lr must be > 0, received {args.lr}")
-    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
-        parser.error(f"--stop-at must be in [1, --steps={args.steps}], received {args.stop_at}")
+    check_run_args(parser, args, ("steps", "batch_size", "save_every", "workers"))
     if args.data is None and (args.eval or args.object_pairs):
         parser.error(
             "--eval and --object-pairs need a ShapeWorld --data folder (val split; instance masks)"
@@ -605,8 +600,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--dense-weight needs a ShapeWorld --data folder (instance masks)")
     if not 0 < args.dense_min_cover <= 1:
         parser.error(f"--dense-min-cover must be in (0, 1], received {args.dense_min_cover}")
-    if args.resume and not (args.out / "last").is_dir():
-        parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
 
 
 def _run_config(cfg: ClipConfig, args: argparse.Namespace) -> dict[str, Any]:

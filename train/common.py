@@ -14,6 +14,7 @@ The batch order is a pure function of (seed, step): epoch e is a permutation dra
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from core.runtime import destroy_process_group_at_exit
 __all__ = [
     "DataParallel",
     "batch_indices",
+    "check_run_args",
     "cosine_with_warmup",
     "decode_images",
     "load_training_state",
@@ -274,6 +276,26 @@ def open_log(path: Path, start: int) -> TextIO:
     """`path` trimmed to `start` (`trim_log`) and opened to append."""
     trim_log(path, start)
     return path.open("a", encoding="utf-8")
+
+
+def check_run_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, positive: Sequence[str] = ()
+) -> None:
+    """The option checks the training scripts share, each failure a parser error naming the
+    option, what it must be and what was received: every option in `positive` (dest names) >= 1;
+    then, where the script has the option, ``--lr`` > 0, ``--max-minutes`` > 0, ``--stop-at`` in
+    [1, ``--steps``], and ``--resume`` only with ``<out>/last`` present."""
+    for name in positive:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
+    if getattr(args, "lr", None) is not None and args.lr <= 0:
+        parser.error(f"--lr must be > 0, received {args.lr}")
+    if getattr(args, "max_minutes", None) is not None and args.max_minutes <= 0:
+        parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
+    if getattr(args, "stop_at", None) is not None and not 1 <= args.stop_at <= args.steps:
+        parser.error(f"--stop-at must be in [1, --steps={args.steps}], received {args.stop_at}")
+    if getattr(args, "resume", False) and not (args.out / "last").is_dir():
+        parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
 
 
 def resume_mismatches(

@@ -43,6 +43,7 @@ from core.io import atomic_write_text
 from core.runtime import seed_everything
 from data.conversations import DESCRIBE_PROMPTS, read_chat_records
 from data.datasets import ReferringDataset, shapeworld_paths
+from train.common import check_run_args
 from train.decoding_common import other_process
 from train.gill import OTHER_PROMPTS
 from train.stamp import OTHER_QUESTIONS
@@ -308,11 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.reply_tokens < 0:
         parser.error(f"--reply-tokens must be >= 0, received {args.reply_tokens}")
-    for name in ("per_class", "eval_per_class", "steps", "batch_size"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
-    if args.lr <= 0:
-        parser.error(f"--lr must be > 0, received {args.lr}")
+    check_run_args(parser, args, ("per_class", "eval_per_class", "steps", "batch_size"))
     for what in ("stamp", "gill"):
         if (args.out / what).exists() and not args.overwrite:
             parser.error(f"{args.out / what} exists; pass --overwrite to replace it")

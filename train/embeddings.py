@@ -75,6 +75,7 @@ from lm.embeddings import (
 )
 from train.common import (
     batch_indices,
+    check_run_args,
     cosine_with_warmup,
     load_training_state,
     make_accelerator,
@@ -291,21 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("batch_size", "steps", "save_every", "heldout_every", "max_length"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
+    check_run_args(
+        parser, args, ("batch_size", "steps", "save_every", "heldout_every", "max_length")
+    )
     if args.batch_size < 2:
         parser.error("--batch-size must be >= 2: in-batch negatives need another pair")
     if args.heldout_every < 2:
         parser.error("--heldout-every must be >= 2 (1 would hold out every topic)")
     if args.shapeworld_scenes < 0:
         parser.error("--shapeworld-scenes must be >= 0")
-    if args.lr <= 0:
-        parser.error(f"--lr must be > 0, received {args.lr}")
-    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
-        parser.error(f"--stop-at must be in [1, --steps={args.steps}], received {args.stop_at}")
-    if args.resume and not (args.out / "last").is_dir():
-        parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
 
 
 def main(argv: list[str] | None = None) -> int:

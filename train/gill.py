@@ -76,6 +76,7 @@ from generation.gill import GENERATE, RETRIEVE, GILLMapperConfig
 from train.common import (
     DataParallel,
     batch_indices,
+    check_run_args,
     cosine_with_warmup,
     resume_or_start,
     save_training_state,
@@ -203,9 +204,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error(f"--limit must be >= 2, received {args.limit}")
     if args.caption_batch is None:
         args.caption_batch = min(8, args.batch_size)
-    for name in ("steps", "batch_size", "caption_batch", "save_every", "mapper_width"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
+    check_run_args(
+        parser, args, ("steps", "batch_size", "caption_batch", "save_every", "mapper_width")
+    )
     if args.batch_size < 2:
         parser.error("--batch-size must be >= 2 (InfoNCE needs in-batch negatives)")
     if args.compositions < 0 or args.negatives < 0:
@@ -217,12 +218,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         )
     if not 0.0 <= args.decision_dropout < 1.0:
         parser.error(f"--decision-dropout must be in [0, 1), received {args.decision_dropout}")
-    if args.lr <= 0:
-        parser.error(f"--lr must be > 0, received {args.lr}")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
-    if args.resume and not (args.out / "last").is_dir():
-        parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
 
 
 def build_model(

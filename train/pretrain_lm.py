@@ -86,6 +86,7 @@ from lm.objectives import (
 )
 from train.common import (
     batch_indices,
+    check_run_args,
     cosine_with_warmup,
     load_training_state,
     make_accelerator,
@@ -617,22 +618,16 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             )
         if args.hidden % args.heads:
             parser.error(f"--hidden {args.hidden} must be a multiple of --heads {args.heads}")
-    for name in ("seq_len", "batch_size", "steps", "save_every", "eval_every", "eval_batches"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
+    check_run_args(
+        parser, args, ("seq_len", "batch_size", "steps", "save_every", "eval_every", "eval_batches")
+    )
     if args.seq_len < 2:
         parser.error("--seq-len must be >= 2")
     if not 0 < args.mask_ratio < 1:
         parser.error(f"--mask-ratio must be in (0, 1), received {args.mask_ratio}")
-    if args.lr <= 0:
-        parser.error(f"--lr must be > 0, received {args.lr}")
     bpe = args.tokenizer and args.tokenizer.startswith("bpe:")
     if bpe and not args.tokenizer.removeprefix("bpe:").isdigit():
         parser.error(f"--tokenizer bpe:VOCAB needs an integer VOCAB, received {args.tokenizer}")
-    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
-        parser.error(f"--stop-at must be in [1, --steps={args.steps}], received {args.stop_at}")
-    if args.resume and not (args.out / "last").is_dir():
-        parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,6 +69,7 @@ from core.runtime import resolve_device
 from data.datasets import InstanceDataset
 from train.common import (
     batch_indices,
+    check_run_args,
     cosine_with_warmup,
     load_training_state,
     make_accelerator,
@@ -501,9 +502,9 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--instances-json needs --images (the folder its file_names refer to)")
     if args.eval and args.data is None:
         parser.error("--eval reads the ShapeWorld val split: it needs --data")
-    for name in ("steps", "batch_size", "prompts_per_image", "save_every", "log_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
+    check_run_args(
+        parser, args, ("steps", "batch_size", "prompts_per_image", "save_every", "log_every")
+    )
     if args.correction_rounds < 0:
         parser.error(f"--correction-rounds must be >= 0, received {args.correction_rounds}")
     if args.boxes_per_image is None:
@@ -515,8 +516,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         )
     if args.warmup is None:
         args.warmup = min(250, args.steps // 10)
-    if args.lr <= 0:
-        parser.error(f"--lr must be > 0, received {args.lr}")
     if not 0 < args.focal_alpha < 1:
         parser.error(f"--focal-alpha must be in (0, 1), received {args.focal_alpha}")
 
@@ -659,9 +658,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = 0
     if args.resume:
-        last = args.out / "last"
-        if not last.is_dir():
-            parser.error(f"--resume: {last} not found; start without --resume")
+        last = args.out / "last"  # its presence checked with the other options
         saved = verify_checkpoint(last / "weights")
         as_saved = json.loads(json.dumps({"config": cfg.to_dict(), "run": run}))
         if saved["config"] != as_saved["config"] or saved["metadata"].get("run") != as_saved["run"]:

@@ -100,6 +100,7 @@ from lm.sparsity.oneshot import Method
 from train.common import (
     DataParallel,
     batch_indices,
+    check_run_args,
     cosine_with_warmup,
     load_training_state,
     resume_mismatches,
@@ -431,17 +432,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> NM
         parser.error(f"--nm: {err}")
     if args.corpus != "pydoc" and not args.corpus.startswith("files:"):
         parser.error(f"--corpus must be pydoc or files:GLOB, received {args.corpus!r}")
-    for name in ("seq_len", "calib_seqs", "eval_batch_size", "steps", "batch_size", "save_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
-    if args.eval_rows < 0:
-        parser.error(f"--eval-rows must be >= 0, received {args.eval_rows}")
-    if args.lr <= 0:
-        parser.error(f"--lr must be > 0, received {args.lr}")
-    if args.stop_at is not None and not 1 <= args.stop_at <= args.steps:
-        parser.error(f"--stop-at must be in [1, --steps={args.steps}], received {args.stop_at}")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
     if args.method != "maskllm" and (
         args.resume or args.stop_at is not None or args.max_minutes is not None
     ):
@@ -449,8 +439,13 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> NM
             "--resume, --stop-at and --max-minutes apply to --method maskllm (one-shot runs take "
             "seconds)"
         )
-    if args.resume and not (args.out / "last").is_dir():
-        parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
+    check_run_args(
+        parser,
+        args,
+        ("seq_len", "calib_seqs", "eval_batch_size", "steps", "batch_size", "save_every"),
+    )
+    if args.eval_rows < 0:
+        parser.error(f"--eval-rows must be >= 0, received {args.eval_rows}")
     if args.blocksize % nm.m:
         parser.error(f"--blocksize must be a multiple of M={nm.m}, received {args.blocksize}")
     args.exclude = args.exclude if args.exclude is not None else list(DEFAULT_EXCLUDE)

@@ -48,6 +48,7 @@ from train import common
 from train.common import (
     DataParallel,
     batch_indices,
+    check_run_args,
     cosine_with_warmup,
     resume_or_start,
     save_training_state,
@@ -186,9 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("steps", "batch_size", "save_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
+    check_run_args(parser, args, ("steps", "batch_size", "save_every"))
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, received {args.limit}")
     if args.same_image < 1 or args.batch_size % args.same_image:
@@ -203,12 +202,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         )
     if args.negatives < 0:
         parser.error(f"--negatives must be >= 0, received {args.negatives}")
-    if args.lr <= 0:
-        parser.error(f"--lr must be > 0, received {args.lr}")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
-    if args.resume and not (args.out / "last").is_dir():
-        parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
     if args.lm_weight is not None and args.lm_weight < 0:
         parser.error(f"--lm-weight must be >= 0, received {args.lm_weight}")
     if args.init_from is not None and not (args.init_from / "stamp.safetensors").is_file():

@@ -54,6 +54,7 @@ from train import common
 from train.common import (
     DataParallel,
     batch_indices,
+    check_run_args,
     cosine_with_warmup,
     resume_or_start,
     save_training_state,
@@ -189,21 +190,13 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     why = caption_source_error(args, args.splits + (["val"] if args.eval else []))
     if why:
         parser.error(why)
-    for name in ("steps", "batch_size", "save_every", "pad_multiple"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1, received {getattr(args, name)}")
+    check_run_args(parser, args, ("steps", "batch_size", "save_every", "pad_multiple"))
     if not 0 <= args.align_steps <= args.steps:
         parser.error(
             f"--align-steps must be in [0, --steps={args.steps}], received {args.align_steps}"
         )
-    if args.lr <= 0:
-        parser.error(f"--lr must be > 0, received {args.lr}")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        parser.error(f"--max-minutes must be > 0, received {args.max_minutes}")
     if args.data is None and args.eval:
         parser.error("--eval needs a ShapeWorld --data folder (its val split)")
-    if args.resume and not (args.out / "last").is_dir():
-        parser.error(f"--resume: {args.out / 'last'} not found; start without --resume")
 
 
 def conversations_for(
