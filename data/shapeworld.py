@@ -1,6 +1,9 @@
 """ShapeWorld: a deterministic benchmark world of shapes, with every annotation a VLM needs.
 
     python -m data.shapeworld generate --out out/shapeworld --train 10000 --val 1000 --test 1000
+    python -m data.shapeworld generate --out /work/data/sw --preset shapes     # the preset's scenes
+    python -m data.shapeworld generate --out out/shapeworld_diffusion --preset shapes \\
+        --entry diffusion                                   # the diffusion decoder's pictures
     python -m data.shapeworld stats out/shapeworld
     python -m data.shapeworld preview out/shapeworld --split val --count 32 --out preview.png
 
@@ -44,7 +47,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from core.config import Config
+from core.config import Config, load_preset_dict
 from core.io import atomic_dir, atomic_write_text
 from data.formats import (
     CocoAnnotation,
@@ -603,6 +606,23 @@ def _erode(mask: np.ndarray) -> np.ndarray:
     return m
 
 
+PRESET_ENTRIES = ("shapeworld", "diffusion")
+
+
+def preset_data_config(preset: str, entry: str = "shapeworld") -> ShapeWorldConfig:
+    """The ShapeWorld data a preset names: its "shapeworld" entry (the scenes), or with entry
+    "diffusion" its decoder's data ("diffusion" -> "data"). ValueError for an unknown preset or
+    entry, or a preset without that entry; ConfigError for a malformed one."""
+    if entry not in PRESET_ENTRIES:
+        raise ValueError(f"entry must be one of {PRESET_ENTRIES}, received {entry!r}")
+    raw = load_preset_dict(preset)
+    where = "shapeworld" if entry == "shapeworld" else "diffusion.data"
+    data = raw.get("shapeworld") if entry == "shapeworld" else raw.get("diffusion", {}).get("data")
+    if not isinstance(data, dict):
+        raise ValueError(f"preset {preset!r} has no {where!r} entry of ShapeWorld data")
+    return ShapeWorldConfig.from_dict(data, source=f"preset {preset} {where}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m data.shapeworld",
@@ -618,8 +638,9 @@ def main(argv: list[str] | None = None) -> int:
         gen.add_argument(
             f"--{split}",
             type=int,
-            default=getattr(defaults, split),
-            help=f"images in the {split} split (default {getattr(defaults, split)})",
+            default=None,
+            help=f"images in the {split} split (default {getattr(defaults, split)}, or the "
+            "preset's with --preset)",
         )
     gen.add_argument("--seed", type=int, default=None, help="generator seed (default 0)")
     gen.add_argument(
@@ -638,6 +659,20 @@ def main(argv: list[str] | None = None) -> int:
         "test split of a folder made without one. Images are a pure function of (seed, split, "
         "index), so its splits and the new folder's agree where they overlap",
     )
+    gen.add_argument(
+        "--preset",
+        default=None,
+        help="take seed, layout and split sizes from this preset (configs/NAME.json): its "
+        "'shapeworld' entry, the scenes the shapes models train and are scored on (--split "
+        "sizes given here replace its own; --seed and --image-size are then not allowed)",
+    )
+    gen.add_argument(
+        "--entry",
+        choices=PRESET_ENTRIES,
+        default="shapeworld",
+        help="with --preset: 'diffusion' takes its diffusion decoder's data instead (one or two "
+        "objects a picture; eval.generation and eval.gill read its val split)",
+    )
     gen.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     gen.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     st = sub.add_parser("stats", help="difficulty statistics of a generated folder")
@@ -652,9 +687,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "generate":
-        sizes = {s: getattr(args, s) for s in SPLITS}
+        given = {s: getattr(args, s) for s in SPLITS if getattr(args, s) is not None}
+        sizes = {**SplitSizes().to_dict(), **given}
+        if args.entry != "shapeworld" and args.preset is None:
+            parser.error(f"--entry {args.entry} needs --preset")
         try:
-            if args.like is not None:
+            if args.preset is not None:
+                if args.like is not None:
+                    parser.error("give one of --preset and --like")
+                if args.seed is not None or args.image_size is not None:
+                    parser.error("--preset takes the seed and image size of its data: drop them")
+                cfg = preset_data_config(args.preset, args.entry)
+                cfg = cfg.replace(splits=SplitSizes(**{**cfg.splits.to_dict(), **given}))
+            elif args.like is not None:
                 if args.seed is not None or args.image_size is not None:
                     parser.error("--like takes the seed and image size of its folder: drop them")
                 manifest = read_manifest(args.like)

@@ -229,3 +229,35 @@ def test_stats_targets_hold_on_a_realistic_split(tmp_path):
     for split in ("train", "val"):
         failed = [t for t in split_stats(tmp_path / "sw", split)["targets"] if not t["ok"]]
         assert not failed, failed
+
+
+def test_cli_generate_from_a_preset_takes_its_data_entry(tmp_path, capsys):
+    """--preset: the preset's scenes (or with --entry diffusion its decoder's pictures), as the
+    models built from that preset read them; split sizes given on the command replace its own."""
+    from vlm.config import PolychromeConfig
+
+    for name in ("tiny", "shapes"):
+        built = PolychromeConfig.from_preset(name)
+        assert shapeworld.preset_data_config(name) == built.shapeworld
+        assert shapeworld.preset_data_config(name, "diffusion") == built.diffusion.data
+    out = tmp_path / "pictures"
+    argv = ["generate", "--out", str(out), "--preset", "tiny", "--entry", "diffusion"]
+    assert shapeworld.main([*argv, "--pretrain", "2", "--workers", "1"]) == 0
+    made = read_manifest(out)["config"]
+    want = PolychromeConfig.from_preset("tiny").diffusion.data
+    assert made["seed"] == want.seed and made["layout"] == want.layout.to_dict()
+    assert made["splits"] == {**want.splits.to_dict(), "pretrain": 2}  # val 8 from the preset
+    assert all(1 <= len(sc.objects) <= 2 for sc in read_split(out, "val"))
+    for bad, says in (
+        (["--seed", "1"], "--preset takes the seed"),
+        (["--like", str(out)], "give one of --preset and --like"),
+    ):
+        with pytest.raises(SystemExit):
+            shapeworld.main([*argv, "--out", str(tmp_path / "x"), *bad])
+        assert says in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        shapeworld.main(["generate", "--out", str(tmp_path / "y"), "--entry", "diffusion"])
+    assert "--entry diffusion needs --preset" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        shapeworld.main(["generate", "--out", str(tmp_path / "z"), "--preset", "nope"])
+    assert "unknown preset 'nope'" in capsys.readouterr().err
