@@ -26,7 +26,9 @@ test call. Protocol:
   on the object count alone (count_rule_f1). Two threshold-free diagnostics: the ROC AUC of the
   head's p(generate) (how well it ranks the two kinds, whatever the threshold), and that of each
   request's best retrieval score in the scenes' index, negated (could the index itself tell a
-  request about an image it holds from a new composition?).
+  request about an image it holds from a new composition?); both index AUCs again on the
+  requests that name two objects (the slice no text-only rule splits), and beside them the same
+  for the best cosine of the ShapeWorld CLIP (the reference row's sharper retriever).
 - Emission: how often greedy decoding opens the reply with [IMG0] on the requests, and on ordinary
   prompts (held-out text-only questions and image questions about the scenes) where it should not.
 """
@@ -139,6 +141,11 @@ def _macro_f1(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean(f1s))
 
 
+def _auc(truth: np.ndarray, score: np.ndarray) -> float | None:
+    """ROC AUC of `score` for `truth`; None where only one class is present."""
+    return float(roc_auc_score(truth, score)) if len(np.unique(truth)) == 2 else None
+
+
 def count_rule_f1(counts: np.ndarray, truth: np.ndarray) -> tuple[float, dict[int, int]]:
     """The best macro-F1 of any rule that decides from the number of objects a request names and
     nothing else, and that rule (count -> class). A reference for the decision head: on
@@ -223,10 +230,11 @@ def evaluate_gill(
     results["recall"], last, states = retrieval_recall(gill, scenes, batch_size, progress, index)
     k = min(max(KS), len(scenes))
     truth = list(range(len(scenes)))
+    clip_img = None
     if clip_reference is not None:
-        img = clip_reference([s.image_path for s in scenes])
+        clip_img = clip_reference([s.image_path for s in scenes])
         txt = clip_reference.embed_text([s.listing for s in scenes])
-        order = np.argsort(-(txt @ img.T), axis=1)[:, :k]
+        order = np.argsort(-(txt @ clip_img.T), axis=1)[:, :k]
         results["clip_recall"] = recall_at(order.tolist(), truth)
     # -- generation ---------------------------------------------------------------------------
     single, two = load_prompts(gen_root, gen_split, n_single, n_two)
@@ -275,6 +283,23 @@ def evaluate_gill(
     pred = np.concatenate([p_scene > 0.5, p_gen > 0.5]).astype(int)
     is_gen = truth_d == GENERATE
     two_obj = np.array([len(s.objects) == 2 for s in scenes])
+    index_score = -np.concatenate(top)
+    # The slice no text-only rule can split: requests naming two objects, of either kind. Does the
+    # best match in the index, in GILL's space or in the (sharper) CLIP's, tell the listing of an
+    # indexed two-object scene from a new two-object picture?
+    pair = counts == 2
+    index_evidence: dict[str, Any] = {
+        "index_score_auc_two_objects": _auc(is_gen[pair], index_score[pair]),
+        "n_two_object_requests": int(pair.sum()),
+    }
+    if clip_reference is not None and clip_img is not None:
+        clip_txt = clip_reference.embed_text([s.listing for s in scenes] + prompts)
+        clip_score = -(clip_txt @ clip_img.T).max(axis=1)
+        index_evidence.update(
+            clip_score_auc=_auc(is_gen, clip_score),
+            clip_score_auc_two_objects=_auc(is_gen[pair], clip_score[pair]),
+            clip_top_score=(-clip_score).tolist(),
+        )
     results["decision"] = {
         "accuracy": float((pred == truth_d).mean()),
         "macro_f1": _macro_f1(pred, truth_d),
@@ -289,7 +314,8 @@ def evaluate_gill(
         "n_two_object_scenes": int(two_obj.sum()),
         # threshold-free: how well each score ranks "generate" above "retrieve" (0.5: chance)
         "head_auc": float(roc_auc_score(is_gen, np.concatenate([p_scene, p_gen]))),
-        "index_score_auc": float(roc_auc_score(is_gen, -np.concatenate(top))),
+        "index_score_auc": float(roc_auc_score(is_gen, index_score)),
+        **index_evidence,
         # per request (scenes, then compositions), for other thresholds and rules
         "p_generate": np.concatenate([p_scene, p_gen]).tolist(),
         "index_top_score": np.concatenate(top).tolist(),
@@ -327,6 +353,10 @@ def evaluate_gill(
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def _auc_str(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 def format_tables(r: dict[str, Any]) -> str:
@@ -379,6 +409,17 @@ def format_tables(r: dict[str, Any]) -> str:
         f"{d['n_retrieve'] + d['n_generate']} |",
         f"| ROC AUC of minus the best retrieval score in the index | "
         f"{d['index_score_auc']:.3f} | {d['n_retrieve'] + d['n_generate']} |",
+        f"| ... on the requests naming two objects | "
+        f"{_auc_str(d['index_score_auc_two_objects'])} | {d['n_two_object_requests']} |",
+    ]
+    if "clip_score_auc" in d:
+        lines += [
+            f"| ROC AUC of minus the best CLIP text-image cosine (reference) | "
+            f"{_auc_str(d['clip_score_auc'])} | {d['n_retrieve'] + d['n_generate']} |",
+            f"| ... on the requests naming two objects | "
+            f"{_auc_str(d['clip_score_auc_two_objects'])} | {d['n_two_object_requests']} |",
+        ]
+    lines += [
         "",
         "| greedy reply opens with [IMG0] | rate | n |",
         "| --- | ---: | ---: |",

@@ -15,9 +15,10 @@ from sklearn.metrics import f1_score
 from data.render import LayoutConfig
 from data.shapeworld import ShapeWorldConfig, SplitSizes, generate
 from data.shapeworld import main as shapeworld_main
+from eval.generation import load_prompts
 from generation.diffusion import build_pipeline, encode_prompts, get_diffusion_config
 from generation.gill import GENERATE, RETRIEVE, GILLMapperConfig
-from generation.index import IndexMismatchError
+from generation.index import IndexMismatchError, clip_embedder
 from vlm.assistant import Assistant
 from vlm.config import PolychromeConfig
 from vlm.gill import (
@@ -418,32 +419,51 @@ def test_eval_runs_on_a_tiny_shapeworld(shapeworld, compositions, tmp_path, caps
     out = tmp_path / "gill.json"
     args = [
         "--checkpoint", str(run / "final"), "--preset", "tiny", "--data", str(shapeworld),
-        "--split", "test", "--n", "3", "--gen-data", str(compositions), "--single", "1",
+        "--split", "train", "--n", "6", "--gen-data", str(compositions), "--single", "1",
         "--two", "1", "--steps", "2", "--json", str(out), "--no-progress", "--batch-size", "2",
     ]  # fmt: skip
     assert eval_main(args) == 0
     r = json.loads(out.read_text())
-    assert r["n_images"] == 3
-    assert r["recall"]["10"] == 1.0  # 3 images: each is among the top 3
+    assert r["n_images"] == 6
+    assert r["recall"]["10"] == 1.0  # 6 images: each is among the top 6
     assert r["recall"]["1"] <= r["recall"]["5"] <= r["recall"]["10"]
-    assert r["decision"]["n_retrieve"] == 3 and r["decision"]["n_generate"] == 2
+    assert r["decision"]["n_retrieve"] == 6 and r["decision"]["n_generate"] == 2
     assert 0 <= r["decision"]["macro_f1"] <= 1
-    scene_counts = {str(len(s.objects)) for s in load_scenes(shapeworld, "test", 3)}
+    scene_counts = {str(len(s.objects)) for s in load_scenes(shapeworld, "train", 6)}
     assert scene_counts <= set(r["decision"]["count_rule"])  # a class for every count seen
     assert set(r["decision"]["count_rule"].values()) <= {"retrieve", "generate"}
     assert 0 < r["decision"]["count_rule_macro_f1"] <= 1
     # the AUCs against a naive pairwise count over the per-request scores (ties count half)
     d = r["decision"]
-    is_gen = np.array([0] * 3 + [1] * 2)
+    is_gen = np.array([0] * 6 + [1] * 2)
 
-    def pairwise_auc(scores):
-        pos, neg = np.asarray(scores)[is_gen == 1], np.asarray(scores)[is_gen == 0]
-        return np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg])
+    def pairwise_auc(scores, keep=None):
+        keep = np.ones(len(is_gen), bool) if keep is None else keep
+        pos = np.asarray(scores)[keep & (is_gen == 1)]
+        neg = np.asarray(scores)[keep & (is_gen == 0)]
+        if len(pos) == 0 or len(neg) == 0:
+            return None
+        return pytest.approx(
+            np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg]), abs=1e-4
+        )
 
-    assert d["head_auc"] == pytest.approx(pairwise_auc(d["p_generate"]), abs=1e-4)
-    assert d["index_score_auc"] == pytest.approx(
-        pairwise_auc(-np.asarray(d["index_top_score"])), abs=1e-4
-    )
+    assert d["head_auc"] == pairwise_auc(d["p_generate"])
+    assert d["index_score_auc"] == pairwise_auc(-np.asarray(d["index_top_score"]))
+    # the same on the requests that name two objects (the slice text cannot split), and for the
+    # best CLIP cosine (the tiny preset's random CLIP) against CLIP's own scores of the requests
+    scenes = load_scenes(shapeworld, "train", 6)
+    one, two = load_prompts(compositions, "val", 1, 1)
+    pair = np.array([len(it.objects) == 2 for it in [*scenes, *one, *two]])
+    assert d["n_two_object_requests"] == int(pair.sum())
+    assert is_gen[pair].any() and not is_gen[pair].all()  # a scene and a prompt in it
+    index_scores = -np.asarray(d["index_top_score"])
+    assert d["index_score_auc_two_objects"] == pairwise_auc(index_scores, pair)
+    reference, _ = clip_embedder("tiny")
+    texts = [s.listing for s in scenes] + [it.prompt for it in [*one, *two]]
+    sims = reference.embed_text(texts) @ reference([s.image_path for s in scenes]).T
+    assert np.allclose(d["clip_top_score"], sims.max(axis=1), atol=1e-5)
+    assert d["clip_score_auc"] == pairwise_auc(-sims.max(axis=1))
+    assert d["clip_score_auc_two_objects"] == pairwise_auc(-sims.max(axis=1), pair)
     pred = (np.asarray(d["p_generate"]) > 0.5).astype(int)
     assert d["accuracy"] == pytest.approx(float((pred == is_gen).mean()))
     assert f"| {d['head_auc']:.3f} |" in capsys.readouterr().out  # the printed table
