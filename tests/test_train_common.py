@@ -170,3 +170,23 @@ def test_check_run_args_names_the_bad_option_and_skips_absent_ones(tmp_path, cap
     check_run_args(parser, argparse.Namespace(out=tmp_path, **{**good, "stop_at": 10}))
     # a script without --lr, --max-minutes, --stop-at or --resume: only `positive` is checked
     check_run_args(parser, argparse.Namespace(steps=1, out=tmp_path / "nowhere"), ("steps",))
+
+
+def test_end_step_saves_when_due_and_stops_on_the_clock(capsys):
+    from train.common import DataParallel
+
+    dp = DataParallel(torch.device("cpu"))
+    saved: list[int] = []
+
+    def end(done, elapsed=0.0, max_minutes=None, last=None):
+        return dp.end_step(
+            done, saved.append, save_every=3, elapsed=elapsed, max_minutes=max_minutes, last=last
+        )
+
+    # steps 1..7 of a run that stops at 7: saves at 3 and 6 (every 3) and 7 (the last)
+    assert [end(d, last=7) for d in range(1, 8)] == [False] * 7
+    assert saved == [3, 6, 7]
+    saved.clear()
+    assert end(4, elapsed=59.0, max_minutes=1.0) is False and saved == []  # within the minute
+    assert end(4, elapsed=61.0, max_minutes=1.0) is True and saved == [4]  # saved, then stop
+    assert "--max-minutes 1.0 reached after step 4" in capsys.readouterr().out

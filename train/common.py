@@ -19,7 +19,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
@@ -144,6 +144,29 @@ class DataParallel:
             return bool(flag)
         t = torch.tensor(float(flag), device=self.device)
         return bool(self.accelerator.reduce(t, "max"))
+
+    def end_step(
+        self,
+        done: int,
+        save: Callable[[int], None],
+        *,
+        save_every: int,
+        elapsed: float,
+        max_minutes: float | None,
+        last: int | None = None,
+    ) -> bool:
+        """The end of a training step, on every process: whether ``--max-minutes`` has run out
+        (`elapsed` seconds against it, on any process: all stop together). When it has, every
+        `save_every` steps and at step `last`, all processes meet and the main one calls
+        `save(done)` (the training state: a run stopped by the clock resumes where it stopped)."""
+        out_of_time = self.any(max_minutes is not None and elapsed > 60 * max_minutes)
+        if done % save_every == 0 or done == last or out_of_time:
+            self.accelerator.wait_for_everyone()
+            if self.main:
+                save(done)
+        if out_of_time and self.main:
+            print(f"--max-minutes {max_minutes} reached after step {done}")
+        return out_of_time
 
 
 def batch_indices(n: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[np.ndarray]:

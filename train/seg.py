@@ -446,16 +446,14 @@ def main(argv: list[str] | None = None) -> int:
                 log.flush()
             bar.set_postfix(loss=f"{mean['loss']:.3f}", acc=f"{mean['acc']:.2f}")
             running = []
-        out_of_time = dp.any(
-            args.max_minutes is not None and time.time() - t0 > 60 * args.max_minutes
+        out_of_time = dp.end_step(
+            step,
+            lambda n: save_training_state(args.out, adapter, optimizer, scheduler, n, run_config),
+            save_every=args.save_every,
+            elapsed=time.time() - t0,
+            max_minutes=args.max_minutes,
         )
-        if step % args.save_every == 0 or out_of_time:
-            dp.accelerator.wait_for_everyone()
-            if dp.main:
-                save_training_state(args.out, adapter, optimizer, scheduler, step, run_config)
         if out_of_time:
-            if dp.main:
-                print(f"--max-minutes {args.max_minutes}: stopped at step {step} of {args.steps}")
             break
     bar.close()
     if log is not None:

@@ -304,6 +304,11 @@ def train_maskllm(
         unit="step",
         disable=not dp.main,
     )
+
+    def save(done: int) -> None:  # the main process: the state and the log so far
+        save_training_state(args.out, model, optimizer, scheduler, done, run_config)
+        atomic_write_text(log_path, json.dumps({"config": run_config, "train": log}, indent=1))
+
     t0 = time.time()
     done = start
     for step in bar:
@@ -342,17 +347,14 @@ def train_maskllm(
         log.append(row)
         bar.set_postfix(lm_loss=f"{row['lm_loss']:.3f}", tau=f"{tau:.2f}")
         elapsed = time.time() - t0
-        out_of_time = dp.any(args.max_minutes is not None and elapsed > 60 * args.max_minutes)
-        if done % args.save_every == 0 or done == stop or out_of_time:
-            dp.accelerator.wait_for_everyone()
-            if dp.main:
-                save_training_state(args.out, model, optimizer, scheduler, done, run_config)
-                atomic_write_text(
-                    log_path, json.dumps({"config": run_config, "train": log}, indent=1)
-                )
-        if out_of_time:
-            if dp.main:
-                print(f"--max-minutes {args.max_minutes} reached after step {done}")
+        if dp.end_step(
+            done,
+            save,
+            save_every=args.save_every,
+            elapsed=elapsed,
+            max_minutes=args.max_minutes,
+            last=stop,
+        ):
             break
     bar.close()
     model.eval()

@@ -376,13 +376,14 @@ def main(argv: list[str] | None = None) -> int:
         )
         bar.update(1)
         done = step + 1
-        out_of_time = dp.any(args.max_minutes is not None and elapsed > 60 * args.max_minutes)
-        if done % args.save_every == 0 or done == stop or out_of_time:
-            dp.accelerator.wait_for_everyone()
-            if dp.main:
-                save_training_state(args.out, vlm, optimizer, scheduler, done, run_config)
-        if out_of_time:
-            print(f"--max-minutes {args.max_minutes} reached after step {done}")
+        if dp.end_step(
+            done,
+            lambda n: save_training_state(args.out, vlm, optimizer, scheduler, n, run_config),
+            save_every=args.save_every,
+            elapsed=elapsed,
+            max_minutes=args.max_minutes,
+            last=stop,
+        ):
             break
     bar.close()
     if log is None:
