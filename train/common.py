@@ -148,7 +148,7 @@ class DataParallel:
     def end_step(
         self,
         done: int,
-        save: Callable[[int], None],
+        save: Callable[[int], object],
         *,
         save_every: int,
         elapsed: float,
