@@ -190,3 +190,24 @@ def test_end_step_saves_when_due_and_stops_on_the_clock(capsys):
     assert end(4, elapsed=59.0, max_minutes=1.0) is False and saved == []  # within the minute
     assert end(4, elapsed=61.0, max_minutes=1.0) is True and saved == [4]  # saved, then stop
     assert "--max-minutes 1.0 reached after step 4" in capsys.readouterr().out
+
+
+def test_adamw_decays_the_trainable_matrices_only():
+    from train.common import adamw_matrices_decay
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    net[2].requires_grad_(False)  # frozen: in no group
+    opt = adamw_matrices_decay(net, lr=0.1, weight_decay=0.5, betas=(0.8, 0.9))
+    decayed, plain = opt.param_groups
+    assert [p is net[0].weight for p in decayed["params"]] == [True]
+    assert {id(p) for p in plain["params"]} == {id(net[0].bias), id(net[1].weight), id(net[1].bias)}
+    assert (decayed["weight_decay"], plain["weight_decay"]) == (0.5, 0.0)
+    assert decayed["lr"] == 0.1 and decayed["betas"] == (0.8, 0.9)
+    # one step with zero gradients: only the decayed matrix shrinks, by lr x weight decay
+    before = [p.detach().clone() for p in net.parameters()]
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    opt.step()
+    after = list(net.parameters())
+    assert torch.allclose(after[0], before[0] * (1 - 0.1 * 0.5))
+    assert all(torch.equal(a, b) for a, b in zip(after[1:], before[1:], strict=True))

@@ -37,6 +37,7 @@ from core.runtime import destroy_process_group_at_exit
 
 __all__ = [
     "DataParallel",
+    "adamw_matrices_decay",
     "batch_indices",
     "check_run_args",
     "cosine_with_warmup",
@@ -181,6 +182,26 @@ def batch_indices(n: int, batch_size: int, seed: int, start_step: int = 0) -> It
         for b in range(offset, per_epoch):
             yield order[b * batch_size : (b + 1) * batch_size]
             step += 1
+
+
+def adamw_matrices_decay(
+    module: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> torch.optim.AdamW:
+    """AdamW over `module`'s trainable parameters, weight decay on the matrices (ndim >= 2) only:
+    biases, norm gains and other vectors take none (BERT's and GPT-2's recipe). Two groups, the
+    decayed first (a saved optimizer state follows that order)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=lr,
+        betas=betas,
+    )
 
 
 def cosine_with_warmup(

@@ -72,6 +72,7 @@ from lm.embeddings.dupmae import (
 )
 from lm.loading import load_tokenizer
 from train.common import (
+    adamw_matrices_decay,
     batch_indices,
     check_run_args,
     cosine_with_warmup,
@@ -361,15 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(windows) < args.batch_size * world:
         parser.error(f"{len(windows)} windows < one global batch ({args.batch_size} x {world})")
 
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": args.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=args.lr,
-    )
+    optimizer = adamw_matrices_decay(model, args.lr, args.weight_decay)
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
     scheduler = cosine_with_warmup(optimizer, warmup, args.steps)
     run_config: dict[str, Any] = {

@@ -74,6 +74,7 @@ from lm.embeddings import (
     objective_loss,
 )
 from train.common import (
+    adamw_matrices_decay,
     batch_indices,
     check_run_args,
     cosine_with_warmup,
@@ -349,15 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     encoder.to(device).train()
     if any(d >= encoder.hidden_size for d in cfg.dims):
         parser.error(f"--dims must be below the embedding width {encoder.hidden_size}: {cfg.dims}")
-    decay = [p for p in encoder.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in encoder.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": args.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=args.lr,
-    )
+    optimizer = adamw_matrices_decay(encoder, args.lr, args.weight_decay)
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
     scheduler = cosine_with_warmup(optimizer, warmup, args.steps)
     run_config: dict[str, Any] = {

@@ -85,6 +85,7 @@ from lm.objectives import (
     ensure_mask_token,
 )
 from train.common import (
+    adamw_matrices_decay,
     batch_indices,
     check_run_args,
     cosine_with_warmup,
@@ -691,16 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     model.to(device).train()
     objective = Objective(args.objective, tokenizer, args.mask_ratio, lexicon, vocab_size)
 
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": args.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=args.lr,
-        betas=(0.9, 0.95),
-    )
+    optimizer = adamw_matrices_decay(model, args.lr, args.weight_decay, betas=(0.9, 0.95))
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
     scheduler = cosine_with_warmup(optimizer, warmup, args.steps)
     run_config = {

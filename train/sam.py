@@ -68,6 +68,7 @@ from core.io import atomic_write_text
 from core.runtime import resolve_device
 from data.datasets import InstanceDataset
 from train.common import (
+    adamw_matrices_decay,
     batch_indices,
     check_run_args,
     cosine_with_warmup,
@@ -644,13 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     trainer = SamPromptLoss(
         sam, args.prompts_per_image, args.boxes_per_image, args.correction_rounds, args.focal_alpha
     )
-    decay = [p for p in sam.parameters() if p.ndim >= 2]
-    no_decay = [p for p in sam.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay},
-         {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr, betas=(0.9, 0.999),
-    )  # fmt: skip
+    optimizer = adamw_matrices_decay(sam, args.lr, args.weight_decay)
     scheduler = cosine_with_warmup(optimizer, args.warmup, args.steps)
     run = {k: getattr(args, k) for k in _TRAJECTORY_ARGS}
     run["data"] = str(args.data if args.data is not None else args.instances_json)
