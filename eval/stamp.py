@@ -31,7 +31,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -143,8 +143,12 @@ def evaluate(
     untimed: Collection[str] = (),
     shard: tuple[int, int] = (0, 1),
     gather: Callable[[list[Any]], list[Any]] | None = None,
+    thresholds: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Score every segmenter on every item of `data`; see the module docstring.
+
+    thresholds: the logit above which a pixel is foreground, per segmenter (its model's
+    ``config.threshold``, as its own replies use it); 0 for a segmenter not named.
 
     shard = (rank, world): this process scores items rank, rank + world, ...; `gather` (e.g.
     accelerate's gather_object) collects every process's per-sample counts, so the metrics are
@@ -171,12 +175,13 @@ def evaluate(
         (i, it.expression_type, {}, {}) for i, it in zip(mine, items, strict=True)
     ]
     for name, segment in segmenters.items():
+        thr = (thresholds or {}).get(name, 0.0)
         bar = tqdm(total=len(items), desc=f"eval {name}", unit="expr", disable=not progress)
         for start in range(0, len(items), batch_size):
             chunk = prompts[start : start + batch_size]
             for k, logits in enumerate(segment(chunk)):
                 row = rows[start + k]
-                row[2][name] = intersection_union(logits > 0, items[start + k].mask)
+                row[2][name] = intersection_union(logits > thr, items[start + k].mask)
             if seg_rate and name in seg_rate:
                 for k, chosen in enumerate(seg_rate[name](chunk)):
                     rows[start + k][3][name] = bool(chosen)
@@ -221,22 +226,24 @@ def evaluate(
 
 
 def text_dependence(
-    data: ReferringDataset, segment: Segmenter, images: int = 40
+    data: ReferringDataset, segment: Segmenter, images: int = 40, threshold: float = 0.0
 ) -> dict[str, float | int]:
-    """Does the mask follow the words? Over the first `images` images of `data`, for two
-    expressions of one image that name different objects (their ground-truth masks overlap < 0.5):
+    """Does the mask follow the words? Over the first `images` images of `data` (every
+    expression of each, wherever it stands in `data`), for two expressions of one image that name
+    different objects (their ground-truth masks overlap < 0.5; masks are logits > `threshold`):
 
     - ``mean_iou``: the mean IoU of their predicted masks. 1.0: the text is ignored; a perfect
       model scores ~0.
     - ``logit_change``: the mean absolute difference of their pixel logits over the mean of the
       two logit maps' standard deviations (scale-free; a thresholded IoU cannot tell a model that
       nearly moves its mask from one that cannot). 0: the words change nothing."""
-    by_image: dict[Path, list[Any]] = {}
-    for i in range(len(data)):
-        item = data[i]
-        if item.image_path not in by_image and len(by_image) >= images:
-            break
-        by_image.setdefault(item.image_path, []).append(item)
+    chosen: dict[str, list[int]] = {}  # file name -> its expressions' indices
+    for i, (file_name, *_) in enumerate(data.items):  # a refs file may interleave images
+        if file_name in chosen or len(chosen) < images:
+            chosen.setdefault(file_name, []).append(i)
+    by_image: dict[Path, list[Any]] = {
+        data.images_root / name: [data[i] for i in indices] for name, indices in chosen.items()
+    }
     ious, changes = [], []
     for path, items in by_image.items():
         if len(items) < 2:
@@ -246,7 +253,7 @@ def text_dependence(
             for it in items
         ]
         logits = [np.asarray(x, dtype=np.float64) for x in segment(prompts)]
-        preds = [x > 0 for x in logits]
+        preds = [x > threshold for x in logits]
         for a in range(len(items)):
             for b in range(a + 1, len(items)):
                 if mask_iou(items[a].mask, items[b].mask) >= 0.5:
@@ -381,11 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit is not None:
         data.items = data.items[: args.limit]
     segmenters: dict[str, Segmenter] = {}
+    thresholds: dict[str, float] = {}  # the SAM rows give +-1 logits: 0 is theirs
     rates: dict[str, Callable[[list[Prompt]], list[bool]]] = {}
     models: dict[str, StampVLM] = {}
     for name, path in checkpoints.items():
         model = models[name] = StampVLM.from_pretrained(path).eval()
         segmenters[name] = model.segment
+        thresholds[name] = model.config.threshold
         rates[name] = model.chooses_seg
         if name in args.sam_refine:
             sam_dir = args.sam
@@ -403,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         gh, gw = first.mask_grid
         oracle = f"grid oracle {gh}x{gw}"
         segmenters[oracle] = grid_oracle(first, data)
+        thresholds[oracle] = first.config.threshold
     state = PartialState(cpu=True)
     destroy_process_group_at_exit()
     gather = gather_object if state.num_processes > 1 else None
@@ -418,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             untimed=(oracle,) if oracle else (),
             shard=(state.process_index, state.num_processes),
             gather=gather,
+            thresholds=thresholds,
         )
     if not state.is_main_process:
         return 0
@@ -438,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, segment in segmenters.items():
                 if name == oracle:  # it reads the answer: nothing to learn about the words
                     continue
-                dep = text_dependence(data, segment, args.text_dependence)
+                dep = text_dependence(
+                    data, segment, args.text_dependence, thresholds.get(name, 0.0)
+                )
                 result["methods"][name]["text_dependence"] = dep
                 print(
                     f"{name}: masks for different objects overlap at IoU {dep['mean_iou']:.3f} "

@@ -357,5 +357,6 @@ def mask_like_clip_input(mask: npt.ArrayLike, size: int) -> torch.Tensor:
     scale = size / min(h, w)
     nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
     m = F.interpolate(m[None, None], size=(nh, nw), mode="bilinear", align_corners=False)[0, 0]
-    top, left = (nh - size) // 2, (nw - size) // 2
+    # where torchvision's CenterCrop (open_clip's) puts the crop: round half to even
+    top, left = round((nh - size) / 2), round((nw - size) / 2)
     return m[top : top + size, left : left + size]

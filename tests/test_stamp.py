@@ -126,6 +126,26 @@ def test_mask_follows_clips_resize_and_centre_crop():
     assert out[:, 1].min() > 0.4 and out[:, 3].max() == 0.0
 
 
+@pytest.mark.parametrize("height", [64, 65, 66, 67, 70, 71])
+def test_mask_crop_is_where_torchvisions_centre_crop_takes_it(height):
+    """Against torchvision's own CenterCrop (open_clip's), which rounds the offset half to even:
+    at 67 rows it starts at row 2 (1.5 -> 2), a floor would start at 1."""
+    from torchvision.transforms.functional import center_crop
+
+    mask = np.zeros((height, 64), bool)
+    mask[np.arange(height) % 3 == 0] = True  # rows 0, 3, 6, ...: any shift shows
+    out = mask_like_clip_input(mask, 64)  # no resize: the shorter side is 64 already
+    want = center_crop(torch.from_numpy(mask.astype(np.float32))[None], [64, 64])[0]
+    assert torch.equal(out, want)
+    # the model's pixel logits put the grid where the crop was: one logit per crop row here
+    model = StampVLM(_vlm(), CFG).eval()
+    grid = np.zeros(model.mask_grid, np.float32)
+    grid[0, :] = 5.0  # the crop's top cells
+    logits = model.pixel_logits(grid, (64, height))
+    top = round((height - 64) / 2)
+    assert logits[top].max() == 5.0 and (top == 0 or logits[:top].max() < 5.0)
+
+
 def test_sample_points_spread_over_foreground_and_one_negative():
     logits = np.full((32, 32), -5.0)
     logits[4:12, 4:12] = 3.0
@@ -714,6 +734,56 @@ def test_evaluate_scores_an_oracle_and_an_empty_segmenter(shapeworld):
     assert text_dependence(data, loud, images=3)["logit_change"] == pytest.approx(
         oracle_dep["logit_change"]
     )
+
+
+def test_evaluate_against_a_naive_count_with_thresholds_and_interleaved_images(shapeworld):
+    """cIoU / gIoU overall and by type against numpy counts made here, on a segmenter that is
+    right on some samples and off by a band of rows on others; each method's own threshold is
+    applied; text_dependence reads every expression of its images wherever they stand."""
+    from data.datasets import ReferringDataset
+    from eval.stamp import evaluate, text_dependence
+
+    data = ReferringDataset.from_shapeworld(shapeworld, "test")
+    items = [data[i] for i in range(len(data))]
+    truth = {f"Segment {it.expression}.": it.mask for it in items}
+    index = {f"Segment {it.expression}.": i for i, it in enumerate(items)}
+
+    def predicted(i):  # every third sample exact, the others moved down by 5 rows
+        return items[i].mask if i % 3 == 0 else np.roll(items[i].mask, 5, axis=0)
+
+    def mixed(prompts):  # logits 0.3 on the predicted mask: above 0, below 0.5
+        return [np.where(predicted(index[p[-1]["content"]]), 0.3, -1.0) for p in prompts]
+
+    result = evaluate(
+        data, {"a": mixed, "b": mixed}, timing_samples=0, progress=False, thresholds={"b": 0.5}
+    )
+    inter = np.array([(predicted(i) & it.mask).sum() for i, it in enumerate(items)])
+    union = np.array([(predicted(i) | it.mask).sum() for i, it in enumerate(items)])
+    kinds = np.array([it.expression_type for it in items])
+    a = result["methods"]["a"]
+    assert a["cIoU"] == pytest.approx(inter.sum() / union.sum())
+    assert a["gIoU"] == pytest.approx(np.mean(inter / union))
+    assert 0.05 < a["cIoU"] < 0.95  # a mix, not an all-or-nothing case
+    for kind, row in a["by_type"].items():
+        sel = kinds == kind
+        assert row["n"] == int(sel.sum())
+        assert row["cIoU"] == pytest.approx(inter[sel].sum() / union[sel].sum())
+        assert row["gIoU"] == pytest.approx(np.mean(inter[sel] / union[sel]))
+    assert result["methods"]["b"]["cIoU"] == 0.0  # its threshold 0.5: nothing is foreground
+    assert set(truth) == set(index)
+
+    # the first two images' expressions interleaved, a third image's first one among them
+    # (a, b, c, a, b, ...): the same pairs are found as in the grouped order
+    grouped = text_dependence(data, mixed, images=2)
+    paths = list(dict.fromkeys(it.image_path for it in items))[:3]
+    per_image = [[k for k, it in enumerate(items) if it.image_path == path] for path in paths]
+    woven = [k for pair in zip(*per_image[:2], strict=False) for k in pair]
+    woven += [k for k in per_image[0] + per_image[1] if k not in woven]
+    woven.insert(2, per_image[2][0])
+    rest = [k for k in range(len(items)) if k not in woven]
+    shuffled = ReferringDataset(data.images_root, [data.items[k] for k in woven + rest])
+    assert text_dependence(shuffled, mixed, images=2)["pairs"] == grouped["pairs"] > 0
+    assert text_dependence(data, mixed, images=2, threshold=0.5)["pairs"] == 0  # all empty
 
 
 def test_grid_oracle_segments_the_object_each_prompt_names(shapeworld):

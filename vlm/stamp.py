@@ -569,7 +569,8 @@ class StampVLM(VLMExtension):
         side = min(width, height)
         sq = upsample_logits(t, self.mask_grid, (side, side))[0].numpy()
         out = np.full((height, width), float(sq.min()), dtype=np.float32)
-        top, left = (height - side) // 2, (width - side) // 2
+        # the crop where CLIP's torchvision CenterCrop takes it (it rounds half to even)
+        top, left = round((height - side) / 2), round((width - side) / 2)
         out[top : top + side, left : left + side] = sq
         return out
 
