@@ -207,6 +207,29 @@ def test_assistant_shows_images_and_the_text_goes_on(gill, maker):
     assert plain.images == []
 
 
+def test_image_seeds_follow_the_settings_and_vary_without_one(gill, maker, monkeypatch):
+    """A seed draws the reply's k-th image with seed + k, every time; no seed (the app's -1),
+    a fresh one per reply (it was 0 + k: the same picture for every unseeded request)."""
+    from vlm.assistant import SamplingSettings
+
+    seen: list[int] = []
+    make = maker.make
+
+    def recording(states, force=None, seed=0, **kwargs):
+        seen.append(seed)
+        return make(states, force=force, seed=seed, **kwargs)
+
+    monkeypatch.setattr(maker, "make", recording)
+    assistant = Assistant(
+        gill.vlm.llm, gill.vlm.tokenizer, vlm=gill.vlm, gill=gill, image_maker=maker
+    )
+    for seed in (3, 3, None, None):
+        settings = SamplingSettings(max_new_tokens=2, seed=seed)
+        list(assistant.respond([], "generate: a red circle", settings=settings))
+    assert seen[:2] == [3, 3]
+    assert seen[2] != seen[3]  # two unseeded replies: two draws (equal with p = 2^-31)
+
+
 def test_reply_messages_show_the_images(gill, maker):
     import gradio as gr
 
@@ -254,6 +277,28 @@ def test_save_and_load_round_trip(gill, tmp_path):
         a = model.prompt_embeds(model.request_states(prompt)[1])
         b = loaded.prompt_embeds(loaded.request_states(prompt)[1])
     torch.testing.assert_close(a, b)
+
+
+def test_rebase_keeps_the_checkpoints_dtype_so_its_index_stays_valid(tmp_path, image_dir):
+    """An fp16 GILL rebased with the default --dtype auto comes out with the same fp16 tensors,
+    and an index built on it is accepted by the rebased model (a cast to another dtype rounds
+    the retrieval projection, which the index's model name would refuse)."""
+    from vlm.gill import main as gill_main
+    from vlm.gill import saved_dtype
+
+    model = _trained_gill()
+    old_dir = model.save_pretrained(tmp_path / "old", dtype=torch.float16)
+    assert saved_dtype(old_dir) == torch.float16
+    index = GILLVLM.from_pretrained(old_dir).build_index(image_dir)
+    core_dir = model.vlm.save_pretrained(tmp_path / "core")
+    args = ["rebase", "--checkpoint", str(old_dir), "--vlm", str(core_dir)]
+    assert gill_main([*args, "--out", str(tmp_path / "new")]) == 0
+    a, b = load_file(old_dir / "gill.safetensors"), load_file(tmp_path / "new" / "gill.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    moved = GILLVLM.from_pretrained(tmp_path / "new")
+    ImageMaker(moved, index)  # accepted: the same retrieval weights
+    assert gill_main([*args, "--out", str(tmp_path / "f32"), "--dtype", "float32"]) == 0
+    assert saved_dtype(tmp_path / "f32") == torch.float32
 
 
 def test_rebase_onto_a_core_with_an_image_lora(tmp_path, capsys):

@@ -37,6 +37,7 @@ from train.common import (
 )
 from train.decoding_common import other_process
 from vlm.config import PolychromeConfig
+from vlm.gill import saved_dtype
 
 __all__ = [
     "CHUNK",
@@ -46,7 +47,6 @@ __all__ = [
     "begin_refit",
     "cached_tensors",
     "check_fit_args",
-    "checkpoint_dtype",
     "fit_cached",
     "gill_base",
     "items_digest",
@@ -68,12 +68,6 @@ def tensors_digest(path: Path) -> str:
         digest.update(name.encode())
         digest.update(tensor.float().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def checkpoint_dtype(folder: Path) -> torch.dtype:
-    """The dtype a GILL folder's tensors were saved in (what a refit writes back by default)."""
-    tensors = load_file(str(folder / "gill.safetensors"))
-    return next(iter(tensors.values())).dtype
 
 
 def items_digest(items: Sequence[Any]) -> str:
@@ -308,7 +302,7 @@ def save_refit(model: Any, base: Path, args: argparse.Namespace, metadata: dict[
     base's (so the final folder's manifest records every run it came from)."""
     manifest = json.loads((base / "manifest.json").read_text(encoding="utf-8"))
     meta = {**metadata, "base": str(base), "base_metadata": manifest.get("metadata", {})}
-    dtype = checkpoint_dtype(base) if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = saved_dtype(base) if args.dtype == "auto" else getattr(torch, args.dtype)
     final: Path = model.save_pretrained(
         args.out / "final", dtype=dtype, metadata=meta, overwrite=True
     )

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import secrets
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from safetensors import safe_open
 from torch import nn
 from transformers import DynamicCache
 
@@ -85,6 +87,7 @@ __all__ = [
     "load_scenes",
     "main",
     "request_prompt",
+    "saved_dtype",
     "story_prompt",
 ]
 
@@ -536,7 +539,9 @@ class GILLVLM(VLMExtension):
         """The [IMG0] Special of decode_with_specials: its payload is a GILLImage. ``source``:
         where the image comes from when the reply was forced to open with it (None: the decision
         head chooses); ``num_inference_steps`` / ``index``: ImageMaker.make's; ``text_after``:
-        False ends the reply at the image."""
+        False ends the reply at the image. The k-th image of the reply is drawn with seed
+        ``seed + k``; without a seed, from a fresh random one per Special (per reply)."""
+        base = secrets.randbelow(2**31) if seed is None else seed
 
         def act(
             kv: torch.Tensor, cache: DynamicCache, forced: bool, fired: int
@@ -545,7 +550,7 @@ class GILLVLM(VLMExtension):
             image = maker.make(
                 states,
                 force=source if forced else None,
-                seed=(seed or 0) + fired,
+                seed=base + fired,
                 num_inference_steps=num_inference_steps,
                 index=index,
             )
@@ -670,6 +675,13 @@ class ImageMaker:
         return [o for o in out if o is not None]
 
 
+def saved_dtype(folder: str | os.PathLike[str]) -> torch.dtype:
+    """The dtype a GILL checkpoint's own tensors were saved in (one tensor of its
+    gill.safetensors is read)."""
+    with safe_open(str(Path(folder) / f"{TENSOR_FILE}.safetensors"), "pt") as f:
+        return f.get_tensor(next(iter(f.keys()))).dtype
+
+
 def request_prompt(description: str, template: int = 0) -> list[dict[str, Any]]:
     """The user turn asking for an image of `description` (REQUEST_TEMPLATES[template])."""
     return [{"role": "user", "content": REQUEST_TEMPLATES[template].format(description)}]
@@ -791,13 +803,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Re-save a GILL checkpoint on another VLM core (same LLM and CLIP): GILL's "
         "heads and [IMG] rows as trained, the new core's projector and image LoRA. What GILL "
         "computes from a text-only request is unchanged (it reads only the frozen LLM); replies "
-        "to prompts with images go through the new core. The index stays valid.",
+        "to prompts with images go through the new core. An index built on the checkpoint "
+        "stays valid as long as its tensors keep their dtype (--dtype auto); a cast rounds the "
+        "retrieval projection, and the index must be rebuilt (vlm.gill index).",
     )
     move.add_argument("--checkpoint", type=Path, required=True, help="a GILL checkpoint folder")
     move.add_argument("--vlm", type=Path, required=True, help="the VLM core to move it onto")
     move.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     move.add_argument(
-        "--dtype", choices=("float32", "float16"), default="float32", help="tensors as saved"
+        "--dtype",
+        choices=("auto", "float32", "float16"),
+        default="auto",
+        help="tensors as saved (auto: the dtype of --checkpoint's own tensors)",
     )
     move.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
@@ -814,7 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             **checkpoint_metadata(args.checkpoint),
             "rebase": {"from": str(args.checkpoint), "vlm": str(args.vlm)},
         }
-        dtype = getattr(torch, args.dtype)
+        dtype = saved_dtype(args.checkpoint) if args.dtype == "auto" else getattr(torch, args.dtype)
         moved.save_pretrained(args.out, dtype=dtype, metadata=meta, overwrite=args.overwrite)
         print(f"{args.out}: {args.checkpoint} on the core {args.vlm}")
         return 0
