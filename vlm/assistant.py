@@ -154,6 +154,17 @@ def _clean(text: str, what: str) -> str:
     return "".join(ch for ch in text if ch in "\n\t" or ch.isprintable())
 
 
+def _no_reserved(text: str, reserved: Sequence[str], what: str) -> str:
+    """`text`, or ValueError when it holds one of the tokenizer's added tokens (`reserved`)."""
+    found = next((t for t in reserved if t in text), None)
+    if found is not None:
+        raise ValueError(
+            f"{what} contains {found!r}, a token reserved for the chat template and the model's "
+            "own use; please rephrase it without that token"
+        )
+    return text
+
+
 class Assistant:
     """A chat assistant over a frozen causal LM and its chat template."""
 
@@ -299,6 +310,9 @@ class Assistant:
         messages: list[ChatMessage] = []
         if self.system_prompt:
             messages.append({"role": "system", "content": self.system_prompt})
+        # The tokenizer reads its added tokens in any text: typed into a message, "<|im_end|>"
+        # would end the user's turn and "[IMG0]" would be the model's own image token.
+        reserved = sorted(self.tokenizer.get_added_vocab(), key=len, reverse=True)
         for i, turn in enumerate(history):
             if not isinstance(turn, dict) or turn.get("role") not in _ROLES:
                 raise ValueError(
@@ -307,12 +321,17 @@ class Assistant:
                 )
             item: ChatMessage = {
                 "role": turn["role"],
-                "content": _clean(turn["content"], "history"),
+                "content": _no_reserved(
+                    _clean(turn["content"], "history"), reserved, f"history[{i}]"
+                ),
             }
             if turn.get("images"):
                 item["images"] = list(turn["images"])
             messages.append(item)
-        last: ChatMessage = {"role": "user", "content": _clean(message, "message")}
+        last: ChatMessage = {
+            "role": "user",
+            "content": _no_reserved(_clean(message, "message"), reserved, "the message"),
+        }
         if images:
             last["images"] = list(images)
         messages.append(last)
