@@ -147,9 +147,11 @@ class IndexEntry:
 
     @classmethod
     def of(cls, path: str | os.PathLike[str]) -> IndexEntry:
-        p = Path(path).resolve()
-        st = p.stat()
-        return cls(str(p), st.st_mtime_ns, st.st_size)
+        # absolute, ".." folded, but a symlink stays its own entry: resolving it would give two
+        # names one entry (and a link to a file outside the folder an entry never removed)
+        p = os.path.abspath(os.path.expanduser(path))
+        st = os.stat(p)
+        return cls(p, st.st_mtime_ns, st.st_size)
 
 
 @dataclass
@@ -333,19 +335,18 @@ class ImageIndex:
             self.entries.append(e)
 
     def _rebuild(self, x: np.ndarray, items: list[IndexEntry]) -> None:
-        """A fresh FAISS index of this kind over x (ivf: cells fit on x)."""
-        self._index = None
-        self.trained_on = 0
+        """A fresh FAISS index of this kind over x (ivf: cells fit on x). Built before anything
+        is replaced: if FAISS refuses (too few vectors for the cells asked), nothing changed."""
+        index = None
+        if items:
+            index = _new_faiss_index(self.kind, self.dim, self.params, len(x))
+            if self.kind == "ivf":
+                index.train(x)
+            index.add(x)
+        self._index = index
+        self.trained_on = len(x) if index is not None and self.kind == "ivf" else 0
         self.entries = list(items)
         self._positions = {e.path: i for i, e in enumerate(self.entries)}
-        if not items:
-            return
-        index = _new_faiss_index(self.kind, self.dim, self.params, len(x))
-        if self.kind == "ivf":
-            index.train(x)
-            self.trained_on = len(x)
-        index.add(x)
-        self._index = index
 
     def remove(self, paths: Sequence[str]) -> list[str]:
         """Drop the entries of `paths` (absolute, as stored); returns those that were indexed.
@@ -360,9 +361,12 @@ class ImageIndex:
         x = self.vectors()[keep]
         items = [self.entries[i] for i in keep]
         if self.kind == "ivf" and self._index is not None and keep:
-            # Refill the trained cells rather than refitting them on fewer vectors.
-            self._index.reset()
-            self._index.add(x)
+            # Refill the trained cells rather than refitting them on fewer vectors (in a copy:
+            # the index in use stays whole until the new one is ready).
+            index = faiss.clone_index(self._index)
+            index.reset()
+            index.add(x)
+            self._index = index
             self.entries = items
             self._positions = {e.path: i for i, e in enumerate(items)}
         else:
@@ -402,17 +406,28 @@ class ImageIndex:
             if pos is not None:
                 changed.add(entry.path)
         prefix = str(root) + os.sep
-        gone = [e.path for e in self.entries if e.path.startswith(prefix) and e.path not in present]
+        # gone: the file no longer exists (an entry of a hidden folder, added on its own, stays)
+        gone = [
+            e.path
+            for e in self.entries
+            if e.path.startswith(prefix) and e.path not in present and not os.path.lexists(e.path)
+        ]
         # Embed first: if the embedder fails, the index is left as it was.
         vectors, done, report.skipped = _embed_files(todo, embedder, batch_size, progress)
         x = _normalized(vectors, self.dim, f"{embedder.name} embeddings")
         embedded = {e.path for e in done}
         report.added = [e.path for e in done if e.path not in changed]
         report.updated = [e.path for e in done if e.path in changed]
-        # Stale rows go: files gone, and changed files (re-embedded, or now unreadable).
-        self.remove([*gone, *changed])
+        # Stale rows go: files gone, and changed files (re-embedded, or now unreadable). Neither
+        # step changes the FAISS index in use in place, so a failure restores the state before.
+        before = (self._index, list(self.entries), dict(self._positions), self.trained_on)
+        try:
+            self.remove([*gone, *changed])
+            self._append(x, done)
+        except BaseException:
+            self._index, self.entries, self._positions, self.trained_on = before
+            raise
         report.removed = sorted([*gone, *(changed - embedded)])
-        self._append(x, done)
         if report.skipped:
             listing = "; ".join(f"{p} ({why})" for p, why in report.skipped[:20])
             more = f" and {len(report.skipped) - 20} more" if len(report.skipped) > 20 else ""
@@ -537,8 +552,13 @@ class ImageIndex:
             raise ImageIndexError(
                 f"{meta_path}: format version {meta.get('version')}, this code reads {VERSION}"
             )
-        params = config_from_dict(IndexParams, meta["params"], source=f"{meta_path} params")
-        index = cls(meta["model"], int(meta["dim"]), meta["kind"], params, meta.get("metadata"))
+        try:
+            params = config_from_dict(IndexParams, meta["params"], source=f"{meta_path} params")
+            index = cls(meta["model"], int(meta["dim"]), meta["kind"], params, meta.get("metadata"))
+        except (KeyError, TypeError, ValueError) as err:  # ConfigError is a ValueError
+            raise ImageIndexError(
+                f"{meta_path}: {err!s} (a damaged or foreign index file)"
+            ) from None
         root = directory.resolve()
         entries = [
             IndexEntry(**{**e, "path": str(root / e["path"])})
@@ -558,7 +578,13 @@ class ImageIndex:
                 f"{faiss_path}: sha256 differs from {META_FILE}'s {meta['faiss_sha256'][:16]}... "
                 "(corrupt or replaced); rebuild the index"
             )
-        faiss_index = faiss.read_index(str(faiss_path))
+        try:
+            faiss_index = faiss.read_index(str(faiss_path))
+        except RuntimeError as err:  # truncated or not a FAISS file (unverified loads see it)
+            first = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
+            raise ImageIndexError(
+                f"{faiss_path}: FAISS cannot read it ({first}); rebuild the index"
+            ) from None
         if faiss_index.ntotal != len(entries) or faiss_index.d != index.dim:
             raise ImageIndexError(
                 f"{faiss_path}: holds {faiss_index.ntotal} vectors of width {faiss_index.d}, "
@@ -592,11 +618,11 @@ def scan_images(folder: str | os.PathLike[str]) -> list[Path]:
     if not root.is_dir():
         raise ImageIndexError(f"{root}: not a folder of images")
     out = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root.resolve()):  # links to folders not followed
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                out.append(Path(dirpath, name).resolve())
+                out.append(Path(dirpath, name))
     return sorted(out)
 
 
@@ -826,8 +852,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         return commands[args.command](args)
-    except (ImageIndexError, ImageError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ImageIndexError, ImageError, ValueError) as err:  # ValueError: a bad -k, --nlist,
+        print(f"error: {err}", file=sys.stderr)  # preset or checkpoint (CheckpointError)
         return 2
 
 

@@ -226,9 +226,65 @@ def test_add_folder_embeds_only_new_and_changed_files(folder):
         "green_circle.png",
         "new.png",
     ]
-    # The changed file's row holds its new embedding: it is its own nearest neighbour.
+    # The changed file's row holds its new embedding, not the old one.
     query = embedder([Image.open(changed)])
+    row = index.entries.index(next(e for e in index.entries if e.path == str(changed.resolve())))
+    np.testing.assert_allclose(index.vectors()[row], _unit(query)[0], atol=1e-6)
     assert index.search(query, 1).paths[0][0] == str(changed.resolve())
+
+
+def test_symlinked_files_are_entries_of_their_own_and_go_with_their_link(folder, tmp_path):
+    _draw(tmp_path / "outside.png", "orange", "circle")
+    (folder / "alias.png").symlink_to(folder / "red_circle.png")
+    (folder / "out_link.png").symlink_to(tmp_path / "outside.png")
+    embedder = CountingEmbedder()
+    index = ImageIndex(embedder.name, embedder.dim)
+    index.add_folder(folder, embedder, progress=False)
+    names = sorted(os.path.relpath(e.path, folder.resolve()) for e in index.entries)
+    assert names == [
+        "alias.png",
+        "blue_square.png",
+        "green_circle.png",
+        "out_link.png",
+        "red_circle.png",
+        os.path.join("sub", "black_square.png"),
+    ]  # each name once, links by their own name inside the folder
+    (folder / "alias.png").unlink()
+    (folder / "out_link.png").unlink()
+    report = index.add_folder(folder, embedder, progress=False)
+    assert sorted(os.path.basename(p) for p in report.removed) == ["alias.png", "out_link.png"]
+    assert len(index) == 4 and report.unchanged == 4
+
+
+def test_a_failed_add_folder_leaves_the_index_as_it_was(folder, tmp_path):
+    """ivf with 3 cells over 4 images; then two files go and two change: the 2 vectors left
+    cannot fill 3 cells, FAISS refuses, and the index (in memory and saved) is the one before."""
+    embedder = CountingEmbedder()
+    index = ImageIndex(embedder.name, embedder.dim, "ivf", IndexParams(nlist=3))
+    index.add_folder(folder, embedder, progress=False)
+    entries, vectors = list(index.entries), index.vectors()
+    (folder / "red_circle.png").unlink()
+    (folder / "blue_square.png").unlink()
+    for name in ("green_circle.png", os.path.join("sub", "black_square.png")):
+        _draw(folder / name, "purple", "square", size=70)
+    with pytest.raises(ValueError, match="nlist=3"):
+        index.add_folder(folder, embedder, progress=False)
+    assert index.entries == entries
+    np.testing.assert_array_equal(index.vectors(), vectors)
+    index.save(tmp_path / "saved")
+    assert ImageIndex.load(tmp_path / "saved").entries == entries
+
+
+def test_adding_a_parent_keeps_what_a_hidden_subfolder_added(folder):
+    (folder / ".keep").mkdir()
+    _draw(folder / ".keep" / "kept.png", "pink", "circle")
+    embedder = CountingEmbedder()
+    index = ImageIndex(embedder.name, embedder.dim)
+    index.add_folder(folder / ".keep", embedder, progress=False)
+    report = index.add_folder(folder, embedder, progress=False)  # skips hidden folders
+    assert report.removed == [] and len(index) == 5
+    (folder / ".keep" / "kept.png").unlink()  # gone from disk: now it goes
+    assert [os.path.basename(p) for p in index.add_folder(folder, embedder).removed] == ["kept.png"]
 
 
 def test_unreadable_images_are_skipped_with_one_warning_listing_them(folder):
@@ -305,6 +361,22 @@ def test_cli_build_search_add_info_on_the_tiny_preset(folder, tmp_path, capsys):
     # Errors are one clear line and exit status 2.
     assert main(["build", str(folder), "--out", str(out), "--preset", "tiny"]) == 2
     assert "already holds an index" in capsys.readouterr().err
+    bad = [
+        (["build", str(folder), "--out", str(tmp_path / "ivf"), "--preset", "tiny", "--kind",
+          "ivf", "--nlist", "100"], "nlist=100"),
+        (["search", str(out), "--text", "x", "-k", "0"], "k must be >= 1"),
+        (["build", str(folder), "--out", str(tmp_path / "p"), "--preset", "nosuch"], "nosuch"),
+        (["build", str(folder), "--out", str(tmp_path / "c"), "--clip", str(folder)], str(folder)),
+    ]  # fmt: skip
+    for argv, says in bad:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err  # the model's loading messages, then one line
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("error: ") and says in last and "Traceback" not in err
+    faiss_file = next(out.glob("vectors-*.faiss"))
+    faiss_file.write_bytes(faiss_file.read_bytes()[:100])  # truncated: info does not verify
+    assert main(["info", str(out)]) == 2
+    assert "FAISS cannot read it" in capsys.readouterr().err
     assert main(["search", str(tmp_path / "nowhere"), "--text", "x"]) == 2
     assert "no image index here" in capsys.readouterr().err
     with pytest.raises(SystemExit):
