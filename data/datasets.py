@@ -33,6 +33,7 @@ from data.formats import (
     read_coco_instances,
     read_imagefolder,
     read_refs,
+    ref_annotation,
     rle_to_mask,
 )
 
@@ -320,20 +321,25 @@ class ReferringDataset:
         images_root: str | os.PathLike[str],
         refs_json: str | os.PathLike[str],
         instances_json: str | os.PathLike[str],
+        split: str | None = None,
     ) -> ReferringDataset:
-        """Refs + the instances they refer to; a ref whose ann_id is missing raises FormatError."""
+        """The refs of `split` (every ref when None: a file of one split) with the instances they
+        refer to. A RefCOCO refs file holds every split, each ref naming its own; ValueError when
+        none names `split` (the splits present listed), FormatError naming the record and field
+        when a ref's ann_id is missing or its image_id / category_id are not its annotation's."""
         coco = read_coco_instances(instances_json)
         images = {im.id: im for im in coco.images}
         anns = {a.id: a for a in coco.annotations}
+        refs = list(enumerate(read_refs(refs_json)))
+        if split is not None:
+            present = sorted({ref.split for _, ref in refs})
+            refs = [(i, ref) for i, ref in refs if ref.split == split]
+            if not refs:
+                raise ValueError(f"{refs_json}: no refs of split {split!r}; splits: {present}")
         items = []
-        for i, ref in enumerate(read_refs(refs_json)):
-            ann = anns.get(ref.ann_id)
-            if ann is None or ref.image_id not in images:
-                raise FormatError(
-                    f"{refs_json}: refs[{i}] (ref_id={ref.ref_id}): ann_id {ref.ann_id} / "
-                    f"image_id {ref.image_id} not found in {instances_json}"
-                )
-            im = images[ref.image_id]
+        for i, ref in refs:
+            ann = ref_annotation(ref, anns, f"{refs_json}: refs[{i}]", instances_json)
+            im = images[ann.image_id]  # read_coco_instances checked it is an image of the file
             kind = str(ref.extra.get("expression_type", ""))
             for sent in ref.sentences:
                 items.append((im.file_name, sent.raw, ann, (im.height, im.width), kind, ref.ref_id))
@@ -402,7 +408,11 @@ def add_referring_arguments(parser: argparse.ArgumentParser, default_split: str)
     or a RefCOCO-style refs file with its instances file and image folder."""
     src = parser.add_argument_group("data (--data, or --refs with --instances and --images)")
     src.add_argument("--data", type=Path, help="a ShapeWorld folder")
-    src.add_argument("--split", default=default_split, help=f"ShapeWorld split ({default_split})")
+    src.add_argument(
+        "--split",
+        default=default_split,
+        help=f"the split: ShapeWorld's, or the refs' own 'split' field ({default_split})",
+    )
     src.add_argument("--refs", type=Path, help="RefCOCO-style refs JSON")
     src.add_argument("--instances", type=Path, help="COCO instances JSON the refs point into")
     src.add_argument("--images", type=Path, help="folder of the instances file's images")
@@ -419,6 +429,5 @@ def referring_dataset_from_args(args: argparse.Namespace) -> tuple[ReferringData
     if args.data is not None:
         data = ReferringDataset.from_shapeworld(args.data, args.split)
         return data, f"ShapeWorld {args.data} split {args.split}"
-    return ReferringDataset.from_refcoco(
-        args.images, args.refs, args.instances
-    ), f"refs {args.refs}"
+    data = ReferringDataset.from_refcoco(args.images, args.refs, args.instances, args.split)
+    return data, f"refs {args.refs} split {args.split}"

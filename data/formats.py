@@ -64,6 +64,7 @@ __all__ = [
     "read_imagefolder",
     "read_refcoco_folder",
     "read_refs",
+    "ref_annotation",
     "rle_to_mask",
     "write_coco_captions",
     "write_coco_instances",
@@ -407,25 +408,34 @@ def read_refcoco_folder(folder: PathLike, split: str) -> RefcocoSplit:
             raise ValueError(f"{refs_path}: no refs with split {split!r}; splits present: {found}")
     annotations = {a.id: a for a in instances.annotations}
     for i, ref in enumerate(all_refs):
-        if ref.split != split:
-            continue
-        where = f"{refs_path}: refs[{i}] (ref_id={ref.ref_id})"
-        ann = annotations.get(ref.ann_id)
-        if ann is None:
-            raise FormatError(
-                f"{where}: field 'ann_id': expected an annotation id of {instances_path}, "
-                f"got int {ref.ann_id}"
-            )
-        for name, got, want in (
-            ("image_id", ref.image_id, ann.image_id),
-            ("category_id", ref.category_id, ann.category_id),
-        ):
-            if got != want:
-                raise FormatError(
-                    f"{where}: field {name!r}: expected {want} (the {name} of annotation "
-                    f"{ann.id} in {instances_path}), got int {got}"
-                )
+        if ref.split == split:
+            ref_annotation(ref, annotations, f"{refs_path}: refs[{i}]", instances_path)
     return RefcocoSplit(refs, instances)
+
+
+def ref_annotation(
+    ref: RefRecord, annotations: dict[int, CocoAnnotation], where: str, instances_path: PathLike
+) -> CocoAnnotation:
+    """The annotation `ref` points to; FormatError naming `where` (the refs file and record) and
+    the field when its ann_id is not in `annotations` (by id, from `instances_path`) or its
+    image_id or category_id differ from the annotation's."""
+    where = f"{where} (ref_id={ref.ref_id})"
+    ann = annotations.get(ref.ann_id)
+    if ann is None:
+        raise FormatError(
+            f"{where}: field 'ann_id': expected an annotation id of {instances_path}, "
+            f"got int {ref.ann_id}"
+        )
+    for name, got, want in (
+        ("image_id", ref.image_id, ann.image_id),
+        ("category_id", ref.category_id, ann.category_id),
+    ):
+        if got != want:
+            raise FormatError(
+                f"{where}: field {name!r}: expected {want} (the {name} of annotation "
+                f"{ann.id} in {instances_path}), got int {got}"
+            )
+    return ann
 
 
 def _ref_to_json(path: Path, i: int, ref: RefRecord) -> dict[str, Any]:

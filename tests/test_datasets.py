@@ -66,3 +66,35 @@ def test_caption_dataset_from_coco_and_imagefolder(world, tmp_path):
 def test_missing_split_says_how_to_generate(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"python -m data\.shapeworld generate"):
         InstanceDataset.from_shapeworld(tmp_path, "val")
+
+
+def test_referring_dataset_reads_one_split_and_checks_refs_against_their_annotations(
+    world, tmp_path
+):
+    """A RefCOCO refs file holds every split: --split picks its refs (it read them all), and a
+    ref whose image_id or category_id is not its annotation's is refused by field, not read."""
+    from data.datasets import ReferringDataset
+    from data.formats import read_coco_instances
+
+    root, _ = world
+    refs = json.loads((root / "annotations" / "refs_val.json").read_text())
+    for k, ref in enumerate(refs):
+        ref["split"] = "val" if k % 2 == 0 else "testA"
+    (tmp_path / "refs.json").write_text(json.dumps(refs))
+    instances = root / "annotations" / "instances_val.json"
+    args = (root / "val", tmp_path / "refs.json", instances)
+    anns = {a.id: a for a in read_coco_instances(instances).annotations}
+    for split in ("val", "testA", None):
+        mine = [r for r in refs if split is None or r["split"] == split]
+        data = ReferringDataset.from_refcoco(*args, split)
+        assert [(it[1], it[2].id) for it in data.items] == [
+            (s["raw"], r["ann_id"]) for r in mine for s in r["sentences"]
+        ]
+        assert all(it[2] == anns[it[2].id] for it in data.items)
+    with pytest.raises(ValueError, match=r"no refs of split 'test'; splits: \['testA', 'val'\]"):
+        ReferringDataset.from_refcoco(*args, "test")
+    other = next(a.image_id for a in anns.values() if a.image_id != refs[0]["image_id"])
+    refs[0]["image_id"] = other  # points at another image than its annotation's
+    (tmp_path / "refs.json").write_text(json.dumps(refs))
+    with pytest.raises(FormatError, match=r"refs\[0\] \(ref_id=\d+\): field 'image_id'"):
+        ReferringDataset.from_refcoco(*args, "val")
