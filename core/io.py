@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import shutil
-import tempfile
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +22,29 @@ __all__ = [
     "atomic_write_text",
     "cache_dir",
     "sha256_file",
+    "temp_sibling",
 ]
+
+
+def temp_sibling(path: str | os.PathLike[str], directory: bool = False) -> tuple[int | None, str]:
+    """A new hidden, uniquely named file (or folder) beside `path`: (an open fd, its name), or
+    (None, name) for a folder. Unlike tempfile.mkstemp / mkdtemp (0600 / 0700) it gets the mode
+    a plain open() or mkdir() would, 0666 / 0777 less the umask, so what is renamed into place
+    is as readable as anything else the user writes; a file that replaces one takes its mode."""
+    path = Path(path)
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            if directory:
+                os.mkdir(tmp, 0o777)
+                return None, str(tmp)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(fd, stat.S_IMODE(path.stat().st_mode))  # the file it will replace
+        return fd, str(tmp)
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 @contextlib.contextmanager
@@ -32,7 +55,8 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[obj
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_sibling(path)
+    assert fd is not None
     try:
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(fd, mode, encoding=encoding) as f:
@@ -66,7 +90,7 @@ def atomic_dir(path: str | os.PathLike[str], overwrite: bool = False) -> Iterato
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(temp_sibling(path, directory=True)[1])
     try:
         yield tmp
         if path.exists():

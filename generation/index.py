@@ -52,7 +52,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -68,7 +67,7 @@ from tqdm import tqdm
 
 from core.config import Config, config_from_dict, load_preset_dict, preset_path, project_path
 from core.images import ImageError, load_rgb
-from core.io import atomic_write_text, sha256_file
+from core.io import atomic_write_text, sha256_file, temp_sibling
 from vision.clip import ClipBundle, ClipPresetConfig, clip_from_preset, encode_images, load_clip
 
 __all__ = [
@@ -498,7 +497,8 @@ class ImageIndex:
         faiss_name = None
         sha = None
         if self._index is not None:
-            fd, tmp = tempfile.mkstemp(prefix=".vectors.", suffix=".tmp", dir=directory)
+            fd, tmp = temp_sibling(directory / "vectors")
+            assert fd is not None
             os.close(fd)
             try:
                 # write_index streams to the file: no second in-memory copy of the vectors.
