@@ -149,6 +149,16 @@ def test_labels_cover_only_the_assistant_replies(vlm):
     assert torch.equal(labels[labels != IGNORE_INDEX], ids[labels != IGNORE_INDEX])
     with pytest.raises(ValueError, match="end with an assistant turn"):
         vlm.tokenize_chat(conv[:3])
+    # an empty reply labels only its end-of-turn token; an image on an assistant turn (its
+    # placeholders inside the reply span) is not a target, and the loss can be taken
+    ids, labels = vlm.tokenize_chat([*conv[:1], {"role": "assistant", "content": ""}])
+    assert vlm.tokenizer.decode(ids[labels != IGNORE_INDEX]) == end
+    shown = [*conv[:1], {"role": "assistant", "content": "Here.", "images": [_image(2)]}]
+    ids, labels = vlm.tokenize_chat(shown)
+    assert vlm.tokenizer.decode(ids[labels != IGNORE_INDEX]) == f"\nHere.{end}"  # after the image
+    assert (ids == vlm.image_token_id).sum() == 2 * vlm.tokens_per_image
+    with torch.no_grad():
+        assert torch.isfinite(vlm(**vlm.collate([shown])).loss)
 
 
 def test_loss_equals_cross_entropy_from_the_full_logits(vlm):
@@ -449,7 +459,13 @@ def test_train_resumes_exactly_and_eval_runs(shapeworld, tmp_path):
     common += ["--batch-size", "2", "--no-progress", "--save-every", "2", "--lr", "1e-2"]
     assert train_main([*common, "--out", str(tmp_path / "straight")]) == 0
     assert train_main([*common, "--out", str(tmp_path / "cut"), "--stop-at", "2"]) == 0
+    with (tmp_path / "cut" / "loss.jsonl").open("a") as f:  # a row logged after the last save
+        f.write(json.dumps({"step": 3, "loss": 99.0, "tokens": 0}) + "\n")
     assert train_main([*common, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    rows = [json.loads(r) for r in (tmp_path / "cut" / "loss.jsonl").read_text().splitlines()]
+    straight = (tmp_path / "straight" / "loss.jsonl").read_text().splitlines()
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the stale row dropped, none doubled
+    assert [r["loss"] for r in rows] == pytest.approx([json.loads(r)["loss"] for r in straight])
     a = load_file(str(tmp_path / "straight" / "final" / "vlm.safetensors"))
     b = load_file(str(tmp_path / "cut" / "final" / "vlm.safetensors"))
     assert a.keys() == b.keys()

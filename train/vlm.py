@@ -56,6 +56,7 @@ from train.common import (
     batch_indices,
     check_run_args,
     cosine_with_warmup,
+    open_log,
     resume_or_start,
     save_training_state,
 )
@@ -334,8 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = args.stop_at or args.steps
     began = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
-    curve = args.out / "loss.jsonl"  # one row per step, appended as it runs (resumes append)
-    log = curve.open("a", encoding="utf-8") if dp.main else None
+    curve = args.out / "loss.jsonl"  # one row per step, appended as it runs
+    # rows after the state resumed from (or all, starting afresh) are dropped, not doubled
+    log = open_log(curve, start) if dp.main else None
     tokens = 0
     batches = batch_indices(len(records), args.batch_size, args.seed, start)
     bar = tqdm(

@@ -814,6 +814,9 @@ class PolychromeVLM(nn.Module):
         for i, (a, _) in enumerate(enc["offset_mapping"]):
             if any(s <= a < e for s, e in spans):
                 labels[i] = ids[i]
+        # an image on an assistant turn puts its placeholders in the reply: they are not text
+        # to predict (their ids are past the frozen LM head's rows)
+        labels[ids == self.image_token_id] = IGNORE_INDEX
         return ids, labels
 
     def collate(
