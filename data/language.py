@@ -65,6 +65,7 @@ __all__ = [
     "RELATIONS",
     "RELATION_CONE_RATIO",
     "RELATION_MIN_OFFSET",
+    "RELATION_PHRASES",
     "RENDER_VARIANTS",
     "Descriptor",
     "Ordinal",
@@ -427,6 +428,8 @@ _RELATION_WORDS: dict[str, tuple[str, ...]] = {
     "above": ("above",),
     "below": ("below", "under"),
 }
+# every phrase the captions and expressions use for a relation (a scorer reading them, eval.vlm)
+RELATION_PHRASES: tuple[str, ...] = tuple(w for ws in _RELATION_WORDS.values() for w in ws)
 # "{}" is the descriptor text.
 _ORDINAL_FORMS: dict[str, tuple[str, ...]] = {
     "leftmost": ("the leftmost {}", "the {} furthest to the left", "the {} on the far left"),

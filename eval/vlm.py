@@ -5,10 +5,13 @@
         --out runs/vlm/eval_test.json
 
 Captions: the model is asked "Describe the image." (greedy, up to 80 new tokens). The reply is
-parsed for object mentions "<count> <colour> <shape>" (count = a/an/one ... twelve, plural nouns
+parsed for object mentions "<count> <colour> <shape>" (count = a/an/one ... twenty, plural nouns
 allowed) and compared with the image's visible objects as a set of facts: each colour present, each
-class present, and each (colour, class, count) group. Caption attribute F1 is the micro-F1 over
-all facts of all images; the colour, class and group F1s are reported beside it.
+class present, and each (colour, class, count) group. "zero red circles" states no fact; in a
+sentence that relates two objects ("A red circle is left of a blue star.", ShapeWorld's spatial
+template) "a" is not a count, so such a mention states the colour and the class but no group.
+Caption attribute F1 is the micro-F1 over all facts of all images; the colour, class and group
+F1s are reported beside it.
 
 QA: every question of the image is asked on its own, in a fresh conversation, with the
 short-answer instruction (data.conversations.SHORT_ANSWER); the reply, lower-cased and stripped of
@@ -31,7 +34,7 @@ import statistics
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +45,7 @@ from core.config import project_path
 from core.io import atomic_write_text
 from data.conversations import ChatRecord, read_chat_records, short_question
 from data.formats import FormatError, read_imagefolder
-from data.language import number_word, plural
+from data.language import RELATION_PHRASES, number_word, plural
 from data.scene import COLOURS, SHAPES
 from vlm.config import PolychromeConfig
 from vlm.model import PolychromeVLM
@@ -67,14 +70,16 @@ def _count_words() -> dict[str, int]:
 
 def parse_objects(
     text: str, colours: Sequence[str], shapes: Sequence[str]
-) -> Counter[tuple[str, str]]:
-    """Object mentions "<count> <colour> <shape>" in a caption -> Counter{(colour, shape): n}.
+) -> dict[tuple[str, str], int | None]:
+    """Object mentions "<count> <colour> <shape>" in a caption -> {(colour, shape): n}, n None
+    where the caption names the group without a count (module docstring).
 
     Counts are words (a, an, one ... twenty); shapes may be plural. A group mentioned twice counts
-    once (the larger count).
+    once (the larger count, a count over none); a mention of zero objects is no mention.
     """
     counts = _count_words()
     nouns = {s: s for s in shapes} | {plural(s): s for s in shapes}
+    relation = re.compile(r"\b(" + "|".join(map(re.escape, RELATION_PHRASES)) + r")\b")
     pattern = re.compile(
         r"\b("
         + "|".join(sorted(counts, key=len, reverse=True))
@@ -84,18 +89,29 @@ def parse_objects(
         + "|".join(sorted(nouns, key=len, reverse=True))
         + r")\b"
     )
-    found: Counter[tuple[str, str]] = Counter()
-    for count, colour, noun in pattern.findall(text.lower()):
-        key = (colour, nouns[noun])
-        found[key] = max(found[key], counts[count])
+    found: dict[tuple[str, str], int | None] = {}
+    for sentence in re.split(r"[.!?;\n]+", text.lower()):
+        indefinite = relation.search(sentence) is not None  # "a" there is not a count
+        for count, colour, noun in pattern.findall(sentence):
+            n: int | None = counts[count]
+            if n == 0:
+                continue
+            if indefinite and count in ("a", "an"):
+                n = None
+            key = (colour, nouns[noun])
+            old = found.get(key)
+            found[key] = n if old is None else old if n is None else max(old, n)
     return found
 
 
-def caption_facts(groups: Counter[tuple[str, str]]) -> set[tuple[str, ...]]:
-    """Facts a caption states: colours present, classes present, (colour, class, count) groups."""
+def caption_facts(groups: Mapping[tuple[str, str], int | None]) -> set[tuple[str, ...]]:
+    """Facts a caption states: colours present, classes present, (colour, class, count) groups
+    (a group named without a count states its colour and class only)."""
     facts: set[tuple[str, ...]] = set()
     for (colour, shape), n in groups.items():
-        facts |= {("colour", colour), ("class", shape), ("group", colour, shape, str(n))}
+        facts |= {("colour", colour), ("class", shape)}
+        if n is not None:
+            facts.add(("group", colour, shape, str(n)))
     return facts
 
 
@@ -104,7 +120,8 @@ def _f1(tp: int, n_pred: int, n_gold: int) -> float:
 
 
 def caption_scores(
-    predicted: Sequence[Counter[tuple[str, str]]], gold: Sequence[Counter[tuple[str, str]]]
+    predicted: Sequence[Mapping[tuple[str, str], int | None]],
+    gold: Sequence[Mapping[tuple[str, str], int | None]],
 ) -> dict[str, float]:
     """Micro-F1 over the facts of all images: overall and per fact kind."""
     totals: dict[str, list[int]] = {k: [0, 0, 0] for k in ("all", "colour", "class", "group")}

@@ -22,7 +22,8 @@ from data.conversations import (
     instruct_conversation,
     read_chat_records,
 )
-from data.formats import FormatError
+from data.formats import FormatError, read_imagefolder
+from data.scene import COLOURS, SHAPES
 from data.shapeworld import main as shapeworld_main
 from eval.vlm import caption_scores, normalise_answer, parse_objects
 from eval.vlm import main as eval_main
@@ -452,6 +453,34 @@ def test_answer_normalisation_and_caption_parsing():
     assert scores["colour"] == pytest.approx(2 * 2 / (3 + 2))
     assert scores["group"] == pytest.approx(2 * 1 / (3 + 2))
     assert scores["all"] == pytest.approx(2 * 5 / (9 + 6))
+    # "zero" states nothing; in a sentence relating two objects "a" is not a count (colour and
+    # class only), a count elsewhere still counts
+    assert parse_objects("One blue star and zero red circles.", colours, shapes) == {
+        ("blue", "star"): 1
+    }
+    related = "A red circle is to the left of a blue star. There are two red circles."
+    assert parse_objects(related, colours, shapes) == {("red", "circle"): 2, ("blue", "star"): None}
+    two = Counter({("red", "circle"): 2, ("blue", "star"): 1})
+    assert caption_scores([parse_objects(related, colours, shapes)], [two])["all"] == pytest.approx(
+        2 * 5 / (5 + 6)
+    )  # 5 true facts stated (2 colours, 2 classes, the red group) of the 6 there are
+
+
+def test_the_generators_own_captions_state_no_false_fact(shapeworld):
+    """Every ShapeWorld caption is true of its scene, so the scorer must find no fact in it that
+    the scene lacks (relational captions said "a red circle" of two red circles: a false count)."""
+    from eval.vlm import caption_facts, gold_objects
+
+    rows = [r for split in ("train", "val") for r in read_imagefolder(shapeworld / split)]
+    gold = [g for split in ("train", "val") for g in gold_objects(shapeworld / split)]
+    colours, shapes = list(COLOURS), list(SHAPES)
+    checked = 0
+    for row, objects in zip(rows, gold, strict=True):
+        for caption in row["captions"]:
+            stated = caption_facts(parse_objects(caption, colours, shapes))
+            assert stated <= caption_facts(objects), (caption, sorted(objects.items()))
+            checked += bool(stated)
+    assert checked > 10
 
 
 def test_train_resumes_exactly_and_eval_runs(shapeworld, tmp_path):
