@@ -1,11 +1,16 @@
 """Turning whatever a user hands us into an RGB image, or a clear error.
 
-Accepted: a path, raw bytes, a PIL image, or a numpy array (H, W), (H, W, 1), (H, W, 3) or
-(H, W, 4) of uint8, uint16, bool or float in [0, 1]. Documented conversions:
+Accepted: a path or raw bytes of a PNG, JPEG, GIF, BMP, WebP or TIFF file (READ_FORMATS; the
+first frame of an animation; EXIF orientation applied, as a browser shows the photo), a PIL
+image, or a numpy array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) of uint8, uint16, bool or
+float in [0, 1]. Documented conversions:
 
 - L, LA, 1, P (palette, with or without transparency), RGBA, CMYK, YCbCr, LAB, HSV -> RGB;
-  transparent pixels are composited over white (what a person sees in a browser).
-- I;16 / I (16- or 32-bit integer) and F (float) -> scaled to 0..255 by the image's own range.
+  transparent pixels (an alpha channel or a transparent colour key) are composited over white
+  (what a person sees in a browser).
+- 16-bit images (I;16, uint16 arrays, 32-bit I holding 0..65535) -> 0..255 by the type's range
+  (65535 -> 255), as a browser shows them; other integer arrays in 0..255 as they are; F (float)
+  images in [0, 1] x 255, other float or integer ranges scaled by the image's own range.
 - Size: 1x1 up to MAX_SIDE on each side; larger images raise ImageError (a model resizes; it
   should not be asked to read a 100-megapixel file).
 
@@ -19,11 +24,22 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["MAX_SIDE", "ImageError", "load_rgb", "paint_labels", "square_crop", "to_rgb"]
+__all__ = [
+    "MAX_SIDE",
+    "READ_FORMATS",
+    "ImageError",
+    "load_rgb",
+    "paint_labels",
+    "square_crop",
+    "to_rgb",
+]
 
 MAX_SIDE = 4096  # pixels, per side
+# The file formats read (PIL's names). PIL would open dozens more, some through outside programs
+# (EPS through Ghostscript): uploads are held to the common image formats.
+READ_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
 # PIL refuses files above ~179 MP as decompression bombs; we stop far earlier (MAX_SIDE^2).
 Image.MAX_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE * 4
 
@@ -40,12 +56,23 @@ def _check_size(width: int, height: int, what: str) -> None:
         )
 
 
-def _scale_to_uint8(arr: np.ndarray) -> np.ndarray:
-    arr = arr.astype(np.float64)
-    lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-    if hi <= lo:
-        return np.zeros(arr.shape, dtype=np.uint8)
-    return np.round((arr - lo) / (hi - lo) * 255).astype(np.uint8)
+def _scale_to_uint8(arr: np.ndarray, what: str) -> np.ndarray:
+    """Integer or float pixels -> uint8 (the module docstring's rules)."""
+    if not np.isfinite(arr).all():
+        raise ImageError(f"{what}: the image holds NaN or infinite values")
+    x = arr.astype(np.float64)
+    lo, hi = float(x.min()), float(x.max())
+    if np.issubdtype(arr.dtype, np.floating):
+        full = 1.0 if lo >= 0 and hi <= 1 else None
+    elif arr.dtype == np.uint16:
+        full = 65535.0
+    else:
+        full = 255.0 if lo >= 0 and hi <= 255 else 65535.0 if lo >= 0 and hi <= 65535 else None
+    if full is not None:
+        return np.round(x / full * 255).astype(np.uint8)
+    if hi <= lo:  # one value outside every known range: mid grey rather than nothing
+        return np.full(arr.shape, 128, dtype=np.uint8)
+    return np.round((x - lo) / (hi - lo) * 255).astype(np.uint8)
 
 
 def to_rgb(image: Image.Image | np.ndarray, what: str = "image") -> Image.Image:
@@ -59,13 +86,17 @@ def to_rgb(image: Image.Image | np.ndarray, what: str = "image") -> Image.Image:
         )
     _check_size(image.width, image.height, what)
     mode = image.mode
-    if mode == "RGB":
-        return image
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        return Image.fromarray(_scale_to_uint8(np.asarray(image))).convert("RGB")
-    if mode == "P" and "transparency" in image.info:
+    if mode in ("P", "RGB", "L") and "transparency" in image.info:  # a transparent colour key
         image = image.convert("RGBA")
         mode = "RGBA"
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16B", "I;16L"):
+        return Image.fromarray(_scale_to_uint8(np.asarray(image).astype(np.uint16), what)).convert(
+            "RGB"
+        )
+    if mode in ("I", "F"):
+        return Image.fromarray(_scale_to_uint8(np.asarray(image), what)).convert("RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -97,7 +128,7 @@ def _array_to_rgb(arr: np.ndarray, what: str) -> Image.Image:
             )
         arr = np.round(arr * 255).astype(np.uint8)
     elif arr.dtype == np.uint16 or (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.uint8):
-        arr = _scale_to_uint8(arr)
+        arr = _scale_to_uint8(arr, what)
     elif arr.dtype != np.uint8:
         raise ImageError(f"{what}: unsupported array dtype {arr.dtype}")
     return to_rgb(Image.fromarray(np.ascontiguousarray(arr)), what)
@@ -125,12 +156,15 @@ def load_rgb(source: str | os.PathLike[str] | bytes | Image.Image | np.ndarray) 
             f"{type(source).__name__}"
         )
     try:
-        with Image.open(stream) as img:
+        with Image.open(stream, formats=READ_FORMATS) as img:
             _check_size(img.width, img.height, what)  # before decoding the pixels
             img.load()
-            return to_rgb(img, what)
+            upright = ImageOps.exif_transpose(img)  # a phone's rotation tag, applied
+            return to_rgb(upright if upright is not None else img, what)
     except UnidentifiedImageError:
-        raise ImageError(f"{what}: not an image file PIL can read") from None
+        raise ImageError(
+            f"{what}: not an image file we read (expected {', '.join(READ_FORMATS)})"
+        ) from None
     except Image.DecompressionBombError as err:
         raise ImageError(f"{what}: {err}") from None
     except (OSError, SyntaxError) as err:

@@ -43,10 +43,25 @@ def test_documented_conversions_give_the_expected_pixels():
     rgba[0, 0] = (255, 0, 0, 255)
     out = np.asarray(to_rgb(Image.fromarray(rgba, "RGBA")))
     assert out[0, 0].tolist() == [255, 0, 0] and out[1, 1].tolist() == [255, 255, 255]
-    # 16-bit images are scaled by their own range.
-    deep = np.array([[0, 1000], [2000, 4000]], dtype=np.uint16)
+    # 16-bit images are scaled by the type's range (x 255 / 65535), as a browser shows them: a
+    # uniform one keeps its grey (scaled by its own range it was black)
+    deep = np.array([[0, 1000], [2000, 65535]], dtype=np.uint16)
     out = np.asarray(to_rgb(Image.fromarray(deep)))
-    assert out[..., 0].tolist() == [[0, 64], [128, 255]]
+    assert out[..., 0].tolist() == [[0, 4], [8, 255]]
+    for value, grey in ((65535, 255), (30000, 117), (0, 0)):
+        flat = Image.fromarray(np.full((3, 3), value, dtype=np.uint16))
+        assert np.asarray(load_rgb(_png_bytes(flat)))[1, 1].tolist() == [grey] * 3
+    # other integer arrays in 0..255 are taken as they are; floats in [0, 1] x 255
+    assert np.asarray(load_rgb(np.full((2, 2), 200, dtype=np.int64)))[0, 0].tolist() == [200] * 3
+    assert np.asarray(to_rgb(Image.fromarray(np.full((2, 2), 0.5, np.float32))))[0, 0, 0] == 128
+    with pytest.raises(ImageError, match="NaN or infinite"):
+        to_rgb(Image.fromarray(np.array([[0.0, np.inf]], np.float32)))
+    # an RGB PNG with a transparent colour key: the key colour shows white
+    keyed = Image.new("RGB", (2, 1), (0, 0, 0))
+    keyed.putpixel((1, 0), (9, 9, 9))
+    buf = io.BytesIO()
+    keyed.save(buf, format="PNG", transparency=(0, 0, 0))
+    assert np.asarray(load_rgb(buf.getvalue()))[0].tolist() == [[255, 255, 255], [9, 9, 9]]
     # CMYK pure cyan -> RGB (0, 255, 255).
     cmyk = Image.new("CMYK", (1, 1), (255, 0, 0, 0))
     assert np.asarray(to_rgb(cmyk))[0, 0].tolist() == [0, 255, 255]
@@ -117,3 +132,27 @@ def test_square_crop_keeps_the_centre():
     small = np.asarray(square_crop(Image.fromarray(bands[::10, ::10].copy()), 50)).astype(int)
     assert small.shape == (50, 50, 3)
     assert (small[:, 5:-5, 1] >= 240).all() and (small[:, 5:-5, [0, 2]] <= 15).all()
+
+
+def test_exif_orientation_is_applied_as_a_browser_shows_the_photo():
+    """A 40 x 20 JPEG tagged "rotate 90 degrees clockwise to view" (orientation 6), its left half
+    red: seen upright it is 20 x 40 with the red half on top."""
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 20, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif, quality=95)
+    out = np.asarray(load_rgb(buf.getvalue())).astype(int)
+    assert out.shape == (40, 20, 3)
+    assert out[5, 10, 0] > 200 and out[5, 10, 2] < 60  # top: red
+    assert out[35, 10, 2] > 200 and out[35, 10, 0] < 60  # bottom: blue
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "PCX", "TGA", "ICO"])
+def test_only_the_common_formats_are_read(fmt):
+    """PIL opens dozens of formats (EPS through Ghostscript); uploads are held to six."""
+    data = _png_bytes(Image.new("RGB", (16, 16), (1, 2, 3)), fmt)
+    assert Image.open(io.BytesIO(data)).size == (16, 16)  # PIL itself would read it
+    with pytest.raises(ImageError, match="expected PNG, JPEG, GIF, BMP, WEBP, TIFF"):
+        load_rgb(data)
