@@ -32,6 +32,7 @@ import gradio as gr
 from PIL import Image
 
 from core.config import list_presets
+from core.images import MAX_SIDE
 from core.runtime import resolve_device
 from vlm.assistant import DECODING_METHODS, Assistant, ChatMessage, Reply, SamplingSettings
 from vlm.config import PolychromeConfig
@@ -292,6 +293,12 @@ def sketch_to_chat(sketch: Any, question: str) -> tuple[Any, Any]:
     """The drawing (flattened onto white) as a PNG attached to the chat's textbox, and the Chat
     tab selected."""
     composite = sketch.get("composite") if isinstance(sketch, dict) else None
+    if composite is not None and max(composite.size) > MAX_SIDE:  # the page never sends one
+        gr.Warning(
+            f"The drawing is {composite.width}x{composite.height} pixels; at most "
+            f"{MAX_SIDE} a side."
+        )
+        return gr.update(), gr.update()
     if composite is None or (composite.mode == "RGBA" and composite.getextrema()[3][1] == 0):
         gr.Warning("Draw something first.")
         return gr.update(), gr.update()
@@ -313,7 +320,8 @@ def build_demo(
     defaults = assistant.default_settings
     default_tokens = defaults.max_new_tokens
     has_gill = assistant.gill is not None
-    with gr.Blocks(title="Polychrome") as demo:
+    # Gradio keeps every upload and every output it serves in its cache: an hour, then they go.
+    with gr.Blocks(title="Polychrome", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             f"# Polychrome\nPreset **{cfg.name}**: {cfg.description}  \n"
             "A frozen LLM that reads images through a trained projector. Upload an image "

@@ -97,10 +97,14 @@ def parse_vocabulary(text: str) -> list[str]:
     names = [n for n in names if n]
     if not names:
         raise ValueError(
-            f"the vocabulary is empty; expected comma-separated names, received {text!r}"
+            f"the vocabulary is empty; expected comma-separated names, received {text[:80]!r}"
+            + (f" ({len(text)} characters)" if len(text) > 80 else "")
         )
-    if len(set(names)) != len(names):
-        raise ValueError(f"the vocabulary repeats an entry: {names}")
+    seen: set[str] = set()
+    for name in names:  # case-blind: "circle" and "Circle" are one class to CLIP's prompts
+        if name.lower() in seen:
+            raise ValueError(f"the vocabulary repeats an entry: {name[:80]!r}")
+        seen.add(name.lower())
     return names
 
 

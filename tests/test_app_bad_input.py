@@ -110,3 +110,25 @@ def test_the_app_reads_only_files_in_the_upload_folder(tmp_path):
     assert not app.uploaded(str(root / ".." / "scene.png"))
     assert not app.uploaded(str(tmp_path / "scene.png"))
     assert not app.uploaded("/etc/passwd")
+
+
+def test_a_sketch_is_flattened_onto_white_and_an_oversized_one_refused(monkeypatch, tmp_path):
+    """The Sketch tab's handler: the drawing goes to the chat as a PNG on white; a composite
+    larger than the app reads anywhere else (a client can send one) is refused, not processed."""
+    import warnings
+
+    from core.images import MAX_SIDE
+
+    monkeypatch.setattr(app, "scratch_folder", lambda: tmp_path)
+    drawing = Image.new("RGBA", (8, 6), (0, 0, 0, 0))
+    drawing.putpixel((2, 3), (255, 0, 0, 255))
+    message, tab = app.sketch_to_chat({"composite": drawing}, "  ")
+    assert message["text"] == "What did I draw?"
+    saved = np.asarray(Image.open(message["files"][0]))
+    assert saved.shape == (6, 8, 3) and saved[3, 2].tolist() == [255, 0, 0]
+    assert saved[0, 0].tolist() == [255, 255, 255]  # transparent -> white
+    huge = Image.new("RGBA", (MAX_SIDE + 1, 1), (0, 0, 0, 255))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # gr.Warning outside a request
+        message, tab = app.sketch_to_chat({"composite": huge}, "x")
+    assert message == tab == {"__type__": "update"}  # nothing attached, no tab change

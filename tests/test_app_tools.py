@@ -61,6 +61,27 @@ def test_segment_everything_is_sams_automatic_masks_and_the_json_decodes_to_them
     assert result.painted.size == (rgb.shape[1], rgb.shape[0])
 
 
+def test_a_large_image_is_segmented_at_the_tools_size(tools, scene, tmp_path, monkeypatch):
+    """An image larger than TOOL_MAX_SIDE (1024) is segmented as the same picture at that size:
+    SAM's automatic generator upsamples each candidate mask to the image, which at the 4096 px
+    allowed would take ~100 GB; its masks come from a 64 x 64 logit grid at any size. (Checked
+    here at a limit of 256, on a 512 x 384 upload, to take seconds.)"""
+    import vlm.tools
+
+    assert vlm.tools.TOOL_MAX_SIDE == 1024
+    monkeypatch.setattr(vlm.tools, "TOOL_MAX_SIDE", 256)
+    big = Image.open(scene).convert("RGB").resize((512, 384), Image.Resampling.NEAREST)
+    big.save(tmp_path / "big.png")
+    result = tools.segment_everything(tmp_path / "big.png")
+    assert result.painted.size == (256, 192)
+    small = np.asarray(big.resize((256, 192), Image.Resampling.LANCZOS))
+    direct = SamAutomaticMaskGenerator(tools.generator.predictor.model, **AMG_SETTINGS)
+    expected = sorted((r["segmentation"] for r in direct.generate(small)), key=lambda m: -m.sum())
+    assert len(result.segments) == len(expected) >= 3
+    assert all(np.array_equal(a["mask"], b) for a, b in zip(result.segments, expected, strict=True))
+    assert (result.coco_json()["width"], result.coco_json()["height"]) == (256, 192)
+
+
 def test_segment_vocabulary_is_the_open_vocabulary_segmenter(tools, scene):
     words = [w.strip() for w in VOCABULARY.split(",")]
     rgb = np.asarray(Image.open(scene).convert("RGB"))

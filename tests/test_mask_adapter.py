@@ -165,6 +165,15 @@ def test_vocabulary_parsing_errors():
         parse_vocabulary(" , ")
     with pytest.raises(ValueError, match="repeats"):
         parse_vocabulary("star,star")
+    with pytest.raises(ValueError, match="repeats an entry: 'Circle'"):  # case-blind
+        parse_vocabulary("circle, star, Circle")
+    # the messages stay short whatever the input's length (they reach the page)
+    with pytest.raises(ValueError, match="repeats an entry: 'thing 5'") as err:
+        parse_vocabulary(",".join(f"thing {i}" for i in range(10_000)) + ",thing 5")
+    assert len(str(err.value)) < 200
+    with pytest.raises(ValueError, match=r"\(1000000 characters\)") as err:
+        parse_vocabulary("," * 1_000_000)
+    assert len(str(err.value)) < 250
 
 
 def test_mask_lists_round_trip(tmp_path):

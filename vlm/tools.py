@@ -10,7 +10,10 @@ Segment everything is segment_anything's ``SamAutomaticMaskGenerator`` with the 
 ``segmentation.open_vocab.OpenVocabSegmenter``: SAM's masks classified against the user's
 vocabulary by the preset's CLIP, with the preset's classifier (``open_vocab``: CLIP crops,
 Mask-Adapter or mask pooling). Both take any image core.images.load_rgb reads (bounded in size);
-bad input raises ValueError saying what was expected.
+bad input raises ValueError saying what was expected. An image larger than ``TOOL_MAX_SIDE`` a
+side is segmented, painted and returned at that size: SAM's automatic mask generator upsamples
+every candidate mask to the image (~6 KB a pixel in batches of 256 points), which a 4096-pixel
+upload would turn into ~100 GB, while its masks come from a 64x64 logit grid at any size.
 """
 
 from __future__ import annotations
@@ -35,9 +38,11 @@ from vision.clip import ClipBundle, clip_from_preset
 from vision.sam import AMG_SETTINGS, sam_from_preset
 from vlm.config import PolychromeConfig
 
-__all__ = ["CLASSIFIERS", "MAX_VOCABULARY", "ToolResult", "VisionTools"]
+__all__ = ["CLASSIFIERS", "MAX_VOCABULARY", "TOOL_MAX_SIDE", "ToolResult", "VisionTools"]
 
 MAX_VOCABULARY = 64  # entries in one vocabulary at most
+TOOL_MAX_SIDE = 1024  # pixels: larger images are segmented at this size (module docstring)
+POINTS_PER_BATCH = 64  # the generator's prompt batch (its masks do not depend on it; memory does)
 CLASSIFIERS = ("crops", "adapter", "pooling")
 
 
@@ -87,7 +92,8 @@ class VisionTools:
         if classifier == "adapter" and adapter is None:
             raise ValueError('classifier "adapter" needs a Mask-Adapter')
         self.classifier = classifier
-        self.generator = SamAutomaticMaskGenerator(sam.eval(), **AMG_SETTINGS)
+        settings = {**AMG_SETTINGS, "points_per_batch": POINTS_PER_BATCH}
+        self.generator = SamAutomaticMaskGenerator(sam.eval(), **settings)
         self._segmenters = {
             "crops": OpenVocabSegmenter(clip.model, clip.tokenizer, preprocess=clip.preprocess,
                                         crops=True),
@@ -121,7 +127,12 @@ class VisionTools:
         return cls(clip, sam, adapter, cfg.open_vocab.classifier)
 
     def _proposals(self, image: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rgb = np.asarray(load_rgb(image))
+        picture = load_rgb(image)
+        if max(picture.size) > TOOL_MAX_SIDE:
+            scale = TOOL_MAX_SIDE / max(picture.size)
+            size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+            picture = picture.resize(size, Image.Resampling.LANCZOS)
+        rgb = np.asarray(picture)
         with self._lock, torch.inference_mode():
             masks, scores = sam_proposals(self.generator, rgb)
         return rgb, masks, scores
