@@ -155,9 +155,10 @@ class IndexEntry:
 
 @dataclass
 class SearchResult:
-    """Top-k per query, best first; fewer than k where the index is smaller (id -1, path None)."""
+    """Top-k per query, best first; where the index holds fewer than k, the missing places
+    have id -1, path None and FAISS's filler score (-3.4e38, below any cosine)."""
 
-    scores: np.ndarray  # (Q, k) float32 cosine similarities
+    scores: np.ndarray  # (Q, k) float32 cosine similarities (the filler where id is -1)
     ids: np.ndarray  # (Q, k) int64 positions in ImageIndex.entries, -1 where missing
     paths: list[list[str | None]]  # (Q, k) image paths
 

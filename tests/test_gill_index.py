@@ -101,6 +101,7 @@ def test_k_larger_than_the_index_pads_with_minus_one():
     assert result.ids[0, 0] == 0 and set(result.ids[0, :3].tolist()) == {0, 1, 2}
     assert result.ids[0, 3:].tolist() == [-1, -1]
     assert result.paths[0][3:] == [None, None]
+    assert (result.scores[0, 3:] < -1e30).all()  # the filler score: below any cosine
 
 
 @pytest.mark.parametrize(
