@@ -1047,31 +1047,42 @@ def _write_json(path: Path, doc: Any, root: str = "") -> None:
 
 
 def _dumps(doc: Any, where: str, root: str = "") -> str:
-    try:
+    # Checked before dumping too: json.dumps writes an int key as a string (the round trip
+    # would change it) and a lone surrogate only fails when the text is encoded.
+    found = _first_non_json(doc, root)
+    if found is None:
         return json.dumps(doc, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        found = _first_non_json(doc, root)
-        if found is None:
-            raise
-        at, value = found
-        raise FormatError(
-            f"{where}: {at or 'value'}: expected a JSON value (dict with str keys, list, str, int, "
-            f"finite float, bool, None), got {_show(value)}"
-        ) from e
+    at, value = found
+    raise FormatError(
+        f"{where}: {at or 'value'}: expected a JSON value (dict with str keys, list, str of "
+        f"unicode text, int, finite float, bool, None), got {_show(value)}"
+    )
 
 
 _ID_KEYS = ("id", "ref_id", "sent_id")
 
 
+def _encodes(text: str) -> bool:
+    """False for a str UTF-8 cannot encode (a lone surrogate: half of an emoji cut in two)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _first_non_json(value: Any, at: str) -> tuple[str, Any] | None:
-    """The first value json.dumps(allow_nan=False) rejects and where: "annotations[3] (id=7).x"."""
-    if value is None or isinstance(value, str | int):
+    """The first value a JSON file cannot hold as it is, and where: "annotations[3] (id=7).x"
+    (what json.dumps(allow_nan=False) rejects, a non-str key, a str UTF-8 cannot encode)."""
+    if isinstance(value, str):
+        return None if _encodes(value) else (at, value)
+    if value is None or isinstance(value, int):
         return None
     if isinstance(value, float):
         return None if math.isfinite(value) else (at, value)
     if isinstance(value, dict):
         for k, v in value.items():
-            if not isinstance(k, str):
+            if not isinstance(k, str) or not _encodes(k):
                 return (f"{at} key" if at else "key", k)
             found = _first_non_json(v, f"{at}.{k}" if at else k)
             if found is not None:

@@ -544,6 +544,17 @@ def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path: Path) -> None:
         write_coco_instances(path, bad)
     assert path.read_bytes() == old
     assert leftovers(tmp_path) == []
+    # what json.dumps would write without a word but not as given: an int key (it becomes "1"),
+    # a lone surrogate (half an emoji: it fails only when the text is encoded)
+    for extra, got in (
+        ({"scores": {1: 0.5}}, r"\.scores key: .*got int 1"),
+        ({"n": "a\ud83d"}, r"\.n: "),
+    ):
+        bad.annotations[4].extra = extra
+        with pytest.raises(FormatError, match=r"annotations\[4\] \(id=104\)" + got):
+            write_coco_instances(path, bad)
+        assert path.read_bytes() == old
+        assert leftovers(tmp_path) == []
 
 
 def test_interrupted_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
