@@ -680,3 +680,17 @@ def test_assistant_decodes_with_the_library_methods_on_text_turns(sharp_vlm):
         list(assistant.chat([], "And this?", images=[_image()], settings=settings))
     with pytest.raises(ValueError, match="method must be 'default' or one of"):
         SamplingSettings(method="nucleus-magic")
+
+
+def test_prompts_are_left_padded_without_touching_the_shared_tokenizer(vlm):
+    """Batched generation pads on the left; the side is given to the call, so the tokenizer the
+    chat, STAMP and GILL share keeps its own (a concurrent request cannot find it changed)."""
+    short = [{"role": "user", "content": "Hi."}]
+    long = [{"role": "user", "content": "Describe a long list of many different things, please."}]
+    side = vlm.tokenizer.padding_side
+    enc = vlm.left_padded([short, long])
+    assert vlm.tokenizer.padding_side == side
+    mask = enc["attention_mask"]
+    assert mask[0, 0] == 0 and mask[0, -1] == 1 and mask[1].all()
+    alone = vlm.prepare(short)["input_ids"][0]
+    assert torch.equal(enc["input_ids"][0, -len(alone) :], alone)

@@ -309,14 +309,7 @@ class GILLVLM(VLMExtension):
         self, prompts: Sequence[Sequence[dict[str, Any]]]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Left-padded prompts with the generation prompt, and their visual tokens (or None)."""
-        tok = self.vlm.tokenizer
-        rendered = [self.vlm.render(p, add_generation_prompt=True) for p in prompts]
-        side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            tok.padding_side = side
+        enc = self.vlm.left_padded(prompts)
         images = [im for p in prompts for m in p for im in (m.get("images") or ())]
         visual = None
         if images:

@@ -852,19 +852,24 @@ class PolychromeVLM(nn.Module):
         return batch
 
     @torch.inference_mode()
+    def left_padded(self, prompts: Sequence[Sequence[dict[str, Any]]]) -> Any:
+        """The prompts rendered with the generation prompt and tokenized as one left-padded
+        batch (input_ids, attention_mask). The side is given to this call only: the shared
+        tokenizer's own setting is never changed, so concurrent requests cannot race on it."""
+        rendered = [self.render(p, add_generation_prompt=True) for p in prompts]
+        return self.tokenizer(
+            rendered,
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            add_special_tokens=False,
+        )
+
     def generate_texts(
         self, prompts: Sequence[Sequence[dict[str, Any]]], max_new_tokens: int = 32
     ) -> list[str]:
         """Greedy replies to several prompts at once (left-padded batch); for evaluation."""
-        rendered = [self.render(p, add_generation_prompt=True) for p in prompts]
-        side = self.tokenizer.padding_side
-        self.tokenizer.padding_side = "left"
-        try:
-            enc = self.tokenizer(
-                rendered, return_tensors="pt", padding=True, add_special_tokens=False
-            )
-        finally:
-            self.tokenizer.padding_side = side
+        enc = self.left_padded(prompts)
         images = [im for p in prompts for m in p for im in (m.get("images") or ())]
         feats = self.encode_images(self.pixel_values(images)) if images else None
         embeds = self.embed(enc["input_ids"].to(self.device), feats)

@@ -482,14 +482,7 @@ class StampVLM(VLMExtension):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[Any]]:
         """Left-padded prompts with the generation prompt; pixels of every image; for each prompt
         the index (into the pixels) of its last image, and that image. Every prompt needs one."""
-        tok = self.vlm.tokenizer
-        rendered = [self.vlm.render(p, add_generation_prompt=True) for p in prompts]
-        side = tok.padding_side
-        tok.padding_side = "left"
-        try:
-            enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            tok.padding_side = side
+        enc = self.vlm.left_padded(prompts)
         images: list[Any] = []
         last: list[int] = []
         for i, p in enumerate(prompts):
