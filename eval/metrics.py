@@ -9,7 +9,9 @@ Conventions that differ between libraries, fixed here once:
 - IoU of an empty prediction against an empty target is 1.0 (nothing to find, nothing found).
   pycocotools.mask.iou returns 0.0 for that pair; the tests check both.
 - Per-class IoU is NaN for a class absent from both target and prediction, and NaN entries are
-  left out of every mean (mmsegmentation / detectron2 SemSegEvaluator behaviour).
+  left out of every mean (mmsegmentation's behaviour). A class predicted but absent from the
+  target scores 0 and counts, as in mmsegmentation; detectron2's SemSegEvaluator leaves out every
+  class without target pixels, so on a small split its mIoU can be higher.
 - recall@k breaks score ties against the positive (pessimistic), so the number never depends on
   sort stability and a constant scorer gets no credit.
 

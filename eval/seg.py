@@ -92,8 +92,12 @@ def evaluate_classifier(
     index_of = {cid: i for i, cid in enumerate(ids)}
     unseen = {i for i, n in enumerate(names) if n in dataset.unseen}
     correct = {"seen": [0, 0], "unseen": [0, 0]}
-    matrix = ConfusionMatrix(len(names) + 1)  # 0 = background, i + 1 = names[i]
-    lut = np.zeros(max(ids) + 1, dtype=np.int64)  # semantic maps hold category ids: -> 1 + index
+    ignore = max(255, len(names) + 1)  # outside the classes
+    matrix = ConfusionMatrix(len(names) + 1, ignore)  # 0 = background, i + 1 = names[i]
+    # semantic maps hold category ids (0 background) -> 1 + index; any other value (255, COCO-
+    # stuff's ignore label, or an id that is no category) is ignored, not scored
+    lut = np.full(max(ids) + 1, ignore, dtype=np.int64)
+    lut[0] = 0
     for cid in ids:
         lut[cid] = index_of[cid] + 1
     seconds = []
@@ -113,20 +117,27 @@ def evaluate_classifier(
             probs = segmenter.classify_masks(image, masks, names)
             pred = semantic_inference(masks, probs)
             seconds.append(time.perf_counter() - t0)
-            matrix.update(pred, lut[semantic(i)])
-    result: dict[str, Any] = {
-        "gt_mask_acc_seen": correct["seen"][0] / max(correct["seen"][1], 1),
-        "gt_mask_acc_unseen": correct["unseen"][0] / max(correct["unseen"][1], 1),
-        "gt_masks": {k: v[1] for k, v in correct.items()},
+            target = semantic(i)
+            known = (target >= 0) & (target < len(lut))
+            matrix.update(pred, np.where(known, lut[np.where(known, target, 0)], ignore))
+    result: dict[str, Any] = {  # NaN where there was nothing of the kind to classify
+        f"gt_mask_acc_{k}": v[0] / v[1] if v[1] else float("nan") for k, v in correct.items()
     }
+    result["gt_masks"] = {k: v[1] for k, v in correct.items()}
     if seconds:
         iou = matrix.iou()
         classes = [i + 1 for i in range(len(names))]
-        su = seen_unseen_miou(
-            iou,
-            [c for c in classes if c - 1 not in unseen],
-            [c for c in classes if c - 1 in unseen],
-        )
+        seen_classes = [c for c in classes if c - 1 not in unseen]
+        unseen_classes = [c for c in classes if c - 1 in unseen]
+        if seen_classes and unseen_classes:
+            su = seen_unseen_miou(iou, seen_classes, unseen_classes)
+        else:  # no split (ADE-style data, --unseen ""): one mIoU, the split's NaN
+            whole = float(np.nanmean(iou[classes])) if not np.isnan(iou[classes]).all() else np.nan
+            su = {
+                "seen": whole if seen_classes else float("nan"),
+                "unseen": whole if unseen_classes else float("nan"),
+                "harmonic": float("nan"),
+            }
         result.update(
             miou_seen=su["seen"],
             miou_unseen=su["unseen"],
