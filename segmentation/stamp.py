@@ -354,8 +354,8 @@ def mask_like_clip_input(mask: npt.ArrayLike, size: int) -> torch.Tensor:
     if m.ndim != 2:
         raise ValueError(f"mask must be (H, W), received shape {tuple(m.shape)}")
     h, w = m.shape
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    # the longer side as torchvision's Resize(size) computes it: size x long / short, floored
+    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
     m = F.interpolate(m[None, None], size=(nh, nw), mode="bilinear", align_corners=False)[0, 0]
     # where torchvision's CenterCrop (open_clip's) puts the crop: round half to even
     top, left = round((nh - size) / 2), round((nw - size) / 2)

@@ -146,6 +146,37 @@ def test_mask_crop_is_where_torchvisions_centre_crop_takes_it(height):
     assert logits[top].max() == 5.0 and (top == 0 or logits[:top].max() < 5.0)
 
 
+@pytest.mark.parametrize("shape", [(63, 100), (100, 63), (50, 77), (64, 64)])
+def test_mask_resize_and_crop_are_torchvisions(shape):
+    """The whole of CLIP's eval transform on the mask: torchvision's Resize(size) (its longer
+    side floored, not rounded) and CenterCrop, bilinear without antialiasing as our interpolate."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.functional import center_crop, resize
+
+    rng = np.random.default_rng(sum(shape))
+    mask = rng.random(shape) > 0.5
+    want = resize(
+        torch.from_numpy(mask.astype(np.float32))[None],
+        64,
+        interpolation=InterpolationMode.BILINEAR,
+        antialias=False,
+    )
+    want = center_crop(want, [64, 64])[0]
+    torch.testing.assert_close(mask_like_clip_input(mask, 64), want)
+
+
+def test_stamp_lora_dropout_is_on_in_training_only():
+    """StampConfig.lora_dropout acts while training (the frozen LLM's own modules stay in eval
+    mode) and not at inference."""
+    model = StampVLM(_vlm(), CFG.replace(lora_dropout=0.5))
+    drops = [m for n, m in model.vlm.llm.named_modules() if n.endswith("lora_dropout.default")]
+    assert drops and all(m.p == 0.5 for m in drops)
+    model.train()
+    assert all(m.training for m in drops) and not model.vlm.llm.training
+    model.eval()
+    assert not any(m.training for m in drops)
+
+
 def test_sample_points_spread_over_foreground_and_one_negative():
     logits = np.full((32, 32), -5.0)
     logits[4:12, 4:12] = 3.0

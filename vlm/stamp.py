@@ -173,7 +173,10 @@ class StampVLM(VLMExtension):
 
     def train(self, mode: bool = True) -> StampVLM:
         super().train(mode)
-        self.vlm.train(mode)
+        self.vlm.train(mode)  # keeps the frozen LLM in eval mode, STAMP's LoRA with it
+        for name, module in self.vlm.llm.named_modules():
+            if name.endswith(f"lora_dropout.{STAMP_ADAPTER}"):  # its dropout trains (config)
+                module.train(mode)
         self.vlm.projector.eval()  # the VLM core's projector is frozen here
         if self.sam is not None:
             self.sam.image_encoder.eval()
