@@ -61,6 +61,17 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tenso
         )
 
 
+def _in_float32(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v in float32 when they are half or bfloat16: a decay exp(-s) just below 1 rounds
+    to 1 in bfloat16 (steps of 1/256 there), positions above 256 are not exact in it, and a state
+    summed over thousands of tokens loses what it holds; the caller casts the output back."""
+    if q.dtype in (torch.float16, torch.bfloat16):
+        return q.float(), k.float(), v.float()
+    return q, k, v
+
+
 def _initial_state(
     q: torch.Tensor, v: torch.Tensor, initial_state: torch.Tensor | None
 ) -> torch.Tensor:
@@ -73,7 +84,7 @@ def _initial_state(
             f"expected initial_state of shape (B, nh, dk, dv) = {(B, nh, dk, dv)}, received "
             f"{tuple(initial_state.shape)}"
         )
-    return initial_state
+    return initial_state.to(q.dtype)
 
 
 def _decay_matrix(decay: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -95,6 +106,8 @@ def naive_decay_attention(
     q, k (B, nh, T, dk); v (B, nh, T, dv); decay (nh,) -> o (B, nh, T, dv).
     """
     _check(q, k, v, decay)
+    dtype = q.dtype
+    q, k, v = _in_float32(q, k, v)
     idx = torch.arange(q.shape[2], device=q.device, dtype=q.dtype)
     s = decay.to(q.dtype)
     D = _decay_matrix(s, idx, idx)  # (nh, T, T)
@@ -103,7 +116,7 @@ def naive_decay_attention(
         state = _initial_state(q, v, initial_state)
         q_decay = torch.exp(-s[:, None] * (idx + 1))  # (nh, T)
         out = out + (q * q_decay[..., None]) @ state
-    return out
+    return out.to(dtype)
 
 
 def recurrent_decay_attention(
@@ -118,6 +131,8 @@ def recurrent_decay_attention(
     q, k (B, nh, T, dk); v (B, nh, T, dv); decay (nh,) -> (o (B, nh, T, dv), S (B, nh, dk, dv)).
     """
     _check(q, k, v, decay)
+    dtype = q.dtype
+    q, k, v = _in_float32(q, k, v)
     state = _initial_state(q, v, initial_state)
     lam = torch.exp(-decay.to(q.dtype))[:, None, None]  # (nh, 1, 1)
     outs = []
@@ -125,7 +140,7 @@ def recurrent_decay_attention(
         state = lam * state + k[:, :, t, :, None] * v[:, :, t, None, :]
         outs.append((q[:, :, t, None, :] @ state).squeeze(-2))
     out = torch.stack(outs, dim=2) if outs else v.new_zeros(v.shape)
-    return out, state
+    return out.to(dtype), state  # the state stays float32 for half inputs
 
 
 def lightning_attention(
@@ -145,6 +160,8 @@ def lightning_attention(
     _check(q, k, v, decay)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, received {block_size}")
+    dtype = q.dtype
+    q, k, v = _in_float32(q, k, v)
     state = _initial_state(q, v, initial_state)
     s = decay.to(q.dtype)
     cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -170,4 +187,4 @@ def lightning_attention(
         outs.append(o_intra + o_inter)
         state = block * state + (kb * k_decay).transpose(-1, -2) @ vb
     out = torch.cat(outs, dim=2) if outs else v.new_zeros(v.shape)
-    return out, state
+    return out.to(dtype), state  # the state stays float32 for half inputs
