@@ -443,7 +443,8 @@ def sample_grid(
             pipe, [item.prompt] * len(seeds), seed=list(seeds), num_inference_steps=steps,
             guidance_scale=guidance,
         )  # fmt: skip
-        row = image_grid([real, *images], columns=1 + len(images))
+        real = real.resize(images[0].size) if images and real.size != images[0].size else real
+        row = image_grid([real, *images], columns=1 + len(images))  # cells of the samples' size
         canvas = Image.new("RGB", (label_width + row.width, row.height), (255, 255, 255))
         canvas.paste(row, (label_width, 0))
         ImageDraw.Draw(canvas).text((6, row.height // 2 - 6), item.prompt, fill=(0, 0, 0))

@@ -33,6 +33,8 @@ both built from the training noise schedule's config.
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -568,12 +570,13 @@ def generate(
         raise ValueError(
             f"num_inference_steps must be an int >= 1, received {num_inference_steps!r}"
         )
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale must be >= 0, received {guidance_scale}")
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:  # NaN sampled unguided
+        raise ValueError(f"guidance_scale must be a finite number >= 0, received {guidance_scale}")
     if seed is not None:
         if generator is not None:
             raise ValueError("pass `seed` or `generator`, not both")
-        seeds = [seed + i for i in range(batch)] if isinstance(seed, int) else list(seed)
+        one = isinstance(seed, numbers.Integral)  # numpy's integers too
+        seeds = [int(seed) + i for i in range(batch)] if one else list(seed)  # type: ignore[arg-type]
         if len(seeds) != batch:
             raise ValueError(f"expected {batch} seeds (one per image), received {len(seeds)}")
         generator = [torch.Generator(pipe.device).manual_seed(int(s)) for s in seeds]

@@ -151,6 +151,14 @@ def test_same_seed_same_image_other_seed_other_image(pipe):
         a,
         atol=1e-6,
     )
+    # two different prompts in one batch: each image is its own prompt's with its own seed
+    star = _np(pipe, ["A blue star."], seed=9)
+    mixed = _np(pipe, ["A red circle.", "A blue star."], seed=[5, 9])
+    np.testing.assert_allclose(mixed[0], a[0], atol=1e-6)
+    np.testing.assert_allclose(mixed[1], star[0], atol=1e-6)
+    np.testing.assert_array_equal(_np(pipe, ["A red circle."], seed=np.int64(5)), a)  # numpy int
+    with pytest.raises(ValueError, match="finite number >= 0, received nan"):
+        generate(pipe, ["A red circle."], guidance_scale=float("nan"), num_inference_steps=2)
 
 
 def test_guidance_and_negative_embeds_change_the_image(pipe):
