@@ -149,6 +149,21 @@ def test_masking_expands_back_to_the_original_and_respects_the_budget():
         assert EOS not in [t for f in e.fine_labels for t in f]
 
 
+def test_a_row_of_n_grams_longer_than_its_budget_still_masks_one_token():
+    """6 tokens, two trigram units, budget max(1, int(0.15 x 6)) = 1: no unit fits, so one
+    token of one trigram is masked alone (nothing was masked, and the losses were NaN)."""
+    c = collator(mask_ratio=0.15)
+    ids = [6, 7, 8, 6, 7, 8]
+    for seed in range(5):
+        e = c.mask_sequence(ids, torch.Generator().manual_seed(seed))
+        assert len(e.slots) == 1 and e.input_ids.count(MASK) == 1
+        token = e.fine_labels[0][0]
+        assert e.coarse_labels == [token] and e.fine_labels[0][1:] == [IGNORE_INDEX] * 2
+        rebuilt = list(e.input_ids)
+        rebuilt[e.slots[0]] = token
+        assert rebuilt == ids and e.position_ids == list(range(6))
+
+
 def test_batch_flat_indices_point_at_the_masks():
     c = collator(mask_ratio=0.3)
     batch = c([[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15]], torch.Generator().manual_seed(0))

@@ -281,13 +281,19 @@ class ErnieGramCollator:
         budget = max(1, int(self.mask_ratio * eligible)) if eligible else 0
         chosen: set[int] = set()
         used = 0
-        for j in torch.randperm(len(candidates), generator=generator).tolist():
+        order = torch.randperm(len(candidates), generator=generator).tolist()
+        for j in order:
             n = units[candidates[j]][1]
             if used + n <= budget:
                 chosen.add(candidates[j])
                 used += n
             if used == budget:
                 break
+        if not chosen and order:  # every unit is longer than the budget: one token of the first
+            u = candidates[order[0]]  # drawn unit, masked alone (a row always has a target)
+            start, n = units[u]
+            units[u : u + 1] = [(start + i, 1) for i in range(n)]
+            chosen = {u}
         out = ErnieGramExample([], [], [])
         for u, (start, n) in enumerate(units):
             if u in chosen:
@@ -450,6 +456,8 @@ class ErnieGramForPretraining(nn.Module):
         """Tensors of an ErnieGramBatch (shapes there); sample_generator fixes the generator's
         samples and the replace draws (CPU generator)."""
         M = masked_index.numel()
+        if M == 0:  # every loss would be a mean over nothing: NaN
+            raise ValueError("the batch has no masked slot (were all its tokens protected?)")
         if coarse_labels.shape != (M,) or fine_labels.shape != (M, self.config.max_n):
             raise ValueError(
                 f"expected coarse_labels ({M},) and fine_labels ({M}, {self.config.max_n}), "
