@@ -311,10 +311,11 @@ def geometric_ensemble(
 ) -> np.ndarray:
     """FC-CLIP's geometric ensemble (which Mask-Adapter evaluates with) of two (M, C + 1) class
     probabilities, void last: an in-vocabulary classifier trained on the seen classes (the
-    adapter) and the frozen CLIP's out-of-vocabulary one. Class c gets
-    p_in^(1 - a) * p_out^a with a = alpha for seen classes, beta for unseen ones (FC-CLIP's 0.4
-    and 0.8: trust CLIP more where the trained head never saw the class); void takes the seen
-    weight. Rows are renormalised to sum to 1.
+    adapter) and the frozen CLIP's out-of-vocabulary one. As FC-CLIP's code does: the
+    out-of-vocabulary probabilities are taken over the classes alone (its void dropped), class c
+    gets p_in^(1 - a) * p_out^a with a = alpha for seen classes, beta for unseen ones (FC-CLIP's
+    0.4 and 0.8: trust CLIP more where the trained head never saw the class), the classes are
+    renormalised, and void is the in-vocabulary classifier's, the classes sharing 1 - void.
     """
     if p_in.shape != p_out.shape or p_in.shape[1] != len(seen) + 1:
         raise ValueError(
@@ -324,10 +325,14 @@ def geometric_ensemble(
     for name, v in (("alpha", alpha), ("beta", beta)):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], received {v}")
-    a = np.append(np.where(seen, alpha, beta), alpha)  # (C + 1,)
+    a = np.where(seen, alpha, beta)  # (C,)
     eps = 1e-12
-    p = np.exp((1 - a) * np.log(p_in + eps) + a * np.log(p_out + eps))
-    return (p / p.sum(axis=1, keepdims=True)).astype(np.float32)
+    void = p_in[:, -1:].astype(np.float64)
+    outer = p_out[:, :-1].astype(np.float64)
+    outer = outer / np.maximum(outer.sum(axis=1, keepdims=True), eps)
+    p = np.exp((1 - a) * np.log(p_in[:, :-1] + eps) + a * np.log(outer + eps))
+    classes = p / p.sum(axis=1, keepdims=True) * (1.0 - void)
+    return np.concatenate([classes, void], axis=1).astype(np.float32)
 
 
 class EnsembleSegmenter:

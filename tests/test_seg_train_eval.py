@@ -140,20 +140,25 @@ def test_background_masks_are_dropped():
 
 
 def test_geometric_ensemble_matches_hand_computation():
+    """FC-CLIP's ensemble as its code computes it: CLIP's class probabilities over the classes
+    alone, p_in^(1-a) p_out^a per class, renormalised, scaled by 1 - the in-vocabulary void,
+    which is kept (CLIP's void, a fixed logit far below its class logits, used to wipe it out)."""
     from segmentation.open_vocab import geometric_ensemble
 
     p_in = np.array([[0.5, 0.3, 0.2]])  # seen class, unseen class, void
-    p_out = np.array([[0.2, 0.6, 0.2]])
-    raw = [0.5**0.6 * 0.2**0.4, 0.3**0.2 * 0.6**0.8, 0.2**0.6 * 0.2**0.4]
-    got = geometric_ensemble(p_in, p_out, np.array([True, False]), alpha=0.4, beta=0.8)
-    np.testing.assert_allclose(got[0], np.array(raw) / sum(raw), rtol=1e-5)
-    # alpha = beta = 0 is the in-vocabulary classifier alone, 1 the CLIP one alone
+    p_out = np.array([[0.15, 0.45, 0.4]])  # over the classes alone: 0.25, 0.75
+    raw = np.array([0.5**0.6 * 0.25**0.4, 0.3**0.2 * 0.75**0.8])
+    want = np.append(raw / raw.sum() * 0.8, 0.2)
+    seen = np.array([True, False])
+    np.testing.assert_allclose(geometric_ensemble(p_in, p_out, seen, 0.4, 0.8)[0], want, rtol=1e-5)
+    # a = 0: the in-vocabulary classifier alone; a = 1: CLIP's classes under p_in's void
+    np.testing.assert_allclose(geometric_ensemble(p_in, p_out, seen, 0, 0), p_in, rtol=1e-5)
     np.testing.assert_allclose(
-        geometric_ensemble(p_in, p_out, np.array([True, False]), 0, 0), p_in, rtol=1e-5
+        geometric_ensemble(p_in, p_out, seen, 1, 1), [[0.2, 0.6, 0.2]], rtol=1e-5
     )
-    np.testing.assert_allclose(
-        geometric_ensemble(p_in, p_out, np.array([True, False]), 1, 1), p_out, rtol=1e-5
-    )
+    # an adapter that calls a mask void keeps it void, whatever CLIP's (near-zero) void says
+    got = geometric_ensemble(np.array([[0.05, 0.05, 0.9]]), np.array([[0.5, 0.5, 1e-13]]), seen)
+    assert got[0, -1] == pytest.approx(0.9)
     with pytest.raises(ValueError, match="seen flags"):
         geometric_ensemble(p_in, p_out, np.array([True]))
 
