@@ -179,9 +179,8 @@ def test_end_step_saves_when_due_and_stops_on_the_clock(capsys):
     saved: list[int] = []
 
     def end(done, elapsed=0.0, max_minutes=None, last=None):
-        return dp.end_step(
-            done, saved.append, save_every=3, elapsed=elapsed, max_minutes=max_minutes, last=last
-        )
+        args = argparse.Namespace(save_every=3, max_minutes=max_minutes)
+        return dp.end_step(done, saved.append, elapsed, args, last=last)
 
     # steps 1..7 of a run that stops at 7: saves at 3 and 6 (every 3) and 7 (the last)
     assert [end(d, last=7) for d in range(1, 8)] == [False] * 7

@@ -150,16 +150,15 @@ class DataParallel:
         self,
         done: int,
         save: Callable[[int], object],
-        *,
-        save_every: int,
         elapsed: float,
-        max_minutes: float | None,
+        args: argparse.Namespace,
         last: int | None = None,
     ) -> bool:
-        """The end of a training step, on every process: whether ``--max-minutes`` has run out
-        (`elapsed` seconds against it, on any process: all stop together). When it has, every
-        `save_every` steps and at step `last`, all processes meet and the main one calls
+        """The end of a training step, on every process: whether ``args.max_minutes`` has run
+        out (`elapsed` seconds against it, on any process: all stop together). When it has, every
+        ``args.save_every`` steps and at step `last`, all processes meet and the main one calls
         `save(done)` (the training state: a run stopped by the clock resumes where it stopped)."""
+        save_every, max_minutes = args.save_every, args.max_minutes
         out_of_time = self.any(max_minutes is not None and elapsed > 60 * max_minutes)
         if done % save_every == 0 or done == last or out_of_time:
             self.accelerator.wait_for_everyone()

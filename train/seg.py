@@ -449,9 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         out_of_time = dp.end_step(
             step,
             lambda n: save_training_state(args.out, adapter, optimizer, scheduler, n, run_config),
-            save_every=args.save_every,
-            elapsed=time.time() - t0,
-            max_minutes=args.max_minutes,
+            time.time() - t0,
+            args,
         )
         if out_of_time:
             break

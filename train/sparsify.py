@@ -347,14 +347,7 @@ def train_maskllm(
         log.append(row)
         bar.set_postfix(lm_loss=f"{row['lm_loss']:.3f}", tau=f"{tau:.2f}")
         elapsed = time.time() - t0
-        if dp.end_step(
-            done,
-            save,
-            save_every=args.save_every,
-            elapsed=elapsed,
-            max_minutes=args.max_minutes,
-            last=stop,
-        ):
+        if dp.end_step(done, save, elapsed, args, last=stop):
             break
     bar.close()
     model.eval()

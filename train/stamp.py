@@ -462,9 +462,8 @@ def main(argv: list[str] | None = None) -> int:
         if dp.end_step(
             done,
             lambda n: save_training_state(args.out, model, optimizer, scheduler, n, run_config),
-            save_every=args.save_every,
-            elapsed=elapsed,
-            max_minutes=args.max_minutes,
+            elapsed,
+            args,
             last=stop,
         ):
             break
