@@ -55,6 +55,7 @@ import json
 import shlex
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -422,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     began = time.monotonic()
     done = start
+    save = partial(save_training_state, args.out, model, optimizer, scheduler, config=run_config)
     for step in range(start, stop):
         batch = batch_for(
             scenes,
@@ -459,13 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         bar.update(1)
         done = step + 1
         elapsed = time.monotonic() - began
-        if dp.end_step(
-            done,
-            lambda n: save_training_state(args.out, model, optimizer, scheduler, n, run_config),
-            elapsed,
-            args,
-            last=stop,
-        ):
+        if dp.end_step(done, save, elapsed, args, last=stop):
             break
     bar.close()
     if not dp.main:

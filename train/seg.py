@@ -47,6 +47,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -370,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     step = start
     out_of_time = False
     bar = tqdm(total=args.steps, initial=start, desc=f"stage {args.stage}", disable=not progress)
+    save = partial(save_training_state, args.out, adapter, optimizer, scheduler, config=run_config)
     while step < end:
         idx = next(batches)
         rng = np.random.default_rng([args.seed, step])
@@ -446,12 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.flush()
             bar.set_postfix(loss=f"{mean['loss']:.3f}", acc=f"{mean['acc']:.2f}")
             running = []
-        out_of_time = dp.end_step(
-            step,
-            lambda n: save_training_state(args.out, adapter, optimizer, scheduler, n, run_config),
-            time.time() - t0,
-            args,
-        )
+        out_of_time = dp.end_step(step, save, time.time() - t0, args)
         if out_of_time:
             break
     bar.close()

@@ -61,6 +61,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -587,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     step = start
     out_of_time = False
     bar = tqdm(total=args.steps, initial=start, desc="decoder", disable=not progress)
+    save = partial(save_training_state, args.out, decoder, optimizer, scheduler, config=run_config)
     while step < end:
         idx = next(batches)
         rng = np.random.default_rng([args.seed, step])
@@ -624,12 +626,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.flush()
             bar.set_postfix(loss=f"{mean['loss']:.2f}", dice=f"{mean['dice']:.3f}")
             running = []
-        out_of_time = dp.end_step(
-            step,
-            lambda n: save_training_state(args.out, decoder, optimizer, scheduler, n, run_config),
-            time.time() - t0,
-            args,
-        )
+        out_of_time = dp.end_step(step, save, time.time() - t0, args)
         if out_of_time:
             break
     bar.close()

@@ -29,6 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -348,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         disable=args.no_progress or not dp.main,
     )
     step = start
+    save = partial(save_training_state, args.out, vlm, optimizer, scheduler, config=run_config)
     for step in range(start, stop):
         indices = next(batches)
         # the global batch's conversations (sampled as one process would), then this slice
@@ -378,13 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         bar.update(1)
         done = step + 1
-        if dp.end_step(
-            done,
-            lambda n: save_training_state(args.out, vlm, optimizer, scheduler, n, run_config),
-            elapsed,
-            args,
-            last=stop,
-        ):
+        if dp.end_step(done, save, elapsed, args, last=stop):
             break
     bar.close()
     if log is None:
@@ -463,12 +459,8 @@ def _plot_curve(curve: Path, png: Path, align_steps: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_step = {}  # a resumed run re-logs the steps after its last save: keep the latest
-    for line in curve.read_text(encoding="utf-8").splitlines():
-        if line:
-            row = json.loads(line)
-            by_step[row["step"]] = row
-    rows = [by_step[s] for s in sorted(by_step)]
+    # one row per step, in order: the log is trimmed to the state a run starts from (open_log)
+    rows = [json.loads(line) for line in curve.read_text(encoding="utf-8").splitlines() if line]
     if not rows:
         return
     steps = [r["step"] for r in rows]
