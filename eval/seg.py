@@ -132,7 +132,7 @@ def evaluate_classifier(
         if seen_classes and unseen_classes:
             su = seen_unseen_miou(iou, seen_classes, unseen_classes)
         else:  # no split (ADE-style data, --unseen ""): one mIoU, the split's NaN
-            whole = float(np.nanmean(iou[classes])) if not np.isnan(iou[classes]).all() else np.nan
+            whole = matrix.miou(classes)
             su = {
                 "seen": whole if seen_classes else float("nan"),
                 "unseen": whole if unseen_classes else float("nan"),
