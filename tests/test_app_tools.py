@@ -63,9 +63,9 @@ def test_segment_everything_is_sams_automatic_masks_and_the_json_decodes_to_them
 
 def test_a_large_image_is_segmented_at_the_tools_size(tools, scene, tmp_path, monkeypatch):
     """An image larger than TOOL_MAX_SIDE (1024) is segmented as the same picture at that size:
-    SAM's automatic generator upsamples each candidate mask to the image, which at the 4096 px
-    allowed would take ~100 GB; its masks come from a 64 x 64 logit grid at any size. (Checked
-    here at a limit of 256, on a 512 x 384 upload, to take seconds.)"""
+    SAM's automatic generator upsamples each candidate mask to the image, so its memory grows
+    with the pixels; its masks come from a 64 x 64 logit grid at any size. (Checked here at a
+    limit of 256, on a 512 x 384 upload, to take seconds.)"""
     import vlm.tools
 
     assert vlm.tools.TOOL_MAX_SIDE == 1024

@@ -12,8 +12,9 @@ vocabulary by the preset's CLIP, with the preset's classifier (``open_vocab``: C
 Mask-Adapter or mask pooling). Both take any image core.images.load_rgb reads (bounded in size);
 bad input raises ValueError saying what was expected. An image larger than ``TOOL_MAX_SIDE`` a
 side is segmented, painted and returned at that size: SAM's automatic mask generator upsamples
-every candidate mask to the image (~6 KB a pixel in batches of 256 points), which a 4096-pixel
-upload would turn into ~100 GB, while its masks come from a 64x64 logit grid at any size.
+every candidate mask of a prompt batch to the image, so its memory grows with the pixels times
+the batch (tens of gigabytes for the largest upload the app takes), while the shapes SAM's masks
+come from a 64x64 logit grid at any size.
 """
 
 from __future__ import annotations
