@@ -117,6 +117,33 @@ def tiny_autoencoder_kl():
     )
 
 
+def drain_across_threads(items):
+    """Every item of the generator `items`, resumed in turn by two worker threads: gradio
+    resumes a streamed reply on whichever worker thread is free, and grad / inference mode is
+    per thread (a reply that held ``torch.inference_mode`` across its yields failed there, and
+    left the thread that started it in inference mode). Fails if a worker's mode changed."""
+    from concurrent.futures import ThreadPoolExecutor
+    from itertools import count
+
+    def modes() -> tuple[bool, bool]:
+        return torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+    workers = [ThreadPoolExecutor(max_workers=1) for _ in range(2)]
+    try:
+        before = [w.submit(modes).result() for w in workers]
+        out: list = []
+        for turn in count():
+            try:
+                out.append(workers[turn % 2].submit(next, items).result())
+            except StopIteration:
+                break
+        assert [w.submit(modes).result() for w in workers] == before, "a worker's mode leaked"
+        return out
+    finally:
+        for w in workers:
+            w.shutdown()
+
+
 def serve_demo(assistant, tools=None):
     """Serve the demo over `assistant` (and `tools`, a VisionTools) on a free local port; yields
     the URL, closes afterwards."""

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import drain_across_threads
 from PIL import Image
 from safetensors.torch import load_file
 from sklearn.metrics import f1_score
@@ -205,6 +206,31 @@ def test_assistant_shows_images_and_the_text_goes_on(gill, maker):
         list(assistant.respond([], "generate:   ", settings=settings))
     plain = list(assistant.respond([], "Hello there", settings=settings))[-1]
     assert plain.images == []
+
+
+def test_a_reply_resumed_on_other_threads_is_the_same(gill, maker):
+    """Gradio resumes the streamed reply on any free worker thread: the image comes out the
+    same as when one thread drains it (inference mode held across yields broke it there)."""
+    from vlm.assistant import SamplingSettings
+
+    assistant = Assistant(
+        gill.vlm.llm, gill.vlm.tokenizer, vlm=gill.vlm, gill=gill, image_maker=maker
+    )
+    settings = SamplingSettings(max_new_tokens=3, seed=5)
+    for prefix in ("generate:", "retrieve:"):
+        one = list(assistant.respond([], f"{prefix} a red circle", settings=settings))[-1]
+        moved = drain_across_threads(
+            assistant.respond([], f"{prefix} a red circle", settings=settings)
+        )[-1]
+        assert moved.text == one.text and len(moved.images) == len(one.images) == 1
+        a, b = moved.images[0], one.images[0]
+        assert a.source == b.source
+        np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))
+    events = drain_across_threads(
+        gill.stream(request_prompt("a red circle"), maker, max_new_tokens=2, force="image", seed=5)
+    )
+    assert sum(payload is not None for _, payload in events) == 1
+    assert not torch.is_inference_mode_enabled()
 
 
 def test_image_seeds_follow_the_settings_and_vary_without_one(gill, maker, monkeypatch):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import chromium_page, serve_demo, sharpened_tiny_vlm
+from conftest import chromium_page, drain_across_threads, serve_demo, sharpened_tiny_vlm
 from PIL import Image
 
 import app
@@ -49,6 +49,27 @@ def test_respond_returns_masks_on_the_last_image_and_chat_stays_text(assistant, 
     text_only = list(assistant.respond([], "hello"))[-1]
     assert text_only.masks == [] and text_only.mask_image is None
     assert list(assistant.chat([], "Segment it.", images=[image]))[-1] == last.text
+
+
+def test_a_reply_resumed_on_other_threads_is_the_same(assistant, tmp_path):
+    """Gradio resumes the streamed reply on any free worker thread; the reply must not depend
+    on the thread (inference mode held across its yields broke the mask pass there)."""
+    image = _scene(tmp_path / "scene.png")
+    one = list(assistant.respond([], "Segment the largest red shape.", images=[image]))
+    moved = drain_across_threads(
+        assistant.respond([], "Segment the largest red shape.", images=[image])
+    )
+    assert [r.text for r in moved] == [r.text for r in one]
+    for a, b in zip(moved[-1].masks, one[-1].masks, strict=True):
+        np.testing.assert_array_equal(a, b)
+    stream = drain_across_threads(
+        assistant.stamp.stream(
+            [{"role": "user", "content": "Segment it.", "images": [Image.open(image)]}],
+            max_new_tokens=2,
+        )
+    )
+    assert any(mask is not None for _, mask in stream)
+    assert not torch.is_inference_mode_enabled()
 
 
 def test_masks_are_painted_over_the_image_with_a_legend(tmp_path):

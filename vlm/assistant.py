@@ -494,6 +494,7 @@ class Assistant:
             return kind, REQUEST_TEMPLATES[0].format(rest)
         return None, message
 
+    @torch.inference_mode()  # per resumption: gradio resumes a reply on any worker thread
     def _respond_specials(
         self,
         messages: list[ChatMessage],
@@ -506,7 +507,7 @@ class Assistant:
         ``[IMG0]`` an image, and the text marks each where it came."""
         text, masks, shown = "", [], []
         last_image = images[-1] if images else None
-        with self._guard(settings), torch.inference_mode():
+        with self._guard(settings):
             specials: list[Special] = []
             if self.stamp is not None:
                 last, kv, cache, seg = self.stamp.start_reply(messages)

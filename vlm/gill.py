@@ -480,6 +480,7 @@ class GILLVLM(VLMExtension):
         _, states = self.request_states(prompts)
         return maker.make(states, force=force, seed=seed)
 
+    @torch.inference_mode()  # per resumption, in the resuming thread (torch wraps generators)
     def stream(
         self,
         messages: Sequence[dict[str, Any]],
@@ -498,26 +499,25 @@ class GILLVLM(VLMExtension):
         source, the head not consulted). Unless ``back_to_back``, [IMG0] is masked after an image
         until the reply has written some non-blank text: the frozen LLM, reading the [IMG] tokens,
         otherwise tends to open a second image at once (docs/results_pending_9b.md)."""
-        with torch.inference_mode():
-            ids, attn, visual = self._batch([messages])
-            last, cache = self.prefix(ids, attn, visual)
-            source = None if force == "image" else force
-            img = self.special(maker, seed, back_to_back, source)
-            events = decode_with_specials(
-                self.vlm.tokenizer,
-                last,
-                attn.to(self.vlm.device),
-                cache,
-                self.step,
-                [img],
-                max_new_tokens,
-                vocab_logits=self.vlm.llm.get_output_embeddings(),
-                temperature=temperature,
-                seed=seed,
-                force=None if force is None else IMG_TOKENS[0],
-            )
-            for event in events:
-                yield event.text, event.payload
+        ids, attn, visual = self._batch([messages])
+        last, cache = self.prefix(ids, attn, visual)
+        source = None if force == "image" else force
+        img = self.special(maker, seed, back_to_back, source)
+        events = decode_with_specials(
+            self.vlm.tokenizer,
+            last,
+            attn.to(self.vlm.device),
+            cache,
+            self.step,
+            [img],
+            max_new_tokens,
+            vocab_logits=self.vlm.llm.get_output_embeddings(),
+            temperature=temperature,
+            seed=seed,
+            force=None if force is None else IMG_TOKENS[0],
+        )
+        for event in events:
+            yield event.text, event.payload
 
     def special(
         self,

@@ -587,6 +587,7 @@ class StampVLM(VLMExtension):
         thr = self.config.threshold
         return StampReply(text.strip(), [m > thr for m in logits], logits)
 
+    @torch.inference_mode()  # per resumption, in the resuming thread (torch wraps generators)
     def stream(
         self,
         messages: Sequence[dict[str, Any]],
@@ -601,25 +602,24 @@ class StampVLM(VLMExtension):
         reuses it. A prompt without an image cannot segment: ``<seg>`` is then never emitted.
         ``force``: the reply opens with ``<seg>`` (the user asked for a mask).
         """
-        with torch.inference_mode():
-            last, kv, cache, seg = self.start_reply(messages)
-            if force and not seg.available:
-                raise ValueError("there is no image in the conversation to segment")
-            events = decode_with_specials(
-                self.vlm.tokenizer,
-                last,
-                kv,
-                cache,
-                self.step,
-                [seg],
-                max_new_tokens,
-                vocab_logits=self.vlm.llm.get_output_embeddings(),
-                temperature=temperature,
-                seed=seed,
-                force=SEG_TOKEN if force else None,
-            )
-            for event in events:
-                yield event.text, event.payload
+        last, kv, cache, seg = self.start_reply(messages)
+        if force and not seg.available:
+            raise ValueError("there is no image in the conversation to segment")
+        events = decode_with_specials(
+            self.vlm.tokenizer,
+            last,
+            kv,
+            cache,
+            self.step,
+            [seg],
+            max_new_tokens,
+            vocab_logits=self.vlm.llm.get_output_embeddings(),
+            temperature=temperature,
+            seed=seed,
+            force=SEG_TOKEN if force else None,
+        )
+        for event in events:
+            yield event.text, event.payload
 
     def start_reply(
         self, messages: Sequence[dict[str, Any]]
