@@ -35,7 +35,8 @@ entries as path + mtime + size, and the name and sha256 of the FAISS file) and
 so a folder that carries its images can be moved or committed (checkpoints/shapes/gill_index).
 ``save`` writes the FAISS file to a temporary file, renames it into
 place, then replaces ``index.json`` atomically: the JSON rename is the commit, so a reader never
-sees a half-written index or a JSON that names vectors it does not match.
+sees a half-written index or a JSON that names vectors it does not match. The old vectors file
+is deleted after the commit; a load that read the old JSON just before starts again from the new.
 
 Embeddings come from an :class:`ImageEmbedder` (``name``, ``dim``, and a call on a batch of PIL
 images returning (B, D)); an index accepts only embeddings of its own model name and width. The CLI
@@ -94,6 +95,7 @@ __all__ = [
 FORMAT = "polychrome-image-index"
 VERSION = 1
 META_FILE = "index.json"
+LOAD_ATTEMPTS = 3  # loads that start again when a save replaced the vectors file under them
 IndexKind = Literal["exact", "ivf", "hnsw"]
 INDEX_KINDS: tuple[str, ...] = ("exact", "ivf", "hnsw")
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -212,6 +214,10 @@ def _normalized(vectors: np.ndarray | torch.Tensor, dim: int, what: str) -> np.n
 def auto_nlist(n: int) -> int:
     """ivf cells for n training vectors: round(sqrt(n)), at most n / 39, at least 1."""
     return max(1, min(round(n**0.5), n // MIN_POINTS_PER_CELL))
+
+
+class _VectorsGone(Exception):
+    """The vectors file an index.json names is not there (a save may have replaced it)."""
 
 
 def _new_faiss_index(kind: str, dim: int, params: IndexParams, n_train: int) -> Any:
@@ -535,7 +541,11 @@ class ImageIndex:
     @classmethod
     def load(cls, directory: str | os.PathLike[str], *, verify: bool = True) -> ImageIndex:
         """Read an index folder written by ``save``; ImageIndexError saying what is wrong if it is
-        missing or does not match (``verify`` checks the FAISS file's sha256)."""
+        missing or does not match (``verify`` checks the FAISS file's sha256).
+
+        A ``save`` into the folder while it is read deletes the vectors file the JSON read a
+        moment before named: the load then starts again from the new JSON (a few times at most).
+        """
         directory = Path(directory)
         meta_path = directory / META_FILE
         if not meta_path.is_file():
@@ -543,8 +553,25 @@ class ImageIndex:
                 f"{directory}: no image index here ({META_FILE} not found); build one with "
                 "`python -m generation.index build IMAGE_DIR --out INDEX_DIR`"
             )
+        for _ in range(LOAD_ATTEMPTS - 1):
+            text = meta_path.read_text(encoding="utf-8")
+            try:
+                return cls._load_from(directory, text, verify)
+            except _VectorsGone:
+                if meta_path.read_text(encoding="utf-8") == text:  # no save since: really gone
+                    break
+        text = meta_path.read_text(encoding="utf-8")
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            return cls._load_from(directory, text, verify)
+        except _VectorsGone as gone:
+            raise ImageIndexError(f"{meta_path} names {gone}, which is missing") from None
+
+    @classmethod
+    def _load_from(cls, directory: Path, text: str, verify: bool) -> ImageIndex:
+        """`load` of the JSON `text`; _VectorsGone if its vectors file is not there (anymore)."""
+        meta_path = directory / META_FILE
+        try:
+            meta = json.loads(text)
         except json.JSONDecodeError as err:
             raise ImageIndexError(f"{meta_path}: not valid JSON ({err})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -572,9 +599,11 @@ class ImageIndex:
                 raise ImageIndexError(f"{meta_path}: {len(entries)} entries but no vectors file")
             return index
         faiss_path = directory / meta["faiss_file"]
-        if not faiss_path.is_file():
-            raise ImageIndexError(f"{meta_path} names {faiss_path.name}, which is missing")
-        if verify and sha256_file(faiss_path) != meta["faiss_sha256"]:
+        try:
+            digest = sha256_file(faiss_path) if verify else None
+        except FileNotFoundError:
+            raise _VectorsGone(faiss_path.name) from None
+        if digest is not None and digest != meta["faiss_sha256"]:
             raise ImageIndexError(
                 f"{faiss_path}: sha256 differs from {META_FILE}'s {meta['faiss_sha256'][:16]}... "
                 "(corrupt or replaced); rebuild the index"
@@ -582,6 +611,8 @@ class ImageIndex:
         try:
             faiss_index = faiss.read_index(str(faiss_path))
         except RuntimeError as err:  # truncated or not a FAISS file (unverified loads see it)
+            if not faiss_path.is_file():
+                raise _VectorsGone(faiss_path.name) from None
             first = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
             raise ImageIndexError(
                 f"{faiss_path}: FAISS cannot read it ({first}); rebuild the index"

@@ -184,6 +184,36 @@ def test_load_reports_missing_and_corrupt_indexes(tmp_path):
         ImageIndex.load(tmp_path)
 
 
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_save_during_a_load_gives_the_new_index(tmp_path, monkeypatch, verify):
+    """A reader that read index.json just before a save replaced it (and deleted the vectors
+    file it names) starts again from the new JSON instead of failing on a missing file."""
+    import generation.index as gi
+
+    old, new = ImageIndex("m", 4), ImageIndex("m", 4)
+    old.add(np.eye(4, dtype="f4"), _entries(4, "/old"), model="m")
+    new.add(np.eye(4, dtype="f4")[::-1].copy(), _entries(4, "/new"), model="m")
+    old.save(tmp_path)
+    real = gi.sha256_file if verify else gi.faiss.read_index
+    saves: list[int] = []
+
+    def save_then(*args):
+        if not saves:  # the first vectors read: another process saves in between
+            saves.append(1)
+            new.save(tmp_path)
+        return real(*args)
+
+    if verify:
+        monkeypatch.setattr(gi, "sha256_file", save_then)
+    else:
+        monkeypatch.setattr(gi.faiss, "read_index", save_then)
+    loaded = ImageIndex.load(tmp_path, verify=verify)
+    assert saves and loaded.entries == new.entries
+    np.testing.assert_array_equal(
+        loaded.search(np.eye(4, dtype="f4"), 1).ids, new.search(np.eye(4, dtype="f4"), 1).ids
+    )
+
+
 def test_an_empty_index_saves_loads_and_refuses_to_search(tmp_path):
     ImageIndex("m", 8, "ivf").save(tmp_path)
     loaded = ImageIndex.load(tmp_path)
