@@ -29,9 +29,9 @@ grid, is one weighting, pooled the same way. Both functions run under the caller
 grad mode; CLIP stays frozen (its parameters are never the adapter's).
 
 Losses (``train/seg.py``): stage 1, cross-entropy on ground-truth masks; stage 2, cross-entropy on
-ground-truth masks and on proposals matched to them (``match_proposals``: IoU > 0.7, at most 8 per
-ground truth, chosen at random), plus the mask-consistency loss ``consistency_loss``
-1 - cos(e_proposal, stopgrad(e_gt)) with weight 5.
+ground-truth masks and on proposals matched to them (``match_proposals``: one proposal with
+IoU > 0.7 per ground truth, at most 8 per image, chosen at random), plus the mask-consistency
+loss ``consistency_loss`` 1 - cos(e_proposal, stopgrad(e_gt)) with weight 5.
 """
 
 from __future__ import annotations
@@ -192,11 +192,13 @@ def match_proposals(
     ground_truth: np.ndarray,
     rng: np.random.Generator,
     iou_threshold: float = 0.7,
-    max_per_gt: int = 8,
+    max_matches: int = 8,
 ) -> list[tuple[int, int]]:
-    """Mask-Adapter's IoU matcher: for each ground-truth mask, up to ``max_per_gt`` proposals
-    with IoU > ``iou_threshold``, drawn at random without replacement. Returns (proposal, gt)
-    index pairs, ground truths in order. A proposal may match one ground truth only (its best)."""
+    """Mask-Adapter's IoU matcher (its ``match_via_iou``): for each ground-truth mask, one
+    proposal drawn at random among those with IoU > ``iou_threshold``; of these pairs at most
+    ``max_matches`` per image, drawn at random. Returns (proposal, gt) index pairs, ground truths
+    in order. A proposal may match one ground truth only (its best; above 0.7 IoU two disjoint
+    ground truths cannot both claim it anyway)."""
     if len(proposals) == 0 or len(ground_truth) == 0:
         return []
     iou = mask_iou_matrix(proposals, ground_truth)  # (P, G)
@@ -204,9 +206,11 @@ def match_proposals(
     pairs = []
     for g in range(len(ground_truth)):
         candidates = np.flatnonzero((iou[:, g] > iou_threshold) & (best == g))
-        if len(candidates) > max_per_gt:
-            candidates = np.sort(rng.choice(candidates, size=max_per_gt, replace=False))
-        pairs += [(int(p), g) for p in candidates]
+        if len(candidates):
+            pairs.append((int(rng.choice(candidates)), g))
+    if len(pairs) > max_matches:
+        keep = np.sort(rng.choice(len(pairs), size=max_matches, replace=False))
+        pairs = [pairs[k] for k in keep]
     return pairs
 
 

@@ -309,13 +309,16 @@ def geometric_ensemble(
     alpha: float = 0.4,
     beta: float = 0.8,
 ) -> np.ndarray:
-    """FC-CLIP's geometric ensemble (which Mask-Adapter evaluates with) of two (M, C + 1) class
-    probabilities, void last: an in-vocabulary classifier trained on the seen classes (the
-    adapter) and the frozen CLIP's out-of-vocabulary one. As FC-CLIP's code does: the
-    out-of-vocabulary probabilities are taken over the classes alone (its void dropped), class c
-    gets p_in^(1 - a) * p_out^a with a = alpha for seen classes, beta for unseen ones (FC-CLIP's
-    0.4 and 0.8: trust CLIP more where the trained head never saw the class), the classes are
-    renormalised, and void is the in-vocabulary classifier's, the classes sharing 1 - void.
+    """FC-CLIP's geometric ensemble of two (M, C + 1) class probabilities, void last: an
+    in-vocabulary classifier trained on the seen classes and the frozen CLIP's out-of-vocabulary
+    one. Here the adapter is the in-vocabulary side and CLIP on mask crops the other (this
+    project's pairing: in FC-CLIP + Mask-Adapter the adapter serves the out-of-vocabulary side,
+    beside FC-CLIP's trained head, which this project does not have). As FC-CLIP's code does:
+    both sides' probabilities are taken over the classes alone (void dropped and renormalised),
+    class c gets p_in^(1 - a) * p_out^a with a = alpha for seen classes, beta for unseen ones
+    (FC-CLIP's 0.4 and 0.8: trust CLIP more where the trained head never saw the class), the
+    classes are renormalised, and void is the in-vocabulary classifier's, the classes sharing
+    1 - void.
     """
     if p_in.shape != p_out.shape or p_in.shape[1] != len(seen) + 1:
         raise ValueError(
@@ -328,9 +331,10 @@ def geometric_ensemble(
     a = np.where(seen, alpha, beta)  # (C,)
     eps = 1e-12
     void = p_in[:, -1:].astype(np.float64)
-    outer = p_out[:, :-1].astype(np.float64)
+    inner, outer = (p[:, :-1].astype(np.float64) for p in (p_in, p_out))
+    inner = inner / np.maximum(inner.sum(axis=1, keepdims=True), eps)
     outer = outer / np.maximum(outer.sum(axis=1, keepdims=True), eps)
-    p = np.exp((1 - a) * np.log(p_in[:, :-1] + eps) + a * np.log(outer + eps))
+    p = np.exp((1 - a) * np.log(inner + eps) + a * np.log(outer + eps))
     classes = p / p.sum(axis=1, keepdims=True) * (1.0 - void)
     return np.concatenate([classes, void], axis=1).astype(np.float32)
 

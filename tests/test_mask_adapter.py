@@ -134,12 +134,33 @@ def test_iou_matrix_and_matcher():
     iou = mask_iou_matrix(props, gt)
     np.testing.assert_allclose(iou[:, 0], [1.0, 0.8, 0.4, 0.0, 0.0])
     np.testing.assert_allclose(iou[:, 1], [0.0, 0.0, 0.0, 1.0, 0.0])
-    pairs = match_proposals(props, gt, np.random.default_rng(0))
-    assert pairs == [(0, 0), (1, 0), (3, 1)]
-    capped = match_proposals(props, gt, np.random.default_rng(0), max_per_gt=1)
-    assert len(capped) == 2 and {g for _, g in capped} == {0, 1}
-    assert capped[0][0] in (0, 1)
+    # one proposal per ground truth (0 or 1 for gt 0: both above 0.7; 3 for gt 1), drawn at random
+    drawn = {match_proposals(props, gt, np.random.default_rng(s))[0] for s in range(40)}
+    assert drawn == {(0, 0), (1, 0)}
+    for seed in range(10):
+        pairs = match_proposals(props, gt, np.random.default_rng(seed))
+        assert len(pairs) == 2 and pairs[0][0] in (0, 1) and pairs[1] == (3, 1)
+    capped = match_proposals(props, gt, np.random.default_rng(0), max_matches=1)
+    assert len(capped) == 1
     assert match_proposals(props[:0], gt, np.random.default_rng(0)) == []
+
+
+def test_matcher_takes_one_proposal_per_object_and_at_most_eight_per_image():
+    """Mask-Adapter's match_via_iou: SAM's near-duplicates of one object give one pair, and an
+    image of 12 matched objects gives 8 pairs of 8 distinct objects."""
+    gt = np.zeros((12, 12, 48), dtype=bool)
+    for g in range(12):
+        gt[g, :, 4 * g : 4 * g + 4] = True
+    # three near-duplicates of each object: itself, one row short, one row shorter still
+    props = np.concatenate([gt, gt.copy(), gt.copy()])
+    props[12:24, 0] = False
+    props[24:, :2] = False
+    for seed in range(5):
+        pairs = match_proposals(props, gt, np.random.default_rng(seed))
+        objects = [g for _, g in pairs]
+        assert len(pairs) == 8 and len(set(objects)) == 8 and objects == sorted(objects)
+        assert all(p % 12 == g for p, g in pairs)  # each proposal is a copy of its object
+    assert len(match_proposals(props[:36:12], gt[:1], np.random.default_rng(0))) == 1
 
 
 def test_semantic_and_instance_inference_hand_computed():

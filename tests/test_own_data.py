@@ -185,6 +185,20 @@ def test_train_the_segmentation_heads_on_coco_instances_of_your_photos(folder, t
     argv += [str(tmp_path / "instances.json"), "--out", str(tmp_path / "seg"), "--steps", "2"]
     assert seg_main([*argv, "--batch-size", "2", "--hidden", "16", "--no-progress"]) == 0
     assert (tmp_path / "seg" / "final" / "MODEL_CARD.md").is_file()
+    # photos of different sizes share a batch (the batch was sized from its first image)
+    sizes = [(96, 96), (128, 88), (84, 112)]  # (width, height)
+    (tmp_path / "mixed" / "photos").mkdir(parents=True)
+    for name, (w, h) in zip(names, sizes, strict=True):
+        Image.open(folder / "photos" / f"{name}.png").resize((w, h)).save(
+            tmp_path / "mixed" / "photos" / f"{name}.png"
+        )
+    for image, (w, h) in zip(coco["images"], sizes, strict=True):
+        image.update(width=w, height=h)  # the box stays inside each
+    (tmp_path / "mixed.json").write_text(json.dumps(coco))
+    mixed = ["--preset", "shapes", "--images", str(tmp_path / "mixed"), "--instances-json"]
+    mixed += [str(tmp_path / "mixed.json"), "--out", str(tmp_path / "seg_mixed"), "--steps", "2"]
+    assert seg_main([*mixed, "--batch-size", "3", "--hidden", "16", "--no-progress"]) == 0
+    assert (tmp_path / "seg_mixed" / "final" / "MODEL_CARD.md").is_file()
 
     # ... and STAMP on referring expressions about them (RefCOCO-style refs into those instances)
     from train.stamp import main as stamp_main

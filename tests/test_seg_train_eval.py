@@ -139,15 +139,38 @@ def test_background_masks_are_dropped():
     assert drop_background_masks(masks[:0]).shape == (0, 10, 10)
 
 
+def test_stage_two_never_calls_an_untrained_class_void():
+    """A proposal over an object of a class left out of training (a COCO file's unseen one) is
+    not a void row: labelled void, it would teach the adapter to reject that very class."""
+    from train.seg import _training_masks
+
+    seen = np.zeros((1, 12, 12), dtype=bool)
+    seen[0, :6, :6] = True
+    unseen = np.zeros((1, 12, 12), dtype=bool)
+    unseen[0, 6:, 6:] = True
+    stray = np.zeros((1, 12, 12), dtype=bool)
+    stray[0, :3, 8:] = True  # overlaps neither
+    proposals = np.concatenate([seen, unseen, stray])
+    void = 9
+    masks, labels, pairs = _training_masks(
+        seen, [4], proposals, np.random.default_rng(0), void, 5, untrained=unseen
+    )
+    assert labels == [4, 4, void] and pairs == [(1, 0)]
+    np.testing.assert_array_equal(masks[2], stray[0])  # the one void row: the stray proposal
+    _, old_labels, _ = _training_masks(seen, [4], proposals, np.random.default_rng(0), void, 5)
+    assert old_labels == [4, 4, void, void]  # without the unseen objects both were void
+
+
 def test_geometric_ensemble_matches_hand_computation():
-    """FC-CLIP's ensemble as its code computes it: CLIP's class probabilities over the classes
-    alone, p_in^(1-a) p_out^a per class, renormalised, scaled by 1 - the in-vocabulary void,
-    which is kept (CLIP's void, a fixed logit far below its class logits, used to wipe it out)."""
+    """FC-CLIP's ensemble as its code computes it: both sides' class probabilities over the
+    classes alone, p_in^(1-a) p_out^a per class, renormalised, scaled by 1 - the in-vocabulary
+    void, which is kept (CLIP's void, a fixed logit far below its class logits, used to wipe it
+    out)."""
     from segmentation.open_vocab import geometric_ensemble
 
-    p_in = np.array([[0.5, 0.3, 0.2]])  # seen class, unseen class, void
+    p_in = np.array([[0.5, 0.3, 0.2]])  # seen class, unseen class, void: classes 0.625, 0.375
     p_out = np.array([[0.15, 0.45, 0.4]])  # over the classes alone: 0.25, 0.75
-    raw = np.array([0.5**0.6 * 0.25**0.4, 0.3**0.2 * 0.75**0.8])
+    raw = np.array([0.625**0.6 * 0.25**0.4, 0.375**0.2 * 0.75**0.8])
     want = np.append(raw / raw.sum() * 0.8, 0.2)
     seen = np.array([True, False])
     np.testing.assert_allclose(geometric_ensemble(p_in, p_out, seen, 0.4, 0.8)[0], want, rtol=1e-5)
@@ -159,6 +182,10 @@ def test_geometric_ensemble_matches_hand_computation():
     # an adapter that calls a mask void keeps it void, whatever CLIP's (near-zero) void says
     got = geometric_ensemble(np.array([[0.05, 0.05, 0.9]]), np.array([[0.5, 0.5, 1e-13]]), seen)
     assert got[0, -1] == pytest.approx(0.9)
+    # the in-vocabulary void must not tilt the mix: with it dropped first the seen class wins
+    # (0.7^0.6 0.5^0.4 = 0.61 > 0.3^0.2 0.5^0.8 = 0.45); mixed in, the unseen would (0.23 < 0.33)
+    got = geometric_ensemble(np.array([[0.14, 0.06, 0.8]]), np.array([[0.45, 0.45, 0.1]]), seen)
+    assert got[0, :-1].argmax() == 0
     with pytest.raises(ValueError, match="seen flags"):
         geometric_ensemble(p_in, p_out, np.array([True]))
 

@@ -24,9 +24,10 @@ Stage 2 needs proposals from a frozen proposal model: SAM's automatic masks (the
 checkpoint), computed once and cached in ``<out>/proposals.npz`` (or ``--proposals``). Each
 step's masks per image: all ground-truth masks; the matched proposals (label = their object's
 class; ``segmentation.mask_adapter.match_proposals``); and up to ``--void-per-image`` proposals
-that overlap no object (IoU < 0.3 with every ground truth: background and stray parts), labelled
-void. The void rows are our addition: Mask-Adapter's void embedding needs some mask to stand for
-"no class" when SAM proposals, not a Mask2Former decoder with its own no-object class, feed it.
+that overlap no object (IoU < 0.3 with every object, those of classes not trained on included:
+background and stray parts), labelled void. The void rows are our addition: Mask-Adapter's void
+embedding needs some mask to stand for "no class" when SAM proposals, not a Mask2Former decoder
+with its own no-object class, feed it.
 
 Data parallel (``accelerate launch``): every process draws the whole batch's masks (one generator
 per step, as one process draws them) and trains on its slice of the images; the cross-entropy and
@@ -164,8 +165,13 @@ def _training_masks(
     rng: np.random.Generator,
     void_label: int,
     void_per_image: int,
+    untrained: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[int], list[tuple[int, int]]]:
-    """One image's masks, labels and (proposal row, its ground-truth row) consistency pairs."""
+    """One image's masks, labels and (proposal row, its ground-truth row) consistency pairs.
+
+    ``untrained``: masks of objects of classes not trained on (a COCO file's unseen ones): no
+    proposal over one of them is labelled void, which would teach the adapter to reject the
+    very classes the evaluation scores."""
     masks, labels, pairs = [gt], list(gt_labels), []
     if proposals is not None and len(proposals):
         matched = match_proposals(proposals, gt, rng)
@@ -176,7 +182,12 @@ def _training_masks(
             labels += [gt_labels[g] for _, g in matched]
             pairs += [(base + i, g) for i, (_, g) in enumerate(matched)]
         if void_per_image > 0:
-            iou = mask_iou_matrix(proposals, gt) if len(gt) else np.zeros((len(proposals), 1))
+            objects = gt if untrained is None else np.concatenate([gt, untrained])
+            iou = (
+                mask_iou_matrix(proposals, objects)
+                if len(objects)
+                else np.zeros((len(proposals), 1))
+            )
             void = np.flatnonzero(iou.max(axis=1) < VOID_IOU)
             if len(void) > void_per_image:
                 void = rng.choice(void, size=void_per_image, replace=False)
@@ -184,6 +195,15 @@ def _training_masks(
                 masks.append(proposals[np.sort(void)])
                 labels += [void_label] * len(void)
     return np.concatenate(masks), labels, pairs
+
+
+def _sized(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(M, H, W) masks at `size` (bilinear, as the adapter reads them): a COCO batch mixes image
+    sizes, and each image's masks cover the whole image CLIP saw, squashed to its square."""
+    if masks.shape[1:] == size or not len(masks):
+        return masks.astype(np.float32).reshape(len(masks), *size)
+    x = torch.from_numpy(masks.astype(np.float32))[:, None]
+    return F.interpolate(x, size, mode="bilinear").squeeze(1).numpy()
 
 
 def _write_card(out: Path, args: argparse.Namespace, argv: list[str], info: dict[str, Any]) -> None:
@@ -291,16 +311,18 @@ def main(argv: list[str] | None = None) -> int:
     pool = clip_pool(clip)
     text = text_classifier(clip, tokenizer, names)
 
-    images, gt_masks, gt_labels = [], [], []
+    images, gt_masks, gt_labels, untrained = [], [], [], []
     for i in tqdm(range(n), desc="read data", disable=not progress):
         item = dataset[i]
         kept = [inst for inst in item.instances if inst.category in label_of]
+        others = [inst for inst in item.instances if inst.category not in label_of]
         images.append(np.asarray(item.image))
         h, w = images[-1].shape[:2]
         gt_masks.append(
             np.stack([inst.mask for inst in kept]) if kept else np.zeros((0, h, w), dtype=bool)
         )
         gt_labels.append([label_of[inst.category] for inst in kept])
+        untrained.append(np.stack([inst.mask for inst in others]) if others else None)
     bank = FeatureBank.compute(clip, images, progress=progress)
 
     proposals: list[np.ndarray] | None = None
@@ -385,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                 rng,
                 void_label,
                 args.void_per_image,
+                untrained[i],
             )
             for i in idx
         ]
@@ -395,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_masks = np.zeros((len(idx), max(m, 1), h, w), dtype=np.float32)
         labels = torch.full((len(idx), max(m, 1)), -100, dtype=torch.long)
         for b, (masks, labs, _) in enumerate(per_image):
-            batch_masks[b, : len(masks)] = masks
+            batch_masks[b, : len(masks)] = _sized(masks, (h, w))
             labels[b, : len(labs)] = torch.tensor(labs, dtype=torch.long)
         dense = bank.batch(idx, device)
         # (B, M, D) embeddings, (B, M, C + 1) logits
