@@ -27,6 +27,10 @@ on the same images:
   seen classes, over unseen classes, their harmonic mean (background scored as a class but in
   neither mean), from one confusion matrix over the split (``eval.metrics``). SAM proposals are
   computed once and cached (``--proposals``).
+- ``--zero ignore`` (the default for ADE-style label maps, ADE-150's protocol: label 0 is
+  "other", unlabelled): label-0 pixels are not scored, no proposal is dropped (a wall or the sky
+  is a class there), and the classes alone compete per pixel (Mask2Former's semantic inference).
+  ``--zero background`` (ShapeWorld's and COCO's default): label 0 is a plain background, scored.
 
 Time per image: proposals once (SAM), then the classification of each configuration, medians.
 """
@@ -66,6 +70,7 @@ from vlm.config import PolychromeConfig
 __all__ = ["drop_background_masks", "evaluate_classifier", "main", "overlay"]
 
 MAX_MASK_FRACTION = 0.5  # proposals covering more of the image are background regions
+ZERO_LABELS = ("background", "ignore")  # what label 0 of a semantic map is (--zero)
 
 
 def drop_background_masks(masks: np.ndarray, max_fraction: float = MAX_MASK_FRACTION) -> np.ndarray:
@@ -84,9 +89,13 @@ def evaluate_classifier(
     limit: int,
     progress: bool = True,
     desc: str = "eval",
+    zero: str = "background",
 ) -> dict[str, Any]:
     """Ground-truth mask accuracy and (with proposals and ``semantic``, image index -> its (H, W)
-    category-id map, 0 = background) semantic mIoU."""
+    category-id map, 0 = background) semantic mIoU. ``zero``: "background" (label 0 is a class,
+    scored; large proposals dropped as background) or "ignore" (label 0 unscored, see above)."""
+    if zero not in ZERO_LABELS:
+        raise ValueError(f"zero must be one of {ZERO_LABELS}, received {zero!r}")
     names = [dataset.category_names[k] for k in sorted(dataset.category_names)]
     ids = sorted(dataset.category_names)
     index_of = {cid: i for i, cid in enumerate(ids)}
@@ -97,7 +106,7 @@ def evaluate_classifier(
     # semantic maps hold category ids (0 background) -> 1 + index; any other value (255, COCO-
     # stuff's ignore label, or an id that is no category) is ignored, not scored
     lut = np.full(max(ids) + 1, ignore, dtype=np.int64)
-    lut[0] = 0
+    lut[0] = 0 if zero == "background" else ignore
     for cid in ids:
         lut[cid] = index_of[cid] + 1
     seconds = []
@@ -112,10 +121,10 @@ def evaluate_classifier(
                 correct[which][0] += int(int(np.argmax(p)) == index_of[inst.category_id])
                 correct[which][1] += 1
         if proposals is not None and semantic is not None:
-            masks = drop_background_masks(proposals[i])
+            masks = proposals[i] if zero == "ignore" else drop_background_masks(proposals[i])
             t0 = time.perf_counter()
             probs = segmenter.classify_masks(image, masks, names)
-            pred = semantic_inference(masks, probs)
+            pred = semantic_inference(masks, probs, background=zero == "background")
             seconds.append(time.perf_counter() - t0)
             target = semantic(i)
             known = (target >= 0) & (target < len(lut))
@@ -142,7 +151,7 @@ def evaluate_classifier(
             miou_seen=su["seen"],
             miou_unseen=su["unseen"],
             miou_harmonic=su["harmonic"],
-            background_iou=float(iou[0]),
+            background_iou=float(iou[0]) if zero == "background" else float("nan"),
             per_class_iou={n: float(iou[i + 1]) for i, n in enumerate(names)},
             classify_seconds_median=float(np.median(seconds)),
         )
@@ -259,6 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument("--classes", type=Path, help="ADE-style: class names, one per line")
     bench.add_argument("--unseen", default="", help="ADE-style: comma-separated unseen classes")
+    bench.add_argument(
+        "--zero",
+        choices=ZERO_LABELS,
+        help="label 0 of the semantic maps: 'background', a class that is scored (default for "
+        "ShapeWorld and COCO), or 'ignore', unlabelled and unscored, no proposal dropped as "
+        "background (ADE-150's protocol; default for ADE-style maps)",
+    )
     bench.add_argument("--limit", type=int, default=200, help="first N images")
     bench.add_argument("--proposals", type=Path, help="SAM proposal cache (.npz; made if missing)")
     bench.add_argument(
@@ -329,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         parser.error(str(err))
     n = min(args.limit, len(dataset))
+    ade_style = args.data is None and args.instances is None
+    zero = args.zero or ("ignore" if ade_style else "background")
     cache = args.proposals
     proposals: list[np.ndarray] | None = None
     t_sam: list[float] = []
@@ -375,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     for name, classifier in configs:
         results[name] = evaluate_classifier(
-            classifier, dataset, semantic, proposals, n, progress, desc=name
+            classifier, dataset, semantic, proposals, n, progress, desc=name, zero=zero
         )
     source = "SAM" if cache is None else f"{cache.name}"
     table = _markdown(results, n, args.split if args.data is not None else "yours", source)
@@ -384,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": str(args.data or args.images),
         "split": args.split if args.data is not None else None,
         "images": n,
+        "zero": zero,
         "adapters": {name: str(path) for name, path in adapters},
         "sam_seconds_median": float(np.median(t_sam)) if t_sam else None,
         "results": results,

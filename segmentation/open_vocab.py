@@ -153,9 +153,11 @@ def mask_probabilities(
     return torch.cat([logits, void], dim=-1).softmax(dim=-1)
 
 
-def semantic_inference(masks: np.ndarray, probs: np.ndarray) -> np.ndarray:
+def semantic_inference(masks: np.ndarray, probs: np.ndarray, background: bool = True) -> np.ndarray:
     """(H, W) int map from masks (M, H, W) in [0, 1] and probs (M, C + 1) (last = void):
-    0 = background, c + 1 = class c. Background score = 1 - sum of non-void mass, at least 0."""
+    0 = background, c + 1 = class c. Background score = 1 - sum of non-void mass, at least 0.
+    ``background=False`` (data whose label 0 is "unlabelled", ADE's protocol): the classes alone
+    compete, as Mask2Former's semantic inference; 0 only where no mask holds any class mass."""
     if masks.ndim != 3 or probs.ndim != 2 or len(masks) != len(probs):
         raise ValueError(
             f"expected masks (M, H, W) and probs (M, C + 1) with the same M, received "
@@ -166,8 +168,10 @@ def semantic_inference(masks: np.ndarray, probs: np.ndarray) -> np.ndarray:
         return np.zeros((h, w), dtype=np.int64)
     m = masks.reshape(len(masks), -1).astype(np.float64)
     scores = probs[:, :-1].astype(np.float64).T @ m  # (C, HW)
-    background = np.clip(1.0 - scores.sum(axis=0), 0.0, None)
-    full = np.concatenate([background[None], scores])  # (C + 1, HW), row 0 = background
+    # without a background, row 0 loses to any class mass and is the argmax where there is none
+    zeros = np.zeros(scores.shape[1])
+    rest = np.clip(1.0 - scores.sum(axis=0), 0.0, None) if background else zeros
+    full = np.concatenate([rest[None], scores])  # (C + 1, HW), row 0 = background
     return full.argmax(axis=0).reshape(h, w).astype(np.int64)
 
 

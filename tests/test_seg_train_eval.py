@@ -229,12 +229,62 @@ def test_eval_reads_coco_and_ade_style_data_like_shapeworld(world, stage1, tmp_p
         Image.fromarray(lut[np.asarray(Image.open(png))]).save(ade / png.name)
     unseen = ",".join(c.name for c in cats if c.extra.get("unseen"))
     ade_args = ["--images", str(data / "test"), "--semantic", str(ade)]
-    ade_run = run(*ade_args, "--classes", str(tmp_path / "classes.txt"), "--unseen", unseen)
+    ade_args += ["--classes", str(tmp_path / "classes.txt"), "--unseen", unseen]
+    ade_run = run(*ade_args, "--zero", "background")  # ShapeWorld's 0 is a real background
     for name, r in ref.items():
         for key in ("miou_seen", "miou_unseen", "per_class_iou"):
             assert ade_run[name][key] == pytest.approx(r[key], nan_ok=True)
+    # by default ADE-style maps follow ADE-150's protocol: 0 is unlabelled, not scored
+    out = tmp_path / "ade_default.json"
+    assert eval_main([*ade_args, *common, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["zero"] == "ignore"
+    assert all(np.isnan(r["background_iou"]) for r in report["results"].values())
+    ade_args = ade_args[:4]
     with pytest.raises(SystemExit):
         eval_main([*ade_args, *_models(world)])  # ADE-style without --classes
+
+
+def test_ade_protocol_scores_a_large_region_and_leaves_label_zero_unscored(tmp_path):
+    """ADE-150's protocol (--zero ignore): a wall over 60 % of the image, the rest label 0
+    ("other"). An oracle naming the wall's proposal right scores wall IoU 1 there; with label 0 a
+    scored background the wall's proposal would be dropped as background (IoU 0)."""
+    from PIL import Image
+
+    from data.datasets import InstanceDataset
+    from eval.seg import evaluate_classifier
+
+    labels = np.zeros((20, 20), dtype=np.uint8)
+    labels[:12] = 1  # wall: 60 %
+    labels[15:18, 2:5] = 2  # a lamp
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(tmp_path / "images" / "a.png")
+    Image.fromarray(labels).save(tmp_path / "labels" / "a.png")
+    dataset = InstanceDataset.from_semantic(
+        tmp_path / "images", tmp_path / "labels", ["wall", "lamp"]
+    )
+
+    class Oracle:  # the class a mask covers most, read off the label map
+        def classify_masks(self, image, masks, vocabulary):
+            probs = np.zeros((len(masks), len(vocabulary) + 1))
+            for k, mask in enumerate(masks):
+                probs[k, np.bincount(labels[mask], minlength=3)[1:].argmax()] = 1.0
+            return probs
+
+    proposals = [np.stack([labels == 1, labels == 2])]
+    semantic = lambda i: labels.astype(np.int64)  # noqa: E731
+    ade = evaluate_classifier(Oracle(), dataset, semantic, proposals, 1, False, zero="ignore")
+    assert ade["per_class_iou"] == {"wall": 1.0, "lamp": 1.0}
+    assert np.isnan(ade["background_iou"])
+    old = evaluate_classifier(Oracle(), dataset, semantic, proposals, 1, False)
+    assert old["per_class_iou"]["wall"] == 0.0 and old["per_class_iou"]["lamp"] == 1.0
+    # a pixel no mask covers is predicted "background": a miss for its class, not a hit
+    half = [np.stack([labels == 1, np.zeros_like(labels, bool)])]
+    missed = evaluate_classifier(Oracle(), dataset, semantic, half, 1, False, zero="ignore")
+    assert missed["per_class_iou"] == {"wall": 1.0, "lamp": 0.0}
+    with pytest.raises(ValueError, match="zero must be one of"):
+        evaluate_classifier(Oracle(), dataset, semantic, proposals, 1, False, zero="skip")
 
 
 def test_evaluate_classifier_with_an_oracle_no_unseen_split_and_ignore_pixels(world):
