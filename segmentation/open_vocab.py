@@ -9,7 +9,8 @@ Pieces, each usable alone:
 
 - ``whole_image_pixels``: the CLIP input of a whole image (resized to the tower's square size,
   no crop, so the dense grid covers the image the masks live on), normalised as the tower wants.
-- ``sam_proposals``: segment_anything's ``SamAutomaticMaskGenerator`` masks (``AMG_SETTINGS``).
+- ``sam_proposals``: segment_anything's ``SamAutomaticMaskGenerator`` masks, with
+  ``vision.sam.amg_settings``.
 - ``mask_probabilities``: softmax over the vocabulary and the void class (Mask-Adapter's learned
   void embedding; for the pooling baseline, which has none, a fixed void logit).
 - ``semantic_inference``: per pixel, the score of class c is the sum over masks covering it of
@@ -49,7 +50,7 @@ from vision.clip import (
     object_crop,
     text_classifier,
 )
-from vision.sam import AMG_SETTINGS
+from vision.sam import amg_settings as sam_amg
 
 __all__ = [
     "POOLING_VOID_LOGIT",
@@ -230,7 +231,7 @@ class OpenVocabSegmenter:
         self.pool = clip_pool(clip)
         self.adapter = adapter.eval() if adapter is not None else None
         self.generator = (
-            SamAutomaticMaskGenerator(sam.eval(), **{**AMG_SETTINGS, **(amg_settings or {})})
+            SamAutomaticMaskGenerator(sam.eval(), **{**sam_amg(sam), **(amg_settings or {})})
             if sam is not None
             else None
         )

@@ -74,6 +74,17 @@ def test_paper_models_build_from_our_registry(name, depth, millions):
     n = sum(p.numel() for p in sam.parameters())
     assert n / 1e6 == pytest.approx(millions, abs=0.1)
     assert not sam.training
+    # a released SAM segments everything with segment_anything's own defaults, not ours
+    import inspect
+
+    from segment_anything import SamAutomaticMaskGenerator
+
+    from vision.sam import AMG_SETTINGS, amg_settings
+
+    defaults = inspect.signature(SamAutomaticMaskGenerator.__init__).parameters
+    settings = amg_settings(sam)
+    assert settings == {k: defaults[k].default for k in settings}
+    assert amg_settings(build_sam_model("shapes")) == AMG_SETTINGS
 
 
 def test_our_variants_are_plain_sams_of_the_configured_sizes():

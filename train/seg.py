@@ -86,7 +86,7 @@ from train.common import (
     save_training_state,
 )
 from vision.clip import DenseFeatures, dense_features, load_clip, text_classifier
-from vision.sam import AMG_SETTINGS, load_sam
+from vision.sam import amg_settings, load_sam
 from vlm.config import PolychromeConfig
 
 VOID_IOU = 0.3  # a proposal with IoU below this against every object is "void"
@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         if dp.main and not cache.is_file():  # made once, by the main process
             from segment_anything import SamAutomaticMaskGenerator
 
-            generator = SamAutomaticMaskGenerator(load_sam(sam_path).to(device), **AMG_SETTINGS)
+            sam = load_sam(sam_path).to(device)
+            generator = SamAutomaticMaskGenerator(sam, **amg_settings(sam))
             proposals = [
                 sam_proposals(generator, images[i])[0]
                 for i in tqdm(range(n_train), desc="SAM proposals", disable=not progress)

@@ -52,9 +52,11 @@ from core.images import ImageError, load_rgb
 
 __all__ = [
     "AMG_SETTINGS",
+    "SAM_AMG_DEFAULTS",
     "SAM_REGISTRY",
     "SAM_VARIANTS",
     "SamConfig",
+    "amg_settings",
     "build_sam",
     "build_sam_model",
     "list_sam_models",
@@ -81,8 +83,26 @@ AMG_SETTINGS: dict[str, Any] = {
     "box_nms_thresh": 0.7,
     "min_mask_region_area": 0,
 }
+# segment_anything's own SamAutomaticMaskGenerator defaults, for the papers' 1024 px SAMs.
+SAM_AMG_DEFAULTS: dict[str, Any] = {
+    "points_per_side": 32,
+    "points_per_batch": 64,
+    "pred_iou_thresh": 0.88,
+    "stability_score_thresh": 0.95,
+    "box_nms_thresh": 0.7,
+    "min_mask_region_area": 0,
+}
+PAPER_IMG_SIZE = 1024  # the released SAMs' encoder input side
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def amg_settings(sam: Any) -> dict[str, Any]:
+    """SamAutomaticMaskGenerator settings for `sam` (a segment_anything Sam): the released SAMs'
+    own defaults for a 1024 px encoder (the paper preset's ViT-H), else ``AMG_SETTINGS`` (tuned
+    for our small ShapeWorld SAMs)."""
+    big = int(sam.image_encoder.img_size) >= PAPER_IMG_SIZE
+    return dict(SAM_AMG_DEFAULTS if big else AMG_SETTINGS)
 
 
 @dataclass

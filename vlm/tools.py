@@ -6,7 +6,7 @@
     named.painted, named.segments, named.coco_json()    # a picture, the masks, a JSON to download
 
 Segment everything is segment_anything's ``SamAutomaticMaskGenerator`` with the preset's SAM
-(``vision.sam.AMG_SETTINGS``). Open-vocabulary segmentation is
+(``vision.sam.amg_settings``). Open-vocabulary segmentation is
 ``segmentation.open_vocab.OpenVocabSegmenter``: SAM's masks classified against the user's
 vocabulary by the preset's CLIP, with the preset's classifier (``open_vocab``: CLIP crops,
 Mask-Adapter or mask pooling). Both take any image core.images.load_rgb reads (bounded in size);
@@ -36,7 +36,7 @@ from core.images import load_rgb, paint_labels
 from segmentation.mask_adapter import MaskAdapter, load_adapter
 from segmentation.open_vocab import OpenVocabSegmenter, parse_vocabulary, sam_proposals
 from vision.clip import ClipBundle, clip_from_preset
-from vision.sam import AMG_SETTINGS, sam_from_preset
+from vision.sam import amg_settings, sam_from_preset
 from vlm.config import PolychromeConfig
 
 __all__ = ["CLASSIFIERS", "MAX_VOCABULARY", "TOOL_MAX_SIDE", "ToolResult", "VisionTools"]
@@ -93,7 +93,7 @@ class VisionTools:
         if classifier == "adapter" and adapter is None:
             raise ValueError('classifier "adapter" needs a Mask-Adapter')
         self.classifier = classifier
-        settings = {**AMG_SETTINGS, "points_per_batch": POINTS_PER_BATCH}
+        settings = {**amg_settings(sam), "points_per_batch": POINTS_PER_BATCH}
         self.generator = SamAutomaticMaskGenerator(sam.eval(), **settings)
         self._segmenters = {
             "crops": OpenVocabSegmenter(clip.model, clip.tokenizer, preprocess=clip.preprocess,
