@@ -138,6 +138,37 @@ def test_meap_never_masks_pad_or_bos_and_keeps_labels():
         assert (batch.input_ids[batch.masked] == MASK).all()
 
 
+def test_meap_may_mask_an_eos_that_is_also_the_pad_id():
+    """Padding is found by position: with pad == EOS (SmolLM2 and most tokenizers this project
+    loads) the separators between packed documents are as eligible as any token, as in the
+    reference's uniform draw; the padding itself never is."""
+    EOS = PAD
+    rows = [[BOS, 4, 5, EOS, 6, 7, EOS, 8, 9], [BOS, 10, EOS]]
+    collator = MEAPCollator(MASK, PAD, mask_ratio=0.5, protected_ids=[BOS])
+    hits = torch.zeros(2, 9)
+    for seed in range(200):
+        batch = collator(rows, generator=torch.Generator().manual_seed(seed))
+        assert not batch.masked[1, 3:].any()  # row 1's padding
+        assert not batch.masked[:, 0].any()  # BOS
+        hits += batch.masked.float()
+    rate = hits / 200
+    # row 0: 8 eligible, 4 masked -> every non-BOS position, EOS included, at 1/2
+    torch.testing.assert_close(rate[0, 1:], torch.full((8,), 0.5), atol=0.1, rtol=0)
+    # row 1: 2 eligible, 1 masked -> its EOS half the time
+    assert 0.35 < float(rate[1, 2]) < 0.65
+
+
+def test_meap_from_tokenizer_protects_bos_unless_it_is_the_eos():
+    class Tok:
+        mask_token_id, pad_token_id = MASK, PAD
+
+        def __init__(self, bos, eos):
+            self.bos_token_id, self.eos_token_id = bos, eos
+
+    assert MEAPCollator.from_tokenizer(Tok(BOS, PAD)).protected_ids == [BOS]
+    assert MEAPCollator.from_tokenizer(Tok(BOS, BOS)).protected_ids == []
+
+
 def test_meap_mask_positions_nothing_eligible():
     assert meap_mask_positions(torch.zeros(5, dtype=torch.bool), 0.15).numel() == 0
 

@@ -10,10 +10,12 @@ is an ordinary causal LM with its ordinary loss (no bidirectional attention, no 
     loss = model(**batch.model_inputs()).loss
 
 Per sequence, k = max(1, floor(mask_ratio x E)) positions are drawn uniformly without replacement
-from the E eligible positions: real tokens (not padding) whose id is not protected (the BOS and pad
-ids; with a tokenizer whose BOS is its EOS, document separators are protected too). The reference
-code (MEAP-Pretain/pretrained/meap_1b.py) draws max(1, int(block_size x 0.15)) positions per
-batch; we draw per sequence so padded rows and protected tokens are handled.
+from the E eligible positions: real tokens (padding is found by position, from the attention
+mask, so a pad id that is also the EOS id leaves document separators eligible) whose id is not
+protected (``from_tokenizer``: the BOS id, unless it is the EOS id, which separates documents).
+The reference code (MEAP-Pretain/pretrained/meap_1b.py) draws max(1, int(block_size x 0.15))
+positions per batch, separators included; we draw per sequence so padded rows and protected
+tokens are handled.
 
 Fine-tuning (``MEAPSFTCollator``, ``meap_sft_examples``), as the reference code MEAP-SFT/MEAP-SFT.py
 does it (``preprocess_function``), for each (prompt, answer) pair:
@@ -125,16 +127,18 @@ class MEAPCollator:
         self.mask_token_id = mask_token_id
         self.pad_token_id = pad_token_id
         self.mask_ratio = mask_ratio
-        self.protected_ids = sorted({int(i) for i in protected_ids} | {pad_token_id})
+        self.protected_ids = sorted({int(i) for i in protected_ids})
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, mask_ratio: float = 0.15) -> MEAPCollator:
-        """Mask id from the tokenizer (call ensure_mask_token first); BOS and pad protected."""
+        """Mask id from the tokenizer (call ensure_mask_token first); BOS protected unless it
+        is also the EOS (then it separates documents and may be masked, as in the reference)."""
         if tokenizer.mask_token_id is None:
             raise ValueError("the tokenizer has no mask token; call ensure_mask_token(tokenizer)")
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
-        protected = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+        protected = [bos] if bos is not None and bos != eos else []
         return cls(tokenizer.mask_token_id, tokenizer.pad_token_id, mask_ratio, protected)
 
     def __call__(
@@ -144,7 +148,7 @@ class MEAPCollator:
     ) -> MEAPBatch:
         input_ids, attention_mask = pad_sequences(sequences, self.pad_token_id)
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        protected = torch.isin(input_ids, torch.tensor(self.protected_ids))
+        protected = torch.isin(input_ids, torch.tensor(self.protected_ids, dtype=input_ids.dtype))
         eligible = (attention_mask == 1) & ~protected  # (B, T)
         masked = torch.zeros_like(eligible)
         for b in range(input_ids.shape[0]):
