@@ -504,6 +504,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="another LLM source (name, hf-hub:ORG/NAME, or folder); chat is then text only",
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
+    parser.add_argument(
+        "--vlm",
+        default=None,
+        help="a VLM core checkpoint (train.vlm's <out>/final) instead of the preset's; STAMP and "
+        "GILL then come only from --stamp / --gill, which must have been trained on this core",
+    )
+    parser.add_argument("--stamp", default=None, help="a STAMP checkpoint (overrides the preset's)")
     parser.add_argument("--gill", default=None, help="a GILL checkpoint (overrides the preset's)")
     parser.add_argument(
         "--gill-index",
@@ -532,20 +539,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+def demo_config(args: argparse.Namespace) -> PolychromeConfig:
+    """The preset with the command line's checkpoints in place (paths from the current
+    directory; a preset's own are relative to the repository). With --vlm the preset's STAMP and
+    GILL are dropped: they were trained on the preset's core and would not attach to another."""
     cfg = PolychromeConfig.from_preset(args.preset)
     if args.llm:
         cfg = cfg.replace(llm=cfg.llm.replace(source=args.llm))
-    indexes = args.gill_index or []
+
+    def given(path: str | None) -> str | None:
+        return os.path.abspath(path) if path else None
+
+    if args.vlm:
+        cfg = cfg.replace(
+            vlm=cfg.vlm.replace(checkpoint=given(args.vlm)),
+            stamp=cfg.stamp.replace(checkpoint=None),
+            gill=cfg.gill.replace(checkpoint=None, index=None),
+        )
+    if args.stamp:
+        cfg = cfg.replace(stamp=cfg.stamp.replace(checkpoint=given(args.stamp)))
+    indexes = [os.path.abspath(p) for p in args.gill_index or []]
     if args.gill or indexes:
         cfg = cfg.replace(
             gill=cfg.gill.replace(
-                checkpoint=args.gill or cfg.gill.checkpoint,
+                checkpoint=given(args.gill) or cfg.gill.checkpoint,
                 index=indexes[0] if indexes else cfg.gill.index,
             )
         )
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        _serve(args, demo_config(args))
+    except (ValueError, OSError) as err:  # CheckpointError, ImageIndexError, a missing folder
+        raise SystemExit(f"app.py: error: {err}") from None
+
+
+def _serve(args: argparse.Namespace, cfg: PolychromeConfig) -> None:
+    indexes = [os.path.abspath(p) for p in args.gill_index or []]
     device = str(resolve_device(args.device))
     if args.llm:  # another LLM: the preset's VLM projector does not fit it, so chat in text
         logger.info("loading LLM %s (text only)", cfg.llm.source)

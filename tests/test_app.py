@@ -27,6 +27,33 @@ def test_help_exits_cleanly(capsys):
     assert "--preset" in capsys.readouterr().out
 
 
+def test_your_checkpoints_on_the_command_line(tmp_path, monkeypatch):
+    """--vlm/--stamp/--gill/--gill-index are read from the current directory (a preset's own
+    paths from the repository); --vlm drops the preset's STAMP and GILL, trained on its core;
+    a checkpoint that cannot load ends the command with its message, no traceback."""
+    import os
+
+    from vlm.config import PolychromeConfig
+
+    monkeypatch.chdir(tmp_path)
+    preset = PolychromeConfig.from_preset("shapes")
+    assert preset.stamp.checkpoint and preset.gill.checkpoint  # what --vlm must drop
+    mine = app.demo_config(app.parse_args(["--vlm", "runs/vlm/final"]))
+    assert mine.vlm.checkpoint == os.path.join(tmp_path, "runs/vlm/final")
+    assert mine.stamp.checkpoint is None and mine.gill.checkpoint is None
+    assert mine.gill.index is None
+    argv = ["--vlm", "v", "--stamp", "s", "--gill", "g", "--gill-index", "i"]
+    both = app.demo_config(app.parse_args(argv))
+    assert (both.stamp.checkpoint, both.gill.checkpoint, both.gill.index) == tuple(
+        os.path.join(tmp_path, p) for p in "sgi"
+    )
+    kept = app.demo_config(app.parse_args(["--gill", "g"]))
+    assert kept.stamp.checkpoint == preset.stamp.checkpoint and kept.vlm == preset.vlm
+    with pytest.raises(SystemExit) as err:
+        app.main(["--vlm", "no/such/run", "--no-tools"])
+    assert "app.py: error:" in str(err.value) and "no/such/run" in str(err.value)
+
+
 @pytest.fixture(scope="module")
 def server(demo_server):
     return demo_server
