@@ -134,6 +134,33 @@ def _coco_captions(path: Path) -> Path:
     return path
 
 
+def test_records_without_captions_align_on_their_questions(folder, tmp_path, capsys):
+    """Rows with only qa (which data.validate accepts) crashed the first alignment step: they
+    take their instruction conversation there; with no caption at all the run says so first."""
+    import numpy as np
+
+    from data.conversations import ChatRecord
+    from train.vlm import conversations_for
+    from train.vlm import main as vlm_main
+
+    image = folder / "photos" / "chelsea.png"
+    qa = [{"question": "What animal is this?", "answer": "A cat."}]
+    records = [ChatRecord(image, captions=["A cat."]), ChatRecord(image, qa=qa)]
+    batch = conversations_for(records, np.array([0, 1]), step=0, align_steps=5, seed=0)
+    assert batch[0][-1]["content"] == "A cat."  # the caption turn
+    assert "What animal is this?" in batch[1][0]["content"]  # its question, not a crash
+    only_qa = tmp_path / "only_qa"
+    shutil.copytree(folder / "photos", only_qa / "photos")
+    rows = [{"file_name": f"photos/{n}.png", "qa": qa} for n in NAMES]
+    (only_qa / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    argv = ["--preset", "tiny", "--imagefolder", str(only_qa), "--no-progress", "--steps", "2"]
+    argv += ["--batch-size", "2"]
+    with pytest.raises(SystemExit):
+        vlm_main([*argv, "--align-steps", "1", "--out", str(tmp_path / "refused")])
+    assert "pass --align-steps 0" in capsys.readouterr().err
+    assert vlm_main([*argv, "--align-steps", "0", "--out", str(tmp_path / "vlm")]) == 0
+
+
 def test_fine_tune_the_vlm_and_gill_on_coco_captions_of_your_photos(folder, tmp_path, capsys):
     from train.gill import main as gill_main
     from train.vlm import main as vlm_main

@@ -6,7 +6,8 @@
     # continue an interrupted run from <out>/last (same data order)
     python -m train.vlm --preset shapes --data out/shapeworld --out runs/vlm --steps 1500 --resume
     # your own images: a folder with metadata.jsonl (captions, dialogues, qa; data.conversations)
-    python -m train.vlm --preset shapes --imagefolder my_photos --out runs/vlm_mine --steps 200
+    python -m train.vlm --preset shapes --imagefolder my_photos --out runs/vlm_mine --steps 200 \\
+        --align-steps 50
     python -m train.vlm --preset shapes --images coco/train2017 \\
         --captions-json coco/annotations/captions_train2017.json --out runs/vlm_coco
 
@@ -204,10 +205,15 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 def conversations_for(
     records: list[Any], indices: np.ndarray, step: int, align_steps: int, seed: int
 ) -> list[list[dict[str, Any]]]:
-    """The batch's conversations: a pure function of (records, indices, step, seed)."""
+    """The batch's conversations: a pure function of (records, indices, step, seed). An
+    alignment step gives a record without captions (only qa or dialogues) its instruction one."""
     rng = np.random.default_rng([seed, step])
-    make = caption_conversation if step < align_steps else instruct_conversation
-    return [make(records[int(i)], rng) for i in indices]
+    out = []
+    for i in indices:
+        record = records[int(i)]
+        align = step < align_steps and bool(record.captions)
+        out.append((caption_conversation if align else instruct_conversation)(record, rng))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(err))
         records = [ChatRecord(p, c) for p, c in zip(pairs.image_paths, pairs.captions, strict=True)]
         data_desc = f"COCO captions {args.captions_json} (images {args.images})"
+    if args.align_steps and not any(r.captions for r in records):
+        parser.error(
+            f"--align-steps {args.align_steps}: alignment steps train on captions and no record "
+            f"of {data_desc} has one; pass --align-steps 0"
+        )
     if dp.main:
         print(
             f"{len(records)} images from {data_desc}; {model.tokens_per_image} visual tokens "
