@@ -30,6 +30,7 @@ __all__ = [
     "MAX_SIDE",
     "READ_FORMATS",
     "ImageError",
+    "image_size",
     "load_rgb",
     "paint_labels",
     "square_crop",
@@ -40,6 +41,7 @@ MAX_SIDE = 4096  # pixels, per side
 # The file formats read (PIL's names). PIL would open dozens more, some through outside programs
 # (EPS through Ghostscript): uploads are held to the common image formats.
 READ_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; values 5-8 turn the image a quarter
 # PIL refuses files above ~179 MP as decompression bombs; we stop far earlier (MAX_SIDE^2).
 Image.MAX_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE * 4
 
@@ -161,6 +163,27 @@ def load_rgb(source: str | os.PathLike[str] | bytes | Image.Image | np.ndarray) 
             img.load()
             upright = ImageOps.exif_transpose(img)  # a phone's rotation tag, applied
             return to_rgb(upright if upright is not None else img, what)
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"{what}: not an image file we read (expected {', '.join(READ_FORMATS)})"
+        ) from None
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"{what}: {err}") from None
+    except (OSError, SyntaxError) as err:
+        raise ImageError(f"{what}: corrupt or truncated image ({err})") from None
+
+
+def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """(width, height) of the image file at `path` as load_rgb returns it (EXIF rotation
+    applied), from its header alone; ImageError as load_rgb's when it would not load."""
+    what = str(path)
+    if not Path(path).is_file():
+        raise ImageError(f"{what}: file not found")
+    try:
+        with Image.open(path, formats=READ_FORMATS) as img:
+            _check_size(img.width, img.height, what)
+            turned = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            return (img.height, img.width) if turned else (img.width, img.height)
     except UnidentifiedImageError:
         raise ImageError(
             f"{what}: not an image file we read (expected {', '.join(READ_FORMATS)})"

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from core.images import load_rgb
+from core.images import ImageError, image_size, load_rgb
 from data.formats import (
     CocoAnnotation,
     FormatError,
@@ -50,6 +50,7 @@ __all__ = [
     "add_caption_arguments",
     "add_referring_arguments",
     "caption_source_error",
+    "check_images",
     "referring_dataset_from_args",
     "shapeworld_paths",
     "user_captions_from_args",
@@ -72,6 +73,40 @@ def shapeworld_paths(root: str | os.PathLike[str], split: str) -> dict[str, Path
             f"`python -m data.shapeworld generate --out {root} ...` (split {split!r})"
         )
     return paths
+
+
+MAX_LISTED = 10  # bad images named in check_images' message
+
+
+def check_images(
+    files: Sequence[tuple[Path, tuple[int, int] | None]], source: str | os.PathLike[str]
+) -> None:
+    """FormatError listing the images of `files` (path, the (H, W) the annotation file gives or
+    None) that are missing, unreadable or of another size, before a run reaches them. Reads
+    each file's header only (core.images.image_size), each path once."""
+    bad: list[str] = []
+    seen: set[Path] = set()
+    for path, size in files:
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            width, height = image_size(path)
+        except ImageError as err:
+            bad.append(str(err))
+            continue
+        if size is not None and (height, width) != tuple(size):
+            bad.append(
+                f"{path}: {width}x{height} pixels, the file says {size[1]}x{size[0]} (width x "
+                "height; masks are decoded at the file's size)"
+            )
+    if bad:
+        more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+        raise FormatError(
+            f"{source}: {len(bad)} of {len(seen)} images cannot be used:\n  "
+            + "\n  ".join(bad[:MAX_LISTED])
+            + more
+        )
 
 
 @dataclass
@@ -103,6 +138,7 @@ class CaptionDataset:
             by_image[cap.image_id].append(cap.caption)
         root = Path(images_root)
         keep = [im for im in coco.images if by_image[im.id]]
+        check_images([(root / im.file_name, None) for im in keep], captions_json)
         return cls([root / im.file_name for im in keep], [by_image[im.id] for im in keep])
 
     @classmethod
@@ -205,6 +241,10 @@ class InstanceDataset:
         by_image: dict[int, list[CocoAnnotation]] = {im.id: [] for im in coco.images}
         for ann in coco.annotations:
             by_image[ann.image_id].append(ann)
+        root = Path(images_root)
+        check_images(
+            [(root / im.file_name, (im.height, im.width)) for im in coco.images], instances_json
+        )
         return cls(
             images_root=Path(images_root),
             file_names=[im.file_name for im in coco.images],
@@ -343,7 +383,9 @@ class ReferringDataset:
             kind = str(ref.extra.get("expression_type", ""))
             for sent in ref.sentences:
                 items.append((im.file_name, sent.raw, ann, (im.height, im.width), kind, ref.ref_id))
-        return cls(Path(images_root), items)
+        root = Path(images_root)
+        check_images([(root / it[0], it[3]) for it in items], instances_json)
+        return cls(root, items)
 
     @classmethod
     def from_shapeworld(cls, root: str | os.PathLike[str], split: str) -> ReferringDataset:

@@ -314,9 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.image is not None:
         try:
             vocab = parse_vocabulary(args.vocab)
-        except ValueError as e:
+            image = np.asarray(load_rgb(args.image))
+        except ValueError as e:  # a bad vocabulary, an ImageError
             parser.error(str(e))
-        image = np.asarray(load_rgb(args.image))
         which = args.classifier or ("adapter" if adapters else "crops")
         if which == "adapter" and not adapters:
             parser.error("--classifier adapter needs --adapter PATH")

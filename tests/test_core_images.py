@@ -149,6 +149,24 @@ def test_exif_orientation_is_applied_as_a_browser_shows_the_photo():
     assert out[35, 10, 2] > 200 and out[35, 10, 0] < 60  # bottom: blue
 
 
+def test_image_size_from_the_header_is_load_rgbs(tmp_path):
+    """image_size reads the header only and gives the size load_rgb's image has, EXIF
+    rotation included, or load_rgb's error."""
+    from core.images import image_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a quarter turn: 40 x 20 stored, 20 x 40 seen
+    Image.new("RGB", (40, 20)).save(tmp_path / "turned.jpg", exif=exif)
+    Image.new("L", (30, 12)).save(tmp_path / "plain.png")
+    for name in ("turned.jpg", "plain.png"):
+        assert image_size(tmp_path / name) == load_rgb(tmp_path / name).size
+    assert image_size(tmp_path / "turned.jpg") == (20, 40)
+    (tmp_path / "text.png").write_text("not an image")
+    for name, message in (("text.png", "not an image file"), ("gone.png", "file not found")):
+        with pytest.raises(ImageError, match=message):
+            image_size(tmp_path / name)
+
+
 @pytest.mark.parametrize("fmt", ["PPM", "PCX", "TGA", "ICO"])
 def test_only_the_common_formats_are_read(fmt):
     """PIL opens dozens of formats (EPS through Ghostscript); uploads are held to six."""

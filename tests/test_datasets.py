@@ -63,6 +63,44 @@ def test_caption_dataset_from_coco_and_imagefolder(world, tmp_path):
         CaptionDataset.from_imagefolder(tmp_path)
 
 
+def test_annotation_files_name_every_image_they_cannot_use_up_front(world, tmp_path):
+    """COCO instances, refs and captions files are checked before a run reaches an image: a
+    missing file, one that does not open, and one of another size than the file says (masks
+    would be decoded at the wrong size: STAMP trained on them silently) are all listed."""
+    from data.datasets import ReferringDataset, check_images
+
+    root, _ = world
+    images = root / "val"
+    coco = json.loads((root / "annotations" / "instances_val.json").read_text())
+    names = [im["file_name"] for im in coco["images"]]
+    mine = tmp_path / "images"
+    mine.mkdir()
+    for name in names:
+        (mine / name).parent.mkdir(parents=True, exist_ok=True)
+        (mine / name).write_bytes((images / name).read_bytes())
+    (mine / names[0]).unlink()  # missing
+    (mine / names[1]).write_text("not an image")  # does not open
+    Image.new("RGB", (50, 48)).save(mine / names[2])  # 2 px wider than the file says
+    with pytest.raises(FormatError) as err:
+        InstanceDataset.from_coco(mine, root / "annotations" / "instances_val.json")
+    text = str(err.value)
+    assert "3 of 3 images cannot be used" in text
+    assert "file not found" in text and "not an image file" in text
+    assert "50x48 pixels, the file says 48x48" in text
+    ReferringDataset.from_shapeworld(root, "val")  # the generated data passes
+    refs = root / "annotations" / "refs_val.json"
+    with pytest.raises(FormatError, match="3 of 3 images"):
+        ReferringDataset.from_refcoco(mine, refs, root / "annotations" / "instances_val.json")
+    captions = root / "annotations" / "captions_val.json"
+    with pytest.raises(FormatError, match="2 of 3 images"):  # sizes are not a captions matter
+        CaptionDataset.from_coco(mine, captions)
+    # the list stops at ten, with the count of the rest
+    many = [(tmp_path / f"gone{i}.png", None) for i in range(13)]
+    with pytest.raises(FormatError, match=r"13 of 13 images[\s\S]*and 3 more") as err:
+        check_images(many, "x.json")
+    assert str(err.value).count("file not found") == 10
+
+
 def test_missing_split_says_how_to_generate(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"python -m data\.shapeworld generate"):
         InstanceDataset.from_shapeworld(tmp_path, "val")

@@ -186,7 +186,7 @@ def test_fine_tune_the_vlm_and_gill_on_coco_captions_of_your_photos(folder, tmp_
         gill_main([*gill, *coco, "--imagefolder", str(folder), "--out", str(tmp_path / "x")])
 
 
-def test_train_the_segmentation_heads_on_coco_instances_of_your_photos(folder, tmp_path):
+def test_train_the_segmentation_heads_on_coco_instances_of_your_photos(folder, tmp_path, capsys):
     from train.seg import main as seg_main
 
     # one box-shaped object per photo, as an annotation tool exports them (COCO polygons)
@@ -208,6 +208,13 @@ def test_train_the_segmentation_heads_on_coco_instances_of_your_photos(folder, t
         ],
     }  # fmt: skip
     (tmp_path / "instances.json").write_text(json.dumps(coco))
+    # an image the file names but the folder lacks: the run stops before it starts, naming it
+    gone = {**coco, "images": [*coco["images"][:2], {**coco["images"][2], "file_name": "x.png"}]}
+    (tmp_path / "gone.json").write_text(json.dumps(gone))
+    with pytest.raises(SystemExit):
+        seg_main(["--images", str(folder), "--instances-json", str(tmp_path / "gone.json"),
+                  "--out", str(tmp_path / "seg_gone"), "--no-progress"])  # fmt: skip
+    assert "x.png: file not found" in capsys.readouterr().err
     argv = ["--preset", "shapes", "--images", str(folder), "--instances-json"]
     argv += [str(tmp_path / "instances.json"), "--out", str(tmp_path / "seg"), "--steps", "2"]
     assert seg_main([*argv, "--batch-size", "2", "--hidden", "16", "--no-progress"]) == 0

@@ -666,7 +666,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{args.out / 'last'} exists: pass --resume to continue, or another --out")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    dataset, info = _dataset(args)
+    try:
+        dataset, info = _dataset(args)
+    except (ValueError, OSError) as err:  # bad data: say what, no traceback
+        parser.error(str(err))
     t0 = time.time()
     data = load_mask_data(dataset, cfg.img_size, workers=args.workers, progress=progress)
     info.update(images=int(data.images.shape[0]), instances=int(data.masks.shape[0]))

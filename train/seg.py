@@ -294,11 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(f"--preset {args.preset}: {err}")
 
-    dataset = (
-        InstanceDataset.from_shapeworld(args.data, "train")
-        if args.data is not None
-        else InstanceDataset.from_coco(args.images, args.instances_json)
-    )
+    try:
+        dataset = (
+            InstanceDataset.from_shapeworld(args.data, "train")
+            if args.data is not None
+            else InstanceDataset.from_coco(args.images, args.instances_json)
+        )
+    except (ValueError, OSError) as err:  # bad data: say what, no traceback
+        parser.error(str(err))
     n = min(args.limit, len(dataset))
     if args.stage == 2:  # stage 2 trains on the images that have proposals
         n = min(n, args.proposal_images)
