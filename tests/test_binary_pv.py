@@ -48,6 +48,20 @@ def test_codes_are_exactly_binary_in_training_and_at_test_time():
         BinaryPVConfig(5, 7, binarizer="sign")
 
 
+def test_inferred_noise_codes_follow_the_generator_not_the_global_rng():
+    """infer(generator=) promises the same codes for the same seed: the noise binarizer drew
+    from the global RNG, so they changed with whatever ran before."""
+    model = BinaryParagraphVector(BinaryPVConfig(5, 7, bits=64, binarizer="noise"))
+    counts = torch.rand(4, 7)
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(model.infer(counts, steps=5, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(runs[0], runs[1])
+    other = model.infer(counts, steps=5, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(other, runs[0])
+
+
 def test_straight_through_gradient_is_the_sigmoid_derivative():
     model = BinaryParagraphVector(BinaryPVConfig(num_documents=2, vocab_size=3, bits=4)).train()
     out = model(torch.tensor([0, 1]))

@@ -107,19 +107,26 @@ class BinaryParagraphVector(nn.Module):
         self.documents = nn.Parameter(torch.randn(cfg.num_documents, cfg.bits) * cfg.init_std)
         self.decoder = nn.Linear(cfg.bits, cfg.vocab_size)
 
-    def binarize(self, pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, bits) pre-activations -> (codes the decoder reads, sigmoid probabilities)."""
+    def binarize(
+        self, pre: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, bits) pre-activations -> (codes the decoder reads, sigmoid probabilities). The
+        noise binarizer draws from `generator` (the global RNG when None)."""
         prob = torch.sigmoid(pre)
         if not self.training:
             return (pre > 0).to(pre.dtype), prob
         if self.cfg.binarizer == "noise":
-            return torch.sigmoid(pre + self.cfg.noise_std * torch.randn_like(pre)), prob
+            device = generator.device if generator is not None else pre.device
+            noise = torch.randn(pre.shape, generator=generator, dtype=pre.dtype, device=device)
+            return torch.sigmoid(pre + self.cfg.noise_std * noise.to(pre.device)), prob
         hard = (pre > 0).to(pre.dtype)  # round(sigmoid(pre)); ties at 0.5 go to 0
         return prob + (hard - prob).detach(), prob  # straight-through: forward hard, grad sigmoid
 
-    def decode(self, pre: torch.Tensor, frozen: bool = False) -> BinaryPVOutput:
+    def decode(
+        self, pre: torch.Tensor, frozen: bool = False, generator: torch.Generator | None = None
+    ) -> BinaryPVOutput:
         """Word logits from pre-activations (B, bits); frozen: no gradient to the decoder."""
-        codes, prob = self.binarize(pre)
+        codes, prob = self.binarize(pre, generator)
         weight: torch.Tensor = self.decoder.weight
         bias: torch.Tensor = self.decoder.bias
         if frozen:
@@ -146,7 +153,9 @@ class BinaryParagraphVector(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """(M, V) word counts of new documents -> (M, bits) bool codes: their pre-activations
-        are fitted to the PV-DBOW loss with the decoder frozen (training-mode binarizer)."""
+        are fitted to the PV-DBOW loss with the decoder frozen (training-mode binarizer). The
+        start and the noise binarizer's draws come from `generator`: a seeded one gives the same
+        codes whatever the global RNG holds."""
         if counts.dim() != 2 or counts.shape[1] != self.cfg.vocab_size:
             raise ValueError(
                 f"expected counts (M, {self.cfg.vocab_size}), received {tuple(counts.shape)}"
@@ -160,7 +169,8 @@ class BinaryParagraphVector(nn.Module):
         self.train()
         try:
             for _ in range(steps):
-                loss = pv_dbow_loss(self.decode(pre, frozen=True).logits, counts)
+                logits = self.decode(pre, frozen=True, generator=generator).logits
+                loss = pv_dbow_loss(logits, counts)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
