@@ -19,6 +19,7 @@ from train.common import (
     cosine_with_warmup,
     load_training_state,
     resume_mismatches,
+    resume_or_start,
     save_training_state,
     trainable_state,
 )
@@ -122,6 +123,29 @@ def test_resume_compares_config_keys_as_configs(tmp_path):
     gone = {"toy": {"width": 4, "removed_field": 1}, "lr": 0.1}
     save_training_state(tmp_path, model, opt, sched, step=1, config=gone)
     assert "toy" in (resume_mismatches(tmp_path, now, ["toy", "lr"], {"toy": _Toy}) or "")
+
+
+def test_a_fresh_start_refuses_an_out_that_holds_a_run(tmp_path, capsys):
+    """Rerunning a finished or interrupted run's command without --resume trimmed its log at
+    once and replaced its model at the end: refused, naming what is there; the cached refits,
+    which rerun in their folder to reuse its cache, may."""
+    model = _model()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    sched = cosine_with_warmup(opt, 1, 4)
+    parser = argparse.ArgumentParser(prog="train.x")
+    fresh = argparse.Namespace(out=tmp_path / "run", resume=False)
+    assert resume_or_start(parser, fresh, model, opt, sched, {}, []) == 0  # nothing there yet
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        resume_or_start(parser, fresh, model, opt, sched, {}, [])
+    assert "holds a run (final/): pass --resume" in capsys.readouterr().err
+    save_training_state(tmp_path / "run", model, opt, sched, step=2, config={"lr": 0.1})
+    with pytest.raises(SystemExit):
+        resume_or_start(parser, fresh, model, opt, sched, {"lr": 0.1}, ["lr"])
+    assert "(last/ and final/)" in capsys.readouterr().err
+    assert resume_or_start(parser, fresh, model, opt, sched, {}, [], rerun=True) == 0
+    resumed = argparse.Namespace(out=tmp_path / "run", resume=True)
+    assert resume_or_start(parser, resumed, model, opt, sched, {"lr": 0.1}, ["lr"]) == 2
 
 
 def test_process_group_is_destroyed_at_exit(tmp_path):

@@ -151,7 +151,10 @@ def start_fit(
         "seed": args.seed,
         **extra,
     }
-    start = resume_or_start(parser, args, module, optimizer, scheduler, run_config, FIT_RESUME_KEYS)
+    # a refit may rerun in its folder: the cached states there are what it reuses
+    start = resume_or_start(
+        parser, args, module, optimizer, scheduler, run_config, FIT_RESUME_KEYS, rerun=True
+    )
     return optimizer, scheduler, run_config, start
 
 

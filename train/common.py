@@ -288,12 +288,21 @@ def resume_or_start(
     keys: Iterable[str],
     announce: bool = True,
     configs: Mapping[str, type[Config]] | None = None,
+    rerun: bool = False,
 ) -> int:
     """The step to start from: 0, or with ``args.resume`` the state of ``<args.out>/last``
     loaded into module/optimizer/scheduler, after checking that it was trained with the same
     `keys` of `run_config` (a parser error naming those that differ; `configs`: as in
-    `resume_mismatches`)."""
+    `resume_mismatches`). Without ``--resume`` an --out that holds a run (last/ or final/) is
+    refused: starting afresh there would trim its log at once and replace its model at the end
+    (``rerun``: allowed, for the cached refits that rerun in their folder to reuse its cache)."""
     if not args.resume:
+        held = [n for n in ("last", "final") if (Path(args.out) / n).exists()]
+        if held and not rerun:
+            parser.error(
+                f"--out {args.out} holds a run ({' and '.join(n + '/' for n in held)}): pass "
+                "--resume to continue it, or choose another --out"
+            )
         return 0
     why = resume_mismatches(args.out, run_config, keys, configs)
     if why:
