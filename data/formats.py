@@ -554,14 +554,13 @@ def read_imagefolder(folder: PathLike) -> list[dict[str, Any]]:
 
 
 def imagefolder_lines(folder: PathLike) -> tuple[Path, list[tuple[int, str]]]:
-    """(the metadata.jsonl path, its (line number, text) rows); FileNotFoundError without it."""
+    """(the metadata.jsonl path, its (line number, text) rows, blank lines left out);
+    FileNotFoundError without it."""
     path = Path(folder) / METADATA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (an imagefolder needs {METADATA_FILE})")
     lines = _read_text(path).split("\n")
-    if lines[-1] == "":
-        lines.pop()  # the newline that ends the last row
-    return path, list(enumerate(lines, start=1))
+    return path, [(n, line) for n, line in enumerate(lines, start=1) if line.strip()]
 
 
 def parse_imagefolder_line(line: str, root: Path, where: str) -> dict[str, Any]:
@@ -1017,8 +1016,8 @@ def _reject_constant(name: str) -> NoReturn:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
+    try:  # -sig: a byte-order mark (Windows editors write one) is dropped, not a JSON error
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise FormatError(f"{path}: expected UTF-8 text, got invalid bytes ({e})") from None
 

@@ -833,7 +833,7 @@ def test_imagefolder_rejects_malformed_lines(tmp_path: Path) -> None:
     good = json.dumps({"file_name": "0003.png"})
     cases = [
         (f'{good}\n{good}\n{{"file_name": "0003.png", "te', r"line 3: invalid JSON at column \d+"),
-        (f"{good}\n\n{good}\n", r"line 2: invalid JSON at column 1: Expecting value"),
+        (f"{good}\n\n{good}\n  \nnot json\n", r"line 5: invalid JSON at column 1"),
         (f'{good}\n["0003.png"]\n', r"line 2: expected a JSON object, got list"),
         (f'{good}\n{{"text": "no name"}}\n', r"line 2: missing field 'file_name'"),
         ('{"file_name": "0003.png", "score": NaN}\n', r"line 1: NaN is not JSON"),
@@ -842,6 +842,9 @@ def test_imagefolder_rejects_malformed_lines(tmp_path: Path) -> None:
         path.write_text(text)
         with pytest.raises(FormatError, match=rf"metadata\.jsonl: {message}"):
             read_imagefolder(folder)
+    # blank lines are skipped (the numbers above count them), a byte-order mark is dropped
+    path.write_bytes(b"\xef\xbb\xbf" + f"{good}\r\n\r\n{good}\r\n\n".encode())
+    assert read_imagefolder(folder) == [{"file_name": "0003.png"}] * 2
     path.unlink()
     with pytest.raises(FileNotFoundError, match=r"metadata\.jsonl: missing"):
         read_imagefolder(folder)
