@@ -104,6 +104,9 @@ def test_fine_tune_the_vlm_and_clip_on_your_photos(folder, tmp_path, capsys):
         vlm_main([*vlm, "--out", str(tmp_path / "stopped")])
     err = capsys.readouterr().err
     assert all(f"line {n}" in err for n in BAD_LINES) and not (tmp_path / "stopped").exists()
+    with pytest.raises(SystemExit):  # a start that is not there: said before the model loads
+        vlm_main([*vlm, "--init-from", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
+    assert "--init-from" in capsys.readouterr().err and not (tmp_path / "x").exists()
     with pytest.warns(UserWarning, match="skipping bad records"):
         assert vlm_main([*vlm, "--bad-records", "skip", "--out", str(tmp_path / "vlm")]) == 0
     assert load_checkpoint(tmp_path / "vlm" / "final").metadata["data"].startswith("imagefolder")

@@ -200,6 +200,11 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         )
     if args.data is None and args.eval:
         parser.error("--eval needs a ShapeWorld --data folder (its val split)")
+    if args.init_from is not None and not (args.init_from / "manifest.json").is_file():
+        parser.error(
+            f"--init-from {args.init_from}: no checkpoint there (no manifest.json; relative "
+            "paths are from the current directory)"
+        )
 
 
 def conversations_for(
