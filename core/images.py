@@ -19,8 +19,10 @@ Anything else raises :class:`ImageError` saying what was expected and what was r
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -157,12 +159,18 @@ def load_rgb(source: str | os.PathLike[str] | bytes | Image.Image | np.ndarray) 
             "expected a path, bytes, a PIL image or a numpy array, received "
             f"{type(source).__name__}"
         )
+    with _reading(what), Image.open(stream, formats=READ_FORMATS) as img:
+        _check_size(img.width, img.height, what)  # before decoding the pixels
+        img.load()
+        upright = ImageOps.exif_transpose(img)  # a phone's rotation tag, applied
+        return to_rgb(upright if upright is not None else img, what)
+
+
+@contextlib.contextmanager
+def _reading(what: str) -> Iterator[None]:
+    """PIL's errors while opening or decoding `what`, as ImageErrors saying what is wrong."""
     try:
-        with Image.open(stream, formats=READ_FORMATS) as img:
-            _check_size(img.width, img.height, what)  # before decoding the pixels
-            img.load()
-            upright = ImageOps.exif_transpose(img)  # a phone's rotation tag, applied
-            return to_rgb(upright if upright is not None else img, what)
+        yield
     except UnidentifiedImageError:
         raise ImageError(
             f"{what}: not an image file we read (expected {', '.join(READ_FORMATS)})"
@@ -179,19 +187,10 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     what = str(path)
     if not Path(path).is_file():
         raise ImageError(f"{what}: file not found")
-    try:
-        with Image.open(path, formats=READ_FORMATS) as img:
-            _check_size(img.width, img.height, what)
-            turned = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
-            return (img.height, img.width) if turned else (img.width, img.height)
-    except UnidentifiedImageError:
-        raise ImageError(
-            f"{what}: not an image file we read (expected {', '.join(READ_FORMATS)})"
-        ) from None
-    except Image.DecompressionBombError as err:
-        raise ImageError(f"{what}: {err}") from None
-    except (OSError, SyntaxError) as err:
-        raise ImageError(f"{what}: corrupt or truncated image ({err})") from None
+    with _reading(what), Image.open(path, formats=READ_FORMATS) as img:
+        _check_size(img.width, img.height, what)
+        turned = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+        return (img.height, img.width) if turned else (img.width, img.height)
 
 
 def square_crop(image: Image.Image, size: int) -> Image.Image:
