@@ -154,10 +154,18 @@ def serve_demo(assistant, tools=None):
 
     demo = app.build_demo(assistant, PolychromeConfig.from_preset("tiny"), tools=tools)
     demo.queue(max_size=8)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    for attempt in range(3):  # another process may take the free port before gradio binds it
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            demo.launch(
+                server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True
+            )
+            break
+        except OSError:
+            if attempt == 2:
+                raise
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:

@@ -8,12 +8,14 @@ sharpened tiny VLM.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import chromium_page, serve_demo, sharpened_tiny_vlm
 from PIL import Image
+from playwright.sync_api import expect
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
 
@@ -193,10 +195,8 @@ def test_every_tab_in_the_browser(server, tools, scene, tmp_path):
         # the Chat tab opens with the drawing attached and the question typed
         box = page.locator("textarea").first
         box.wait_for(state="visible", timeout=30_000)
-        page.wait_for_function(
-            "() => [...document.querySelectorAll('textarea')].some(t => t.value.includes('draw'))",
-            timeout=30_000,
-        )
+        # the chat box itself holds the question (any textarea did: the sketch's own box too)
+        expect(box).to_have_value(re.compile("draw"), timeout=30_000)
         box.press("Enter")
         page.locator("[data-testid='bot']").first.wait_for(timeout=60_000)
         page.locator("[data-testid='user'] img").first.wait_for(timeout=30_000)

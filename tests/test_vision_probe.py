@@ -52,7 +52,10 @@ def test_readouts_match_a_loop_over_patches(tiny, shapeworld):
             ys, xs = np.nonzero(mask)
             row, col = int(ys.mean() / 8) // 2, int(xs.mean() / 8) // 2  # 8-pixel patches
             block = [tokens[(2 * row + i) * 8 + 2 * col + j] for i in range(2) for j in range(2)]
-            np.testing.assert_allclose(feats["token"][k], np.concatenate(block), rtol=1e-6)
+            # a batch of 3 against one scene: matmul paths (MKL's AVX2 one) differ in last bits
+            np.testing.assert_allclose(
+                feats["token"][k], np.concatenate(block), rtol=1e-5, atol=1e-6
+            )
             cover = [
                 mask[r * 8 : r * 8 + 8, c * 8 : c * 8 + 8].mean()
                 for r in range(8)
