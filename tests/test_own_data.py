@@ -179,6 +179,8 @@ def test_fine_tune_the_vlm_and_gill_on_coco_captions_of_your_photos(folder, tmp_
     gill += ["--mapper-layers", "1", "--retrieval-dim", "16", "--no-progress"]
     assert gill_main([*gill, *coco, "--out", str(tmp_path / "gill")]) == 0
     meta = json.loads((tmp_path / "gill" / "final" / "manifest.json").read_text())["metadata"]
+    card = (tmp_path / "gill" / "final" / "MODEL_CARD.md").read_text()
+    assert meta["command"] in card and "gill.safetensors" in card  # the command, the files
     assert meta["data"].startswith("coco-captions")
     # the imagefolder kind too, with its bad records skipped as asked
     mine = ["--imagefolder", str(folder), "--bad-records", "skip"]

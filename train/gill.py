@@ -82,6 +82,7 @@ from train.common import (
     resume_or_start,
     save_training_state,
     trim_log,
+    write_model_card,
 )
 from vlm.config import PolychromeConfig
 from vlm.gill import (
@@ -476,6 +477,16 @@ def main(argv: list[str] | None = None) -> int:
         "decoder": str(preset.diffusion.checkpoint or preset.diffusion.model),
     }
     final = model.save_pretrained(args.out / "final", metadata=metadata, overwrite=True)
+    vlm = run_config["vlm"]
+    core = "(a fresh, untrained one of the preset)" if vlm == "None" else f"`{vlm}`"
+    intro = (
+        f"On the frozen VLM core {core} and the decoder `{metadata['decoder']}`. "
+        "Trained (Koh et al. 2023): the [IMG0..r] rows, the retrieval projections, the GILLMapper "
+        "to the decoder's text space and the retrieve-or-generate decision head."
+    )
+    write_model_card(
+        final, "GILL (`GILLVLM`, train/gill.py)", intro, run_config, metadata, skip=("gill",)
+    )
     print(f"wrote {final} ({done} of {args.steps} steps, {minutes:.1f} min this run)")
     return 0
 
