@@ -548,7 +548,14 @@ def demo_config(args: argparse.Namespace) -> PolychromeConfig:
         cfg = cfg.replace(llm=cfg.llm.replace(source=args.llm))
 
     def given(path: str | None) -> str | None:
-        return os.path.abspath(path) if path else None
+        return os.path.abspath(os.path.expanduser(path)) if path else None
+
+    indexes = [os.path.abspath(os.path.expanduser(p)) for p in args.gill_index or []]
+    if args.vlm and indexes and not args.gill:
+        raise ValueError(
+            "--gill-index with --vlm needs --gill: the preset's GILL is left out with another "
+            "core, and an index serves the GILL it was built with"
+        )
 
     if args.vlm:
         cfg = cfg.replace(
@@ -558,7 +565,6 @@ def demo_config(args: argparse.Namespace) -> PolychromeConfig:
         )
     if args.stamp:
         cfg = cfg.replace(stamp=cfg.stamp.replace(checkpoint=given(args.stamp)))
-    indexes = [os.path.abspath(p) for p in args.gill_index or []]
     if args.gill or indexes:
         cfg = cfg.replace(
             gill=cfg.gill.replace(
@@ -579,7 +585,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _serve(args: argparse.Namespace, cfg: PolychromeConfig) -> None:
-    indexes = [os.path.abspath(p) for p in args.gill_index or []]
+    indexes = [os.path.abspath(os.path.expanduser(p)) for p in args.gill_index or []]
     device = str(resolve_device(args.device))
     if args.llm:  # another LLM: the preset's VLM projector does not fit it, so chat in text
         logger.info("loading LLM %s (text only)", cfg.llm.source)

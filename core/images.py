@@ -183,13 +183,23 @@ def _reading(what: str) -> Iterator[None]:
 
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     """(width, height) of the image file at `path` as load_rgb returns it (EXIF rotation
-    applied), from its header alone; ImageError as load_rgb's when it would not load."""
+    applied), from its header alone: ImageError when it is missing, empty, not an image we read
+    or too large. A file cut short after its header passes here; load_rgb finds it."""
     what = str(path)
     if not Path(path).is_file():
         raise ImageError(f"{what}: file not found")
+    if Path(path).stat().st_size == 0:
+        raise ImageError(f"{what}: empty file (0 bytes), expected an image")
     with _reading(what), Image.open(path, formats=READ_FORMATS) as img:
         _check_size(img.width, img.height, what)
-        turned = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+        if img.format == "TIFF":  # its tags are read with the header
+            orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+        else:  # getexif() would decode a PNG's pixels to look for a late eXIf chunk
+            exif = Image.Exif()
+            if raw := img.info.get("exif"):
+                exif.load(raw)
+            orientation = exif.get(EXIF_ORIENTATION, 1)
+        turned = orientation in (5, 6, 7, 8)
         return (img.height, img.width) if turned else (img.width, img.height)
 
 

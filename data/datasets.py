@@ -130,15 +130,20 @@ class CaptionDataset:
 
     @classmethod
     def from_coco(
-        cls, images_root: str | os.PathLike[str], captions_json: str | os.PathLike[str]
+        cls,
+        images_root: str | os.PathLike[str],
+        captions_json: str | os.PathLike[str],
+        check: bool = True,
     ) -> CaptionDataset:
+        """``check``: every image listed is looked at first (check_images)."""
         coco = read_coco_captions(captions_json)
         by_image: dict[int, list[str]] = {im.id: [] for im in coco.images}
         for cap in coco.captions:
             by_image[cap.image_id].append(cap.caption)
         root = Path(images_root)
         keep = [im for im in coco.images if by_image[im.id]]
-        check_images([(root / im.file_name, None) for im in keep], captions_json)
+        if check:
+            check_images([(root / im.file_name, None) for im in keep], captions_json)
         return cls([root / im.file_name for im in keep], [by_image[im.id] for im in keep])
 
     @classmethod
@@ -176,7 +181,7 @@ class CaptionDataset:
     @classmethod
     def from_shapeworld(cls, root: str | os.PathLike[str], split: str) -> CaptionDataset:
         paths = shapeworld_paths(root, split)
-        return cls.from_coco(paths["images"], paths["captions"])
+        return cls.from_coco(paths["images"], paths["captions"], check=False)  # generated here
 
 
 @dataclass
@@ -235,16 +240,21 @@ class InstanceDataset:
 
     @classmethod
     def from_coco(
-        cls, images_root: str | os.PathLike[str], instances_json: str | os.PathLike[str]
+        cls,
+        images_root: str | os.PathLike[str],
+        instances_json: str | os.PathLike[str],
+        check: bool = True,
     ) -> InstanceDataset:
+        """``check``: every image listed is looked at first (check_images)."""
         coco = read_coco_instances(instances_json)
         by_image: dict[int, list[CocoAnnotation]] = {im.id: [] for im in coco.images}
         for ann in coco.annotations:
             by_image[ann.image_id].append(ann)
         root = Path(images_root)
-        check_images(
-            [(root / im.file_name, (im.height, im.width)) for im in coco.images], instances_json
-        )
+        if check:
+            check_images(
+                [(root / im.file_name, (im.height, im.width)) for im in coco.images], instances_json
+            )
         return cls(
             images_root=Path(images_root),
             file_names=[im.file_name for im in coco.images],
@@ -258,7 +268,7 @@ class InstanceDataset:
     @classmethod
     def from_shapeworld(cls, root: str | os.PathLike[str], split: str) -> InstanceDataset:
         paths = shapeworld_paths(root, split)
-        return cls.from_coco(paths["images"], paths["instances"])
+        return cls.from_coco(paths["images"], paths["instances"], check=False)  # generated here
 
     def semantic_map(self, index: int) -> np.ndarray:
         """(H, W) int64 category-id map of image `index` (0 = background) painted from its
@@ -362,6 +372,7 @@ class ReferringDataset:
         refs_json: str | os.PathLike[str],
         instances_json: str | os.PathLike[str],
         split: str | None = None,
+        check: bool = True,
     ) -> ReferringDataset:
         """The refs of `split` (every ref when None: a file of one split) with the instances they
         refer to. A RefCOCO refs file holds every split, each ref naming its own; ValueError when
@@ -384,13 +395,16 @@ class ReferringDataset:
             for sent in ref.sentences:
                 items.append((im.file_name, sent.raw, ann, (im.height, im.width), kind, ref.ref_id))
         root = Path(images_root)
-        check_images([(root / it[0], it[3]) for it in items], instances_json)
+        if check:  # every image the refs use, first (check_images)
+            check_images([(root / it[0], it[3]) for it in items], instances_json)
         return cls(root, items)
 
     @classmethod
     def from_shapeworld(cls, root: str | os.PathLike[str], split: str) -> ReferringDataset:
         paths = shapeworld_paths(root, split)
-        return cls.from_refcoco(paths["images"], paths["refs"], paths["instances"])
+        return cls.from_refcoco(  # generated here: not checked
+            paths["images"], paths["refs"], paths["instances"], check=False
+        )
 
 
 def add_caption_arguments(group: Any, imagefolder_text: str = "captions") -> None:

@@ -544,9 +544,10 @@ def write_imagefolder_metadata(folder: PathLike, rows: Iterable[Mapping[str, Any
 def read_imagefolder(folder: PathLike) -> list[dict[str, Any]]:
     """Read and validate ``folder/metadata.jsonl``; rows come back as written.
 
-    Every line must be a JSON object whose "file_name" is a relative path of an existing file
-    inside `folder` (absolute paths, '..' and symlinks leading outside are rejected). The first
-    bad line raises FormatError; data.validate reports every bad line instead, and can skip them.
+    Every line but blank ones (skipped) must be a JSON object whose "file_name" is a relative
+    path of an existing file inside `folder` (absolute paths, '..' and symlinks leading outside
+    are rejected). The first bad line raises FormatError; data.validate reports every bad line
+    instead, and can skip them.
     """
     path, lines = imagefolder_lines(folder)
     root = Path(folder).resolve()

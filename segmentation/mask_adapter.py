@@ -198,7 +198,8 @@ def match_proposals(
     proposal drawn at random among those with IoU > ``iou_threshold``; of these pairs at most
     ``max_matches`` per image, drawn at random. Returns (proposal, gt) index pairs, ground truths
     in order. A proposal may match one ground truth only (its best; above 0.7 IoU two disjoint
-    ground truths cannot both claim it anyway)."""
+    ground truths cannot both claim it anyway; the reference has no such rule, which differs
+    only where ground truths overlap)."""
     if len(proposals) == 0 or len(ground_truth) == 0:
         return []
     iou = mask_iou_matrix(proposals, ground_truth)  # (P, G)

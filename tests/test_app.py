@@ -47,6 +47,8 @@ def test_your_checkpoints_on_the_command_line(tmp_path, monkeypatch):
     assert (both.stamp.checkpoint, both.gill.checkpoint, both.gill.index) == tuple(
         os.path.join(tmp_path, p) for p in "sgi"
     )
+    with pytest.raises(ValueError, match="needs --gill"):  # it would serve nothing
+        app.demo_config(app.parse_args(["--vlm", "v", "--gill-index", "i"]))
     kept = app.demo_config(app.parse_args(["--gill", "g"]))
     assert kept.stamp.checkpoint == preset.stamp.checkpoint and kept.vlm == preset.vlm
     with pytest.raises(SystemExit) as err:

@@ -151,7 +151,7 @@ def test_exif_orientation_is_applied_as_a_browser_shows_the_photo():
 
 def test_image_size_from_the_header_is_load_rgbs(tmp_path):
     """image_size reads the header only and gives the size load_rgb's image has, EXIF
-    rotation included, or load_rgb's error."""
+    rotation included, or the error load_rgb gives for a missing, empty or foreign file."""
     from core.images import image_size
 
     exif = Image.Exif()
@@ -161,8 +161,21 @@ def test_image_size_from_the_header_is_load_rgbs(tmp_path):
     for name in ("turned.jpg", "plain.png"):
         assert image_size(tmp_path / name) == load_rgb(tmp_path / name).size
     assert image_size(tmp_path / "turned.jpg") == (20, 40)
+    # the header alone: a PNG cut short after it still has its size (load_rgb finds the cut)
+    noise = np.random.default_rng(0).integers(0, 256, (120, 300, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.png")
+    data = (tmp_path / "noise.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    assert image_size(tmp_path / "cut.png") == (300, 120)
+    with pytest.raises(ImageError, match="truncated"):
+        load_rgb(tmp_path / "cut.png")
     (tmp_path / "text.png").write_text("not an image")
-    for name, message in (("text.png", "not an image file"), ("gone.png", "file not found")):
+    (tmp_path / "empty.png").write_bytes(b"")
+    for name, message in (
+        ("text.png", "not an image file"),
+        ("gone.png", "file not found"),
+        ("empty.png", "empty file"),
+    ):
         with pytest.raises(ImageError, match=message):
             image_size(tmp_path / name)
 

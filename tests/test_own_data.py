@@ -110,6 +110,9 @@ def test_fine_tune_the_vlm_and_clip_on_your_photos(folder, tmp_path, capsys):
     with pytest.warns(UserWarning, match="skipping bad records"):
         assert vlm_main([*vlm, "--bad-records", "skip", "--out", str(tmp_path / "vlm")]) == 0
     assert load_checkpoint(tmp_path / "vlm" / "final").metadata["data"].startswith("imagefolder")
+    with pytest.raises(SystemExit):  # the same command again would replace that run: refused
+        vlm_main([*vlm, "--bad-records", "skip", "--out", str(tmp_path / "vlm")])
+    assert "holds a run (last/ and final/): pass --resume" in capsys.readouterr().err
     clip = ["--preset", "tiny", "--imagefolder", str(folder), "--steps", "2", "--batch-size", "2"]
     with pytest.warns(UserWarning, match="skipping bad records"):
         assert clip_main([*clip, "--bad-records", "skip", "--out", str(tmp_path / "clip")]) == 0

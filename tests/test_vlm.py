@@ -607,12 +607,11 @@ def test_mfu_bench_counts_the_llm_body_by_hand_and_reports(vlm, shapeworld, tmp_
     args = ["--preset", "tiny", "--data", str(shapeworld), "--quick", "--json", str(out)]
     assert mfu.main(args) == 0
     result = json.loads(out.read_text())
-    # not "< 1": on a CPU without native bf16 the quick peak (a bf16 matmul) is slower than
-    # the tiny model's fp32 step; the figure is that ratio, whatever it comes to
     assert result["peak_bf16_flops"] > 0 and result["train_model_flops_per_s_median"] > 0
-    assert result["mfu_median"] == pytest.approx(
-        result["train_model_flops_per_s_median"] / result["peak_bf16_flops"]
-    )
+    # below the peak where bf16 is native; without it the quick peak (a bf16 matmul) runs
+    # slower than the tiny model's fp32 step, and the ratio says nothing (AVX2-only CPUs)
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert result["mfu_median"] < 1 or not native
     assert result["train_tokens_per_s_median"] > 0
 
 

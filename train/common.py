@@ -45,6 +45,7 @@ __all__ = [
     "load_training_state",
     "make_accelerator",
     "open_log",
+    "refuse_held_out",
     "resume_mismatches",
     "resume_or_start",
     "save_training_state",
@@ -297,12 +298,8 @@ def resume_or_start(
     refused: starting afresh there would trim its log at once and replace its model at the end
     (``rerun``: allowed, for the cached refits that rerun in their folder to reuse its cache)."""
     if not args.resume:
-        held = [n for n in ("last", "final") if (Path(args.out) / n).exists()]
-        if held and not rerun:
-            parser.error(
-                f"--out {args.out} holds a run ({' and '.join(n + '/' for n in held)}): pass "
-                "--resume to continue it, or choose another --out"
-            )
+        if not rerun:
+            refuse_held_out(parser, args)
         return 0
     why = resume_mismatches(args.out, run_config, keys, configs)
     if why:
@@ -311,6 +308,19 @@ def resume_or_start(
     if announce:
         print(f"resumed from {args.out / 'last'} at step {start}")
     return start
+
+
+def refuse_held_out(parser: Any, args: Any) -> None:
+    """A parser error when ``args.out`` holds a run (last/ or final/) and ``args.resume`` is not
+    set: call it right after parsing, before anything slow (resume_or_start checks it again)."""
+    if getattr(args, "resume", False):
+        return
+    held = [n for n in ("last", "final") if (Path(args.out) / n).exists()]
+    if held:
+        parser.error(
+            f"--out {args.out} holds a run ({' and '.join(n + '/' for n in held)}): pass "
+            "--resume to continue it, or choose another --out"
+        )
 
 
 def trim_log(path: Path, start: int) -> None:

@@ -79,6 +79,7 @@ from train.common import (
     batch_indices,
     check_run_args,
     cosine_with_warmup,
+    refuse_held_out,
     resume_or_start,
     save_training_state,
     trim_log,
@@ -340,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    refuse_held_out(parser, args)  # before the models load
     command = "python -m train.gill " + shlex.join(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

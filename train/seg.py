@@ -2,7 +2,8 @@
 
     # stage 1: ground-truth masks of the seen classes, cross-entropy
     python -m train.seg --preset shapes --data out/shapeworld --out out/seg/stage1 --stage 1
-    # stage 2: ground truth + SAM proposals matched to it (IoU > 0.7, at most 8 per object),
+    # stage 2: ground truth + SAM proposals matched to it (IoU > 0.7, one per object, at most 8
+    # per image),
     # cross-entropy + 5 x mask-consistency loss; starts from stage 1
     python -m train.seg --preset shapes --data out/shapeworld --out out/seg/stage2 --stage 2 \\
         --init out/seg/stage1/final
@@ -418,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
         mine = dp.part(range(len(idx)))
         idx, per_image = idx[mine], [per_image[k] for k in mine]
         m = max(len(masks) for masks, _, _ in per_image)
-        h, w = images[idx[0]].shape[:2]
+        h = max(images[i].shape[0] for i in idx)  # the largest: smaller masks lose nothing
+        w = max(images[i].shape[1] for i in idx)
         batch_masks = np.zeros((len(idx), max(m, 1), h, w), dtype=np.float32)
         labels = torch.full((len(idx), max(m, 1)), -100, dtype=torch.long)
         for b, (masks, labs, _) in enumerate(per_image):

@@ -51,6 +51,7 @@ from train.common import (
     batch_indices,
     check_run_args,
     cosine_with_warmup,
+    refuse_held_out,
     resume_or_start,
     save_training_state,
     trim_log,
@@ -316,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     _check_args(parser, args)
+    refuse_held_out(parser, args)  # before the models load
     try:
         data, data_desc = referring_dataset_from_args(args)
     except (ValueError, OSError) as err:
