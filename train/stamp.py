@@ -317,7 +317,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     _check_args(parser, args)
-    refuse_held_out(parser, args)  # before the models load
     try:
         data, data_desc = referring_dataset_from_args(args)
     except (ValueError, OSError) as err:
@@ -366,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--same-image {args.same_image} must divide each process's share of the batch "
             f"({args.batch_size} over {world} processes), so a scene's expressions stay together"
         )
+    refuse_held_out(parser, args)  # after the data's checks, before the models load
     seed_everything(args.seed)
     if args.init_from is not None:
         try:
