@@ -550,7 +550,7 @@ def demo_config(args: argparse.Namespace) -> PolychromeConfig:
     def given(path: str | None) -> str | None:
         return os.path.abspath(os.path.expanduser(path)) if path else None
 
-    indexes = [os.path.abspath(os.path.expanduser(p)) for p in args.gill_index or []]
+    indexes = _index_paths(args)
     if args.vlm and indexes and not args.gill:
         raise ValueError(
             "--gill-index with --vlm needs --gill: the preset's GILL is left out with another "
@@ -584,8 +584,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"app.py: error: {err}") from None
 
 
+def _index_paths(args: argparse.Namespace) -> list[str]:
+    """--gill-index's folders, from the current directory."""
+    return [os.path.abspath(os.path.expanduser(p)) for p in args.gill_index or []]
+
+
 def _serve(args: argparse.Namespace, cfg: PolychromeConfig) -> None:
-    indexes = [os.path.abspath(os.path.expanduser(p)) for p in args.gill_index or []]
+    indexes = _index_paths(args)
     device = str(resolve_device(args.device))
     if args.llm:  # another LLM: the preset's VLM projector does not fit it, so chat in text
         logger.info("loading LLM %s (text only)", cfg.llm.source)

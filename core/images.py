@@ -149,10 +149,7 @@ def load_rgb(source: str | os.PathLike[str] | bytes | Image.Image | np.ndarray) 
     elif isinstance(source, str | os.PathLike):
         path = Path(source)
         what = str(path)
-        if not path.is_file():
-            raise ImageError(f"{what}: file not found")
-        if path.stat().st_size == 0:
-            raise ImageError(f"{what}: empty file (0 bytes), expected an image")
+        _check_file(path)
         stream = io.BytesIO(path.read_bytes())
     else:
         raise ImageError(
@@ -164,6 +161,14 @@ def load_rgb(source: str | os.PathLike[str] | bytes | Image.Image | np.ndarray) 
         img.load()
         upright = ImageOps.exif_transpose(img)  # a phone's rotation tag, applied
         return to_rgb(upright if upright is not None else img, what)
+
+
+def _check_file(path: Path) -> None:
+    """ImageError unless `path` is a file with something in it."""
+    if not path.is_file():
+        raise ImageError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes), expected an image")
 
 
 @contextlib.contextmanager
@@ -186,10 +191,7 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
     applied), from its header alone: ImageError when it is missing, empty, not an image we read
     or too large. A file cut short after its header passes here; load_rgb finds it."""
     what = str(path)
-    if not Path(path).is_file():
-        raise ImageError(f"{what}: file not found")
-    if Path(path).stat().st_size == 0:
-        raise ImageError(f"{what}: empty file (0 bytes), expected an image")
+    _check_file(Path(path))
     with _reading(what), Image.open(path, formats=READ_FORMATS) as img:
         _check_size(img.width, img.height, what)
         if img.format == "TIFF":  # its tags are read with the header

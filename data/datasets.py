@@ -256,7 +256,7 @@ class InstanceDataset:
                 [(root / im.file_name, (im.height, im.width)) for im in coco.images], instances_json
             )
         return cls(
-            images_root=Path(images_root),
+            images_root=root,
             file_names=[im.file_name for im in coco.images],
             image_ids=[im.id for im in coco.images],
             sizes=[(im.height, im.width) for im in coco.images],

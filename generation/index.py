@@ -553,18 +553,15 @@ class ImageIndex:
                 f"{directory}: no image index here ({META_FILE} not found); build one with "
                 "`python -m generation.index build IMAGE_DIR --out INDEX_DIR`"
             )
-        for _ in range(LOAD_ATTEMPTS - 1):
+        for attempt in range(LOAD_ATTEMPTS):
             text = meta_path.read_text(encoding="utf-8")
             try:
                 return cls._load_from(directory, text, verify)
-            except _VectorsGone:
-                if meta_path.read_text(encoding="utf-8") == text:  # no save since: really gone
-                    break
-        text = meta_path.read_text(encoding="utf-8")
-        try:
-            return cls._load_from(directory, text, verify)
-        except _VectorsGone as gone:
-            raise ImageIndexError(f"{meta_path} names {gone}, which is missing") from None
+            except _VectorsGone as gone:
+                saved_since = meta_path.read_text(encoding="utf-8") != text
+                if not saved_since or attempt == LOAD_ATTEMPTS - 1:
+                    raise ImageIndexError(f"{meta_path} names {gone}, which is missing") from None
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     @classmethod
     def _load_from(cls, directory: Path, text: str, verify: bool) -> ImageIndex:

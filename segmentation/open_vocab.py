@@ -170,8 +170,9 @@ def semantic_inference(masks: np.ndarray, probs: np.ndarray, background: bool = 
     m = masks.reshape(len(masks), -1).astype(np.float64)
     scores = probs[:, :-1].astype(np.float64).T @ m  # (C, HW)
     # without a background, row 0 loses to any class mass and is the argmax where there is none
-    zeros = np.zeros(scores.shape[1])
-    rest = np.clip(1.0 - scores.sum(axis=0), 0.0, None) if background else zeros
+    rest = np.zeros(scores.shape[1])
+    if background:
+        rest = np.clip(1.0 - scores.sum(axis=0), 0.0, None)
     full = np.concatenate([rest[None], scores])  # (C + 1, HW), row 0 = background
     return full.argmax(axis=0).reshape(h, w).astype(np.int64)
 
