@@ -7,7 +7,7 @@
 
 A metadata.jsonl row needs "file_name" and at least one of:
 
-- "captions": a list of strings (or "caption": one string);
+- "captions": a list of strings (or "caption" / "text": one string);
 - "dialogues": a list of dialogues, each a list of [question, answer] pairs;
 - "qa": a list of {"question": str, "answer": str, "type": str} objects (type optional).
 
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from data.formats import FormatError, read_imagefolder
+from data.formats import FormatError, read_imagefolder, row_captions
 
 if TYPE_CHECKING:
     from data.validate import OnBad
@@ -67,19 +67,9 @@ def short_question(question: str) -> str:
     return f"{question} {SHORT_ANSWER}"
 
 
-def _strings(value: Any, where: str, name: str) -> list[str]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-        raise FormatError(
-            f"{where}: {name!r} must be a list of non-empty strings, got {value!r:.80}"
-        )
-    return list(value)
-
-
 def record_from_row(row: dict[str, Any], folder: Path, where: str) -> ChatRecord:
     """One metadata.jsonl row as a ChatRecord; FormatError (prefixed with `where`) without text."""
-    captions = _strings(row.get("captions", row.get("caption", [])), where, "captions")
+    captions = row_captions(row, where, required=False)
     for key in ("dialogues", "qa"):
         if not isinstance(row.get(key, []), list):
             raise FormatError(f"{where}: {key!r} must be a list, got {row[key]!r:.80}")

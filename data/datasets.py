@@ -35,6 +35,7 @@ from data.formats import (
     read_refs,
     ref_annotation,
     rle_to_mask,
+    row_captions,
 )
 
 if TYPE_CHECKING:
@@ -162,20 +163,9 @@ class CaptionDataset:
         else:
             rows = read_imagefolder(folder)
         for n, row in enumerate(rows, start=1):
-            caps: Any = row.get("captions", row.get("caption", row.get("text")))
-            if isinstance(caps, str):
-                caps = [caps]
-            if (
-                not isinstance(caps, list)
-                or not caps
-                or not all(isinstance(c, str) and c.strip() for c in caps)
-            ):
-                raise FormatError(
-                    f"{folder / 'metadata.jsonl'}: line {n}: expected non-empty 'captions' "
-                    f"(list of strings) or 'caption' (string), received {caps!r:.80}"
-                )
+            caps = row_captions(row, f"{folder / 'metadata.jsonl'}: line {n}")
             paths.append(folder / row["file_name"])
-            captions.append(list(caps))
+            captions.append(caps)
         return cls(paths, captions)
 
     @classmethod

@@ -66,6 +66,7 @@ __all__ = [
     "read_refs",
     "ref_annotation",
     "rle_to_mask",
+    "row_captions",
     "write_coco_captions",
     "write_coco_instances",
     "write_imagefolder_metadata",
@@ -552,6 +553,38 @@ def read_imagefolder(folder: PathLike) -> list[dict[str, Any]]:
     path, lines = imagefolder_lines(folder)
     root = Path(folder).resolve()
     return [parse_imagefolder_line(line, root, f"{path}: line {n}") for n, line in lines]
+
+
+# the keys a metadata.jsonl row may hold its captions under, in order: a list, or one string
+# ("text" is what Hugging Face's captioning imagefolders use)
+CAPTION_KEYS = ("captions", "caption", "text")
+
+
+def row_captions(row: Mapping[str, Any], where: str, *, required: bool = True) -> list[str]:
+    """The captions of one metadata.jsonl row: its first key of CAPTION_KEYS, as a list of
+    strings; FormatError naming `where` if that value is not one non-empty string or a list of
+    them, or (with `required`) if the row has none. Without `required`, no key gives []."""
+    key = next((k for k in CAPTION_KEYS if k in row), None)
+    if key is None:
+        if not required:
+            return []
+        raise FormatError(
+            f"{where}: no caption: expected {' or '.join(map(repr, CAPTION_KEYS))} (a non-empty "
+            f"string or a list of them); fields present: {sorted(row)}"
+        )
+    value = row[key]
+    if isinstance(value, str):
+        value = [value]
+    if (
+        not isinstance(value, list)
+        or (required and not value)
+        or not all(isinstance(c, str) and c.strip() for c in value)
+    ):
+        raise FormatError(
+            f"{where}: {key!r} must be a non-empty string or a list of them, received "
+            f"{_show(row[key])}"
+        )
+    return list(value)
 
 
 def imagefolder_lines(folder: PathLike) -> tuple[Path, list[tuple[int, str]]]:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from core.images import ImageError, load_rgb
 from core.io import atomic_write_text
 from data.conversations import record_from_row
-from data.formats import FormatError, imagefolder_lines, parse_imagefolder_line
+from data.formats import FormatError, imagefolder_lines, parse_imagefolder_line, row_captions
 
 __all__ = [
     "BAD_RECORDS",
@@ -77,13 +77,7 @@ class ImagefolderReport:
 
 
 def _caption_text(row: dict[str, Any]) -> None:
-    caps: Any = row.get("captions", row.get("caption", row.get("text")))
-    if isinstance(caps, str):
-        caps = [caps]
-    if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip()
-                                                         for c in caps):  # fmt: skip
-        raise FormatError(f"no caption: expected non-empty 'captions' (list of strings) or "
-                          f"'caption' (string), received {caps!r:.60}")  # fmt: skip
+    row_captions(row, "")
 
 
 def _file_name(line: str) -> str | None:

@@ -59,8 +59,38 @@ def test_caption_dataset_from_coco_and_imagefolder(world, tmp_path):
     (tmp_path / "metadata.jsonl").write_text(
         json.dumps({"file_name": "a.png", "caption": ""}) + "\n"
     )
-    with pytest.raises(FormatError, match=r"metadata.jsonl: line 1: expected non-empty 'captions'"):
+    with pytest.raises(FormatError, match=r"metadata.jsonl: line 1: 'caption' must be a non-empty"):
         CaptionDataset.from_imagefolder(tmp_path)
+
+
+def test_every_imagefolder_reader_takes_the_same_caption_keys(tmp_path):
+    """"captions", "caption" and Hugging Face's "text" mean the same to the caption datasets,
+    the chat records (train.vlm, eval.vlm) and data.validate: a folder train.clip accepts is one
+    train.vlm accepts (train.vlm used to refuse "text" rows as having no text)."""
+    from data.conversations import read_chat_records
+    from data.validate import check_imagefolder
+
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    rows = [
+        {"file_name": "a.png", "text": "a red square"},
+        {"file_name": "b.png", "caption": "a blue star"},
+        {"file_name": "c.png", "captions": ["two hearts", "hearts"]},
+    ]
+    (tmp_path / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    expected = [["a red square"], ["a blue star"], ["two hearts", "hearts"]]
+    assert CaptionDataset.from_imagefolder(tmp_path).captions == expected
+    assert [r.captions for r in read_chat_records(tmp_path)] == expected
+    for kind in ("captions", "chat"):
+        assert check_imagefolder(tmp_path, kind, progress=False).bad == []
+    # a row with only a question has no caption: fine for chat, a bad record for captions
+    (tmp_path / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "a.png", "qa": [{"question": "q?", "answer": "a"}]}) + "\n"
+    )
+    assert read_chat_records(tmp_path)[0].captions == []
+    assert check_imagefolder(tmp_path, "chat", progress=False).bad == []
+    bad = check_imagefolder(tmp_path, "captions", progress=False).bad
+    assert len(bad) == 1 and "expected 'captions' or 'caption' or 'text'" in bad[0].problem
 
 
 def test_annotation_files_name_every_image_they_cannot_use_up_front(world, tmp_path):
