@@ -429,16 +429,19 @@ def caption_source_error(args: argparse.Namespace, splits: Sequence[str] = ()) -
     return None
 
 
-def user_captions_from_args(args: argparse.Namespace) -> tuple[CaptionDataset, dict[str, Any]]:
+def user_captions_from_args(
+    args: argparse.Namespace, *, check: bool = True
+) -> tuple[CaptionDataset, dict[str, Any]]:
     """The pairs of ``--imagefolder`` or ``--images``/``--captions-json`` and where they came from
     (for a model card); ValueError (FormatError, OSError) saying what is wrong, or that there is
-    no pair."""
+    no pair. ``check=False``: a COCO captions file's images are not looked at (a caller that uses
+    only some checks those; an imagefolder's are checked only with ``--bad-records``)."""
     description: dict[str, Any]
     if args.imagefolder is not None:
         pairs = CaptionDataset.from_imagefolder(args.imagefolder, args.bad_records)
         description = {"kind": "imagefolder", "root": str(args.imagefolder)}
     else:
-        pairs = CaptionDataset.from_coco(args.images, args.captions_json)
+        pairs = CaptionDataset.from_coco(args.images, args.captions_json, check=check)
         description = {
             "kind": "coco-captions",
             "images": str(args.images),

@@ -1,12 +1,17 @@
-"""Evaluate a CLIP checkpoint on ShapeWorld: zero-shot object classification and retrieval.
+"""Evaluate a CLIP checkpoint: zero-shot object classification and retrieval on ShapeWorld;
+image-text retrieval on your own captioned images.
 
     python -m eval.clip --checkpoint runs/clip/final --data out/shapeworld --split val
     python -m eval.clip --checkpoint checkpoints/shapes/clip --data out/shapeworld --limit 200 \\
         --json results/clip_val.json
+    python -m eval.clip --checkpoint runs/clip_mine/final --imagefolder my_photos_test
+    python -m eval.clip --checkpoint runs/clip_coco/final --images coco/val2017 \\
+        --captions-json coco/annotations/captions_val2017.json --limit 1000
 
-Prints a markdown table; --json also writes every figure. The library function
-``evaluate_clip(model, tokenizer, preprocess, data_root, split, limit)`` is what the CLI and the
-regression tests call.
+Prints a markdown table; --json also writes every figure. The library functions
+``evaluate_clip(model, tokenizer, preprocess, data_root, split, limit)`` (ShapeWorld) and
+``evaluate_retrieval(model, tokenizer, preprocess, pairs)`` (any captioned images) are what the
+CLI and the regression tests call.
 
 Protocol:
 
@@ -26,6 +31,10 @@ Protocol:
   blue stars and a white ring."; if none names all, the one that names most). Text->image and
   image->text recall@1/5 (eval.metrics.recall_at_k); images whose chosen captions are the same
   string count as positives of each other.
+- Your own images (``--imagefolder`` with captions in metadata.jsonl, or ``--images`` with
+  ``--captions-json``): the COCO / Flickr30k retrieval protocol. Every caption is a text->image
+  query whose positive is its image; every image is an image->text query whose positives are all
+  of its captions; recall@1/5/10. A caption that two images share is a positive of both.
 """
 
 from __future__ import annotations
@@ -44,7 +53,15 @@ from tqdm import tqdm
 
 from core.io import atomic_write_text
 from core.runtime import resolve_device
-from data.datasets import InstanceDataset, shapeworld_paths
+from data.datasets import (
+    CaptionDataset,
+    InstanceDataset,
+    add_caption_arguments,
+    caption_source_error,
+    check_images,
+    shapeworld_paths,
+    user_captions_from_args,
+)
 from data.formats import read_coco_captions
 from data.language import listing_caption
 from data.scene import COLOURS, UNSEEN_COLOURS
@@ -61,6 +78,7 @@ from vision.clip import (
 
 __all__ = [
     "evaluate_clip",
+    "evaluate_retrieval",
     "format_table",
     "listing_caption",
     "main",
@@ -212,6 +230,63 @@ def evaluate_clip(
     }
 
 
+@torch.no_grad()
+def evaluate_retrieval(
+    model: ClipModel,
+    tokenizer: Any,
+    preprocess: Any,
+    pairs: CaptionDataset,
+    *,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Text->image and image->text recall@1/5/10 over every caption of `pairs` (module
+    docstring); JSON-ready, recalls in [0, 1]."""
+    model.eval()
+    if len(pairs) < 1:
+        raise ValueError("no images to evaluate")
+    p = next(model.visual.parameters())
+    image_emb = []
+    for start in tqdm(
+        range(0, len(pairs), batch_size), desc="images", unit="batch", disable=not progress
+    ):
+        chunk = range(start, min(start + batch_size, len(pairs)))
+        image_emb.append(_encode(model, [preprocess(pairs[i][0]) for i in chunk], batch_size))
+    captions = [c for caps in pairs.captions for c in caps]
+    owner = np.repeat(np.arange(len(pairs)), [len(caps) for caps in pairs.captions])  # (T,)
+    text_emb = []
+    for start in range(0, len(captions), batch_size):
+        ids = tokenizer(captions[start : start + batch_size]).to(p.device)
+        text_emb.append(model.encode_text(ids, normalize=True).float())
+    scores = (torch.cat(text_emb) @ torch.cat(image_emb).T).cpu().numpy()  # (T, N)
+    positives = owner[:, None] == np.arange(len(pairs))[None, :]  # (T, N) bool
+    # a caption that several images share is a positive of each of them
+    names = np.asarray(captions, dtype=object)
+    same = names[:, None] == names[None, :]  # (T, T)
+    positives = (same.astype(np.int64) @ positives.astype(np.int64)) > 0
+    t2i = recall_at_k(scores, positives, [k for k in (1, 5, 10) if k <= len(pairs)])
+    i2t = recall_at_k(scores.T, positives.T, [k for k in (1, 5, 10) if k <= len(captions)])
+    return {
+        "images": len(pairs),
+        "captions": len(captions),
+        **{f"t2i_r{k}": v for k, v in t2i.items()},
+        **{f"i2t_r{k}": v for k, v in i2t.items()},
+    }
+
+
+def retrieval_table(results: dict[str, Any], data: str) -> str:
+    """A markdown table of `evaluate_retrieval`'s recalls (percentages)."""
+    lines = [
+        f"| CLIP retrieval on {data} ({results['images']} images, {results['captions']} "
+        "captions) | R@1 | R@5 | R@10 |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for key, name in (("t2i", "text->image"), ("i2t", "image->text")):
+        cells = [_fmt(results.get(f"{key}_r{k}")) for k in (1, 5, 10)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _input_size(model: ClipModel) -> int:
     """The image tower's input side (open_clip towers store image_size as an int or a pair)."""
     size = model.visual.image_size
@@ -251,38 +326,65 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--checkpoint", type=Path, required=True, help="a CLIP checkpoint folder")
-    parser.add_argument("--data", type=Path, required=True, help="a ShapeWorld folder")
-    parser.add_argument("--split", default="val", help="split to evaluate (default val)")
+    src = parser.add_argument_group(
+        "data (one of --data, --imagefolder, --images with --captions-json)"
+    )
+    src.add_argument("--data", type=Path, help="a ShapeWorld folder")
+    src.add_argument("--split", default="val", help="its split to evaluate (default val)")
+    add_caption_arguments(src)
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
     parser.add_argument("--crop", choices=["masked", "box"], default="masked")
     parser.add_argument("--max-occlusion", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, received {args.limit}")
-    try:
-        shapeworld_paths(args.data, args.split)
-    except FileNotFoundError as err:
-        parser.error(str(err))
+    why = caption_source_error(args, [args.split])
+    if why:
+        parser.error(why)
+    pairs = None
+    if args.data is None:
+        try:
+            pairs, source = user_captions_from_args(args, check=False)
+            pairs = CaptionDataset(pairs.image_paths[: args.limit], pairs.captions[: args.limit])
+            where = args.imagefolder or args.captions_json
+            check_images([(path, None) for path in pairs.image_paths], where)
+        except (ValueError, OSError) as err:  # bad data: said before the model loads
+            parser.error(str(err))
     device = resolve_device(args.device)
     model, preprocess, tokenizer = load_clip(args.checkpoint)
     model.to(device)
-    results = evaluate_clip(
-        model,
-        tokenizer,
-        preprocess,
-        args.data,
-        args.split,
-        args.limit,
-        crop=args.crop,
-        max_occlusion=args.max_occlusion,
-        batch_size=args.batch_size,
-    )
+    if pairs is not None:
+        results = evaluate_retrieval(
+            model,
+            tokenizer,
+            preprocess,
+            pairs,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+        results["data"] = source
+        table = retrieval_table(results, str(args.imagefolder or args.captions_json))
+    else:
+        results = evaluate_clip(
+            model,
+            tokenizer,
+            preprocess,
+            args.data,
+            args.split,
+            args.limit,
+            crop=args.crop,
+            max_occlusion=args.max_occlusion,
+            batch_size=args.batch_size,
+            progress=not args.no_progress,
+        )
+        table = format_table(results)
     results["checkpoint"] = str(args.checkpoint)
-    results["table"] = format_table(results)
-    print(results["table"])
+    results["table"] = table
+    print(table)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.json, json.dumps(results, indent=2) + "\n")

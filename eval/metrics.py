@@ -1,4 +1,5 @@
-"""Evaluation metrics: segmentation mIoU, referring cIoU/gIoU, recall@k, macro-F1, perplexity.
+"""Evaluation metrics: segmentation mIoU, referring cIoU/gIoU, recall@k, macro-F1, perplexity,
+caption BLEU and CIDEr-D.
 
 Everything here is numpy in, Python floats (or numpy arrays of floats) out, except
 `perplexity_from_logits`, which takes torch tensors. Shapes use the project's letters: H, W image
@@ -23,6 +24,7 @@ Example:
 """
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -33,8 +35,10 @@ import torch.nn.functional as F
 
 __all__ = [
     "ConfusionMatrix",
+    "caption_tokens",
     "ciou",
     "ciou_from_counts",
+    "coco_caption_scores",
     "giou",
     "giou_from_counts",
     "intersection_union",
@@ -455,6 +459,55 @@ def macro_f1(
     f1 = np.zeros(denom.shape, dtype=np.float64)
     np.divide(2.0 * sel_tp, denom, out=f1, where=denom > 0)
     return float(f1.mean())
+
+
+# --------------------------------------------------------------------------------------------
+# Captioning
+# --------------------------------------------------------------------------------------------
+
+
+def caption_tokens(text: str) -> str:
+    """A caption as the COCO caption scorers take it: lower case, punctuation dropped, words
+    joined by single spaces ("A red Circle." -> "a red circle").
+
+    The official pipeline tokenises with Stanford's PTBTokenizer (Java) and then drops
+    punctuation tokens; this regex does the same for plain English words but keeps clitics joined
+    ("don't" stays one word where PTB gives "do n't"), so figures compare across our runs, not
+    to the decimal with published tables.
+    """
+    return " ".join(re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower()))
+
+
+def coco_caption_scores(
+    references: Sequence[Sequence[str]], candidates: Sequence[str]
+) -> dict[str, float]:
+    """Corpus BLEU-1..4 and CIDEr-D of one candidate caption per image against that image's
+    reference captions, by pycocoevalcap's own scorers (the COCO caption evaluation's code) on
+    `caption_tokens`. CIDEr-D is on COCO's scale (x10; a candidate equal to its only reference,
+    whose n-grams no other image's references share, scores 10).
+
+    references: (S,) lists of reference captions (each non-empty); candidates: (S,) strings.
+    """
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    if len(references) != len(candidates):
+        raise ValueError(
+            f"one candidate per image: received {len(candidates)} candidates for "
+            f"{len(references)} images"
+        )
+    if not candidates:
+        raise ValueError("no captions to score; need at least one image")
+    empty = [i for i, refs in enumerate(references) if not refs]
+    if empty:
+        raise ValueError(f"every image needs a reference caption; images {empty[:5]} have none")
+    gts = {i: [caption_tokens(r) for r in refs] for i, refs in enumerate(references)}
+    # an empty candidate would give a zero-length hypothesis, which BLEU's brevity term divides
+    # by: one out-of-vocabulary token scores the same (no n-gram matches) without the division
+    res = {i: [caption_tokens(c) or "<empty>"] for i, c in enumerate(candidates)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    return {**{f"bleu{n}": float(b) for n, b in enumerate(bleu, start=1)}, "cider": float(cider)}
 
 
 # --------------------------------------------------------------------------------------------

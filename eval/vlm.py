@@ -1,22 +1,37 @@
-"""Evaluate a VLM on ShapeWorld: caption attribute F1 and QA accuracy by question type.
+"""Evaluate a VLM: captions and short answers, on ShapeWorld or on your own images.
 
     python -m eval.vlm --checkpoint checkpoints/shapes/vlm_lora --data out/shapeworld --split test
     python -m eval.vlm --preset shapes --data out/shapeworld --split test --limit 100 \\
         --out runs/vlm/eval_test.json
+    python -m eval.vlm --checkpoint runs/vlm_mine/final --imagefolder my_photos_test
+    python -m eval.vlm --checkpoint runs/vlm_coco/final --images coco/val2017 \\
+        --captions-json coco/annotations/captions_val2017.json --limit 500
 
-Captions: the model is asked "Describe the image." (greedy, up to 80 new tokens). The reply is
-parsed for object mentions "<count> <colour> <shape>" (count = a/an/one ... twenty, plural nouns
-allowed) and compared with the image's visible objects as a set of facts: each colour present, each
-class present, and each (colour, class, count) group. "zero red circles" states no fact; in a
-sentence that relates two objects ("A red circle is left of a blue star.", ShapeWorld's spatial
-template) "a" is not a count, so such a mention states the colour and the class but no group.
-Caption attribute F1 is the micro-F1 over all facts of all images; the colour, class and group
-F1s are reported beside it.
+Data: a ShapeWorld split (``--data`` and ``--split``), an imagefolder with ``metadata.jsonl``
+(``--imagefolder``; rows as train.vlm reads them: captions and/or ``qa``), or COCO captions
+(``--images`` and ``--captions-json``). A bad record or an image that does not open stops the
+run before the model loads, named (``python -m data.validate`` lists them all).
 
-QA: every question of the image is asked on its own, in a fresh conversation, with the
-short-answer instruction (data.conversations.SHORT_ANSWER); the reply, lower-cased and stripped of
-punctuation and articles, must equal the answer. Accuracy by type (count, colour, shape, position,
-exists) and overall (micro over questions).
+Captions: the model is asked "Describe the image." (greedy, up to 80 new tokens) for every image
+with reference captions. Scored two ways:
+
+- BLEU-1..4 and CIDEr-D against the references (eval.metrics.coco_caption_scores:
+  pycocoevalcap's scorers; CIDEr-D weighs n-grams by how rare they are among the evaluated
+  images' references, so it needs many images; on one image it is 0).
+- Caption attribute F1, where the rows list their objects (ShapeWorld): the reply is parsed for
+  object mentions "<count> <colour> <shape>" (count = a/an/one ... twenty, plural nouns allowed)
+  and compared with the image's visible objects as a set of facts: each colour present, each class
+  present, and each (colour, class, count) group. "zero red circles" states no fact; in a sentence
+  that relates two objects ("A red circle is left of a blue star.", ShapeWorld's spatial
+  template) "a" is not a count, so such a mention states the colour and the class but no group.
+  The F1 is the micro-F1 over all facts of all images; the colour, class and group F1s are
+  reported beside it.
+
+QA: every question of the image (a row's ``qa``) is asked on its own, in a fresh conversation,
+with the short-answer instruction (data.conversations.SHORT_ANSWER); the reply, lower-cased and
+stripped of punctuation and articles, must equal the answer. Accuracy by the questions' ``type``
+(ShapeWorld's: count, colour, shape, position, exists; "other" where a row gives none) and
+overall (micro over questions).
 
 Time to first token: the median over ``--ttft-repeats`` one-image questions of the time from the
 call to the first streamed text (image encoding, prefill and one decoding step included).
@@ -43,10 +58,12 @@ from tqdm.auto import tqdm
 
 from core.config import project_path
 from core.io import atomic_write_text
-from data.conversations import ChatRecord, read_chat_records, short_question
-from data.formats import FormatError, read_imagefolder
+from data.conversations import ChatRecord, record_from_row, short_question
+from data.datasets import CaptionDataset, caption_source_error, check_images
+from data.formats import METADATA_FILE, FormatError, read_imagefolder
 from data.language import RELATION_PHRASES, number_word, plural
 from data.scene import COLOURS, SHAPES
+from eval.metrics import coco_caption_scores
 from vlm.config import PolychromeConfig
 from vlm.model import PolychromeVLM
 
@@ -137,15 +154,60 @@ def caption_scores(
     return {k: _f1(*v) for k, v in totals.items()}
 
 
-def gold_objects(folder: Path, limit: int | None = None) -> list[Counter[tuple[str, str]]]:
+Objects = Counter[tuple[str, str]]  # an image's visible objects: {(colour, shape): n}
+
+
+def gold_objects(folder: Path, limit: int | None = None) -> list[Objects]:
     """Visible objects per image of a ShapeWorld split folder: Counter{(colour, shape): n}."""
+    gold = row_objects(read_imagefolder(folder)[:limit], folder / METADATA_FILE)
+    if gold is None:
+        raise FormatError(f"{folder / METADATA_FILE}: the rows have no 'objects' lists")
+    return gold
+
+
+def row_objects(rows: Sequence[Mapping[str, Any]], where: Path) -> list[Objects] | None:
+    """The visible objects of each row (ShapeWorld's metadata), or None when no row lists any
+    (a user's imagefolder); FormatError when some rows do and others do not."""
+    if not any("objects" in row for row in rows):
+        return None
     gold = []
-    for n, row in enumerate(read_imagefolder(folder)[:limit], start=1):
+    for n, row in enumerate(rows, start=1):
         objects = row.get("objects")
-        if not isinstance(objects, list):
-            raise FormatError(f"{folder / 'metadata.jsonl'}: line {n} has no 'objects' list")
+        if not isinstance(objects, list) or not all(
+            isinstance(o, dict)
+            and isinstance(o.get("colour"), str)
+            and isinstance(o.get("shape"), str)
+            for o in objects
+        ):
+            raise FormatError(
+                f"{where}: line {n}: 'objects' must be a list of {{'colour', 'shape'}} objects "
+                f"(other rows have one), received {row.get('objects')!r:.80}"
+            )
         gold.append(Counter((o["colour"], o["shape"]) for o in objects))
     return gold
+
+
+def read_eval_set(args: argparse.Namespace) -> tuple[list[ChatRecord], list[Objects] | None, str]:
+    """(records, their objects or None, a one-line description) of the data options, the first
+    ``--limit`` images only, their image files checked (headers) before any model loads;
+    ValueError (FormatError) or FileNotFoundError saying what is wrong."""
+    if args.images is not None:
+        pairs = CaptionDataset.from_coco(args.images, args.captions_json, check=False)
+        paths, caps = pairs.image_paths[: args.limit], pairs.captions[: args.limit]
+        check_images([(p, None) for p in paths], args.captions_json)
+        records = [ChatRecord(p, c) for p, c in zip(paths, caps, strict=True)]
+        return records, None, f"COCO captions {args.captions_json} (images {args.images})"
+    own = args.imagefolder is not None
+    folder = args.imagefolder if own else args.data / args.split
+    rows = read_imagefolder(folder)[: args.limit]
+    where = folder / METADATA_FILE
+    records = [record_from_row(row, folder, f"{where}: line {n}") for n, row in enumerate(rows, 1)]
+    gold = row_objects(rows, where)
+    if not own and gold is None:
+        raise FormatError(f"{where}: the rows have no 'objects' lists; is this a ShapeWorld split?")
+    if own:  # ShapeWorld's own files were written by its generator: not checked
+        check_images([(r.image, None) for r in records], where)
+    return records, gold, (f"imagefolder {folder}" if own else f"ShapeWorld {folder}")
 
 
 def load_vlm(args: argparse.Namespace) -> PolychromeVLM:
@@ -161,24 +223,45 @@ def load_vlm(args: argparse.Namespace) -> PolychromeVLM:
 def evaluate_vlm(
     vlm: PolychromeVLM,
     records: Sequence[ChatRecord],
-    gold_objects: Sequence[Counter[tuple[str, str]]],
+    gold_objects: Sequence[Objects] | None = None,
     *,
     batch_size: int = 8,
     caption_tokens: int = 80,
     ttft_repeats: int = 5,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Caption F1, QA accuracy by type and time to first token (module docstring)."""
-    colours, shapes = list(COLOURS), list(SHAPES)
-    captions: list[str] = []
+    """Caption scores, QA accuracy by type and time to first token (module docstring).
+    `gold_objects`: each record's visible objects, for the caption attribute F1 (ShapeWorld);
+    None leaves it out. Images with neither captions nor objects are not captioned."""
+    if gold_objects is not None and len(gold_objects) != len(records):
+        raise ValueError(
+            f"one objects entry per record: received {len(gold_objects)} for {len(records)}"
+        )
+    described = [i for i, r in enumerate(records) if r.captions or gold_objects is not None]
+    captions: dict[int, str] = {}
     for start in tqdm(
-        range(0, len(records), batch_size), desc="captions", unit="batch", disable=not progress
+        range(0, len(described), batch_size), desc="captions", unit="batch", disable=not progress
     ):
-        chunk = records[start : start + batch_size]
-        prompts = [[{"role": "user", "content": DESCRIBE, "images": [r.image]}] for r in chunk]
-        captions += vlm.generate_texts(prompts, max_new_tokens=caption_tokens)
-    predicted = [parse_objects(c, colours, shapes) for c in captions]
-    cap = caption_scores(predicted, gold_objects)
+        chunk = described[start : start + batch_size]
+        prompts = [
+            [{"role": "user", "content": DESCRIBE, "images": [records[i].image]}] for i in chunk
+        ]
+        captions |= dict(
+            zip(chunk, vlm.generate_texts(prompts, max_new_tokens=caption_tokens), strict=True)
+        )
+    attribute_f1 = None
+    if gold_objects is not None:
+        colours, shapes = list(COLOURS), list(SHAPES)
+        predicted = [parse_objects(captions[i], colours, shapes) for i in range(len(records))]
+        attribute_f1 = caption_scores(predicted, gold_objects)
+    referenced = [i for i in described if records[i].captions]
+    reference_scores = (
+        coco_caption_scores(
+            [records[i].captions for i in referenced], [captions[i] for i in referenced]
+        )
+        if referenced
+        else None
+    )
 
     questions = [(r, q) for r in records for q in r.qa]
     replies: list[str] = []
@@ -198,15 +281,13 @@ def evaluate_vlm(
         asked[kind] += 1
         right[kind] += normalise_answer(reply) == normalise_answer(q["answer"])
     qa = {k: right[k] / asked[k] for k in asked}
-    qa["overall"] = sum(right.values()) / max(1, sum(asked.values()))
+    if questions:
+        qa["overall"] = sum(right.values()) / sum(asked.values())
 
     ttft = []
     for r in records[:ttft_repeats]:
-        if not r.qa:
-            continue
-        msgs = [
-            {"role": "user", "content": short_question(r.qa[0]["question"]), "images": [r.image]}
-        ]
+        question = short_question(r.qa[0]["question"]) if r.qa else DESCRIBE
+        msgs = [{"role": "user", "content": question, "images": [r.image]}]
         began = time.perf_counter()
         batch = vlm.prepare(msgs)
         stream = vlm.stream(batch, {"max_new_tokens": 2, "do_sample": False})
@@ -218,17 +299,24 @@ def evaluate_vlm(
             pass
     examples = [
         {
-            "image": str(r.image),
-            "caption": c,
-            "gold": sorted(f"{n} {a} {b}" for (a, b), n in g.items()),
+            "image": str(records[i].image),
+            "caption": captions[i],
+            "references": records[i].captions,
         }
-        for r, c, g in list(zip(records, captions, gold_objects, strict=True))[:5]
+        | (
+            {"gold": sorted(f"{n} {a} {b}" for (a, b), n in gold_objects[i].items())}
+            if gold_objects is not None
+            else {}
+        )
+        for i in described[:5]
     ]
     return {
         "images": len(records),
+        "captioned": len(described),
         "questions": sum(asked.values()),
         "questions_by_type": dict(asked),
-        "caption_f1": cap,
+        "caption_f1": attribute_f1,
+        "caption_references": reference_scores,
         "qa_accuracy": qa,
         "ttft_s_median": statistics.median(ttft) if ttft else None,
         "examples": examples,
@@ -248,21 +336,25 @@ def evaluate_vlm(
             }
             for (r, q), rep in zip(questions, replies, strict=True)
         ],
-        "captions": [
-            {"image": str(r.image), "caption": c} for r, c in zip(records, captions, strict=True)
-        ],
+        "captions": [{"image": str(records[i].image), "caption": captions[i]} for i in described],
     }
 
 
 def markdown(result: dict[str, Any]) -> str:
-    cap, qa = result["caption_f1"], result["qa_accuracy"]
-    lines = [
-        "| metric | value |",
-        "|---|---|",
-        f"| caption attribute F1 (colour / class / group) | {cap['all']:.3f} "
-        f"({cap['colour']:.3f} / {cap['class']:.3f} / {cap['group']:.3f}) |",
-    ]
-    for kind in (*QA_TYPES, "overall"):
+    cap, refs, qa = result["caption_f1"], result["caption_references"], result["qa_accuracy"]
+    lines = ["| metric | value |", "|---|---|"]
+    if cap is not None:
+        lines.append(
+            f"| caption attribute F1 (colour / class / group) | {cap['all']:.3f} "
+            f"({cap['colour']:.3f} / {cap['class']:.3f} / {cap['group']:.3f}) |"
+        )
+    if refs is not None:
+        lines.append(
+            f"| captions against references, BLEU-4 / CIDEr-D | {100 * refs['bleu4']:.1f} / "
+            f"{100 * refs['cider']:.1f} |"
+        )
+    kinds = [k for k in QA_TYPES if k in qa] + sorted(set(qa) - {*QA_TYPES, "overall"})
+    for kind in (*kinds, "overall"):
         if kind in qa:
             n = result["questions_by_type"].get(kind, result["questions"])
             lines.append(f"| QA accuracy: {kind} (n={n}) | {100 * qa[kind]:.1f}% |")
@@ -284,8 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--preset", default="shapes", help="use the preset's VLM checkpoint (default shapes)"
     )
-    parser.add_argument("--data", type=Path, required=True, help="a ShapeWorld folder")
-    parser.add_argument("--split", default="test", help="split to evaluate (default test)")
+    src = parser.add_argument_group(
+        "data (one of --data, --imagefolder, --images with --captions-json)"
+    )
+    src.add_argument("--data", type=Path, help="a ShapeWorld folder")
+    src.add_argument("--split", default="test", help="its split to evaluate (default test)")
+    src.add_argument(
+        "--imagefolder", type=Path, help="folder with metadata.jsonl (captions and/or qa)"
+    )
+    src.add_argument("--images", type=Path, help="image root of a COCO captions file")
+    src.add_argument("--captions-json", type=Path, help="COCO captions JSON (with --images)")
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     parser.add_argument("--ttft-repeats", type=int, default=5)
@@ -301,18 +401,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be >= 1, received {args.limit}")
-    folder = args.data / args.split
-    if not (folder / "metadata.jsonl").is_file():
+    why = caption_source_error(args)
+    if why:
+        parser.error(why)
+    if args.data is not None and not (args.data / args.split / METADATA_FILE).is_file():
         parser.error(
-            f"{folder / 'metadata.jsonl'} not found; generate ShapeWorld with data.shapeworld"
+            f"{args.data / args.split / METADATA_FILE} not found; generate ShapeWorld with "
+            "data.shapeworld"
         )
     if args.threads:
         torch.set_num_threads(args.threads)
-    records = read_chat_records(folder, limit=args.limit)
     try:
-        gold = gold_objects(folder, limit=args.limit)
-    except FormatError as err:
+        records, gold, described = read_eval_set(args)
+    except (ValueError, OSError) as err:  # bad data: say what, before the model loads
         parser.error(str(err))
+    if not records:
+        parser.error(f"no images to evaluate in {described}")
+    if not any(r.captions or r.qa for r in records) and gold is None:
+        parser.error(f"{described}: no image has captions or questions to evaluate")
     vlm = load_vlm(args)
     result = evaluate_vlm(
         vlm,
@@ -322,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         ttft_repeats=args.ttft_repeats,
         progress=not args.no_progress,
     )
+    result["data"] = described
     result["command"] = "python -m eval.vlm " + shlex.join(argv)
     if args.out is not None:
         atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")

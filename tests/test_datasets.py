@@ -64,7 +64,7 @@ def test_caption_dataset_from_coco_and_imagefolder(world, tmp_path):
 
 
 def test_every_imagefolder_reader_takes_the_same_caption_keys(tmp_path):
-    """"captions", "caption" and Hugging Face's "text" mean the same to the caption datasets,
+    """ "captions", "caption" and Hugging Face's "text" mean the same to the caption datasets,
     the chat records (train.vlm, eval.vlm) and data.validate: a folder train.clip accepts is one
     train.vlm accepts (train.vlm used to refuse "text" rows as having no text)."""
     from data.conversations import read_chat_records

@@ -460,3 +460,26 @@ def test_perplexity_from_logits_bad_inputs() -> None:
         perplexity_from_logits(logits, torch.full((2, 3), -100))
     with pytest.raises(ValueError, match=r"integer tensor, received dtype torch\.float32"):
         perplexity_from_logits(logits, torch.zeros(2, 3))
+
+
+def test_caption_scores_against_hand_computed_values():
+    """BLEU: a 3-word candidate whose words all appear in order in a 7-word reference has every
+    n-gram precision 1 up to n = 3, so BLEU-1..3 are the brevity penalty exp(1 - 7/3). CIDEr-D:
+    a candidate equal to its image's only reference, sharing no n-gram with the other image's,
+    scores 10 (cosine 1 at every n, no length penalty, x10); the other image left empty makes the
+    corpus mean 5. Case and punctuation do not count."""
+    from eval.metrics import caption_tokens, coco_caption_scores
+
+    assert caption_tokens("A red Circle, left of the STAR!") == "a red circle left of the star"
+    s = coco_caption_scores([["A red circle and a blue star."]], ["a red Circle"])
+    for n in (1, 2, 3):
+        assert s[f"bleu{n}"] == pytest.approx(math.exp(1 - 7 / 3), rel=1e-6)
+    assert s["bleu4"] < 0.01  # no 4-gram in a 3-word candidate (pycocoevalcap smooths the 0)
+    refs = [["red circle left of a star"], ["three green squares above the hexagon"]]
+    same = coco_caption_scores(refs, ["Red circle left of a star.", refs[1][0]])
+    assert same["cider"] == pytest.approx(10.0) and same["bleu4"] == pytest.approx(1.0)
+    assert coco_caption_scores(refs, ["", refs[1][0]])["cider"] == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="2 candidates for 1 images"):
+        coco_caption_scores(refs[:1], ["a", "b"])
+    with pytest.raises(ValueError, match="images \\[0\\] have none"):
+        coco_caption_scores([[]], ["a"])

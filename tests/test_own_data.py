@@ -257,3 +257,58 @@ def test_train_the_segmentation_heads_on_coco_instances_of_your_photos(folder, t
     stamp += ["--batch-size", "2", "--negatives", "1", "--lora-rank", "4", "--no-progress"]
     assert stamp_main([*stamp, "--out", str(tmp_path / "stamp")]) == 0
     assert (tmp_path / "stamp" / "final" / "stamp.safetensors").is_file()
+
+
+def test_evaluate_the_vlm_on_your_photos(folder, tmp_path, capsys, monkeypatch):
+    """eval.vlm on an imagefolder and on COCO captions: BLEU / CIDEr-D against the references
+    (no attribute F1: the rows list no objects), QA by the rows' types; bad records stop the run
+    before the model loads. A model that answers with the first reference scores BLEU 1."""
+    from eval.vlm import main as eval_main
+    from vlm.model import PolychromeVLM
+
+    with pytest.raises(SystemExit):
+        eval_main(["--preset", "tiny", "--imagefolder", str(folder), "--no-progress"])
+    err = capsys.readouterr().err
+    assert "line 4" in err and "photos/missing.png" in err
+    clean = tmp_path / "clean"
+    shutil.copytree(folder / "photos", clean / "photos")
+    rows = [dict(r) for r in ROWS[:3]]
+    rows[1]["qa"] = [{"question": "What is in the cup?", "answer": "Coffee", "type": "object"}]
+    (clean / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    first = {str(clean / r["file_name"]): r["captions"][0] for r in rows}
+    answers = {
+        str(clean / r["file_name"]): r.get("qa", [{"answer": "?"}])[0]["answer"] for r in rows
+    }
+
+    def echo(self, prompts, max_new_tokens):
+        """The first reference caption, or the right answer to a short question."""
+        replies = []
+        for (turn,) in prompts:
+            image = str(turn["images"][0])
+            replies.append(
+                first[image] if turn["content"] == "Describe the image." else answers[image]
+            )
+        return replies
+
+    monkeypatch.setattr(PolychromeVLM, "generate_texts", echo)
+    out = tmp_path / "eval.json"
+    args = ["--preset", "tiny", "--imagefolder", str(clean), "--ttft-repeats", "1"]
+    assert eval_main([*args, "--no-progress", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == result["captioned"] == 3 and result["caption_f1"] is None
+    assert result["caption_references"]["bleu4"] == pytest.approx(1.0)
+    assert result["questions_by_type"] == {"other": 1, "object": 1}
+    assert result["qa_accuracy"] == {"other": 1.0, "object": 1.0, "overall": 1.0}
+    assert "BLEU-4 / CIDEr-D | 100.0" in capsys.readouterr().out
+    # COCO captions, first two images: the echo gives each image its first of two captions
+    captions = _coco_captions(tmp_path / "captions.json")
+    first |= {str(folder / f"photos/{n}.png"): f"{t} (take 1)" for n, t in
+              zip(NAMES, ("An astronaut.", "A coffee cup.", "A cat."), strict=True)}  # fmt: skip
+    coco = ["--images", str(folder), "--captions-json", str(captions), "--limit", "2"]
+    assert eval_main(["--preset", "tiny", *coco, "--no-progress", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 2 and result["questions"] == 0 and result["qa_accuracy"] == {}
+    assert result["caption_references"]["bleu1"] == pytest.approx(1.0)
+    with pytest.raises(SystemExit):  # one source at a time
+        eval_main(["--preset", "tiny", *coco, "--imagefolder", str(clean)])
