@@ -1,7 +1,9 @@
-"""Evaluate a GILL checkpoint on ShapeWorld: retrieval, generation, the decision, [IMG0] emission.
+"""Evaluate a GILL checkpoint on ShapeWorld: retrieval, generation, the decision, [IMG0] emission;
+on your own captioned images: retrieval.
 
     python -m eval.gill --checkpoint /work/runs/gill/final --data /work/data/sw --split test \\
         --n 200 --gen-data out/shapeworld_diffusion --single 25 --two 25 --json out/gill.json
+    python -m eval.gill --checkpoint runs/gill_mine/final --imagefolder my_photos_test --n 500
 
 Prints markdown tables; --json writes every figure. ``evaluate_gill(...)`` is what the CLI and the
 test call. Protocol:
@@ -31,6 +33,10 @@ test call. Protocol:
   for the best cosine of the ShapeWorld CLIP (the reference row's sharper retriever).
 - Emission: how often greedy decoding opens the reply with [IMG0] on the requests, and on ordinary
   prompts (held-out text-only questions and image questions about the scenes) where it should not.
+- Your own images (``--imagefolder``, or ``--images`` with ``--captions-json``): retrieval only,
+  as above with each image's first caption as its request (the request train.gill taught to
+  retrieve it), beside the CLIP reference row; the generation and decision figures need
+  ShapeWorld's compositions and are not computed.
 """
 
 from __future__ import annotations
@@ -51,6 +57,12 @@ from tqdm import tqdm
 from core.io import atomic_write_text
 from core.runtime import resolve_device
 from data.conversations import DESCRIBE_PROMPTS
+from data.datasets import (
+    add_caption_arguments,
+    caption_source_error,
+    check_images,
+    user_captions_from_args,
+)
 from data.scene import COLOURS, SHAPES
 from data.shapeworld import read_manifest
 from eval.generation import GenerationJudge, PromptItem, labels_satisfy, load_prompts
@@ -359,11 +371,11 @@ def _auc_str(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def format_tables(r: dict[str, Any]) -> str:
-    """Markdown tables of `evaluate_gill`'s figures (percentages)."""
+def retrieval_table(r: dict[str, Any], images: str) -> list[str]:
+    """The retrieval rows (percentages) of `r`'s "recall" and "clip_recall", over `images`."""
     rec = r["recall"]
     lines = [
-        f"| text -> image, {r['n_images']} ShapeWorld {r['split']} images | R@1 | R@5 | R@10 |",
+        f"| text -> image, {r['n_images']} {images} | R@1 | R@5 | R@10 |",
         "| --- | ---: | ---: | ---: |",
         f"| GILL ([IMG0] state -> retrieval head) | {_pct(rec[1])} | {_pct(rec[5])} | "
         f"{_pct(rec[10])} |",
@@ -371,9 +383,15 @@ def format_tables(r: dict[str, Any]) -> str:
     if "clip_recall" in r:
         c = r["clip_recall"]
         lines.append(
-            f"| reference: ShapeWorld CLIP text tower | {_pct(c[1])} | {_pct(c[5])} | "
+            f"| reference: the preset's CLIP text tower | {_pct(c[1])} | {_pct(c[5])} | "
             f"{_pct(c[10])} |"
         )
+    return lines
+
+
+def format_tables(r: dict[str, Any]) -> str:
+    """Markdown tables of `evaluate_gill`'s figures (percentages)."""
+    lines = retrieval_table(r, f"ShapeWorld {r['split']} images")
     g = r["gen_prompts"]
     lines += [
         "",
@@ -491,10 +509,14 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_generation_arguments(parser, batch_size=16)
-    parser.add_argument("--data", type=Path, required=True, help="ShapeWorld folder (retrieval)")
-    parser.add_argument("--split", default="test", help="its split (default test)")
+    src = parser.add_argument_group(
+        "data (one of --data with --gen-data, --imagefolder, --images with --captions-json)"
+    )
+    src.add_argument("--data", type=Path, help="ShapeWorld folder (retrieval)")
+    src.add_argument("--split", default="test", help="its split (default test)")
+    add_caption_arguments(src, "captions: retrieval only")
     parser.add_argument("--n", type=int, default=200, help="images indexed and queried")
-    parser.add_argument("--gen-data", type=Path, required=True, help="the decoder's data folder")
+    parser.add_argument("--gen-data", type=Path, help="the decoder's data folder (with --data)")
     parser.add_argument("--gen-split", default="val", help="its held-out split (default val)")
     parser.add_argument("--single", type=int, default=25, help="one-object prompts")
     parser.add_argument("--two", type=int, default=25, help="two-object prompts")
@@ -508,6 +530,13 @@ def main(argv: list[str] | None = None) -> int:
             f"--single and --two must be >= 0 and give at least one generation prompt (the "
             f"decision is scored on them too), received {args.single} and {args.two}"
         )
+    why = caption_source_error(args)
+    if why:
+        parser.error(why)
+    if args.data is None:
+        return own_retrieval(parser, args, argv)
+    if args.gen_data is None:
+        parser.error("--data needs --gen-data (the decoder's data folder, for the generations)")
     preset, gill, pipe, judge = load_for_generation(args, args.gen_data)
     reference = None
     if not args.no_clip_reference:
@@ -538,6 +567,36 @@ def main(argv: list[str] | None = None) -> int:
         cols = min(len(mapped), 10)
         image_grid([*mapped[:cols], *own[:cols]], columns=cols).save(args.grid)
     write_results(args, results, "eval.gill", argv)
+    return 0
+
+
+def own_retrieval(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None
+) -> int:
+    """eval.gill on a user's captioned images: retrieval only (module docstring)."""
+    try:
+        pairs, _ = user_captions_from_args(args, check=False)
+        paths, captions = pairs.image_paths[: args.n], pairs.captions[: args.n]
+        check_images([(p, None) for p in paths], args.imagefolder or args.captions_json)
+    except (ValueError, OSError) as err:  # bad data: said before the model loads
+        parser.error(str(err))
+    if len(paths) < 2:
+        parser.error(f"need at least 2 captioned images to retrieve among, found {len(paths)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gill = GILLVLM.from_pretrained(args.checkpoint, device=resolve_device(args.device)).eval()
+    scenes = [SceneItem(p, c, c[0], []) for p, c in zip(paths, captions, strict=True)]
+    results: dict[str, Any] = {"n_images": len(scenes)}
+    results["recall"], _, _ = retrieval_recall(gill, scenes, args.batch_size, not args.no_progress)
+    if not args.no_clip_reference:
+        reference, _ = clip_embedder(args.preset, args.clip)
+        order = np.argsort(
+            -(reference.embed_text([s.listing for s in scenes]) @ reference(paths).T), axis=1
+        )[:, : min(max(KS), len(scenes))]
+        results["clip_recall"] = recall_at(order.tolist(), list(range(len(scenes))))
+    where = args.imagefolder or args.captions_json
+    print("\n".join(retrieval_table(results, f"images of {where} (first caption each)")))
+    write_results(args, results, "eval.gill", argv, data=str(where))
     return 0
 
 

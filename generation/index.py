@@ -69,7 +69,14 @@ from tqdm import tqdm
 from core.config import Config, config_from_dict, load_preset_dict, preset_path, project_path
 from core.images import ImageError, load_rgb
 from core.io import atomic_write_text, sha256_file, temp_sibling
-from vision.clip import ClipBundle, ClipPresetConfig, clip_from_preset, encode_images, load_clip
+from vision.clip import (
+    ClipBundle,
+    ClipPresetConfig,
+    ImageInput,
+    clip_from_preset,
+    encode_images,
+    load_clip,
+)
 
 __all__ = [
     "FORMAT",
@@ -705,7 +712,7 @@ class ClipEmbedder:
         self.batch_size = batch_size
         self.dim = int(self.embed_text([""]).shape[1])
 
-    def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
+    def __call__(self, images: Sequence[ImageInput]) -> np.ndarray:
         feats = encode_images(self.model, self.preprocess, images, batch_size=self.batch_size)
         return feats.cpu().numpy()  # (B, D) unit-norm
 

@@ -11,7 +11,9 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from core.checkpoint import load_checkpoint
@@ -192,6 +194,37 @@ def test_fine_tune_the_vlm_and_gill_on_coco_captions_of_your_photos(folder, tmp_
     assert "4 scenes from imagefolder" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # one source at a time
         gill_main([*gill, *coco, "--imagefolder", str(folder), "--out", str(tmp_path / "x")])
+    # eval.gill on the same photos: retrieval by each image's first caption, the recalls
+    # recomputed here from the model's own query and image embeddings by a plain ranking
+    from eval.gill import main as eval_main
+    from generation.index import clip_embedder
+    from vlm.gill import GILLVLM, request_prompt
+
+    out = tmp_path / "gill.json"
+    ev = ["--checkpoint", str(tmp_path / "gill" / "final"), "--preset", "tiny", *coco]
+    assert eval_main([*ev, "--batch-size", "2", "--no-progress", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["n_images"] == 3 and got["data"] == str(captions)
+    model = GILLVLM.from_pretrained(tmp_path / "gill" / "final").eval()
+    paths = [folder / f"photos/{n}.png" for n in NAMES]
+    firsts = [f"{t} (take 1)" for t in ("An astronaut.", "A coffee cup.", "A cat.")]
+    with torch.inference_mode():
+        images = model.image_embedder()(paths)
+        queries = [
+            model.retrieval_queries(model.request_states([request_prompt(c)])[1]).numpy()[0]
+            for c in firsts
+        ]
+    clip, _ = clip_embedder("tiny")
+    for key, scores in (
+        ("recall", np.stack(queries) @ images.T),
+        ("clip_recall", clip.embed_text(firsts) @ clip(paths).T),
+    ):
+        rank = [(row > row[i]).sum() for i, row in enumerate(scores)]
+        for k in ("1", "5", "10"):
+            assert got[key][k] == pytest.approx(np.mean([r < int(k) for r in rank])), key
+    with pytest.raises(SystemExit):  # ShapeWorld needs the decoder's prompts too
+        eval_main([*ev[:4], "--data", str(folder)])
+    assert "--data needs --gen-data" in capsys.readouterr().err
 
 
 def test_train_the_segmentation_heads_on_coco_instances_of_your_photos(folder, tmp_path, capsys):
