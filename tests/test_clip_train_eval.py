@@ -352,8 +352,9 @@ def test_patch_labels_name_the_objects_of_the_scenes(world):
         load_patch_labels(world, ["val"], paths, grid, 0.25)
 
 
-def test_user_data_sources(world, tmp_path):
-    """A COCO captions file (here ShapeWorld's own) and an imagefolder with metadata.jsonl."""
+def test_user_data_sources(world, tmp_path, capsys):
+    """A COCO captions file (here ShapeWorld's own) and an imagefolder with metadata.jsonl;
+    --no-progress silences every bar (image decoding, caption encoding, training)."""
     coco = ["--images", str(world / "train"), "--captions-json"]
     coco.append(str(world / "annotations" / "captions_train.json"))
     assert (
@@ -374,6 +375,8 @@ def test_user_data_sources(world, tmp_path):
         )
         == 0
     )
+    shown = capsys.readouterr().err
+    assert "decode images" in shown and "encode captions" in shown and "train clip" in shown
     folder = tmp_path / "photos"
     folder.mkdir()
     rows = []
@@ -394,10 +397,13 @@ def test_user_data_sources(world, tmp_path):
                 "2",
                 "--batch-size",
                 "4",
+                "--no-progress",
             ]
         )
         == 0
     )
+    quiet = capsys.readouterr().err
+    assert "decode images" not in quiet and "train clip" not in quiet
     for run in ("c", "f"):
         meta = load_checkpoint(tmp_path / run / "final").metadata
         assert meta["data"]["images"] == (32 if run == "c" else 8)

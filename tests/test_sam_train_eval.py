@@ -121,6 +121,27 @@ def test_train_on_user_coco_instances(shapeworld, tmp_path):
     assert load_sam(tmp_path / "coco" / "final").image_encoder.img_size == 64
 
 
+def test_init_from_fine_tunes_a_trained_sam(trained, shapeworld, tmp_path, capsys):
+    """--init-from: the run starts at that SAM's weights (a 1e-12 learning rate keeps them, to
+    fp16 rounding), takes its size whatever --preset says, and records where it started; a
+    folder that is not a SAM is refused before any data is read."""
+    start = trained / "final"
+    args = [*FAST, "--preset", "shapes", "--data", str(shapeworld), "--steps", "1", "--lr", "1e-12"]
+    assert train_main([*args, "--init-from", str(start), "--out", str(tmp_path / "ft")]) == 0
+    before, after = load_sam(start).state_dict(), load_sam(tmp_path / "ft" / "final").state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=1e-6, msg=key)
+    meta = json.loads((tmp_path / "ft" / "final" / "manifest.json").read_text())["metadata"]
+    assert meta["variant"] == "tiny" and meta["run"]["init_from"] == str(start.resolve())
+    card = (tmp_path / "ft" / "final" / "MODEL_CARD.md").read_text()
+    assert f"Fine-tuned from `{start.resolve()}`" in card
+    for bad in (tmp_path / "nope", shapeworld):  # missing; a folder without a manifest
+        with pytest.raises(SystemExit):
+            train_main([*args, "--init-from", str(bad), "--out", str(tmp_path / "bad")])
+        assert "--init-from:" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_training_forward_under_bf16_autocast(shapeworld):
     """The CUDA path (bf16 autocast) on CPU: the prompt encoder and losses stay fp32."""
     dataset = InstanceDataset.from_shapeworld(shapeworld, "train")

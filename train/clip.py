@@ -144,7 +144,7 @@ class PairData:
     paths: list[Path] | None = None  # the image files, in `images`' order (scene pairs only)
 
 
-def load_pairs(args: argparse.Namespace, size: int) -> PairData:
+def load_pairs(args: argparse.Namespace, size: int, *, progress: bool = True) -> PairData:
     """The image-caption pairs named on the command line."""
     if args.data is not None:
         datasets = [CaptionDataset.from_shapeworld(args.data, s) for s in args.splits]
@@ -173,7 +173,7 @@ def load_pairs(args: argparse.Namespace, size: int) -> PairData:
             if len(index) > len(texts):
                 texts.append(c)
         offsets.append(len(ids))
-    images = decode_images(pairs.image_paths, size, args.workers)
+    images = decode_images(pairs.image_paths, size, args.workers, progress=progress)
     description.update(images=len(pairs), captions=len(ids), distinct_captions=len(texts))
     return PairData(
         images,
@@ -199,7 +199,14 @@ def object_captions(colour: str, shape: str) -> list[str]:
 
 
 def load_object_pairs(
-    root: Path, splits: list[str], size: int, workers: int, texts: list[str], max_occlusion: float
+    root: Path,
+    splits: list[str],
+    size: int,
+    workers: int,
+    texts: list[str],
+    max_occlusion: float,
+    *,
+    progress: bool = True,
 ) -> PairData:
     """Region-caption pairs from ShapeWorld's instance masks (RegionCLIP-style).
 
@@ -234,7 +241,8 @@ def load_object_pairs(
     offsets, ids = [0], []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(crops, jobs)
-        for objs in tqdm(results, total=len(jobs), desc="object crops", unit="img"):
+        bar = tqdm(results, total=len(jobs), desc="object crops", unit="img", disable=not progress)
+        for objs in bar:
             for arr, colour, shape in objs:
                 arrays.append(arr)
                 for caption in object_captions(colour, shape):
@@ -298,7 +306,13 @@ def scene_patch_labels(
 
 
 def load_patch_labels(
-    root: Path, splits: list[str], image_paths: list[Path], grid: int, min_cover: float
+    root: Path,
+    splits: list[str],
+    image_paths: list[Path],
+    grid: int,
+    min_cover: float,
+    *,
+    progress: bool = True,
 ) -> PatchLabelData:
     """The class and colour of the object on each patch of every image of `image_paths` (the
     scene pairs' images, from the instance masks of `splits`): `scene_patch_labels` with the
@@ -307,7 +321,8 @@ def load_patch_labels(
     by_path: dict[Path, tuple[np.ndarray, np.ndarray]] = {}
     for split in splits:
         dataset = InstanceDataset.from_shapeworld(root, split)
-        for i in tqdm(range(len(dataset)), desc=f"patch labels ({split})", unit="img"):
+        bar = tqdm(range(len(dataset)), desc=f"patch labels ({split})", disable=not progress)
+        for i in bar:
             h, w = dataset.sizes[i]
             anns = sorted(
                 (a for a in dataset.annotations[i] if not a.iscrowd), key=lambda a: -a.area
@@ -389,6 +404,8 @@ def precompute_text(
     texts: list[str],
     device: torch.device,
     batch_size: int = 512,
+    *,
+    progress: bool = True,
 ) -> torch.Tensor:
     """Pooled frozen-encoder outputs of every distinct caption: (U, D_text) float32 on CPU.
 
@@ -404,7 +421,8 @@ def precompute_text(
     lengths = (ids != model.text.config.pad_token_id).sum(dim=1)
     order = torch.argsort(lengths, descending=True)
     out: torch.Tensor | None = None
-    for start in tqdm(range(0, len(texts), batch_size), desc="encode captions", unit="batch"):
+    batches = range(0, len(texts), batch_size)
+    for start in tqdm(batches, desc="encode captions", unit="batch", disable=not progress):
         sel = order[start : start + batch_size]
         width = int(lengths[sel].max())  # pad only to this batch's longest caption
         with torch.inference_mode():
@@ -574,6 +592,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="save state and stop after this many steps (a time-sliced job; resume later)",
     )
     parser.add_argument("--workers", type=int, default=4, help="image decoding threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
         "--eval", action="store_true", help="evaluate <out>/final on the --data val split"
     )
@@ -640,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu=device.type == "cpu", mixed_precision="bf16" if device.type == "cuda" else "no"
     )
     device = accelerator.device
+    progress = not args.no_progress and accelerator.is_local_main_process
     seed_everything(args.seed)
     clip, _, tokenizer = build_clip(cfg)
     clip.to(device).train()
@@ -653,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = DenseHeads(cfg.vision.width).to(device) if args.dense_weight else None
 
     try:
-        data = load_pairs(args, cfg.vision.image_size)
+        data = load_pairs(args, cfg.vision.image_size, progress=progress)
     except (ValueError, OSError) as err:  # bad data: say what, no traceback
         parser.error(str(err))
     objects = None
@@ -665,17 +685,25 @@ def main(argv: list[str] | None = None) -> int:
             args.workers,
             data.texts,
             args.object_max_occlusion,
+            progress=progress,
         )
         data.description.update(objects.description, object_pairs_per_step=args.object_pairs)
     labels = None
     if dense is not None:
         try:
             labels = load_patch_labels(
-                args.data, args.splits, data.paths or [], cfg.vision.grid, args.dense_min_cover
+                args.data,
+                args.splits,
+                data.paths or [],
+                cfg.vision.grid,
+                args.dense_min_cover,
+                progress=progress,
             )
         except (ValueError, OSError) as err:
             parser.error(str(err))
-    pooled_text = precompute_text(clip, tokenizer, cfg, data.texts, device)  # (U, D_text)
+    pooled_text = precompute_text(
+        clip, tokenizer, cfg, data.texts, device, progress=progress
+    )  # (U, D_text)
     on_gpu = device.type == "cuda"
     images = data.images.to(device) if on_gpu else data.images  # the whole set lives there
     object_images = None
@@ -751,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
         total=args.steps,
         desc="train clip",
         unit="step",
-        disable=not accelerator.is_main_process,
+        disable=not progress,
     )
     t0 = time.time()
     loss_value = float("nan")
@@ -848,7 +876,7 @@ def _run_eval(final: Path, args: argparse.Namespace) -> dict[str, Any]:
     out = final / "eval.json"
     cmd = [sys.executable, "-m", "eval.clip", "--checkpoint", str(final), "--data", str(args.data)]
     cmd += ["--split", "val", "--limit", str(args.eval_limit), "--json", str(out)]
-    cmd += ["--device", args.device]
+    cmd += ["--device", args.device] + (["--no-progress"] if args.no_progress else [])
     subprocess.run(cmd, check=True)
     results: dict[str, Any] = json.loads(out.read_text(encoding="utf-8"))
     return results

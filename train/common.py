@@ -438,11 +438,14 @@ def _load_image(path: Path, size: int) -> np.ndarray:
     return np.asarray(square_crop(load_rgb(path), size), dtype=np.uint8).transpose(2, 0, 1)
 
 
-def decode_images(paths: list[Path], size: int, workers: int) -> torch.Tensor:
+def decode_images(
+    paths: list[Path], size: int, workers: int, *, progress: bool = True
+) -> torch.Tensor:
     """Decode every image once into (N, 3, size, size) uint8."""
     out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         jobs = pool.map(lambda p: _load_image(p, size), paths, chunksize=64)
-        for i, arr in enumerate(tqdm(jobs, total=len(paths), desc="decode images", unit="img")):
+        bar = tqdm(jobs, total=len(paths), desc="decode images", unit="img", disable=not progress)
+        for i, arr in enumerate(bar):
             out[i] = arr
     return torch.from_numpy(out)

@@ -9,6 +9,9 @@
         --device cpu --steps 1400 --batch-size 8 --correction-rounds 1 --max-minutes 26
     python -m train.sam --preset shapes --images coco/train2017 \\
         --instances-json coco/annotations/instances_train2017.json --out out/sam-coco
+    # fine-tune the shapes SAM on your masks (its config comes from the checkpoint)
+    python -m train.sam --init-from checkpoints/shapes/sam --images my_photos \\
+        --instances-json instances.json --out runs/sam_mine --steps 300 --lr 1e-4
     python -m train.sam ... --resume                   # continue from <out>/last, same data order
     accelerate launch -m train.sam ...                 # several GPUs (the global batch is split)
 
@@ -76,7 +79,7 @@ from train.common import (
     make_accelerator,
     save_training_state,
 )
-from vision.sam import SAM_VARIANTS, SamConfig, build_sam, predict_masks_batched
+from vision.sam import SAM_VARIANTS, SamConfig, build_sam, load_sam, predict_masks_batched
 
 __all__ = ["MaskData", "SamPromptLoss", "load_mask_data", "main"]
 
@@ -422,6 +425,13 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--data", type=Path, help="a ShapeWorld folder (its train split is used)")
     data.add_argument("--instances-json", type=Path, help="a COCO instances file (your data)")
     data.add_argument("--images", type=Path, help="the image folder of --instances-json")
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from this trained SAM (a train.sam final/ folder, e.g. checkpoints/shapes/"
+        "sam); its size replaces --preset's",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--steps", type=int, default=2000, help="optimizer steps in all")
     parser.add_argument("--batch-size", type=int, default=16, help="images per step (global)")
@@ -492,8 +502,22 @@ def _parser() -> argparse.ArgumentParser:
 # Arguments that must match between a run and its --resume (they fix the trajectory).
 _TRAJECTORY_ARGS = (
     "preset", "steps", "batch_size", "prompts_per_image", "boxes_per_image",
-    "correction_rounds", "focal_alpha", "lr", "weight_decay", "warmup", "seed",
+    "correction_rounds", "focal_alpha", "lr", "weight_decay", "warmup", "seed", "init_from",
 )  # fmt: skip
+
+
+def _variant(cfg: SamConfig) -> str:
+    """The name of `cfg` in vision.sam.SAM_VARIANTS ("custom" if it is none of them)."""
+    return next((name for name, v in SAM_VARIANTS.items() if v == cfg), "custom")
+
+
+def _saved_config(folder: str | Path) -> SamConfig:
+    """The SamConfig of a train.sam final/ folder, its files checked; OSError / ValueError
+    (CheckpointError) saying why it is not one."""
+    manifest = verify_checkpoint(folder)
+    if "model.safetensors" not in manifest["files"]:
+        raise ValueError(f"{folder} holds no model.safetensors: not a train.sam checkpoint")
+    return SamConfig.from_dict(manifest["config"], source=f"{folder}/manifest.json config")
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -503,6 +527,12 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--instances-json needs --images (the folder its file_names refer to)")
     if args.eval and args.data is None:
         parser.error("--eval reads the ShapeWorld val split: it needs --data")
+    if args.init_from is not None:  # before any data is read or model built
+        try:
+            _saved_config(args.init_from)
+        except (OSError, ValueError) as err:  # not there, corrupted, or not a SAM
+            parser.error(f"--init-from: {err}")
+        args.init_from = str(args.init_from.resolve())  # as recorded (resume key, metadata)
     check_run_args(
         parser, args, ("steps", "batch_size", "prompts_per_image", "save_every", "log_every")
     )
@@ -555,10 +585,12 @@ def _model_card(
         f"| {name} | {meta['bytes']:,} | `{meta['sha256']}` |"
         for name, meta in manifest["files"].items()
     )
+    init = run.get("init_from")
+    origin = "Trained from scratch" if init is None else f"Fine-tuned from `{init}`"
     lines = [
-        f"# SAM `{run['preset']}` (segment_anything `Sam`, {n_params / 1e6:.2f} M parameters)",
+        f"# SAM `{_variant(cfg)}` (segment_anything `Sam`, {n_params / 1e6:.2f} M parameters)",
         "",
-        "Trained from scratch by `train/sam.py` with the SAM recipe (point and box prompts, "
+        f"{origin} by `train/sam.py` with the SAM recipe (point and box prompts, "
         f"correction-click rounds: {run['correction_rounds']}; focal:dice 20:1; IoU head MSE).",
         "",
         "## Command",
@@ -638,9 +670,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size % world:
         parser.error(f"--batch-size {args.batch_size} must be divisible by {world} processes")
 
-    cfg = SAM_VARIANTS[PRESET_VARIANTS[args.preset]]
     torch.manual_seed(args.seed)
-    sam = build_sam(cfg).train()
+    if args.init_from is not None:
+        cfg = _saved_config(args.init_from)
+        sam = load_sam(args.init_from).train()
+    else:
+        cfg = SAM_VARIANTS[PRESET_VARIANTS[args.preset]]
+        sam = build_sam(cfg).train()
     n_params = sum(p.numel() for p in sam.parameters())
     trainer = SamPromptLoss(
         sam, args.prompts_per_image, args.boxes_per_image, args.correction_rounds, args.focal_alpha
@@ -758,7 +794,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             final,
             {"model": _fp16_state(sam)},
             cfg.to_dict(),
-            {"command": command, "variant": PRESET_VARIANTS[args.preset], "data": info,
+            {"command": command, "variant": _variant(cfg), "data": info,
              "run": run_meta},
             overwrite=True,
         )  # fmt: skip
