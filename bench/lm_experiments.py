@@ -198,6 +198,7 @@ class LMRunSettings:
     shapeworld_images: int = 2000  # ShapeWorld scenes whose captions join pydoc
     max_chars: int | None = None  # cap each corpus split (quick runs)
     eval_batches: int = 16  # held-out batches of batch_size rows
+    gate_act: str | None = None  # TNL's output gate activation (None: TNLConfig's default)
 
 
 def pretrain_command(arch: str, s: LMRunSettings, seed: int, out: Path) -> list[str]:
@@ -213,6 +214,8 @@ def pretrain_command(arch: str, s: LMRunSettings, seed: int, out: Path) -> list[
     ]  # fmt: skip
     if s.max_chars is not None:
         argv += ["--max-chars", str(s.max_chars)]
+    if s.gate_act is not None and arch == "tnl":
+        argv += ["--gate-act", s.gate_act]
     return argv
 
 
@@ -983,6 +986,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=0)
         if name == "tnl-vs-softmax":
             p.add_argument("--workdir", type=Path, help="run folders (default: a temp dir)")
+            p.add_argument(
+                "--gate-act",
+                choices=("sigmoid", "silu", "identity"),
+                help="TNL's output gate activation (default: TNLConfig's, sigmoid)",
+            )
         if name == "meap-needle":
             p.add_argument("--arch", choices=("softmax", "lightning"), default="softmax")
         if name == "moe-balance":
@@ -1016,6 +1024,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               eval_batches=2)  # fmt: skip
         if args.steps is not None:
             s.steps = args.steps
+        s.gate_act = args.gate_act
         seeds = args.seeds or [0]
         if args.workdir is not None:
             result = run_tnl_vs_softmax(s, seeds, args.workdir)

@@ -221,8 +221,13 @@ def test_tnl_vs_softmax_quick(tmp_path, monkeypatch):
         assert pretrain_lm.main(cmd[3:]) == 0
 
     monkeypatch.setattr(bench.subprocess, "run", run_in_process)
-    out = _run(tmp_path, "tnl-vs-softmax", "--workdir", str(tmp_path / "runs"))
+    out = _run(tmp_path, "tnl-vs-softmax", "--workdir", str(tmp_path / "runs"), "--gate-act",
+               "identity")  # fmt: skip
     tnl, soft = out["runs"]
+    # --gate-act reaches the TNL run (the paper's plain u) and only it
+    saved = json.loads((tmp_path / "runs" / "tnl_seed0" / "final" / "config.json").read_text())
+    assert saved["gate_act"] == "identity" and "--gate-act identity" in tnl["command"]
+    assert "--gate-act" not in soft["command"]
     assert (tnl["arch"], soft["arch"]) == ("tnl", "softmax")
     assert tnl["parameters"] > soft["parameters"]  # the output gate u
     gap = out["comparison"][0]["relative_gap"]

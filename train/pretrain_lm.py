@@ -233,6 +233,7 @@ def build_causal_lm(args: argparse.Namespace, tokenizer: Any) -> Any:
         num_hidden_layers=args.layers,
         num_attention_heads=args.heads,
         attention_type="lightning" if args.arch == "tnl" else "softmax",
+        **({"gate_act": args.gate_act} if args.gate_act else {}),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -546,6 +547,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--intermediate", type=int, default=None, help="FFN width (default TNL 8/3, BERT 4 x)"
     )
     model.add_argument("--dropout", type=float, default=0.0, help="--arch bert dropout")
+    model.add_argument(
+        "--gate-act",
+        choices=("sigmoid", "silu", "identity"),
+        default=None,
+        help="--arch tnl: activation of the attention output gate u (default: TNLConfig's "
+        "sigmoid; identity = the TNL paper's SRMSNorm(o) * u)",
+    )
     parser.add_argument(
         "--tokenizer",
         help="smollm2 | bpe:VOCAB | a tokenizer folder or model source (default: the --model's, "
