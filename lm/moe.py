@@ -11,8 +11,11 @@ token goes to its top-k experts with weights p_topk / sum(p_topk) (renormalised 
 k; `renormalize=False` keeps the raw probabilities, as Switch does for k = 1). Losses:
 
 * load balancing (Switch eq. 4, Mixtral): aux = E * sum_e f_e P_e, with f_e the fraction of
-  routing slots (all k choices of all tokens, i.e. divided by N k) that go to expert e and P_e
-  the mean router probability of e. aux = 1 when routing is uniform, its minimum.
+  tokens routed to expert e (among their k; so sum_e f_e = k) and P_e the mean router
+  probability of e. aux = k when routing is uniform, its minimum: Switch's loss for k = 1, and
+  Mixtral's convention for k > 1 (transformers' load_balancing_loss_func; the tests compare).
+  Until session 23 f_e was divided by k as well (minimum 1), which gave a top-2 router half of
+  Mixtral's pressure at the same coefficient.
 * router z-loss (ST-MoE eq. 5): mean over tokens of logsumexp(z)^2, keeps logits small.
 
 An optional shared expert (Qwen1.5-MoE) sees every token; its output is added, optionally scaled
@@ -100,7 +103,7 @@ class RouterOutput:
 @dataclass
 class MoEOutput:
     hidden_states: torch.Tensor  # (B, T, C)
-    aux_loss: torch.Tensor  # () E * sum_e f_e P_e
+    aux_loss: torch.Tensor  # () E * sum_e f_e P_e, k at uniform routing
     z_loss: torch.Tensor  # () mean logsumexp(logits)^2
     expert_load: torch.Tensor  # (E,) routing slots per expert (counts all k choices), long
     router_logits: torch.Tensor  # (N, E)
@@ -130,15 +133,16 @@ class TopKRouter(nn.Module):
 def load_balancing_loss(
     probs: torch.Tensor, experts: torch.Tensor, token_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """E * sum_e f_e P_e. probs (N, E); experts (N, k); token_mask (N,) bool or None -> ()."""
+    """E * sum_e f_e P_e (module docstring; k at uniform routing). probs (N, E); experts (N, k);
+    token_mask (N,) bool or None -> ()."""
     N, E = probs.shape
     if token_mask is None:
         token_mask = torch.ones(N, dtype=torch.bool, device=probs.device)
     weight = token_mask.to(probs.dtype)  # (N,)
     count = weight.sum().clamp(min=1.0)
     one_hot = F.one_hot(experts, E).to(probs.dtype)  # (N, k, E)
-    # f_e: share of the N k routing slots that go to e (non-differentiable, as in Switch).
-    f = (one_hot.sum(dim=1) * weight[:, None]).sum(dim=0) / (count * experts.shape[1])
+    # f_e: share of the N tokens routed to e (non-differentiable, as in Switch); sums to k.
+    f = (one_hot.sum(dim=1) * weight[:, None]).sum(dim=0) / count
     P = (probs * weight[:, None]).sum(dim=0) / count
     return E * (f * P).sum()
 

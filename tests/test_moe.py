@@ -80,11 +80,11 @@ def test_vectorised_dispatch_equals_per_token_loop(cfg):
     assert int(out.expert_load.sum()) == 2 * 9 * cfg["top_k"]
 
 
-def test_balancing_loss_is_one_for_uniform_routing():
+def test_balancing_loss_is_k_for_uniform_routing():
     E, N = 4, 8
     probs = torch.full((N, E), 1 / E)
     experts = torch.tensor([[n % E, (n + 1) % E] for n in range(N)])  # every expert 4 of 16 slots
-    assert load_balancing_loss(probs, experts).item() == pytest.approx(1.0)
+    assert load_balancing_loss(probs, experts).item() == pytest.approx(2.0)
     assert load_balancing_loss(probs, experts[:, :1]).item() == pytest.approx(1.0)  # k = 1
 
 
@@ -94,12 +94,32 @@ def test_balancing_loss_hand_computed_cases():
     probs = torch.tensor([[0.75, 0.25]] * 4)
     experts = torch.zeros(4, 1, dtype=torch.long)
     assert load_balancing_loss(probs, experts).item() == pytest.approx(1.5)
-    # E = 3, k = 2, 2 tokens: slots (0, 1), (0, 2) -> f = (2/4, 1/4, 1/4);
+    # E = 3, k = 2, 2 tokens: slots (0, 1), (0, 2) -> f = (2/2, 1/2, 1/2) (tokens per expert);
     # P = mean of (0.5, 0.3, 0.2) and (0.4, 0.2, 0.4) = (0.45, 0.25, 0.3)
-    # -> 3 * (0.5 * 0.45 + 0.25 * 0.25 + 0.25 * 0.3) = 3 * 0.3625 = 1.0875.
+    # -> 3 * (1 * 0.45 + 0.5 * 0.25 + 0.5 * 0.3) = 3 * 0.725 = 2.175.
     probs = torch.tensor([[0.5, 0.3, 0.2], [0.4, 0.2, 0.4]])
     experts = torch.tensor([[0, 1], [0, 2]])
-    assert load_balancing_loss(probs, experts).item() == pytest.approx(1.0875)
+    assert load_balancing_loss(probs, experts).item() == pytest.approx(2.175)
+
+
+def test_balancing_loss_is_mixtrals():
+    """Against transformers' Mixtral load_balancing_loss_func (one layer, top-2 of 8), with and
+    without padding: the same loss at the same coefficient, so Mixtral's 0.001 means the same
+    pressure here."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    torch.manual_seed(0)
+    logits = torch.randn(2 * 12, 8)  # batch 2 x 12 tokens
+    probs = torch.softmax(logits, dim=-1)
+    experts = probs.topk(2, dim=-1).indices
+    ours = load_balancing_loss(probs, experts)
+    torch.testing.assert_close(ours, load_balancing_loss_func((logits,), 8, 2))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    torch.testing.assert_close(
+        load_balancing_loss(probs, experts, mask.reshape(-1).bool()),
+        load_balancing_loss_func((logits,), 8, 2, attention_mask=mask),
+    )
 
 
 def test_padding_is_left_out_of_the_router_statistics():
