@@ -9,8 +9,9 @@ Tabs: Chat (answers, and with STAMP / GILL loaded masks and images; ``segment:``
 segmentation (your vocabulary), Sketch (draw, then send the drawing to the chat). Every picture
 has a download button; the tools also offer their masks as COCO-style JSON.
 
-Uploads: images only (PNG, JPEG, GIF, BMP, WebP, TIFF), at most 10 MB each and 4096 px a side;
-anything else is answered with a message in the chat while the server keeps serving.
+Uploads: images only (PNG, JPEG, GIF, BMP, WebP, TIFF), at most 10 MB each and 8192 px a side
+(read downscaled to 4096 px); anything else is answered with a message in the chat while the
+server keeps serving.
 UI only: parse arguments, build the Assistant, wire callbacks. No tensor code here.
 """
 

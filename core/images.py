@@ -11,7 +11,11 @@ float in [0, 1]. Documented conversions:
 - 16-bit images (I;16, uint16 arrays, 32-bit I holding 0..65535) -> 0..255 by the type's range
   (65535 -> 255), as a browser shows them; other integer arrays in 0..255 as they are; F (float)
   images in [0, 1] x 255, other float or integer ranges scaled by the image's own range.
-- Size: 1x1 up to MAX_SIDE on each side; larger images raise ImageError (a model resizes; it
+- Size: 1x1 up to MAX_SIDE on each side. A file (path or bytes) up to MAX_FILE_SIDE a side is
+  read downscaled so that its longer side is MAX_SIDE (a 24-megapixel phone photo, 5712x4284,
+  becomes 4096x3072); pass ``downscale=False`` where pixels must keep the file's size (masks
+  drawn on it).
+  Larger files, and PIL images or arrays over MAX_SIDE, raise ImageError (a model resizes; it
   should not be asked to read a 100-megapixel file).
 
 Anything else raises :class:`ImageError` saying what was expected and what was received.
@@ -29,35 +33,46 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 __all__ = [
+    "MAX_FILE_SIDE",
     "MAX_SIDE",
     "READ_FORMATS",
     "ImageError",
     "image_size",
     "load_rgb",
+    "pad_to_square",
     "paint_labels",
     "square_crop",
     "to_rgb",
 ]
 
-MAX_SIDE = 4096  # pixels, per side
+MAX_SIDE = 4096  # pixels, per side: the largest image handed on
+MAX_FILE_SIDE = 8192  # pixels, per side: the largest file read (downscaled to MAX_SIDE)
 # The file formats read (PIL's names). PIL would open dozens more, some through outside programs
 # (EPS through Ghostscript): uploads are held to the common image formats.
 READ_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
 EXIF_ORIENTATION = 0x0112  # the EXIF tag; values 5-8 turn the image a quarter
-# PIL refuses files above ~179 MP as decompression bombs; we stop far earlier (MAX_SIDE^2).
-Image.MAX_IMAGE_PIXELS = MAX_SIDE * MAX_SIDE * 4
+# PIL refuses files above ~179 MP as decompression bombs; we stop far earlier (MAX_FILE_SIDE^2).
+Image.MAX_IMAGE_PIXELS = MAX_FILE_SIDE * MAX_FILE_SIDE
 
 
 class ImageError(ValueError):
     """An input is not an image we can use."""
 
 
-def _check_size(width: int, height: int, what: str) -> None:
-    if width < 1 or height < 1 or width > MAX_SIDE or height > MAX_SIDE:
+def _check_size(width: int, height: int, what: str, largest: int = MAX_SIDE) -> None:
+    if width < 1 or height < 1 or width > largest or height > largest:
         raise ImageError(
-            f"{what}: expected an image between 1x1 and {MAX_SIDE}x{MAX_SIDE} pixels, "
+            f"{what}: expected an image between 1x1 and {largest}x{largest} pixels, "
             f"received {width}x{height}"
         )
+
+
+def _fitted(width: int, height: int) -> tuple[int, int]:
+    """(width, height) scaled so the longer side is at most MAX_SIDE (aspect kept)."""
+    longer = max(width, height)
+    if longer <= MAX_SIDE:
+        return width, height
+    return max(1, round(width * MAX_SIDE / longer)), max(1, round(height * MAX_SIDE / longer))
 
 
 def _scale_to_uint8(arr: np.ndarray, what: str) -> np.ndarray:
@@ -88,7 +103,11 @@ def to_rgb(image: Image.Image | np.ndarray, what: str = "image") -> Image.Image:
             f"{what}: expected a PIL image, a numpy array, a path or bytes, received "
             f"{type(image).__name__}"
         )
-    _check_size(image.width, image.height, what)
+    return _to_rgb(image, what, MAX_SIDE)
+
+
+def _to_rgb(image: Image.Image, what: str, largest: int) -> Image.Image:
+    _check_size(image.width, image.height, what, largest)
     mode = image.mode
     if mode in ("P", "RGB", "L") and "transparency" in image.info:  # a transparent colour key
         image = image.convert("RGBA")
@@ -138,8 +157,12 @@ def _array_to_rgb(arr: np.ndarray, what: str) -> Image.Image:
     return to_rgb(Image.fromarray(np.ascontiguousarray(arr)), what)
 
 
-def load_rgb(source: str | os.PathLike[str] | bytes | Image.Image | np.ndarray) -> Image.Image:
-    """Open `source` (path, bytes, PIL image or array) as an RGB PIL image, or raise ImageError."""
+def load_rgb(
+    source: str | os.PathLike[str] | bytes | Image.Image | np.ndarray, *, downscale: bool = True
+) -> Image.Image:
+    """Open `source` (path, bytes, PIL image or array) as an RGB PIL image, or raise ImageError.
+    A file over MAX_SIDE (up to MAX_FILE_SIDE) a side comes back downscaled to MAX_SIDE, unless
+    ``downscale=False``, which refuses it (module docstring)."""
     if isinstance(source, Image.Image | np.ndarray):
         return to_rgb(source)
     if isinstance(source, bytes):
@@ -156,11 +179,20 @@ def load_rgb(source: str | os.PathLike[str] | bytes | Image.Image | np.ndarray) 
             "expected a path, bytes, a PIL image or a numpy array, received "
             f"{type(source).__name__}"
         )
+    largest = MAX_FILE_SIDE if downscale else MAX_SIDE
     with _reading(what), Image.open(stream, formats=READ_FORMATS) as img:
-        _check_size(img.width, img.height, what)  # before decoding the pixels
+        _check_size(img.width, img.height, what, largest)  # before decoding the pixels
+        size = _fitted(img.width, img.height)
+        big = size != img.size
         img.load()
         upright = ImageOps.exif_transpose(img)  # a phone's rotation tag, applied
-        return to_rgb(upright if upright is not None else img, what)
+        image = upright if upright is not None else img
+        if not big:
+            return to_rgb(image, what)
+        # RGB first (every mode resamples the same way), then to the size image_size reports
+        turned = image.size != img.size
+        rgb = _to_rgb(image, what, MAX_FILE_SIDE)
+        return rgb.resize(size[::-1] if turned else size, Image.Resampling.LANCZOS)
 
 
 def _check_file(path: Path) -> None:
@@ -186,14 +218,15 @@ def _reading(what: str) -> Iterator[None]:
         raise ImageError(f"{what}: corrupt or truncated image ({err})") from None
 
 
-def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
-    """(width, height) of the image file at `path` as load_rgb returns it (EXIF rotation
-    applied), from its header alone: ImageError when it is missing, empty, not an image we read
-    or too large. A file cut short after its header passes here; load_rgb finds it."""
+def image_size(path: str | os.PathLike[str], *, downscale: bool = True) -> tuple[int, int]:
+    """(width, height) of the image file at `path` as load_rgb (with the same `downscale`)
+    returns it (EXIF rotation applied), from its header alone: ImageError when it is missing,
+    empty, not an image we read or too large. A file cut short after its header passes here;
+    load_rgb finds it."""
     what = str(path)
     _check_file(Path(path))
     with _reading(what), Image.open(path, formats=READ_FORMATS) as img:
-        _check_size(img.width, img.height, what)
+        _check_size(img.width, img.height, what, MAX_FILE_SIDE if downscale else MAX_SIDE)
         if img.format == "TIFF":  # its tags are read with the header
             orientation = img.getexif().get(EXIF_ORIENTATION, 1)
         else:  # getexif() would decode a PNG's pixels to look for a late eXIf chunk
@@ -202,7 +235,21 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
                 exif.load(raw)
             orientation = exif.get(EXIF_ORIENTATION, 1)
         turned = orientation in (5, 6, 7, 8)
-        return (img.height, img.width) if turned else (img.width, img.height)
+        width, height = _fitted(img.width, img.height)
+        return (height, width) if turned else (width, height)
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """`image` centred on a square of colour `fill` as wide as its longer side (LLaVA-1.5's
+    ``expand2square``: the offset is floored, so an odd margin leaves the extra row or column
+    after the image); a square image comes back as it is."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), fill)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
 
 
 def square_crop(image: Image.Image, size: int) -> Image.Image:

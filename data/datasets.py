@@ -91,8 +91,8 @@ def check_images(
         if path in seen:
             continue
         seen.add(path)
-        try:
-            width, height = image_size(path)
+        try:  # where the file gives a size, masks are drawn at it: no downscaled reading
+            width, height = image_size(path, downscale=size is None)
         except ImageError as err:
             bad.append(str(err))
             continue
@@ -209,7 +209,7 @@ class InstanceDataset:
 
     def __getitem__(self, index: int) -> InstanceItem:
         h, w = self.sizes[index]
-        image = load_rgb(self.images_root / self.file_names[index])
+        image = load_rgb(self.images_root / self.file_names[index], downscale=False)  # as masks
         if image.size != (w, h):
             raise FormatError(
                 f"{self.images_root / self.file_names[index]}: expected {w}x{h} as in the "

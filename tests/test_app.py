@@ -118,7 +118,7 @@ def test_bad_messages_become_chat_messages_and_server_keeps_serving(server, tmp_
         reply = _ask(client, "what is it?", [bad])
         assert reply.startswith(app.WARNING) and bad.name in reply, (bad.name, reply)
         assert "/tmp/gradio" not in reply  # the server's upload folder is not shown
-    assert "4096" in _ask(client, "and this?", [huge])
+    assert "8192x8192 pixels, received 10000x10000" in _ask(client, "and this?", [huge])
     assert _ask(client, "hello") == list(assistant.chat([], "hello", settings=SETTINGS))[-1]
 
 

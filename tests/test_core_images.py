@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.images import MAX_SIDE, ImageError, load_rgb, square_crop, to_rgb
+from core.images import (
+    MAX_FILE_SIDE,
+    MAX_SIDE,
+    ImageError,
+    image_size,
+    load_rgb,
+    square_crop,
+    to_rgb,
+)
 
 
 def _png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
@@ -86,10 +94,39 @@ def test_extreme_sizes():
     assert load_rgb(_png_bytes(Image.new("RGB", (1, 1)))).size == (1, 1)
     big = Image.new("L", (MAX_SIDE, MAX_SIDE))
     assert load_rgb(big).size == (MAX_SIDE, MAX_SIDE)
+    wide = _png_bytes(Image.new("L", (MAX_SIDE + 1, 2)))
+    assert load_rgb(wide).size == (MAX_SIDE, 2)  # a file: read downscaled
     with pytest.raises(
         ImageError, match=rf"between 1x1 and {MAX_SIDE}x{MAX_SIDE} pixels, received 4097x2"
     ):
-        load_rgb(_png_bytes(Image.new("L", (MAX_SIDE + 1, 2))))
+        load_rgb(wide, downscale=False)
+    with pytest.raises(ImageError, match=rf"between 1x1 and {MAX_SIDE}x{MAX_SIDE} pixels"):
+        load_rgb(Image.new("L", (MAX_SIDE + 1, 2)))  # an image in memory is not resized
+    with pytest.raises(
+        ImageError, match=rf"{MAX_FILE_SIDE}x{MAX_FILE_SIDE} pixels, received 8193x3"
+    ):
+        load_rgb(_png_bytes(Image.new("L", (MAX_FILE_SIDE + 1, 3))))
+
+
+def test_large_photos_are_read_downscaled_as_a_full_decode_would_give(tmp_path):
+    """A 14.5-megapixel photo (4400x3300) comes back 4096x3072, the full decode resized, turned
+    by its EXIF tag as image_size says from the header alone; refused with downscale=False
+    (where masks keep the file's size)."""
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    photo = Image.fromarray(small).resize((4400, 3300), Image.Resampling.BILINEAR)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated a quarter turn: shown 3300 wide, 4400 tall
+    photo.save(tmp_path / "phone.jpg", quality=90, exif=exif)
+    out = load_rgb(tmp_path / "phone.jpg")
+    assert out.size == image_size(tmp_path / "phone.jpg") == (3072, 4096)
+    full = Image.open(tmp_path / "phone.jpg").convert("RGB").transpose(Image.Transpose.ROTATE_270)
+    expected = full.resize((3072, 4096), Image.Resampling.LANCZOS)
+    assert np.array_equal(np.asarray(out), np.asarray(expected))
+    with pytest.raises(ImageError, match="received 4400x3300"):
+        image_size(tmp_path / "phone.jpg", downscale=False)
+    with pytest.raises(ImageError, match="received 4400x3300"):
+        load_rgb(tmp_path / "phone.jpg", downscale=False)
 
 
 def test_not_images(tmp_path):
