@@ -28,10 +28,10 @@ with reference captions. Scored two ways:
   reported beside it.
 
 QA: every question of the image (a row's ``qa``) is asked on its own, in a fresh conversation,
-with the short-answer instruction (data.conversations.SHORT_ANSWER); the reply, lower-cased and
-stripped of punctuation and articles, must equal the answer. Accuracy by the questions' ``type``
-(ShapeWorld's: count, colour, shape, position, exists; "other" where a row gives none) and
-overall (micro over questions).
+with the short-answer instruction (data.conversations.SHORT_ANSWER); the reply, lower-cased,
+stripped of punctuation and articles and with number words as digits (VQA's answer processing),
+must equal the answer. Accuracy by the questions' ``type`` (ShapeWorld's: count, colour, shape,
+position, exists; "other" where a row gives none) and overall (micro over questions).
 
 Time to first token: the median over ``--ttft-repeats`` one-image questions of the time from the
 call to the first streamed text (image encoding, prefill and one decoding step included).
@@ -72,10 +72,16 @@ QA_TYPES = ("count", "colour", "shape", "position", "exists")
 _ARTICLES = {"a", "an", "the"}
 
 
+# number words as digits, as the VQA evaluation's answer processing does (its manualMap:
+# "none" and zero to ten; here up to twenty, ShapeWorld's largest count word)
+_NUMBERS = {"none": "0"} | {number_word(n): str(n) for n in range(21)}
+
+
 def normalise_answer(text: str) -> str:
-    """Lower case, no punctuation, no articles, single spaces: "The Top-left." -> "top left"."""
+    """Lower case, no punctuation, no articles, number words as digits, single spaces:
+    "The Top-left." -> "top left", "Two." -> "2"."""
     words = re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split()
-    return " ".join(w for w in words if w not in _ARTICLES)
+    return " ".join(_NUMBERS.get(w, w) for w in words if w not in _ARTICLES)
 
 
 def _count_words() -> dict[str, int]:

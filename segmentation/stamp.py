@@ -311,8 +311,10 @@ def refine_with_sam(
 ) -> npt.NDArray[np.bool_]:
     """SAM refinement of STAMP's (H, W) pixel logits, H x W the image size ``predictor`` holds.
 
-    The prompt is the paper's: SAM's dense mask input (the logits resized to SAM's 4x-embedding
-    low-resolution grid) plus points sampled from them (`sample_points`). SAM's single-mask
+    The prompt's kinds are the paper's (SAM's dense mask input, the logits resized to SAM's
+    4x-embedding low-resolution grid, plus points sampled from them, `sample_points`), not its
+    evaluation code's protocol (10 random positive and 10 negative points, the binarised mask as
+    +-6.9 logits, three rounds): docs/STAMP.md says where they differ. SAM's single-mask
     output is used when there are several points, its best-scored multimask output otherwise.
     The refined mask replaces the coarse one only when it overlaps it (IoU >= 0.5); an empty coarse
     mask stays empty.
@@ -345,18 +347,21 @@ def refine_with_sam(
 
 
 def mask_like_clip_input(mask: npt.ArrayLike, size: int) -> torch.Tensor:
-    """(H, W) mask -> (size, size) float mask aligned with CLIP's input for the same image.
+    """(H, W) mask -> (size, size) float mask aligned with the VLM's CLIP input for the image.
 
-    open_clip's eval transform resizes the shorter side to `size` and centre-crops; the mask goes
-    the same way (bilinear on the 0/1 mask, so boundary pixels get fractions).
+    The VLM pads a non-square image to a square (PolychromeVLM.pixel_values, core.images.
+    pad_to_square: centred, offsets floored) and CLIP's eval transform resizes the square to
+    `size`; the mask goes the same way (zeros in the padding, then bilinear on the 0/1 mask, so
+    boundary pixels get fractions).
     """
     m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)
     if m.ndim != 2:
         raise ValueError(f"mask must be (H, W), received shape {tuple(m.shape)}")
     h, w = m.shape
-    # the longer side as torchvision's Resize(size) computes it: size x long / short, floored
-    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-    m = F.interpolate(m[None, None], size=(nh, nw), mode="bilinear", align_corners=False)[0, 0]
-    # where torchvision's CenterCrop (open_clip's) puts the crop: round half to even
-    top, left = round((nh - size) / 2), round((nw - size) / 2)
-    return m[top : top + size, left : left + size]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    m = F.pad(m, (left, side - w - left, top, side - h - top))
+    if side != size:
+        m = F.interpolate(m[None, None], size=(size, size), mode="bilinear", align_corners=False)
+        m = m[0, 0]
+    return m

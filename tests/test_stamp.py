@@ -117,52 +117,51 @@ def test_stamp_losses_match_hand_computation():
     assert float(got_dice) == pytest.approx(dice, rel=1e-5)
 
 
-def test_mask_follows_clips_resize_and_centre_crop():
+def test_mask_follows_the_images_padding_to_a_square():
+    """A non-square image is padded, not cropped (PolychromeVLM.pixel_values): an object at its
+    right edge stays in the mask, where a centre crop dropped it."""
     mask = np.zeros((4, 8), bool)
-    mask[:, 6:] = True  # the two right-most columns: outside the centre crop of width 4
-    mask[:, 3] = True  # inside it, at crop column 1
-    out = mask_like_clip_input(mask, 4)
-    assert out.shape == (4, 4)
-    assert out[:, 1].min() > 0.4 and out[:, 3].max() == 0.0
+    mask[:, 6:] = True  # the two right-most columns
+    out = mask_like_clip_input(mask, 8)  # padded to 8x8: rows 2..5 hold the image
+    assert out.shape == (8, 8)
+    assert out[2:6, 6:].min() == 1.0 and out.sum() == 8
+    assert out[:2].max() == 0.0 and out[6:].max() == 0.0  # the padding
 
 
-@pytest.mark.parametrize("height", [64, 65, 66, 67, 70, 71])
-def test_mask_crop_is_where_torchvisions_centre_crop_takes_it(height):
-    """Against torchvision's own CenterCrop (open_clip's), which rounds the offset half to even:
-    at 67 rows it starts at row 2 (1.5 -> 2), a floor would start at 1."""
-    from torchvision.transforms.functional import center_crop
-
-    mask = np.zeros((height, 64), bool)
-    mask[np.arange(height) % 3 == 0] = True  # rows 0, 3, 6, ...: any shift shows
-    out = mask_like_clip_input(mask, 64)  # no resize: the shorter side is 64 already
-    want = center_crop(torch.from_numpy(mask.astype(np.float32))[None], [64, 64])[0]
-    assert torch.equal(out, want)
-    # the model's pixel logits put the grid where the crop was: one logit per crop row here
-    model = StampVLM(_vlm(), CFG).eval()
-    grid = np.zeros(model.mask_grid, np.float32)
-    grid[0, :] = 5.0  # the crop's top cells
-    logits = model.pixel_logits(grid, (64, height))
-    top = round((height - 64) / 2)
-    assert logits[top].max() == 5.0 and (top == 0 or logits[:top].max() < 5.0)
-
-
-@pytest.mark.parametrize("shape", [(63, 100), (100, 63), (50, 77), (64, 64)])
-def test_mask_resize_and_crop_are_torchvisions(shape):
-    """The whole of CLIP's eval transform on the mask: torchvision's Resize(size) (its longer
-    side floored, not rounded) and CenterCrop, bilinear without antialiasing as our interpolate."""
+@pytest.mark.parametrize("shape", [(63, 100), (100, 63), (50, 77), (64, 64), (67, 64)])
+def test_mask_geometry_is_the_images(shape):
+    """mask_like_clip_input against torchvision applied to the mask as the VLM applies it to the
+    image: pad to a square (LLaVA's expand2square offsets), resize (bilinear, no antialiasing, as
+    our interpolate); and the model's pixel logits map the grid back onto the same pixels: a
+    mask through the grid and back is the mask again (up to the grid's resolution)."""
     from torchvision.transforms import InterpolationMode
-    from torchvision.transforms.functional import center_crop, resize
+    from torchvision.transforms.functional import pad, resize
 
+    from core.images import pad_to_square
+
+    h, w = shape
     rng = np.random.default_rng(sum(shape))
     mask = rng.random(shape) > 0.5
-    want = resize(
-        torch.from_numpy(mask.astype(np.float32))[None],
-        64,
-        interpolation=InterpolationMode.BILINEAR,
-        antialias=False,
-    )
-    want = center_crop(want, [64, 64])[0]
+    side = max(h, w)
+    left, top = (side - w) // 2, (side - h) // 2
+    want = pad(torch.from_numpy(mask.astype(np.float32))[None], [left, top, side - w - left,
+                                                                  side - h - top])  # fmt: skip
+    want = resize(want, [64, 64], interpolation=InterpolationMode.BILINEAR, antialias=False)[0]
     torch.testing.assert_close(mask_like_clip_input(mask, 64), want)
+    # the image itself lands where the mask does: pad_to_square of a white-on-black picture
+    picture = Image.fromarray((mask * 255).astype(np.uint8)).convert("RGB")
+    squared = np.asarray(pad_to_square(picture, (0, 0, 0)))[..., 0] > 127
+    assert np.array_equal(squared, mask_like_clip_input(mask, side).numpy() > 0.5)
+    # back from the grid: a block of the image comes back where it was
+    model = StampVLM(_vlm(), CFG).eval()
+    block = np.zeros(shape, bool)
+    block[h // 4 : 3 * h // 4, w // 2 :] = True  # touching the right edge
+    cover = F.adaptive_avg_pool2d(mask_like_clip_input(block, side)[None, None], model.mask_grid)
+    grid = torch.logit(cover[0, 0].clamp(0.01, 0.99)).numpy()  # > 0 where a cell is half covered
+    back = model.pixel_logits(grid, (w, h)) > 0
+    assert back.shape == (h, w)
+    inter, union = (back & block).sum(), (back | block).sum()
+    assert inter / union > 0.6, inter / union
 
 
 def test_stamp_lora_dropout_is_on_in_training_only():

@@ -92,6 +92,21 @@ def test_image_features_land_exactly_on_the_placeholders(vlm):
     assert torch.equal(embeds[0, ~slots], plain[0, ~slots])  # every text token untouched
 
 
+def test_non_square_images_are_padded_to_a_square_not_cropped(vlm):
+    """LLaVA-1.5's "pad": a wide image sits centred on CLIP's mean colour (which normalises to
+    0), its right edge kept; a square image goes through CLIP's preprocessing unchanged."""
+    size = vlm.pixel_values([_image()]).shape[-1]
+    wide = np.zeros((size, 2 * size, 3), np.uint8)
+    wide[:, -size // 4 :] = (255, 0, 0)  # a red band at the right edge
+    px = vlm.pixel_values([Image.fromarray(wide)])[0]  # (3, S, S)
+    band = size // 2  # the image fills rows S/4 .. 3S/4 of the square
+    assert px[:, : size // 4 - 1].abs().max() < 0.05  # padding: CLIP's mean, ~0 once normalised
+    assert px[:, size // 4 + 1 : size // 4 + band - 1, -2].argmax(0).eq(0).all()  # red kept
+    square = _image(size=size)
+    torch.testing.assert_close(vlm.pixel_values([square])[0], vlm.preprocess(square), rtol=0,
+                               atol=0)  # fmt: skip
+
+
 def test_placeholder_count_mismatch_names_both_counts(vlm):
     batch = vlm.prepare([{"role": "user", "content": "hi", "images": [_image()]}])
     feats = vlm.encode_images(batch["pixel_values"])
@@ -441,6 +456,10 @@ def test_chat_records_and_conversations(shapeworld, tmp_path):
 
 def test_answer_normalisation_and_caption_parsing():
     assert normalise_answer("The Top-left.") == "top left"
+    # number words and digits are one answer (VQA's processing), "none" is zero
+    assert normalise_answer("Two.") == normalise_answer("2") == "2"
+    assert normalise_answer("none") == normalise_answer("zero") == "0"
+    assert normalise_answer("twelve stars") == "12 stars"
     colours, shapes = ["red", "blue", "green"], ["circle", "cross", "star"]
     text = (
         "The image shows two red circles, a blue cross and three green stars on a plain background."

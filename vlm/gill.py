@@ -498,7 +498,7 @@ class GILLVLM(VLMExtension):
         opens with [IMG0] ("image": the decision head chooses; "retrieved" / "generated": that
         source, the head not consulted). Unless ``back_to_back``, [IMG0] is masked after an image
         until the reply has written some non-blank text: the frozen LLM, reading the [IMG] tokens,
-        otherwise tends to open a second image at once (docs/results_pending_9b.md)."""
+        otherwise tends to open a second image at once (docs/RESULTS.md, GILL second part)."""
         ids, attn, visual = self._batch([messages])
         last, cache = self.prefix(ids, attn, visual)
         source = None if force == "image" else force

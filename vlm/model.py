@@ -49,7 +49,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from core.checkpoint import CheckpointError, load_checkpoint, load_state_strict, save_checkpoint
 from core.config import Config
-from core.images import load_rgb
+from core.images import load_rgb, pad_to_square
 from lm.loading import LLMConfig, load_causal_lm
 from lm.streaming import stream_generate
 from vision.clip import (
@@ -637,12 +637,17 @@ class PolychromeVLM(nn.Module):
     def pixel_values(self, images: Sequence[Any]) -> torch.Tensor:
         """Images of any kind (paths, bytes, PIL of any mode, arrays) -> (N, 3, S, S).
 
-        Conversion and size limits are core.images.load_rgb's (ImageError on bad input), then
-        CLIP's own preprocessing (resize, centre crop, normalise).
+        Conversion and size limits are core.images.load_rgb's (ImageError on bad input); a
+        non-square image is padded to a square with CLIP's mean colour (LLaVA-1.5's "pad" image
+        aspect ratio: nothing at its edges is cropped away, which STAMP's masks need), then CLIP's
+        own preprocessing (resize, centre crop: a no-op on the square, normalise).
         """
         if len(images) == 0:
             return torch.empty(0, 3, 1, 1)
-        return torch.stack([self.preprocess(load_rgb(image)) for image in images])
+        fill = _mean_colour(self.preprocess)
+        return torch.stack(
+            [self.preprocess(pad_to_square(load_rgb(image), fill)) for image in images]
+        )
 
     def encode_images(
         self, pixel_values: torch.Tensor, dense: DenseFeatures | None = None
@@ -933,6 +938,15 @@ def _vision_width(clip: ClipBundle) -> int:
     with torch.no_grad():
         probe = torch.zeros(1, 3, size, size, device=next(clip.model.parameters()).device)
         return int(dense_features(clip.model, probe).tokens.shape[-1])
+
+
+def _mean_colour(preprocess: Any) -> tuple[int, int, int]:
+    """The RGB colour (0-255) of CLIP's Normalize mean: what normalises to zero."""
+    for t in getattr(preprocess, "transforms", ()):
+        mean = getattr(t, "mean", None)
+        if mean is not None and len(mean) == 3:
+            return (round(255 * mean[0]), round(255 * mean[1]), round(255 * mean[2]))
+    raise ValueError(f"cannot read the normalising mean from the CLIP preprocess {preprocess!r}")
 
 
 def _image_size(preprocess: Any) -> int:

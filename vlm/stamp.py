@@ -494,7 +494,7 @@ class StampVLM(VLMExtension):
                 raise ValueError(f"prompt {i} has no image; STAMP segments the last image")
             images += ims
             last.append(len(images) - 1)
-        pixels = torch.stack([self.vlm.preprocess(im) for im in images])
+        pixels = self.vlm.pixel_values(images)
         lasts = [images[i] for i in last]
         return enc["input_ids"], enc["attention_mask"], pixels, torch.tensor(last), lasts
 
@@ -558,17 +558,14 @@ class StampVLM(VLMExtension):
     ) -> npt.NDArray[np.float32]:
         """(h, w) mask-grid logits -> (H, W) logits of an image of `size` = (W, H) pixels.
 
-        The grid covers CLIP's input, which is the image resized (and centre-cropped when not
-        square: the crop's outside is left at the logits' minimum)."""
+        The grid covers CLIP's input, which is the image padded to a square and resized
+        (PolychromeVLM.pixel_values): upsampled to the square, the image's part is cut out."""
         width, height = size
         t = torch.from_numpy(grid_logits).reshape(1, -1)
-        side = min(width, height)
+        side = max(width, height)
         sq = upsample_logits(t, self.mask_grid, (side, side))[0].numpy()
-        out = np.full((height, width), float(sq.min()), dtype=np.float32)
-        # the crop where CLIP's torchvision CenterCrop takes it (it rounds half to even)
-        top, left = round((height - side) / 2), round((width - side) / 2)
-        out[top : top + side, left : left + side] = sq
-        return out
+        top, left = (side - height) // 2, (side - width) // 2  # pad_to_square's offsets
+        return np.ascontiguousarray(sq[top : top + height, left : left + width])
 
     @torch.inference_mode()
     def reply(
