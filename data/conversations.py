@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from data.formats import FormatError, read_imagefolder, row_captions
+from data.formats import FormatError, read_imagefolder_rows, row_captions
 
 if TYPE_CHECKING:
     from data.validate import OnBad
@@ -103,9 +103,13 @@ def record_from_row(row: dict[str, Any], folder: Path, where: str) -> ChatRecord
                 f"{where}: qa[{i}] must be an object with non-empty 'question' and 'answer' "
                 f"strings, got {item!r:.80}"
             )
-        qa.append(
-            {"question": item["question"], "answer": item["answer"], "type": item.get("type", "")}
-        )
+        kind = item.get("type", "")
+        if not isinstance(kind, str) or kind == "overall":
+            raise FormatError(
+                f"{where}: qa[{i}]'s 'type' must be a string other than 'overall' (the name of "
+                f"the evaluation's total), got {kind!r:.80}"
+            )
+        qa.append({"question": item["question"], "answer": item["answer"], "type": kind})
     if not (captions or dialogues or qa):
         raise FormatError(
             f"{where}: no text for this image; expected 'captions', 'dialogues' or 'qa'"
@@ -114,21 +118,24 @@ def record_from_row(row: dict[str, Any], folder: Path, where: str) -> ChatRecord
 
 
 def read_chat_records(
-    folder: str | os.PathLike[str], limit: int | None = None, on_bad: OnBad | None = None
+    folder: str | os.PathLike[str],
+    limit: int | None = None,
+    on_bad: OnBad | None = None,
+    *,
+    progress: bool = True,
 ) -> list[ChatRecord]:
     """Every row of ``folder/metadata.jsonl`` as a ChatRecord; FormatError names the first bad
-    line. ``on_bad`` ("stop" / "skip"): check every record first, images included, and stop
-    listing all the bad ones or skip them (data.validate)."""
+    line. ``on_bad`` ("stop" / "skip"): check every record first, images included (a progress bar
+    unless ``progress=False``), and stop listing all the bad ones or skip them (data.validate)."""
     folder = Path(folder)
     if on_bad is not None:
         from data.validate import usable_rows
 
-        good = usable_rows(folder, "chat", on_bad)
+        good = usable_rows(folder, "chat", on_bad, progress=progress)
         return [record_from_row(row, folder, "") for row in good[:limit]]
-    rows = read_imagefolder(folder)[:limit]
+    rows = read_imagefolder_rows(folder)[:limit]
     return [
-        record_from_row(row, folder, f"{folder / 'metadata.jsonl'}: line {n}")
-        for n, row in enumerate(rows, start=1)
+        record_from_row(row, folder, f"{folder / 'metadata.jsonl'}: line {n}") for n, row in rows
     ]
 
 

@@ -31,7 +31,7 @@ from data.formats import (
     mask_to_rle,
     read_coco_captions,
     read_coco_instances,
-    read_imagefolder,
+    read_imagefolder_rows,
     read_refs,
     ref_annotation,
     rle_to_mask,
@@ -149,24 +149,35 @@ class CaptionDataset:
 
     @classmethod
     def from_imagefolder(
-        cls, folder: str | os.PathLike[str], on_bad: OnBad | None = None
+        cls, folder: str | os.PathLike[str], on_bad: OnBad | None = None, *, progress: bool = True
     ) -> CaptionDataset:
         """Rows of metadata.jsonl with "captions" (a list) or "caption" / "text" (a string).
-        ``on_bad`` ("stop" / "skip"): check every record first, images included, and stop listing
-        all the bad ones or skip them (data.validate); None: the first bad row raises."""
+        ``on_bad`` ("stop" / "skip"): check every record first, images included (a progress bar
+        unless ``progress=False``), and stop listing all the bad ones or skip them
+        (data.validate); None: the first bad row raises."""
         folder = Path(folder)
         paths, captions = [], []
+        rows: list[tuple[int, dict[str, Any]]]
         if on_bad is not None:
             from data.validate import usable_rows
 
-            rows = usable_rows(folder, "captions", on_bad)
+            rows = list(enumerate(usable_rows(folder, "captions", on_bad, progress=progress), 1))
         else:
-            rows = read_imagefolder(folder)
-        for n, row in enumerate(rows, start=1):
+            rows = read_imagefolder_rows(folder)
+        for n, row in rows:
             caps = row_captions(row, f"{folder / 'metadata.jsonl'}: line {n}")
             paths.append(folder / row["file_name"])
             captions.append(caps)
         return cls(paths, captions)
+
+    def merged_by_image(self) -> CaptionDataset:
+        """One entry per image file, its captions gathered from every entry that names it (a
+        folder with one row per caption, or a file listed twice), in order of first appearance.
+        An evaluation needs this: two entries of one image would tie in retrieval."""
+        by_path: dict[Path, list[str]] = {}
+        for path, caps in zip(self.image_paths, self.captions, strict=True):
+            by_path.setdefault(path.resolve(), []).extend(caps)
+        return CaptionDataset(list(by_path), list(by_path.values()))
 
     @classmethod
     def from_shapeworld(cls, root: str | os.PathLike[str], split: str) -> CaptionDataset:
@@ -435,10 +446,14 @@ def user_captions_from_args(
     """The pairs of ``--imagefolder`` or ``--images``/``--captions-json`` and where they came from
     (for a model card); ValueError (FormatError, OSError) saying what is wrong, or that there is
     no pair. ``check=False``: a COCO captions file's images are not looked at (a caller that uses
-    only some checks those; an imagefolder's are checked only with ``--bad-records``)."""
+    only some checks those; an imagefolder's are checked only with ``--bad-records``). The
+    records' check shows a progress bar unless the script's ``--no-progress`` is set."""
     description: dict[str, Any]
     if args.imagefolder is not None:
-        pairs = CaptionDataset.from_imagefolder(args.imagefolder, args.bad_records)
+        progress = not getattr(args, "no_progress", False)
+        pairs = CaptionDataset.from_imagefolder(
+            args.imagefolder, args.bad_records, progress=progress
+        )
         description = {"kind": "imagefolder", "root": str(args.imagefolder)}
     else:
         pairs = CaptionDataset.from_coco(args.images, args.captions_json, check=check)

@@ -62,6 +62,7 @@ __all__ = [
     "read_coco_captions",
     "read_coco_instances",
     "read_imagefolder",
+    "read_imagefolder_rows",
     "read_refcoco_folder",
     "read_refs",
     "ref_annotation",
@@ -585,6 +586,14 @@ def row_captions(row: Mapping[str, Any], where: str, *, required: bool = True) -
             f"{_show(row[key])}"
         )
     return list(value)
+
+
+def read_imagefolder_rows(folder: PathLike) -> list[tuple[int, dict[str, Any]]]:
+    """`read_imagefolder`'s rows with their line numbers in metadata.jsonl (blank lines count),
+    for messages that name the line a person sees in an editor."""
+    path, lines = imagefolder_lines(folder)
+    root = Path(folder).resolve()
+    return [(n, parse_imagefolder_line(line, root, f"{path}: line {n}")) for n, line in lines]
 
 
 def imagefolder_lines(folder: PathLike) -> tuple[Path, list[tuple[int, str]]]:

@@ -136,11 +136,11 @@ def usable_rows(
     report = check_imagefolder(folder, kind, progress=progress)
     if report.bad and on_bad == "stop":
         raise FormatError(
-            report.describe() + "\nfix them, or pass --bad-records skip to train on the rest"
+            report.describe() + "\nfix them, or pass --bad-records skip to use the rest"
         )
     if report.bad:
         if not report.good:
-            raise FormatError(report.describe() + "\nno good record left to train on")
+            raise FormatError(report.describe() + "\nno good record left to use")
         warnings.warn("skipping bad records:\n" + report.describe(), stacklevel=2)
     return [row for _, row in report.good]
 

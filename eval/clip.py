@@ -33,8 +33,10 @@ Protocol:
   string count as positives of each other.
 - Your own images (``--imagefolder`` with captions in metadata.jsonl, or ``--images`` with
   ``--captions-json``): the COCO / Flickr30k retrieval protocol. Every caption is a text->image
-  query whose positive is its image; every image is an image->text query whose positives are all
-  of its captions; recall@1/5/10. A caption that two images share is a positive of both.
+  query whose one positive is its image (a string two images share is credited to each only as
+  its own caption); every image is an image->text query whose positives are all of its
+  captions; recall@1/5/10 (a k at or above the number of items is left out). Entries that name
+  the same file (a folder with one row per caption) are one image with all their captions.
 """
 
 from __future__ import annotations
@@ -243,8 +245,9 @@ def evaluate_retrieval(
     """Text->image and image->text recall@1/5/10 over every caption of `pairs` (module
     docstring); JSON-ready, recalls in [0, 1]."""
     model.eval()
-    if len(pairs) < 1:
-        raise ValueError("no images to evaluate")
+    pairs = pairs.merged_by_image()
+    if len(pairs) < 2:
+        raise ValueError(f"need at least 2 images to retrieve among, received {len(pairs)}")
     p = next(model.visual.parameters())
     image_emb = []
     for start in tqdm(
@@ -259,13 +262,9 @@ def evaluate_retrieval(
         ids = tokenizer(captions[start : start + batch_size]).to(p.device)
         text_emb.append(model.encode_text(ids, normalize=True).float())
     scores = (torch.cat(text_emb) @ torch.cat(image_emb).T).cpu().numpy()  # (T, N)
-    positives = owner[:, None] == np.arange(len(pairs))[None, :]  # (T, N) bool
-    # a caption that several images share is a positive of each of them
-    names = np.asarray(captions, dtype=object)
-    same = names[:, None] == names[None, :]  # (T, T)
-    positives = (same.astype(np.int64) @ positives.astype(np.int64)) > 0
-    t2i = recall_at_k(scores, positives, [k for k in (1, 5, 10) if k <= len(pairs)])
-    i2t = recall_at_k(scores.T, positives.T, [k for k in (1, 5, 10) if k <= len(captions)])
+    positives = owner[:, None] == np.arange(len(pairs))[None, :]  # (T, N) bool: its own image
+    t2i = recall_at_k(scores, owner, [k for k in (1, 5, 10) if k < len(pairs)])
+    i2t = recall_at_k(scores.T, positives.T, [k for k in (1, 5, 10) if k < len(captions)])
     return {
         "images": len(pairs),
         "captions": len(captions),
@@ -349,11 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is None:
         try:
             pairs, source = user_captions_from_args(args, check=False)
+            pairs = pairs.merged_by_image()  # --limit counts images, not rows
             pairs = CaptionDataset(pairs.image_paths[: args.limit], pairs.captions[: args.limit])
             where = args.imagefolder or args.captions_json
             check_images([(path, None) for path in pairs.image_paths], where)
         except (ValueError, OSError) as err:  # bad data: said before the model loads
             parser.error(str(err))
+        if len(pairs) < 2:
+            parser.error(f"need at least 2 captioned images to retrieve among, found {len(pairs)}")
     device = resolve_device(args.device)
     model, preprocess, tokenizer = load_clip(args.checkpoint)
     model.to(device)

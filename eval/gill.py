@@ -78,7 +78,14 @@ from generation.index import ImageIndex, clip_embedder
 from vision.clip import clip_from_preset
 from vision.sam import sam_from_preset
 from vlm.config import PolychromeConfig
-from vlm.gill import GILLVLM, ImgTokenStates, SceneItem, load_scenes, request_prompt
+from vlm.gill import (
+    GILLVLM,
+    ImgTokenStates,
+    SceneItem,
+    load_scenes,
+    request_prompt,
+    scenes_from_pairs,
+)
 
 __all__ = [
     "OTHER_PROMPTS",
@@ -108,11 +115,17 @@ OTHER_PROMPTS = (
 KS = (1, 5, 10)
 
 
-def recall_at(ranked: Sequence[Sequence[int]], truth: Sequence[int], ks: Sequence[int] = KS):
-    """{k: fraction of queries whose true id is among the first k of its ranking}."""
+def recall_at(
+    ranked: Sequence[Sequence[int]], truth: Sequence[int], ks: Sequence[int] = KS
+) -> dict[int, float]:
+    """{k: fraction of queries whose true id is among the first k of its ranking}, for the ks
+    below the number of queries, one per item here (at or above the number of items every query
+    is a hit: nothing measured)."""
+    n_items = len(truth)
     return {
         k: float(np.mean([t in list(r[:k]) for r, t in zip(ranked, truth, strict=True)]))
         for k in ks
+        if k < n_items
     }
 
 
@@ -377,14 +390,14 @@ def retrieval_table(r: dict[str, Any], images: str) -> list[str]:
     lines = [
         f"| text -> image, {r['n_images']} {images} | R@1 | R@5 | R@10 |",
         "| --- | ---: | ---: | ---: |",
-        f"| GILL ([IMG0] state -> retrieval head) | {_pct(rec[1])} | {_pct(rec[5])} | "
-        f"{_pct(rec[10])} |",
+        f"| GILL ([IMG0] state -> retrieval head) | {_pct(rec.get(1))} | {_pct(rec.get(5))} | "
+        f"{_pct(rec.get(10))} |",
     ]
     if "clip_recall" in r:
         c = r["clip_recall"]
         lines.append(
-            f"| reference: the preset's CLIP text tower | {_pct(c[1])} | {_pct(c[5])} | "
-            f"{_pct(c[10])} |"
+            f"| reference: the preset's CLIP text tower | {_pct(c.get(1))} | {_pct(c.get(5))} | "
+            f"{_pct(c.get(10))} |"
         )
     return lines
 
@@ -525,16 +538,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n < 2:
         parser.error(f"--n must be >= 2, received {args.n}")
-    if args.single < 0 or args.two < 0 or args.single + args.two < 1:
-        parser.error(
-            f"--single and --two must be >= 0 and give at least one generation prompt (the "
-            f"decision is scored on them too), received {args.single} and {args.two}"
-        )
     why = caption_source_error(args)
     if why:
         parser.error(why)
     if args.data is None:
         return own_retrieval(parser, args, argv)
+    if args.single < 0 or args.two < 0 or args.single + args.two < 1:
+        parser.error(
+            f"--single and --two must be >= 0 and give at least one generation prompt (the "
+            f"decision is scored on them too), received {args.single} and {args.two}"
+        )
     if args.gen_data is None:
         parser.error("--data needs --gen-data (the decoder's data folder, for the generations)")
     preset, gill, pipe, judge = load_for_generation(args, args.gen_data)
@@ -576,6 +589,7 @@ def own_retrieval(
     """eval.gill on a user's captioned images: retrieval only (module docstring)."""
     try:
         pairs, _ = user_captions_from_args(args, check=False)
+        pairs = pairs.merged_by_image()  # one index entry per file
         paths, captions = pairs.image_paths[: args.n], pairs.captions[: args.n]
         check_images([(p, None) for p in paths], args.imagefolder or args.captions_json)
     except (ValueError, OSError) as err:  # bad data: said before the model loads
@@ -585,7 +599,7 @@ def own_retrieval(
     if args.threads:
         torch.set_num_threads(args.threads)
     gill = GILLVLM.from_pretrained(args.checkpoint, device=resolve_device(args.device)).eval()
-    scenes = [SceneItem(p, c, c[0], []) for p, c in zip(paths, captions, strict=True)]
+    scenes = scenes_from_pairs(paths, captions)  # each requested by its first caption
     results: dict[str, Any] = {"n_images": len(scenes)}
     results["recall"], _, _ = retrieval_recall(gill, scenes, args.batch_size, not args.no_progress)
     if not args.no_clip_reference:

@@ -468,14 +468,16 @@ def macro_f1(
 
 def caption_tokens(text: str) -> str:
     """A caption as the COCO caption scorers take it: lower case, punctuation dropped, words
-    joined by single spaces ("A red Circle." -> "a red circle").
+    (letters and digits of any script) joined by single spaces ("A red Circle." -> "a red circle",
+    "Café crème" -> "café crème").
 
     The official pipeline tokenises with Stanford's PTBTokenizer (Java) and then drops
-    punctuation tokens; this regex does the same for plain English words but keeps clitics joined
-    ("don't" stays one word where PTB gives "do n't"), so figures compare across our runs, not
-    to the decimal with published tables.
+    punctuation tokens; this regex does the same for plain words but keeps clitics joined
+    ("don't" stays one word where PTB gives "do n't") and splits hyphenated words and decimals
+    ("t-shirt" -> "t shirt"), so figures compare across our runs, not to the decimal with
+    published tables.
     """
-    return " ".join(re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower()))
+    return " ".join(re.findall(r"[^\W_]+(?:'[^\W_]+)*", text.lower().replace("\u2019", "'")))
 
 
 def coco_caption_scores(
@@ -484,9 +486,12 @@ def coco_caption_scores(
     """Corpus BLEU-1..4 and CIDEr-D of one candidate caption per image against that image's
     reference captions, by pycocoevalcap's own scorers (the COCO caption evaluation's code) on
     `caption_tokens`. CIDEr-D is on COCO's scale (x10; a candidate equal to its only reference,
-    whose n-grams no other image's references share, scores 10).
+    whose n-grams no other image's references share, scores 10). Its n-gram weights are document
+    frequencies over the evaluated images' references: on one image every weight is 0 and so is
+    the score; it means something over many images.
 
-    references: (S,) lists of reference captions (each non-empty); candidates: (S,) strings.
+    references: (S,) lists of reference captions, each with at least one word; candidates: (S,)
+    strings (an empty one scores nothing).
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
@@ -498,13 +503,14 @@ def coco_caption_scores(
         )
     if not candidates:
         raise ValueError("no captions to score; need at least one image")
-    empty = [i for i, refs in enumerate(references) if not refs]
-    if empty:
-        raise ValueError(f"every image needs a reference caption; images {empty[:5]} have none")
     gts = {i: [caption_tokens(r) for r in refs] for i, refs in enumerate(references)}
-    # an empty candidate would give a zero-length hypothesis, which BLEU's brevity term divides
-    # by: one out-of-vocabulary token scores the same (no n-gram matches) without the division
-    res = {i: [caption_tokens(c) or "<empty>"] for i, c in enumerate(candidates)}
+    wordless = [i for i, refs in gts.items() if not any(refs)]
+    if wordless:
+        raise ValueError(
+            f"every image needs a reference caption with a word in it; images {wordless[:5]} "
+            f"({len(wordless)} in all) have none, e.g. {list(references[wordless[0]])[:3]!r:.80}"
+        )
+    res = {i: [caption_tokens(c)] for i, c in enumerate(candidates)}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     cider, _ = Cider().compute_score(gts, res)
     return {**{f"bleu{n}": float(b) for n, b in enumerate(bleu, start=1)}, "cider": float(cider)}

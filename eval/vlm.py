@@ -51,7 +51,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -60,7 +60,7 @@ from core.config import project_path
 from core.io import atomic_write_text
 from data.conversations import ChatRecord, record_from_row, short_question
 from data.datasets import CaptionDataset, caption_source_error, check_images
-from data.formats import METADATA_FILE, FormatError, read_imagefolder
+from data.formats import METADATA_FILE, FormatError, read_imagefolder_rows
 from data.language import RELATION_PHRASES, number_word, plural
 from data.scene import COLOURS, SHAPES
 from eval.metrics import coco_caption_scores
@@ -165,55 +165,75 @@ Objects = Counter[tuple[str, str]]  # an image's visible objects: {(colour, shap
 
 def gold_objects(folder: Path, limit: int | None = None) -> list[Objects]:
     """Visible objects per image of a ShapeWorld split folder: Counter{(colour, shape): n}."""
-    gold = row_objects(read_imagefolder(folder)[:limit], folder / METADATA_FILE)
-    if gold is None:
-        raise FormatError(f"{folder / METADATA_FILE}: the rows have no 'objects' lists")
-    return gold
+    rows = read_imagefolder_rows(folder)[:limit]
+    bad = next((n for n, row in rows if _objects(row) is None), None)
+    if bad is not None:
+        raise FormatError(
+            f"{folder / METADATA_FILE}: line {bad}: expected 'objects', a list of {{'colour', "
+            "'shape'}} objects (ShapeWorld's metadata)"
+        )
+    return [cast(Objects, _objects(row)) for _, row in rows]
 
 
-def row_objects(rows: Sequence[Mapping[str, Any]], where: Path) -> list[Objects] | None:
-    """The visible objects of each row (ShapeWorld's metadata), or None when no row lists any
-    (a user's imagefolder); FormatError when some rows do and others do not."""
-    if not any("objects" in row for row in rows):
+def _objects(row: Mapping[str, Any]) -> Objects | None:
+    """A row's visible objects when it lists them as ShapeWorld does, else None."""
+    objects = row.get("objects")
+    if not isinstance(objects, list) or not all(
+        isinstance(o, dict) and isinstance(o.get("colour"), str) and isinstance(o.get("shape"), str)
+        for o in objects
+    ):
         return None
-    gold = []
-    for n, row in enumerate(rows, start=1):
-        objects = row.get("objects")
-        if not isinstance(objects, list) or not all(
-            isinstance(o, dict)
-            and isinstance(o.get("colour"), str)
-            and isinstance(o.get("shape"), str)
-            for o in objects
-        ):
-            raise FormatError(
-                f"{where}: line {n}: 'objects' must be a list of {{'colour', 'shape'}} objects "
-                f"(other rows have one), received {row.get('objects')!r:.80}"
-            )
-        gold.append(Counter((o["colour"], o["shape"]) for o in objects))
-    return gold
+    return Counter((o["colour"], o["shape"]) for o in objects)
+
+
+def merge_records(records: Sequence[ChatRecord]) -> list[ChatRecord]:
+    """One record per image file: rows that name the same file (one row per caption or per
+    question) are merged, their captions, dialogues and questions kept in order."""
+    merged: dict[Path, ChatRecord] = {}
+    for r in records:
+        key = r.image.resolve()
+        if key not in merged:
+            merged[key] = ChatRecord(r.image, [], [], [])
+        merged[key].captions += r.captions
+        merged[key].dialogues += r.dialogues
+        merged[key].qa += r.qa
+    return list(merged.values())
 
 
 def read_eval_set(args: argparse.Namespace) -> tuple[list[ChatRecord], list[Objects] | None, str]:
     """(records, their objects or None, a one-line description) of the data options, the first
-    ``--limit`` images only, their image files checked (headers) before any model loads;
-    ValueError (FormatError) or FileNotFoundError saying what is wrong."""
+    ``--limit`` images only (rows naming one file merged), their image files checked (headers)
+    before any model loads; ValueError (FormatError) or FileNotFoundError saying what is wrong.
+
+    Objects (for the caption attribute F1) are ShapeWorld's; a user's folder gets them only when
+    every row lists them in ShapeWorld's form (another "objects", such as Hugging Face's
+    detection boxes, is not read)."""
     if args.images is not None:
         pairs = CaptionDataset.from_coco(args.images, args.captions_json, check=False)
+        pairs = pairs.merged_by_image()
         paths, caps = pairs.image_paths[: args.limit], pairs.captions[: args.limit]
         check_images([(p, None) for p in paths], args.captions_json)
         records = [ChatRecord(p, c) for p, c in zip(paths, caps, strict=True)]
         return records, None, f"COCO captions {args.captions_json} (images {args.images})"
-    own = args.imagefolder is not None
-    folder = args.imagefolder if own else args.data / args.split
-    rows = read_imagefolder(folder)[: args.limit]
-    where = folder / METADATA_FILE
-    records = [record_from_row(row, folder, f"{where}: line {n}") for n, row in enumerate(rows, 1)]
-    gold = row_objects(rows, where)
-    if not own and gold is None:
-        raise FormatError(f"{where}: the rows have no 'objects' lists; is this a ShapeWorld split?")
-    if own:  # ShapeWorld's own files were written by its generator: not checked
-        check_images([(r.image, None) for r in records], where)
-    return records, gold, (f"imagefolder {folder}" if own else f"ShapeWorld {folder}")
+    if args.data is not None:  # generated: one row per image, files not checked
+        folder = args.data / args.split
+        gold = gold_objects(folder, args.limit)
+        rows = read_imagefolder_rows(folder)[: args.limit]
+        where = folder / METADATA_FILE
+        records = [record_from_row(row, folder, f"{where}: line {n}") for n, row in rows]
+        return records, gold, f"ShapeWorld {folder}"
+    folder, where = args.imagefolder, args.imagefolder / METADATA_FILE
+    numbered = read_imagefolder_rows(folder)
+    records = merge_records(
+        [record_from_row(row, folder, f"{where}: line {n}") for n, row in numbered]
+    )[: args.limit]
+    objects: dict[Path, Objects | None] = {}
+    for _, row in numbered:
+        objects.setdefault((folder / row["file_name"]).resolve(), _objects(row))
+    listed = [objects[r.image.resolve()] for r in records]
+    own_gold = None if any(o is None for o in listed) else cast(list[Objects], listed)
+    check_images([(r.image, None) for r in records], where)
+    return records, own_gold, f"imagefolder {folder}"
 
 
 def load_vlm(args: argparse.Namespace) -> PolychromeVLM:

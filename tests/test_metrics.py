@@ -478,8 +478,13 @@ def test_caption_scores_against_hand_computed_values():
     refs = [["red circle left of a star"], ["three green squares above the hexagon"]]
     same = coco_caption_scores(refs, ["Red circle left of a star.", refs[1][0]])
     assert same["cider"] == pytest.approx(10.0) and same["bleu4"] == pytest.approx(1.0)
-    assert coco_caption_scores(refs, ["", refs[1][0]])["cider"] == pytest.approx(5.0)
+    # an empty candidate adds no words: 3 candidate words, all right, against 6 reference words
+    empty = coco_caption_scores([["a red circle"], ["a blue star"]], ["", "a blue star"])
+    assert empty["bleu1"] == pytest.approx(math.exp(1 - 6 / 3), rel=1e-6)
+    # words of any script count; a reference without one is refused, naming the image
+    assert caption_tokens("Café crème, don\u2019t!") == "café crème don't"
+    assert coco_caption_scores([["Привет, мир."]], ["привет мир"])["bleu2"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="2 candidates for 1 images"):
         coco_caption_scores(refs[:1], ["a", "b"])
-    with pytest.raises(ValueError, match="images \\[0\\] have none"):
-        coco_caption_scores([[]], ["a"])
+    with pytest.raises(ValueError, match=r"images \[1\] \(1 in all\) have none, e.g. \['\.\.\.'\]"):
+        coco_caption_scores([["a cat"], ["..."]], ["a", "b"])

@@ -684,6 +684,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     optimizer = adamw_matrices_decay(sam, args.lr, args.weight_decay)
     scheduler = cosine_with_warmup(optimizer, args.warmup, args.steps)
     run = {k: getattr(args, k) for k in _TRAJECTORY_ARGS}
+    if args.init_from is not None:  # the checkpoint's size, not --preset's, is the model
+        run["preset"] = _variant(cfg)
     run["data"] = str(args.data if args.data is not None else args.instances_json)
     trainer, optimizer = accelerator.prepare(trainer, optimizer)
 
@@ -712,7 +714,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = data.to(device)
     if progress:
         print(
-            f"SAM {args.preset}: {n_params / 1e6:.2f} M parameters; {info['images']} images, "
+            f"SAM {_variant(cfg)}: {n_params / 1e6:.2f} M parameters; {info['images']} images, "
             f"{info['instances']} instances decoded in {time.time() - t0:.0f} s; device {device}",
             file=sys.stderr,
         )

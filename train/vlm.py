@@ -279,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         data_desc = f"ShapeWorld {args.data} splits {args.splits}"
     elif args.imagefolder is not None:
         try:
-            records = read_chat_records(args.imagefolder, on_bad=args.bad_records)
+            records = read_chat_records(
+                args.imagefolder, on_bad=args.bad_records, progress=not args.no_progress
+            )
         except (ValueError, OSError) as err:  # bad data: say what, no traceback
             parser.error(str(err))
         data_desc = f"imagefolder {args.imagefolder}"
