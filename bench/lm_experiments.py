@@ -989,7 +989,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--gate-act",
                 choices=("sigmoid", "silu", "identity"),
-                help="TNL's output gate activation (default: TNLConfig's, sigmoid)",
+                help="TNL's output gate activation (default: TNLConfig's, identity)",
             )
         if name == "meap-needle":
             p.add_argument("--arch", choices=("softmax", "lightning"), default="softmax")

@@ -196,11 +196,13 @@ def test_simple_rms_norm_has_no_gain_and_unit_rms():
     torch.testing.assert_close(y, x / x.norm(dim=-1, keepdim=True) * 4)
 
 
-def test_gated_linear_attention_layer_matches_a_hand_written_reference():
+@pytest.mark.parametrize("gate", ["identity", "sigmoid"])
+def test_gated_linear_attention_layer_matches_a_hand_written_reference(gate):
+    """The paper's SRMSNorm(o) * u (identity, the default) and the bounded sigmoid(u) gate."""
     torch.manual_seed(0)
     C, nh, hd, T = 16, 2, 8, 11
     rates = tnl_decay_rates(nh, 0, 3)
-    layer = GatedLinearAttention(C, nh, rates, Lrpe(nh, hd), "sigmoid", block_size=4, eps=1e-6)
+    layer = GatedLinearAttention(C, nh, rates, Lrpe(nh, hd), gate, block_size=4, eps=1e-6)
     x = torch.randn(1, T, C)
     pos = torch.arange(T)[None]
     W = layer.qkvu_proj.weight.detach()
@@ -217,7 +219,8 @@ def test_gated_linear_attention_layer_matches_a_hand_written_reference():
                 acc += math.exp(-rates[h] * (t - j)) * score * v[0, j, sl]
             out[0, t, sl] = acc
     normed = out / out.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
-    expected = (normed * torch.sigmoid(u)) @ layer.out_proj.weight.detach().T
+    gated = u if gate == "identity" else torch.sigmoid(u)
+    expected = (normed * gated) @ layer.out_proj.weight.detach().T
     torch.testing.assert_close(layer(x, pos), expected, atol=1e-5, rtol=1e-4)
 
 
@@ -334,6 +337,11 @@ def test_save_pretrained_round_trip_gives_identical_logits(tmp_path):
     assert torch.equal(
         loaded.model.layers[0].token_mixer.lrpe.theta, model.model.layers[0].token_mixer.lrpe.theta
     )
+    # the gate is the paper's by default, and a model saved with another gate keeps it
+    assert TNLConfig().gate_act == "identity" and loaded.config.gate_act == "identity"
+    sigmoid = TNLForCausalLM(TNLConfig(**{**model.config.to_dict(), "gate_act": "sigmoid"}))
+    sigmoid.save_pretrained(tmp_path / "sigmoid")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "sigmoid").config.gate_act == "sigmoid"
 
 
 def test_auto_model_from_config_builds_both_variants():

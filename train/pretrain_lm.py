@@ -552,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("sigmoid", "silu", "identity"),
         default=None,
         help="--arch tnl: activation of the attention output gate u (default: TNLConfig's "
-        "sigmoid; identity = the TNL paper's SRMSNorm(o) * u)",
+        "identity, the TNL paper's SRMSNorm(o) * u; sigmoid was the default until session 23)",
     )
     parser.add_argument(
         "--tokenizer",

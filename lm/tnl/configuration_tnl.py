@@ -34,9 +34,10 @@ class TNLConfig(PreTrainedConfig):
     lrpe: layers with LRPE (linearized relative positional encoding): "first" (TNL's released
         models: LRPE with decay in layer 0, decay alone above), "all" or "none".
     lrpe_learnable: LRPE angles theta are trained (TNL) or fixed at their initial values.
-    gate_act: activation of the output gate u in SRMSNorm(attention) * u: "sigmoid" (default,
-        a bounded gate), "silu" (the Swish of TransNormer) or "identity" (U = X W_u, as in the
-        TNL paper's equation).
+    gate_act: activation of the output gate u in SRMSNorm(attention) * u: "identity" (default
+        since session 23: U = X W_u, the TNL paper's equation and OpenNLPLab's code), "sigmoid"
+        (a bounded gate, the default before; every saved config names its gate, so models saved
+        then load as they were) or "silu" (the Swish of TransNormer).
     rope_base: RoPE base of the softmax variant.
     rms_norm_eps: epsilon of SimpleRMSNorm.
     initializer_range: std of the normal init of linear and embedding weights.
@@ -54,7 +55,7 @@ class TNLConfig(PreTrainedConfig):
     block_size: int = 64
     lrpe: Literal["first", "all", "none"] = "first"
     lrpe_learnable: bool = True
-    gate_act: Literal["sigmoid", "silu", "identity"] = "sigmoid"
+    gate_act: Literal["sigmoid", "silu", "identity"] = "identity"
     rope_base: float = 10000.0
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02

@@ -132,7 +132,7 @@ class GatedLinearAttention(nn.Module):
         num_heads: int,
         decay_rates: list[float],
         lrpe: Lrpe | None,
-        gate_act: str = "sigmoid",
+        gate_act: str = "identity",
         block_size: int = 64,
         eps: float = 1e-6,
         layer_idx: int = 0,
