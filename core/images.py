@@ -26,11 +26,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "MAX_FILE_SIDE",
@@ -65,6 +66,10 @@ def _check_size(width: int, height: int, what: str, largest: int = MAX_SIDE) -> 
             f"{what}: expected an image between 1x1 and {largest}x{largest} pixels, "
             f"received {width}x{height}"
         )
+
+
+# modes Image.reduce takes: a file of twice MAX_SIDE or more is halved before it is converted
+_REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBa", "La", "I", "F", "CMYK", "YCbCr", "LAB", "HSV")
 
 
 def _fitted(width: int, height: int) -> tuple[int, int]:
@@ -184,13 +189,19 @@ def load_rgb(
         _check_size(img.width, img.height, what, largest)  # before decoding the pixels
         size = _fitted(img.width, img.height)
         big = size != img.size
+        orientation = _orientation(img)  # from the header, as image_size reads it
+        if big and max(img.size) >= 2 * MAX_SIDE and img.format == "JPEG":
+            img.draft(img.mode, (img.width // 2, img.height // 2))  # decoded at half scale
         img.load()
-        upright = ImageOps.exif_transpose(img)  # a phone's rotation tag, applied
-        image = upright if upright is not None else img
+        decoded: Image.Image = img
+        if big and max(img.size) >= 2 * MAX_SIDE and img.mode in _REDUCIBLE:
+            decoded = img.reduce(2)  # halve before the copies conversion makes
+        upright = _UPRIGHT.get(orientation)
+        image = decoded.transpose(upright) if upright is not None else decoded
         if not big:
             return to_rgb(image, what)
         # RGB first (every mode resamples the same way), then to the size image_size reports
-        turned = image.size != img.size
+        turned = image.size != decoded.size
         rgb = _to_rgb(image, what, MAX_FILE_SIDE)
         return rgb.resize(size[::-1] if turned else size, Image.Resampling.LANCZOS)
 
@@ -227,16 +238,49 @@ def image_size(path: str | os.PathLike[str], *, downscale: bool = True) -> tuple
     _check_file(Path(path))
     with _reading(what), Image.open(path, formats=READ_FORMATS) as img:
         _check_size(img.width, img.height, what, MAX_FILE_SIDE if downscale else MAX_SIDE)
-        if img.format == "TIFF":  # its tags are read with the header
-            orientation = img.getexif().get(EXIF_ORIENTATION, 1)
-        else:  # getexif() would decode a PNG's pixels to look for a late eXIf chunk
-            exif = Image.Exif()
-            if raw := img.info.get("exif"):
-                exif.load(raw)
-            orientation = exif.get(EXIF_ORIENTATION, 1)
-        turned = orientation in (5, 6, 7, 8)
         width, height = _fitted(img.width, img.height)
-        return (height, width) if turned else (width, height)
+        return (height, width) if _orientation(img) in (5, 6, 7, 8) else (width, height)
+
+
+# EXIF orientation -> the transpose that shows the image upright (ImageOps.exif_transpose's)
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_XMP_ORIENTATION = r'tiff:Orientation(?:="|>)([1-8])'
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1-8; 1 when none) an opened image's header gives, read where
+    Pillow's getexif reads it: the EXIF block (TIFF tags, a JPEG's APP1, a PNG's eXIf chunk ahead
+    of the pixels, ImageMagick's "Raw profile type exif" text), else XMP's tiff:Orientation.
+    load_rgb and image_size both call this before any pixel is decoded, so they cannot disagree
+    (a PNG eXIf chunk after the pixels, which getexif finds only by decoding them, is not read)."""
+    if img.format == "TIFF":  # its tags are read with the header
+        value = img.getexif().get(EXIF_ORIENTATION)
+    else:  # getexif() would decode a PNG's pixels to look for a late eXIf chunk
+        raw = img.info.get("exif")
+        profile = img.info.get("Raw profile type exif")
+        if not raw and isinstance(profile, str):
+            with contextlib.suppress(ValueError):
+                raw = bytes.fromhex("".join(profile.split("\n")[3:]))
+        exif = Image.Exif()
+        if raw:
+            with contextlib.suppress(Exception):  # a broken block: no orientation
+                exif.load(raw)
+        value = exif.get(EXIF_ORIENTATION)
+    if value is None:
+        xmp = img.info.get("XML:com.adobe.xmp") or img.info.get("xmp")
+        if isinstance(xmp, bytes):
+            xmp = xmp.decode("utf-8", "replace")
+        if isinstance(xmp, str) and (match := re.search(_XMP_ORIENTATION, xmp)):
+            value = int(match[1])
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

@@ -42,8 +42,8 @@ Embeddings come from an :class:`ImageEmbedder` (``name``, ``dim``, and a call on
 images returning (B, D)); an index accepts only embeddings of its own model name and width. The CLI
 embeds with the project's CLIP (a preset's checkpoint, or ``--clip``); its name is the CLIP
 config's plus the checkpoint's sha256, so retraining CLIP cannot silently mix two embedding spaces.
-Images are read with core.images.load_rgb (sizes bounded by MAX_SIDE); unreadable ones are skipped
-with one warning listing them.
+Images are read with core.images.load_rgb (files up to MAX_FILE_SIDE a side, read downscaled to
+MAX_SIDE); unreadable ones are skipped with one warning listing them.
 """
 
 from __future__ import annotations

@@ -15,7 +15,9 @@ k; `renormalize=False` keeps the raw probabilities, as Switch does for k = 1). L
   probability of e. aux = k when routing is uniform, its minimum: Switch's loss for k = 1, and
   Mixtral's convention for k > 1 (transformers' load_balancing_loss_func; the tests compare).
   Until session 23 f_e was divided by k as well (minimum 1), which gave a top-2 router half of
-  Mixtral's pressure at the same coefficient.
+  Mixtral's pressure at the same coefficient. A model with several MoE layers (lm.tnl) averages
+  the layers' losses, where transformers pools every layer's routing into one loss: the same for
+  one layer; the mean also sees an imbalance that pooling lets cancel across layers.
 * router z-loss (ST-MoE eq. 5): mean over tokens of logsumexp(z)^2, keeps logits small.
 
 An optional shared expert (Qwen1.5-MoE) sees every token; its output is added, optionally scaled

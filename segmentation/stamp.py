@@ -351,8 +351,9 @@ def mask_like_clip_input(mask: npt.ArrayLike, size: int) -> torch.Tensor:
 
     The VLM pads a non-square image to a square (PolychromeVLM.pixel_values, core.images.
     pad_to_square: centred, offsets floored) and CLIP's eval transform resizes the square to
-    `size`; the mask goes the same way (zeros in the padding, then bilinear on the 0/1 mask, so
-    boundary pixels get fractions).
+    `size`; the mask goes the same way (zeros in the padding, then bilinear with antialiasing on
+    the 0/1 mask, as PIL's resize of the image filters, so boundary pixels get fractions and a
+    small object in a large image keeps its area's share instead of aliasing to 0 or 1).
     """
     m = torch.as_tensor(np.asarray(mask), dtype=torch.float32)
     if m.ndim != 2:
@@ -362,6 +363,7 @@ def mask_like_clip_input(mask: npt.ArrayLike, size: int) -> torch.Tensor:
     top, left = (side - h) // 2, (side - w) // 2
     m = F.pad(m, (left, side - w - left, top, side - h - top))
     if side != size:
-        m = F.interpolate(m[None, None], size=(size, size), mode="bilinear", align_corners=False)
-        m = m[0, 0]
+        m = F.interpolate(
+            m[None, None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )[0, 0]
     return m

@@ -123,10 +123,50 @@ def test_large_photos_are_read_downscaled_as_a_full_decode_would_give(tmp_path):
     full = Image.open(tmp_path / "phone.jpg").convert("RGB").transpose(Image.Transpose.ROTATE_270)
     expected = full.resize((3072, 4096), Image.Resampling.LANCZOS)
     assert np.array_equal(np.asarray(out), np.asarray(expected))
+    # twice MAX_SIDE or more: halved before it is converted (Image.reduce), then resized; the
+    # same picture as the full resize, to a grey level or two
+    ramp = np.tile(np.linspace(0, 255, MAX_FILE_SIDE), (4, 1)).astype(np.uint8)
+    (tmp_path / "wide.png").write_bytes(_png_bytes(Image.fromarray(ramp)))
+    wide = np.asarray(load_rgb(tmp_path / "wide.png"), dtype=np.float64)[..., 0]
+    direct = np.asarray(Image.fromarray(ramp).resize((MAX_SIDE, 2), Image.Resampling.LANCZOS))
+    assert wide.shape == (2, MAX_SIDE) and np.abs(wide - direct).max() <= 2
     with pytest.raises(ImageError, match="received 4400x3300"):
         image_size(tmp_path / "phone.jpg", downscale=False)
     with pytest.raises(ImageError, match="received 4400x3300"):
         load_rgb(tmp_path / "phone.jpg", downscale=False)
+
+
+def test_orientation_from_xmp_or_a_raw_exif_profile_turns_the_image_as_image_size_says(tmp_path):
+    """Pillow reads a rotation from XMP and from ImageMagick's "Raw profile type exif" PNG text
+    too; load_rgb and image_size read it in the same place, so a referring dataset's size check
+    cannot pass an image that the model then reads turned (its masks would be transposed)."""
+    from PIL import ImageOps, PngImagePlugin
+
+    picture = Image.new("RGB", (60, 20))
+    picture.paste((255, 0, 0), (0, 0, 10, 20))  # a red band on the left
+    xmp = (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/'
+        '22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+        'tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    )
+    picture.save(tmp_path / "xmp.jpg", xmp=xmp.encode())
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", xmp)
+    picture.save(tmp_path / "xmp.png", pnginfo=info)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    block = exif.tobytes()
+    profile = PngImagePlugin.PngInfo()
+    profile.add_text("Raw profile type exif", f"\nexif\n{len(block):8d}\n{block.hex()}\n")
+    picture.save(tmp_path / "profile.png", pnginfo=profile)
+    for name in ("xmp.jpg", "xmp.png", "profile.png"):
+        path = tmp_path / name
+        want = ImageOps.exif_transpose(Image.open(path)).size  # Pillow's own reading
+        out = load_rgb(path)
+        assert want == out.size == image_size(path) == (20, 60), name
+        assert np.asarray(out)[2, 10, 0] > 200 and np.asarray(out)[-3, 10, 0] < 60, (
+            name
+        )  # band on top
 
 
 def test_not_images(tmp_path):

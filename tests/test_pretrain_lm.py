@@ -212,6 +212,8 @@ def test_ntp_on_tnl_trains_and_resume_equals_uninterrupted(tmp_path):
     assert main([*run, "--out", str(full)]) == 0
     assert main([*run, "--out", str(split), "--stop-at", "5"]) == 0
     assert not (split / "final").exists() and (split / "last").is_dir()
+    with pytest.raises(SystemExit):  # another output gate is another model: refused
+        main([*run, "--out", str(split), "--resume", "--gate-act", "sigmoid"])
     assert main([*run, "--out", str(split), "--resume"]) == 0
 
     log = read_log(full)

@@ -131,8 +131,8 @@ def test_mask_follows_the_images_padding_to_a_square():
 @pytest.mark.parametrize("shape", [(63, 100), (100, 63), (50, 77), (64, 64), (67, 64)])
 def test_mask_geometry_is_the_images(shape):
     """mask_like_clip_input against torchvision applied to the mask as the VLM applies it to the
-    image: pad to a square (LLaVA's expand2square offsets), resize (bilinear, no antialiasing, as
-    our interpolate); and the model's pixel logits map the grid back onto the same pixels: a
+    image: pad to a square (LLaVA's expand2square offsets), resize (bilinear with antialiasing, as
+    PIL filters the image); and the model's pixel logits map the grid back onto the same pixels: a
     mask through the grid and back is the mask again (up to the grid's resolution)."""
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.functional import pad, resize
@@ -146,7 +146,7 @@ def test_mask_geometry_is_the_images(shape):
     left, top = (side - w) // 2, (side - h) // 2
     want = pad(torch.from_numpy(mask.astype(np.float32))[None], [left, top, side - w - left,
                                                                   side - h - top])  # fmt: skip
-    want = resize(want, [64, 64], interpolation=InterpolationMode.BILINEAR, antialias=False)[0]
+    want = resize(want, [64, 64], interpolation=InterpolationMode.BILINEAR, antialias=True)[0]
     torch.testing.assert_close(mask_like_clip_input(mask, 64), want)
     # the image itself lands where the mask does: pad_to_square of a white-on-black picture
     picture = Image.fromarray((mask * 255).astype(np.uint8)).convert("RGB")

@@ -121,6 +121,7 @@ RESUME_KEYS = (
     "mask_ratio",
     "corpora",
     "processes",  # --batch-size is per process: another count is another global batch
+    "gate_act",  # TNL's output gate: its default changed in session 23, a resume must not
 )
 
 
@@ -707,6 +708,9 @@ def main(argv: list[str] | None = None) -> int:
         "objective": args.objective,
         "model": args.model,
         "arch": args.arch,
+        # the gate the model was built with (None for other architectures): a resume rebuilds the
+        # model from these arguments, so a run started under another default must say so
+        "gate_act": model.config.gate_act if args.arch == "tnl" else None,
         "model_name": args.model or args.arch,
         "hidden": args.hidden,
         "layers": args.layers,

@@ -433,7 +433,8 @@ def encode_images(
     """Embed images of any kind: paths, bytes, PIL images (any mode) or arrays.
 
     Each goes through core.images.load_rgb (modes converted to RGB as documented there; sizes
-    1x1 to 4096x4096; anything else raises ImageError before the model sees it), then
+    1x1 to 4096x4096, files up to 8192 a side read downscaled; anything else raises ImageError
+    before the model sees it), then
     `preprocess` (resize + centre crop + normalise). Returns (B, D) float32 on the model's
     device, unit-norm rows if `normalize`.
     """

@@ -410,7 +410,8 @@ def prepare_image(
 
     Conversions are core.images.load_rgb's (documented there): L, LA, 1, P, RGBA (composited on
     white), CMYK, YCbCr, I;16 / I / F (scaled by the image's own range) -> RGB; 1x1 up to
-    4096x4096 pixels. Files that are not images, empty data and larger images raise ImageError.
+    4096x4096 pixels (a file up to 8192 a side is read downscaled to 4096). Files that are not
+    images, empty data and larger images raise ImageError.
 
     img_size: the model's ``image_encoder.img_size``. When given, an image so elongated that
     SAM's ResizeLongestSide would shrink its short side to 0 pixels (aspect ratio above about

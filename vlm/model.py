@@ -945,7 +945,8 @@ def _mean_colour(preprocess: Any) -> tuple[int, int, int]:
     for t in getattr(preprocess, "transforms", ()):
         mean = getattr(t, "mean", None)
         if mean is not None and len(mean) == 3:
-            return (round(255 * mean[0]), round(255 * mean[1]), round(255 * mean[2]))
+            # truncated, as LLaVA-1.5's expand2square does: tuple(int(x * 255) for x in mean)
+            return (int(255 * mean[0]), int(255 * mean[1]), int(255 * mean[2]))
     raise ValueError(f"cannot read the normalising mean from the CLIP preprocess {preprocess!r}")
 
 
