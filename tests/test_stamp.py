@@ -404,6 +404,10 @@ def test_training_fits_a_mask_and_learns_when_to_segment():
     gt = np.zeros((64, 64), bool)
     gt[:32, :32] = True  # the top-left quarter of the 64-pixel image
     seg, other = [_prompt()], [_prompt("Describe the image.")]
+    with pytest.raises(
+        ValueError, match=r"its mask is \(32, 64\) \(H, W\) but its image reads as 64x64"
+    ):
+        model.training_losses(seg, [gt[:32]], other)  # a mask of another size: refused
     opt = torch.optim.AdamW(params, lr=1e-2)
     first = None
     for _ in range(40):

@@ -427,6 +427,12 @@ class StampVLM(VLMExtension):
             raise ValueError(f"expected {b} masks (one per seg prompt), received {len(masks)}")
         prompts = [*seg_prompts, *other_prompts]
         ids, attn, pixels, last_image, images = self._batch(prompts)
+        for i, (mask, image) in enumerate(zip(masks, images[:b], strict=True)):
+            if np.shape(mask) != image.size[::-1]:  # a turned or rescaled image: wrong targets
+                raise ValueError(
+                    f"seg prompt {i}: its mask is {np.shape(mask)} (H, W) but its image reads as "
+                    f"{image.size[1]}x{image.size[0]}"
+                )
         visual, mask_feats = self.image_features(pixels)
         with torch.no_grad():
             last, cache = self.prefix(ids, attn, visual)
