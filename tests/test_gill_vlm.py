@@ -476,6 +476,24 @@ def test_train_resumes_exactly(shapeworld, tmp_path):
     assert len(losses) == 4
     with pytest.raises(SystemExit):  # other settings cannot resume this run
         train_main([*args, "--resume", "--lr", "0.5"])
+    # GILL's renormalisation: after every step the [IMG] rows' mean norm is the frozen
+    # vocabulary rows' mean norm (the other added rows untouched); --no-renorm leaves it
+    model = GILLVLM.from_pretrained(straight / "final")
+    frozen = model.vlm.llm.get_input_embeddings().weight.float().norm(dim=-1).mean()
+    img = torch.tensor([model.vlm.config.added_tokens.index(t) for t in model.img_tokens])
+    norms = model.vlm.added_embeddings[img].float().norm(dim=-1)
+    assert float(norms.mean()) == pytest.approx(float(frozen), rel=1e-3)  # (fp16 on disk)
+    plain = tmp_path / "plain"
+    assert (
+        train_main([*TRAIN_ARGS, "--data", str(shapeworld), "--out", str(plain), "--no-renorm"])
+        == 0
+    )
+    vp = load_file(plain / "final" / "vlm.safetensors")["added_embeddings"].float()
+    assert not 0.5 < float(vp[img].norm(dim=-1).mean()) / float(frozen) < 2  # not rescaled
+    others = [i for i in range(vp.shape[0]) if i not in img.tolist()]
+    torch.testing.assert_close(vp[others], va.float()[others])  # only [IMG] rows move
+    with pytest.raises(SystemExit):  # renormalising or not is part of the run
+        train_main([*args, "--resume", "--no-renorm"])
 
 
 def test_eval_runs_on_a_tiny_shapeworld(shapeworld, compositions, tmp_path, capsys):

@@ -115,6 +115,7 @@ RESUME_KEYS = (
     "gill",
     "negatives",
     "row_lr_scale",
+    "renorm",
     "vlm",
     "seed",
     "batch_size",
@@ -170,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         "head's logits, ~30 for SmolLM2)",
     )
     parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5%%)")
+    parser.add_argument(
+        "--no-renorm",
+        action="store_true",
+        help="leave the [IMG] input rows' norm as the optimizer leaves it (GILL rescales them to "
+        "the frozen rows' mean norm after every step; runs before session 23 did not)",
+    )
     parser.add_argument(
         "--mapper-width",
         type=int,
@@ -397,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         "caption_batch": args.caption_batch,
         "negatives": args.negatives,
         "row_lr_scale": args.row_lr_scale,
+        "renorm": not args.no_renorm,
         "lr": args.lr,
         "steps": args.steps,
         "data": data_desc,
@@ -453,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         dp.accelerator.backward(losses["loss"])
         dp.accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        if not args.no_renorm:  # GILL's: the [IMG] rows back to the frozen rows' mean norm
+            model.renormalise_img_rows()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         mean = {k: dp.accelerator.reduce(v.detach(), "mean") for k, v in losses.items()}

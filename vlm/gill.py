@@ -216,6 +216,18 @@ class GILLVLM(VLMExtension):
         self.vlm.projector.eval()  # frozen here
         return self
 
+    @torch.no_grad()
+    def renormalise_img_rows(self) -> None:
+        """GILL's step after every optimizer step (its main.py, "Normalize trainable
+        embeddings"): the [IMG] input rows scaled by one factor so that their mean norm is the
+        mean norm of the LLM's frozen vocabulary rows; their directions are left as trained."""
+        rows = cast(torch.Tensor, self._row_mask)[:, 0].bool()
+        emb = self.vlm.added_embeddings
+        frozen = cast(torch.Tensor, self.vlm.llm.get_input_embeddings().weight)
+        target = frozen.detach().float().norm(dim=-1).mean()
+        current = emb[rows].float().norm(dim=-1).mean().clamp_min(1e-12)
+        emb[rows] = (emb[rows].float() * (target / current)).to(emb.dtype)
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The added rows (only the [IMG] rows get a gradient), the [IMG0] output row, the heads."""
         params = [self.vlm.added_embeddings, self.img_out, self.img_bias]
