@@ -55,6 +55,7 @@ __all__ = [
     "referring_dataset_from_args",
     "shapeworld_paths",
     "user_captions_from_args",
+    "user_captions_to_evaluate",
 ]
 
 
@@ -465,6 +466,18 @@ def user_captions_from_args(
     if len(pairs) == 0:
         raise ValueError(f"no image-caption pairs found in {description}")
     return pairs, description
+
+
+def user_captions_to_evaluate(args: argparse.Namespace, limit: int | None) -> CaptionDataset:
+    """`user_captions_from_args`' pairs for an evaluation: one entry per image file (rows
+    naming one file merged), the first `limit` images, their files checked (headers) before any
+    model loads; ValueError (FormatError, OSError) saying what is wrong."""
+    pairs = user_captions_from_args(args, check=False)[0].merged_by_image()
+    pairs = CaptionDataset(pairs.image_paths[:limit], pairs.captions[:limit])
+    check_images(
+        [(path, None) for path in pairs.image_paths], args.imagefolder or args.captions_json
+    )
+    return pairs
 
 
 def add_referring_arguments(parser: argparse.ArgumentParser, default_split: str) -> None:

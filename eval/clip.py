@@ -60,9 +60,8 @@ from data.datasets import (
     InstanceDataset,
     add_caption_arguments,
     caption_source_error,
-    check_images,
     shapeworld_paths,
-    user_captions_from_args,
+    user_captions_to_evaluate,
 )
 from data.formats import read_coco_captions
 from data.language import listing_caption
@@ -347,11 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     pairs = None
     if args.data is None:
         try:
-            pairs, source = user_captions_from_args(args, check=False)
-            pairs = pairs.merged_by_image()  # --limit counts images, not rows
-            pairs = CaptionDataset(pairs.image_paths[: args.limit], pairs.captions[: args.limit])
-            where = args.imagefolder or args.captions_json
-            check_images([(path, None) for path in pairs.image_paths], where)
+            pairs = user_captions_to_evaluate(args, args.limit)  # --limit counts images
         except (ValueError, OSError) as err:  # bad data: said before the model loads
             parser.error(str(err))
         if len(pairs) < 2:
@@ -368,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             progress=not args.no_progress,
         )
-        results["data"] = source
+        results["data"] = str(args.imagefolder or args.captions_json)
         table = retrieval_table(results, str(args.imagefolder or args.captions_json))
     else:
         results = evaluate_clip(

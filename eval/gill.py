@@ -57,12 +57,7 @@ from tqdm import tqdm
 from core.io import atomic_write_text
 from core.runtime import resolve_device
 from data.conversations import DESCRIBE_PROMPTS
-from data.datasets import (
-    add_caption_arguments,
-    caption_source_error,
-    check_images,
-    user_captions_from_args,
-)
+from data.datasets import add_caption_arguments, caption_source_error, user_captions_to_evaluate
 from data.scene import COLOURS, SHAPES
 from data.shapeworld import read_manifest
 from eval.generation import GenerationJudge, PromptItem, labels_satisfy, load_prompts
@@ -91,6 +86,7 @@ __all__ = [
     "OTHER_PROMPTS",
     "add_generation_arguments",
     "batched_request_states",
+    "clip_recall",
     "count_rule_f1",
     "evaluate_gill",
     "format_tables",
@@ -222,6 +218,15 @@ def retrieval_recall(
     return recall_at(hits.ids.tolist(), list(range(len(scenes)))), last, states
 
 
+def clip_recall(reference: Any, scenes: Sequence[SceneItem]) -> tuple[dict[int, float], Any]:
+    """The reference row: text -> image recall of each scene's request text ("listing") among
+    the scenes' images by a CLIP's own cosine, and those (N, D) image embeddings."""
+    images = reference([s.image_path for s in scenes])
+    scores = reference.embed_text([s.listing for s in scenes]) @ images.T
+    order = np.argsort(-scores, axis=1)[:, : min(max(KS), len(scenes))]
+    return recall_at(order.tolist(), list(range(len(scenes)))), images
+
+
 @torch.inference_mode()
 def evaluate_gill(
     gill: GILLVLM,
@@ -253,14 +258,9 @@ def evaluate_gill(
     # -- retrieval --------------------------------------------------------------------------
     index = scene_index(gill, scenes)
     results["recall"], last, states = retrieval_recall(gill, scenes, batch_size, progress, index)
-    k = min(max(KS), len(scenes))
-    truth = list(range(len(scenes)))
     clip_img = None
     if clip_reference is not None:
-        clip_img = clip_reference([s.image_path for s in scenes])
-        txt = clip_reference.embed_text([s.listing for s in scenes])
-        order = np.argsort(-(txt @ clip_img.T), axis=1)[:, :k]
-        results["clip_recall"] = recall_at(order.tolist(), truth)
+        results["clip_recall"], clip_img = clip_recall(clip_reference, scenes)
     # -- generation ---------------------------------------------------------------------------
     single, two = load_prompts(gen_root, gen_split, n_single, n_two)
     items: list[PromptItem] = single + two
@@ -588,14 +588,12 @@ def own_retrieval(
 ) -> int:
     """eval.gill on a user's captioned images: retrieval only (module docstring)."""
     try:
-        pairs, _ = user_captions_from_args(args, check=False)
-        pairs = pairs.merged_by_image()  # one index entry per file
-        paths, captions = pairs.image_paths[: args.n], pairs.captions[: args.n]
-        check_images([(p, None) for p in paths], args.imagefolder or args.captions_json)
+        pairs = user_captions_to_evaluate(args, args.n)  # one index entry per file
     except (ValueError, OSError) as err:  # bad data: said before the model loads
         parser.error(str(err))
-    if len(paths) < 2:
-        parser.error(f"need at least 2 captioned images to retrieve among, found {len(paths)}")
+    if len(pairs) < 2:
+        parser.error(f"need at least 2 captioned images to retrieve among, found {len(pairs)}")
+    paths, captions = pairs.image_paths, pairs.captions
     if args.threads:
         torch.set_num_threads(args.threads)
     gill = GILLVLM.from_pretrained(args.checkpoint, device=resolve_device(args.device)).eval()
@@ -603,11 +601,7 @@ def own_retrieval(
     results: dict[str, Any] = {"n_images": len(scenes)}
     results["recall"], _, _ = retrieval_recall(gill, scenes, args.batch_size, not args.no_progress)
     if not args.no_clip_reference:
-        reference, _ = clip_embedder(args.preset, args.clip)
-        order = np.argsort(
-            -(reference.embed_text([s.listing for s in scenes]) @ reference(paths).T), axis=1
-        )[:, : min(max(KS), len(scenes))]
-        results["clip_recall"] = recall_at(order.tolist(), list(range(len(scenes))))
+        results["clip_recall"], _ = clip_recall(clip_embedder(args.preset, args.clip)[0], scenes)
     where = args.imagefolder or args.captions_json
     print("\n".join(retrieval_table(results, f"images of {where} (first caption each)")))
     write_results(args, results, "eval.gill", argv, data=str(where))

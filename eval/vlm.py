@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from core.config import project_path
 from core.io import atomic_write_text
 from data.conversations import ChatRecord, record_from_row, short_question
-from data.datasets import CaptionDataset, caption_source_error, check_images
+from data.datasets import caption_source_error, check_images, user_captions_to_evaluate
 from data.formats import METADATA_FILE, FormatError, read_imagefolder_rows
 from data.language import RELATION_PHRASES, number_word, plural
 from data.scene import COLOURS, SHAPES
@@ -165,12 +165,18 @@ Objects = Counter[tuple[str, str]]  # an image's visible objects: {(colour, shap
 
 def gold_objects(folder: Path, limit: int | None = None) -> list[Objects]:
     """Visible objects per image of a ShapeWorld split folder: Counter{(colour, shape): n}."""
-    rows = read_imagefolder_rows(folder)[:limit]
+    return _shapeworld_objects(read_imagefolder_rows(folder)[:limit], folder / METADATA_FILE)
+
+
+def _shapeworld_objects(
+    rows: Sequence[tuple[int, Mapping[str, Any]]], where: Path
+) -> list[Objects]:
+    """The objects of every numbered row; FormatError naming the first row without them."""
     bad = next((n for n, row in rows if _objects(row) is None), None)
     if bad is not None:
         raise FormatError(
-            f"{folder / METADATA_FILE}: line {bad}: expected 'objects', a list of {{'colour', "
-            "'shape'}} objects (ShapeWorld's metadata)"
+            f"{where}: line {bad}: expected 'objects', a list of {{'colour', 'shape'}} objects "
+            "(ShapeWorld's metadata)"
         )
     return [cast(Objects, _objects(row)) for _, row in rows]
 
@@ -209,19 +215,15 @@ def read_eval_set(args: argparse.Namespace) -> tuple[list[ChatRecord], list[Obje
     every row lists them in ShapeWorld's form (another "objects", such as Hugging Face's
     detection boxes, is not read)."""
     if args.images is not None:
-        pairs = CaptionDataset.from_coco(args.images, args.captions_json, check=False)
-        pairs = pairs.merged_by_image()
-        paths, caps = pairs.image_paths[: args.limit], pairs.captions[: args.limit]
-        check_images([(p, None) for p in paths], args.captions_json)
-        records = [ChatRecord(p, c) for p, c in zip(paths, caps, strict=True)]
+        pairs = user_captions_to_evaluate(args, args.limit)
+        records = [ChatRecord(p, c) for p, c in zip(pairs.image_paths, pairs.captions, strict=True)]
         return records, None, f"COCO captions {args.captions_json} (images {args.images})"
     if args.data is not None:  # generated: one row per image, files not checked
         folder = args.data / args.split
-        gold = gold_objects(folder, args.limit)
         rows = read_imagefolder_rows(folder)[: args.limit]
         where = folder / METADATA_FILE
         records = [record_from_row(row, folder, f"{where}: line {n}") for n, row in rows]
-        return records, gold, f"ShapeWorld {folder}"
+        return records, _shapeworld_objects(rows, where), f"ShapeWorld {folder}"
     folder, where = args.imagefolder, args.imagefolder / METADATA_FILE
     numbered = read_imagefolder_rows(folder)
     records = merge_records(
