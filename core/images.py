@@ -38,6 +38,7 @@ __all__ = [
     "MAX_SIDE",
     "READ_FORMATS",
     "ImageError",
+    "fit_within",
     "image_size",
     "load_rgb",
     "pad_to_square",
@@ -72,12 +73,19 @@ def _check_size(width: int, height: int, what: str, largest: int = MAX_SIDE) -> 
 _REDUCIBLE = ("L", "LA", "RGB", "RGBA", "RGBa", "La", "I", "F", "CMYK", "YCbCr", "LAB", "HSV")
 
 
-def _fitted(width: int, height: int) -> tuple[int, int]:
-    """(width, height) scaled so the longer side is at most MAX_SIDE (aspect kept)."""
+def _fitted(width: int, height: int, side: int = MAX_SIDE) -> tuple[int, int]:
+    """(width, height) scaled so the longer side is at most `side` (aspect kept)."""
     longer = max(width, height)
-    if longer <= MAX_SIDE:
+    if longer <= side:
         return width, height
-    return max(1, round(width * MAX_SIDE / longer)), max(1, round(height * MAX_SIDE / longer))
+    return max(1, round(width * side / longer)), max(1, round(height * side / longer))
+
+
+def fit_within(image: Image.Image, side: int) -> Image.Image:
+    """`image` scaled down (Lanczos, aspect kept) so that its longer side is at most `side`;
+    `image` itself when it fits already."""
+    size = _fitted(image.width, image.height, side)
+    return image if size == image.size else image.resize(size, Image.Resampling.LANCZOS)
 
 
 def _scale_to_uint8(arr: np.ndarray, what: str) -> np.ndarray:
@@ -229,16 +237,19 @@ def _reading(what: str) -> Iterator[None]:
         raise ImageError(f"{what}: corrupt or truncated image ({err})") from None
 
 
-def image_size(path: str | os.PathLike[str], *, downscale: bool = True) -> tuple[int, int]:
+def image_size(
+    path: str | os.PathLike[str], *, downscale: bool = True, as_read: bool = True
+) -> tuple[int, int]:
     """(width, height) of the image file at `path` as load_rgb (with the same `downscale`)
     returns it (EXIF rotation applied), from its header alone: ImageError when it is missing,
     empty, not an image we read or too large. A file cut short after its header passes here;
-    load_rgb finds it."""
+    load_rgb finds it. ``as_read=False``: the file's own size, upright, before load_rgb's
+    downscaling (to map what was found on the read image back to the file's pixels)."""
     what = str(path)
     _check_file(Path(path))
     with _reading(what), Image.open(path, formats=READ_FORMATS) as img:
         _check_size(img.width, img.height, what, MAX_FILE_SIDE if downscale else MAX_SIDE)
-        width, height = _fitted(img.width, img.height)
+        width, height = _fitted(img.width, img.height) if as_read else (img.width, img.height)
         return (height, width) if _orientation(img) in (5, 6, 7, 8) else (width, height)
 
 

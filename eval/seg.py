@@ -10,7 +10,9 @@
     python -m eval.seg --images ade/images --semantic ade/labels --classes ade/classes.txt \\
         --unseen "lamp,vase" --adapter out/seg/stage2/final
     # one image, any vocabulary (synonyms and attribute phrases too); writes an overlay PNG.
-    # Masks are classified by the --adapter if given, else as masked crops (--classifier)
+    # Masks are classified by the --adapter if given, else as masked crops (--classifier).
+    # A photo over 1024 px a side is segmented at 1024 (the app's size, vlm.tools); the areas
+    # and boxes printed are in the file's own pixels, the overlay at the segmented size
     python -m eval.seg --image photo.png --vocab "circle,star,heart,purple hexagon" \\
         --overlay out/seg.png
 
@@ -49,7 +51,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from core.images import load_rgb, paint_labels
+from core.images import fit_within, image_size, load_rgb, paint_labels
 from core.io import atomic_write_text
 from data.datasets import InstanceDataset, shapeworld_paths
 from eval.metrics import ConfusionMatrix, seen_unseen_miou
@@ -66,6 +68,7 @@ from segmentation.open_vocab import (
 from vision.clip import load_clip
 from vision.sam import load_sam
 from vlm.config import PolychromeConfig
+from vlm.tools import POINTS_PER_BATCH, TOOL_MAX_SIDE
 
 __all__ = ["drop_background_masks", "evaluate_classifier", "main", "overlay"]
 
@@ -79,6 +82,21 @@ def drop_background_masks(masks: np.ndarray, max_fraction: float = MAX_MASK_FRAC
         return masks
     area = masks.reshape(len(masks), -1).mean(axis=1)
     return masks[area <= max_fraction]
+
+
+def mask_extent(
+    mask: np.ndarray, scale_x: float = 1.0, scale_y: float = 1.0
+) -> tuple[int, tuple[int, int, int, int]]:
+    """(area, (x0, y0, x1, y1)) of a non-empty boolean mask, the box's corners inclusive, in the
+    pixels of an image `scale_x` x `scale_y` times the mask's size (a file read downscaled):
+    the area scales with both factors, each box edge to the outer edge of its pixel."""
+    ys, xs = np.nonzero(mask)
+    area = round(int(mask.sum()) * scale_x * scale_y)
+    x0, y0 = int(xs.min() * scale_x), int(ys.min() * scale_y)
+    # inside the scaled image even where the factor is a rounded ratio
+    x1 = min(int(np.ceil((xs.max() + 1) * scale_x)), round(mask.shape[1] * scale_x)) - 1
+    y1 = min(int(np.ceil((ys.max() + 1) * scale_y)), round(mask.shape[0] * scale_y)) - 1
+    return area, (x0, y0, x1, y1)
 
 
 def evaluate_classifier(
@@ -314,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.image is not None:
         try:
             vocab = parse_vocabulary(args.vocab)
-            image = np.asarray(load_rgb(args.image))
+            # segmented at the app's working size, for the same reason (vlm.tools' docstring)
+            image = np.asarray(fit_within(load_rgb(args.image), TOOL_MAX_SIDE))
+            file_w, file_h = image_size(args.image, as_read=False)
         except ValueError as e:  # a bad vocabulary, an ImageError
             parser.error(str(e))
         which = args.classifier or ("adapter" if adapters else "crops")
@@ -322,17 +342,24 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--classifier adapter needs --adapter PATH")
         adapter = load_adapter(adapters[-1][1]) if which == "adapter" else None
         seg = OpenVocabSegmenter(
-            clip, tokenizer, sam=sam, adapter=adapter, preprocess=preprocess, crops=which == "crops"
-        )
+            clip, tokenizer, sam=sam, adapter=adapter, preprocess=preprocess,
+            crops=which == "crops", amg_settings={"points_per_batch": POINTS_PER_BATCH},
+        )  # fmt: skip
         masks, _ = sam_proposals(seg.generator, image)
         result = seg.segment(image, vocab, masks=drop_background_masks(masks), min_score=0.0)
         print(f"{args.image.name}: {len(result.instances)} segments ({which})")
+        work_h, work_w = image.shape[:2]
+        if (file_w, file_h) != (work_w, work_h):
+            print(
+                f"  (segmented at {work_w}x{work_h}, the file is {file_w}x{file_h}: areas and "
+                "boxes below are in the file's pixels, the overlay at the segmented size)"
+            )
         for s in result.instances:
             if s.score >= args.min_score:
-                ys, xs = np.nonzero(s.mask)
+                area, (x0, y0, x1, y1) = mask_extent(s.mask, file_w / work_w, file_h / work_h)
                 print(
-                    f"  {vocab[s.label]:<20} p={s.score:.2f}  area={int(s.mask.sum())} px  "
-                    f"box=({xs.min()},{ys.min()})-({xs.max()},{ys.max()})"
+                    f"  {vocab[s.label]:<20} p={s.score:.2f}  area={area} px  "
+                    f"box=({x0},{y0})-({x1},{y1})"
                 )
         if args.overlay is not None:
             args.overlay.parent.mkdir(parents=True, exist_ok=True)

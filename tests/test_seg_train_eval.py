@@ -8,14 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from core.images import fit_within, load_rgb
 from data.shapeworld import main as shapeworld_main
-from eval.seg import drop_background_masks
+from eval.seg import drop_background_masks, mask_extent
 from eval.seg import main as eval_main
 from segmentation.mask_adapter import load_adapter
 from train.clip import main as clip_main
 from train.sam import main as sam_main
 from train.seg import main as train_main
+from vlm.tools import TOOL_MAX_SIDE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,6 +116,65 @@ def test_eval_benchmark_and_one_image_with_any_vocabulary(world, stage1, tmp_pat
     assert eval_main(argv) == 0
     assert "segments" in capsys.readouterr().out
     assert (tmp_path / "o.png").is_file()
+
+
+def test_mask_extent_in_the_files_pixels():
+    mask = np.zeros((4, 6), dtype=bool)
+    mask[0:2, 1:3] = True  # rows 0-1, columns 1-2: 4 pixels
+    assert mask_extent(mask) == (4, (1, 0, 2, 1))
+    # read at half the file's size: each read pixel is a 2 x 2 block of the file's
+    assert mask_extent(mask, 2.0, 2.0) == (16, (2, 0, 5, 3))
+    # a last column maps to the file's last column, not past it (a rounded ratio, 13 / 6)
+    mask[:, 5] = True
+    area, (_, _, x1, _) = mask_extent(mask, 13 / 6, 1.0)
+    assert x1 == 12 and area == round(8 * 13 / 6)  # 4 + 4 pixels
+
+
+def test_one_image_is_reported_in_the_files_pixels(world, tmp_path, capsys, monkeypatch):
+    """A photo segmented at the app's working size (an 8192 x 4096 file: read at 4096 x 2048,
+    segmented at 1024 x 512) is reported in its own pixels: the working image saved as a file
+    gives the same segments, their areas 64 times and their boxes 8 times smaller. (The 2-step
+    SAM proposes nothing that passes its thresholds: the proposals here are the pixels unlike
+    the background, in the image's left and right halves, so that there are segments to report.)"""
+
+    def objects(_generator, image):
+        shapes = np.abs(image.astype(int) - image[0, 0]).sum(-1) > 60
+        left, right = shapes.copy(), shapes.copy()
+        left[:, image.shape[1] // 2 :] = right[:, : image.shape[1] // 2] = False
+        masks = np.stack([m for m in (left, right) if m.any()])
+        return masks, np.ones(len(masks), dtype=np.float32)
+
+    monkeypatch.setattr("eval.seg.sam_proposals", objects)
+    scene = Image.open(next((world["data"] / "test").glob("*.png"))).convert("RGB")
+    big, work = tmp_path / "big.png", tmp_path / "work.png"
+    scene.resize((8192, 4096), Image.Resampling.NEAREST).save(big)
+    fit_within(load_rgb(big), TOOL_MAX_SIDE).save(work)
+    argv = ["--vocab", "circle, crimson star,purple hexagon", *_models(world), "--min-score", "0"]
+
+    def report(path: Path) -> list[str]:
+        assert eval_main(["--image", str(path), *argv]) == 0
+        return capsys.readouterr().out.splitlines()
+
+    lines_work, lines_big = report(work), report(big)
+    assert "segmented at 1024x512, the file is 8192x4096" in lines_big[1]
+    rows_work, rows_big = lines_work[1:], lines_big[2:]
+    assert len(rows_work) == len(rows_big) == 2
+    for a, b in zip(rows_work, rows_big, strict=True):
+        # "  <label> p=<score>  area=<n> px  box=(x0,y0)-(x1,y1)"
+        fields_a, fields_b = a.split(), b.split()
+        assert fields_a[:-3] == fields_b[:-3]  # label and score: the same working image
+        assert int(fields_b[-3].split("=")[1]) == 64 * int(fields_a[-3].split("=")[1])
+        (ax0, ay0), (ax1, ay1) = _corners(fields_a[-1])
+        (bx0, by0), (bx1, by1) = _corners(fields_b[-1])
+        assert (bx0, by0, bx1, by1) == (8 * ax0, 8 * ay0, 8 * ax1 + 7, 8 * ay1 + 7)
+
+
+def _corners(box: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """'box=(x0,y0)-(x1,y1)' -> ((x0, y0), (x1, y1))."""
+    a, b = box.removeprefix("box=").split("-")
+    x0, y0 = a.strip("()").split(",")
+    x1, y1 = b.strip("()").split(",")
+    return (int(x0), int(y0)), (int(x1), int(y1))
 
 
 def test_bad_arguments_are_clear(world, tmp_path, capsys):

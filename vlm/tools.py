@@ -32,14 +32,21 @@ from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
 
 from core.config import project_path
-from core.images import load_rgb, paint_labels
+from core.images import fit_within, load_rgb, paint_labels
 from segmentation.mask_adapter import MaskAdapter, load_adapter
 from segmentation.open_vocab import OpenVocabSegmenter, parse_vocabulary, sam_proposals
 from vision.clip import ClipBundle, clip_from_preset
 from vision.sam import amg_settings, sam_from_preset
 from vlm.config import PolychromeConfig
 
-__all__ = ["CLASSIFIERS", "MAX_VOCABULARY", "TOOL_MAX_SIDE", "ToolResult", "VisionTools"]
+__all__ = [
+    "CLASSIFIERS",
+    "MAX_VOCABULARY",
+    "POINTS_PER_BATCH",
+    "TOOL_MAX_SIDE",
+    "ToolResult",
+    "VisionTools",
+]
 
 MAX_VOCABULARY = 64  # entries in one vocabulary at most
 TOOL_MAX_SIDE = 1024  # pixels: larger images are segmented at this size (module docstring)
@@ -128,12 +135,7 @@ class VisionTools:
         return cls(clip, sam, adapter, cfg.open_vocab.classifier)
 
     def _proposals(self, image: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        picture = load_rgb(image)
-        if max(picture.size) > TOOL_MAX_SIDE:
-            scale = TOOL_MAX_SIDE / max(picture.size)
-            size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
-            picture = picture.resize(size, Image.Resampling.LANCZOS)
-        rgb = np.asarray(picture)
+        rgb = np.asarray(fit_within(load_rgb(image), TOOL_MAX_SIDE))
         with self._lock, torch.inference_mode():
             masks, scores = sam_proposals(self.generator, rgb)
         return rgb, masks, scores
