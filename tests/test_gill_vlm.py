@@ -19,7 +19,7 @@ from data.shapeworld import main as shapeworld_main
 from eval.generation import load_prompts
 from generation.diffusion import build_pipeline, encode_prompts, get_diffusion_config
 from generation.gill import GENERATE, RETRIEVE, GILLMapperConfig
-from generation.index import IndexMismatchError, clip_embedder
+from generation.index import ImageIndex, IndexMismatchError, clip_embedder
 from vlm.assistant import Assistant
 from vlm.config import PolychromeConfig
 from vlm.gill import (
@@ -185,6 +185,19 @@ def test_an_index_of_other_retrieval_weights_is_refused(gill, pipe, image_dir):
     assert maker._checked == [mine]  # checked once, not at every request
     maker.make(states, force="retrieved", index=mine)
     assert maker._checked == [mine]
+
+
+def test_an_index_of_centre_cropped_images_is_refused(gill, pipe, image_dir, tmp_path):
+    """Before session 23 images were centre-cropped for CLIP, and GILL's index names had no
+    "/pad": such an index (its non-square images' vectors of cropped pixels) is refused."""
+    gill.build_index(image_dir).save(tmp_path / "index")
+    meta_file = tmp_path / "index" / "index.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["model"].endswith("/pad")
+    meta["model"] = meta["model"].removesuffix("/pad")  # as the earlier code named it
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(IndexMismatchError, match="model"):
+        ImageMaker(gill, ImageIndex.load(tmp_path / "index"), pipe)
 
 
 def test_assistant_shows_images_and_the_text_goes_on(gill, maker):

@@ -24,8 +24,9 @@ How it follows Koh et al. 2023 (generation/gill.py has the heads and the losses;
 - The decision head picks retrieve (cosine top-1 of the ImageIndex) or generate (the diffusion
   pipeline on the mapper's output). An index for GILL stores ``RetrievalHeads.embed_images`` of
   the CLIP image embeddings, not raw CLIP vectors (the image side's projection is learned), so
-  its model name carries a hash of the trained projection (``GILLImageEmbedder``): an index built
-  with other weights is refused.
+  its model name carries a hash of the trained projection and the image preprocessing
+  (``GILLImageEmbedder``): an index built with other weights, or from centre-cropped images as
+  before session 23, is refused.
 - Every text token, text-only or with images, goes through the bare frozen LLM and the VLM core:
   chat logits are bitwise the VLM core's (a test checks it). Trained and saved: the ``[IMG]``
   rows, ``img_out``/``img_bias`` and GILL's heads; the VLM core is named by its saved tensors.
@@ -147,8 +148,13 @@ def gill_config_for(
 class GILLImageEmbedder:
     """Images -> GILL's retrieval space (a generation.index.ImageEmbedder).
 
-    The name holds a hash of the trained image projection, so an index is tied to the weights it
-    was built with."""
+    The name holds a hash of the trained image projection and, after a slash, how images are
+    read (``PREPROCESSING``), so an index is tied to the weights and the pixels it was built
+    with."""
+
+    # Images are padded to a square before CLIP (PolychromeVLM.pixel_values, session 23);
+    # indexes built before then centre-cropped them, and their names have no "/pad": refused.
+    PREPROCESSING = "pad"
 
     def __init__(self, gill: GILLVLM, batch_size: int = 64) -> None:
         self.gill = gill
@@ -157,7 +163,7 @@ class GILLImageEmbedder:
         digest = hashlib.sha256()
         for t in (proj.weight, proj.bias):
             digest.update(t.detach().float().cpu().numpy().tobytes())
-        self.name = f"gill-retrieval@{digest.hexdigest()[:12]}"
+        self.name = f"gill-retrieval@{digest.hexdigest()[:12]}/{self.PREPROCESSING}"
         self.dim = int(proj.out_features)
 
     @torch.no_grad()
