@@ -2,15 +2,15 @@
 on your own captioned images: retrieval.
 
     python -m eval.gill --checkpoint /work/runs/gill/final --data /work/data/sw --split test \\
-        --n 200 --gen-data out/shapeworld_diffusion --single 25 --two 25 --json out/gill.json
-    python -m eval.gill --checkpoint runs/gill_mine/final --imagefolder my_photos_test --n 500
+        --limit 200 --gen-data out/shapeworld_diffusion --single 25 --two 25 --json out/gill.json
+    python -m eval.gill --checkpoint runs/gill_mine/final --imagefolder my_photos_test --limit 500
 
 Prints markdown tables; --json writes every figure. ``evaluate_gill(...)`` is what the CLI and the
 test call. Protocol:
 
 - Requests are ``vlm.gill.request_prompt(caption)`` ("Show me this: <caption>"), the reply forced
   to open with [IMG0..7] (``GILLVLM.request_states``).
-- Retrieval (text -> image): the first ``--n`` images of ``--split`` are indexed in the model's
+- Retrieval (text -> image): the first ``--limit`` images of ``--split`` are indexed in the model's
   retrieval space (``GILLImageEmbedder``, exact FAISS index); each image's query is its listing
   caption (the shortest naming every object by colour and class). Recall@1/5/10 = the image
   itself among the top k. Reference row: the ShapeWorld CLIP's own text tower on the same
@@ -528,7 +528,14 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--data", type=Path, help="ShapeWorld folder (retrieval)")
     src.add_argument("--split", default="test", help="its split (default test)")
     add_caption_arguments(src, "captions: retrieval only")
-    parser.add_argument("--n", type=int, default=200, help="images indexed and queried")
+    parser.add_argument(
+        "--limit",
+        "--n",
+        dest="n",
+        type=int,
+        default=200,
+        help="first N images, indexed and queried (--n: its earlier name, kept)",
+    )
     parser.add_argument("--gen-data", type=Path, help="the decoder's data folder (with --data)")
     parser.add_argument("--gen-split", default="val", help="its held-out split (default val)")
     parser.add_argument("--single", type=int, default=25, help="one-object prompts")
@@ -537,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grid", type=Path, help="PNG: mapper images above decoder-text ones")
     args = parser.parse_args(argv)
     if args.n < 2:
-        parser.error(f"--n must be >= 2, received {args.n}")
+        parser.error(f"--limit must be >= 2, received {args.n}")
     why = caption_source_error(args)
     if why:
         parser.error(why)

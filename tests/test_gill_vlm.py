@@ -521,7 +521,7 @@ def test_eval_runs_on_a_tiny_shapeworld(shapeworld, compositions, tmp_path, caps
     out = tmp_path / "gill.json"
     args = [
         "--checkpoint", str(run / "final"), "--preset", "tiny", "--data", str(shapeworld),
-        "--split", "train", "--n", "6", "--gen-data", str(compositions), "--single", "1",
+        "--split", "train", "--limit", "6", "--gen-data", str(compositions), "--single", "1",
         "--two", "1", "--steps", "2", "--json", str(out), "--no-progress", "--batch-size", "2",
     ]  # fmt: skip
     assert eval_main(args) == 0
