@@ -10,7 +10,9 @@
 Data: a ShapeWorld split (``--data`` and ``--split``), an imagefolder with ``metadata.jsonl``
 (``--imagefolder``; rows as train.vlm reads them: captions and/or ``qa``), or COCO captions
 (``--images`` and ``--captions-json``). A bad record or an image that does not open stops the
-run before the model loads, named (``python -m data.validate`` lists them all).
+run before the model loads, named (``python -m data.validate`` lists them all); with an
+imagefolder, ``--bad-records skip`` evaluates the rest instead (the first ``--limit`` images
+that open), with a warning that lists what was skipped.
 
 Captions: the model is asked "Describe the image." (greedy, up to 80 new tokens) for every image
 with reference captions. Scored two ways:
@@ -48,6 +50,7 @@ import shlex
 import statistics
 import sys
 import time
+import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -59,10 +62,17 @@ from tqdm.auto import tqdm
 from core.config import project_path
 from core.io import atomic_write_text
 from data.conversations import ChatRecord, record_from_row, short_question
-from data.datasets import caption_source_error, check_images, user_captions_to_evaluate
+from data.datasets import (
+    add_caption_arguments,
+    caption_source_error,
+    check_images,
+    image_problems,
+    user_captions_to_evaluate,
+)
 from data.formats import METADATA_FILE, FormatError, read_imagefolder_rows
 from data.language import RELATION_PHRASES, number_word, plural
 from data.scene import COLOURS, SHAPES
+from data.validate import check_imagefolder
 from eval.metrics import coco_caption_scores
 from vlm.config import PolychromeConfig
 from vlm.model import PolychromeVLM
@@ -225,16 +235,39 @@ def read_eval_set(args: argparse.Namespace) -> tuple[list[ChatRecord], list[Obje
         records = [record_from_row(row, folder, f"{where}: line {n}") for n, row in rows]
         return records, _shapeworld_objects(rows, where), f"ShapeWorld {folder}"
     folder, where = args.imagefolder, args.imagefolder / METADATA_FILE
-    numbered = read_imagefolder_rows(folder)
-    records = merge_records(
+    # every row's text first (cheap); the images of the first --limit only (headers)
+    report = check_imagefolder(folder, "chat", check_images=False, progress=not args.no_progress)
+    if report.bad and args.bad_records == "stop":
+        raise FormatError(report.describe() + "\nfix them, or pass --bad-records skip")
+    numbered = report.good
+    merged = merge_records(
         [record_from_row(row, folder, f"{where}: line {n}") for n, row in numbered]
-    )[: args.limit]
+    )
+    if args.bad_records == "stop":
+        records = merged[: args.limit]
+        check_images([(r.image, None) for r in records], where)
+    else:  # the first --limit images that open
+        records, unreadable = [], []
+        for r in merged:
+            if args.limit is not None and len(records) == args.limit:
+                break
+            problem = image_problems([(r.image, None)])
+            if problem:
+                unreadable.append(problem[r.image])
+            else:
+                records.append(r)
+        skipped = len(report.bad) + len(unreadable)
+        if skipped:
+            text = [report.describe()] if report.bad else []
+            text += [f"  {p}" for p in unreadable]
+            warnings.warn(f"skipping {skipped} bad records:\n" + "\n".join(text), stacklevel=2)
+        if not records:
+            raise FormatError(f"{where}: no good record left to evaluate")
     objects: dict[Path, Objects | None] = {}
     for _, row in numbered:
         objects.setdefault((folder / row["file_name"]).resolve(), _objects(row))
     listed = [objects[r.image.resolve()] for r in records]
     own_gold = None if any(o is None for o in listed) else cast(list[Objects], listed)
-    check_images([(r.image, None) for r in records], where)
     return records, own_gold, f"imagefolder {folder}"
 
 
@@ -409,11 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     src.add_argument("--data", type=Path, help="a ShapeWorld folder")
     src.add_argument("--split", default="test", help="its split to evaluate (default test)")
-    src.add_argument(
-        "--imagefolder", type=Path, help="folder with metadata.jsonl (captions and/or qa)"
-    )
-    src.add_argument("--images", type=Path, help="image root of a COCO captions file")
-    src.add_argument("--captions-json", type=Path, help="COCO captions JSON (with --images)")
+    add_caption_arguments(src, "captions and/or qa")
     parser.add_argument("--limit", type=int, default=None, help="first N images only")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
     parser.add_argument("--ttft-repeats", type=int, default=5)

@@ -317,7 +317,9 @@ def test_evaluate_the_vlm_on_your_photos(folder, tmp_path, capsys, monkeypatch):
         (odd / "metadata.jsonl").write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(bad) + "\n")
         with pytest.raises(SystemExit):
             eval_main(["--preset", "tiny", "--imagefolder", str(odd), "--no-progress"])
-        assert "line 3: qa[0]'s 'type' must be a string" in capsys.readouterr().err
+        assert "line 3 (photos/chelsea.png): qa[0]'s 'type' must be a string" in (
+            capsys.readouterr().err
+        )
     clean = tmp_path / "clean"
     shutil.copytree(folder / "photos", clean / "photos")
     rows = [dict(r) for r in ROWS[:3]]
@@ -365,3 +367,18 @@ def test_evaluate_the_vlm_on_your_photos(folder, tmp_path, capsys, monkeypatch):
     assert result["caption_references"]["bleu1"] == pytest.approx(1.0)
     with pytest.raises(SystemExit):  # one source at a time
         eval_main(["--preset", "tiny", *coco, "--imagefolder", str(clean)])
+    # --bad-records skip: the fixture's folder (five bad rows, a text file named .png) evaluates
+    # its three good images, the warning names each one skipped
+    first |= {str(folder / f"photos/{n}.png"): "" for n in NAMES}
+    answers |= {str(folder / "photos/astronaut.png"): "A space suit."}
+    skip = ["--preset", "tiny", "--imagefolder", str(folder), "--bad-records", "skip"]
+    with pytest.warns(UserWarning, match="skipping 6 bad records") as caught:
+        assert eval_main([*skip, "--no-progress", "--out", str(out)]) == 0
+    said = str(caught[0].message)
+    assert all(f"line {n}" in said for n in (4, 6, 7, 8, 9)) and "notes.png: not an image" in said
+    result = json.loads(out.read_text())
+    assert result["images"] == 3 and result["qa_accuracy"]["overall"] == 1.0
+    # --limit counts the images that open: the first two good ones
+    with pytest.warns(UserWarning, match="skipping 5 bad records"):  # notes.png not reached
+        assert eval_main([*skip, "--limit", "2", "--no-progress", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["images"] == 2
