@@ -303,7 +303,8 @@ class InstanceDataset:
     ) -> InstanceDataset:
         """ADE-style semantic data: every image of `images_root` with a label map
         ``semantic_root/<stem>.png`` whose pixel value k >= 1 is class_names[k - 1] (0 = no
-        class). Each class present becomes one instance (its whole region)."""
+        class). Each class present becomes one instance (its whole region). FormatError listing
+        the images that do not open or differ in size from their label maps (headers only)."""
         images_root, semantic_root = Path(images_root), Path(semantic_root)
         suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
         files = sorted(p for p in images_root.iterdir() if p.suffix.lower() in suffixes)
@@ -337,6 +338,8 @@ class InstanceDataset:
                 next_id += 1
             sizes.append((labels.shape[0], labels.shape[1]))
             annotations.append(anns)
+        # each image opens and has its label map's size, before a run reaches it
+        check_images(list(zip(files, sizes, strict=True)), images_root)
         return cls(
             images_root=images_root,
             file_names=[p.name for p in files],

@@ -314,6 +314,7 @@ def test_ade_protocol_scores_a_large_region_and_leaves_label_zero_unscored(tmp_p
     from PIL import Image
 
     from data.datasets import InstanceDataset
+    from data.formats import FormatError
     from eval.seg import evaluate_classifier
 
     labels = np.zeros((20, 20), dtype=np.uint8)
@@ -326,6 +327,17 @@ def test_ade_protocol_scores_a_large_region_and_leaves_label_zero_unscored(tmp_p
     dataset = InstanceDataset.from_semantic(
         tmp_path / "images", tmp_path / "labels", ["wall", "lamp"]
     )
+
+    # an image of another size than its label map, and one that does not open: both named
+    # before any image is read in full
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(tmp_path / "images" / "b.png")
+    Image.fromarray(labels).save(tmp_path / "labels" / "b.png")
+    (tmp_path / "images" / "c.png").write_text("not an image")
+    Image.fromarray(labels).save(tmp_path / "labels" / "c.png")
+    with pytest.raises(FormatError, match=r"2 of 3 images(.|\n)*b\.png: 24x20 pixels(.|\n)*c\.png"):
+        InstanceDataset.from_semantic(tmp_path / "images", tmp_path / "labels", ["wall", "lamp"])
+    for name in ("b.png", "c.png"):
+        (tmp_path / "images" / name).unlink()
 
     class Oracle:  # the class a mask covers most, read off the label map
         def classify_masks(self, image, masks, vocabulary):
