@@ -81,7 +81,15 @@ def test_a_large_image_is_segmented_at_the_tools_size(tools, scene, tmp_path, mo
     expected = sorted((r["segmentation"] for r in direct.generate(small)), key=lambda m: -m.sum())
     assert len(result.segments) == len(expected) >= 3
     assert all(np.array_equal(a["mask"], b) for a, b in zip(result.segments, expected, strict=True))
-    assert (result.coco_json()["width"], result.coco_json()["height"]) == (256, 192)
+    # the JSON lies on the upload (512 x 384): each mask scaled up 2x, its box and area with it
+    coco = result.coco_json()
+    assert (coco["width"], coco["height"]) == (512, 384)
+    for seg, out in zip(result.segments, coco["segments"], strict=True):
+        mask = mask_utils.decode(out["segmentation"]).astype(bool)
+        assert np.array_equal(mask, seg["mask"].repeat(2, axis=0).repeat(2, axis=1))
+        assert out["area"] == 4 * seg["area"]
+        x, y, w, h = seg["bbox"]
+        assert out["bbox"] == [2 * x, 2 * y, 2 * w, 2 * h]
 
 
 def test_segment_vocabulary_is_the_open_vocabulary_segmenter(tools, scene):

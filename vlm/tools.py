@@ -14,11 +14,13 @@ bad input raises ValueError saying what was expected. An image larger than ``TOO
 side is segmented, painted and returned at that size: SAM's automatic mask generator upsamples
 every candidate mask of a prompt batch to the image, so its memory grows with the pixels times
 the batch (tens of gigabytes for the largest upload the app takes), while the shapes SAM's masks
-come from a 64x64 logit grid at any size.
+come from a 64x64 logit grid at any size. The JSON for download (``ToolResult.coco_json``) is
+at the size of the image given, its masks scaled up, so that it lies on the user's own file.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from segment_anything import SamAutomaticMaskGenerator
 from segment_anything.modeling import Sam
 
 from core.config import project_path
-from core.images import fit_within, load_rgb, paint_labels
+from core.images import fit_within, image_size, load_rgb, paint_labels
 from segmentation.mask_adapter import MaskAdapter, load_adapter
 from segmentation.open_vocab import OpenVocabSegmenter, parse_vocabulary, sam_proposals
 from vision.clip import ClipBundle, clip_from_preset
@@ -56,21 +58,32 @@ CLASSIFIERS = ("crops", "adapter", "pooling")
 
 @dataclass
 class ToolResult:
-    """A tool's answer: the masks painted over the image, each segment, a one-line summary."""
+    """A tool's answer: the masks painted over the image, each segment, a one-line summary.
+
+    `painted` and the segments' masks are at the size the image was segmented at (at most
+    TOOL_MAX_SIDE a side); `image_size` is the (width, height) of the image given: the file's
+    own for a path (a photo over 4096 px too), else the picture's. The JSON for download is at
+    `image_size`, so that its masks and boxes lie on the user's own image."""
 
     painted: Image.Image
     segments: list[dict[str, Any]]  # {"label", "score", "area", "bbox", "mask": (H, W) bool}
     summary: str
+    image_size: tuple[int, int] | None = None  # None: painted's
 
     def coco_json(self) -> dict[str, Any]:
-        """The segments as COCO-style results (RLE masks, xywh boxes), for download."""
+        """The segments as COCO-style results (RLE masks, xywh boxes) on the image given, for
+        download: masks segmented at a smaller size are scaled up (nearest) to it first."""
+        size = self.image_size or self.painted.size
         out = []
         for seg in self.segments:
-            rle = mask_utils.encode(np.asfortranarray(seg["mask"].astype(np.uint8)))
+            mask = seg["mask"]
+            if size != self.painted.size:
+                mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
+            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
             rle["counts"] = rle["counts"].decode("ascii")
-            out.append({k: v for k, v in seg.items() if k != "mask"} | {"segmentation": rle})
-        w, h = self.painted.size
-        return {"width": w, "height": h, "segments": out}
+            found = _segment(mask, seg["label"], seg["score"])
+            out.append({k: v for k, v in found.items() if k != "mask"} | {"segmentation": rle})
+        return {"width": size[0], "height": size[1], "segments": out}
 
 
 def _segment(mask: np.ndarray, label: str, score: float) -> dict[str, Any]:
@@ -134,15 +147,18 @@ class VisionTools:
             adapter.to(device)
         return cls(clip, sam, adapter, cfg.open_vocab.classifier)
 
-    def _proposals(self, image: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        rgb = np.asarray(fit_within(load_rgb(image), TOOL_MAX_SIDE))
+    def _proposals(self, image: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+        """(the picture segmented, SAM's masks, their scores, the (width, height) of `image`)."""
+        picture = load_rgb(image)
+        given = image_size(image, as_read=False) if isinstance(image, str | os.PathLike) else None
+        rgb = np.asarray(fit_within(picture, TOOL_MAX_SIDE))
         with self._lock, torch.inference_mode():
             masks, scores = sam_proposals(self.generator, rgb)
-        return rgb, masks, scores
+        return rgb, masks, scores, given or picture.size
 
     def segment_everything(self, image: Any) -> ToolResult:
         """Every mask SAM finds (largest first; smaller ones painted over larger ones)."""
-        rgb, masks, scores = self._proposals(image)
+        rgb, masks, scores, size = self._proposals(image)
         labels = np.zeros(rgb.shape[:2], dtype=np.int64)
         for k, mask in enumerate(masks, start=1):
             labels[mask] = k
@@ -150,7 +166,7 @@ class VisionTools:
         segments = [_segment(m, f"mask {k}", s) for k, (m, s) in pairs]
         painted = paint_labels(rgb, labels)
         n = len(segments)
-        return ToolResult(painted, segments, f"{n} mask{'s' if n != 1 else ''} found")
+        return ToolResult(painted, segments, f"{n} mask{'s' if n != 1 else ''} found", size)
 
     def segment_vocabulary(
         self, image: Any, vocabulary: str | Sequence[str], classifier: str | None = None
@@ -166,7 +182,7 @@ class VisionTools:
         name = classifier or self.classifier
         if name not in self._segmenters:
             raise ValueError(f"classifier must be one of {self.classifiers}, received {name!r}")
-        rgb, masks, _ = self._proposals(image)
+        rgb, masks, _, size = self._proposals(image)
         with self._lock, torch.inference_mode():
             result = self._segmenters[name].segment(rgb, words, masks=masks)
         present = sorted(set(np.unique(result.semantic).tolist()) - {0})
@@ -177,4 +193,4 @@ class VisionTools:
         painted = paint_labels(rgb, remap[result.semantic], legend=legend)
         segments = [_segment(s.mask, words[s.label], s.score) for s in result.instances]
         found = ", ".join(words[c - 1] for c in present) or "nothing from the vocabulary"
-        return ToolResult(painted, segments, f"found: {found}")
+        return ToolResult(painted, segments, f"found: {found}", size)
