@@ -24,7 +24,7 @@ import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -73,17 +73,53 @@ class ToolResult:
     def coco_json(self) -> dict[str, Any]:
         """The segments as COCO-style results (RLE masks, xywh boxes) on the image given, for
         download: masks segmented at a smaller size are scaled up (nearest) to it first."""
-        size = self.image_size or self.painted.size
+        width, height = self.image_size or self.painted.size
         out = []
         for seg in self.segments:
-            mask = seg["mask"]
-            if size != self.painted.size:
-                mask = np.asarray(Image.fromarray(mask).resize(size, Image.Resampling.NEAREST))
-            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            rle = scaled_rle(seg["mask"], width, height)
+            x, y, w, h = (int(v) for v in mask_utils.toBbox(rle))
             rle["counts"] = rle["counts"].decode("ascii")
-            found = _segment(mask, seg["label"], seg["score"])
-            out.append({k: v for k, v in found.items() if k != "mask"} | {"segmentation": rle})
-        return {"width": size[0], "height": size[1], "segments": out}
+            out.append(
+                {"label": seg["label"], "score": seg["score"], "area": int(mask_utils.area(rle)),
+                 "bbox": [x, y, w, h], "segmentation": rle}
+            )  # fmt: skip
+        return {"width": width, "height": height, "segments": out}
+
+
+def scaled_rle(mask: np.ndarray, width: int, height: int) -> dict[str, Any]:
+    """pycocotools' compressed RLE of the (H, W) bool `mask` scaled to `height` x `width` by
+    nearest neighbour (target row i reads source row floor((i + 0.5) * H / height), columns
+    alike: PIL's NEAREST but at exact ties), built from the mask's runs: the scaled mask is
+    never materialised.
+
+    Written by hand because neither pycocotools nor PIL scales an RLE, and a 24-megapixel mask
+    per segment (PIL's resize, then the encoder) took ~0.35 s each, 20 s for a photo's masks."""
+    h, w = mask.shape
+    if (h, w) == (height, width):
+        return cast(dict[str, Any], mask_utils.encode(np.asfortranarray(mask.astype(np.uint8))))
+    rows = ((np.arange(height) + 0.5) * h / height).astype(np.int64)
+    cols = ((np.arange(width) + 0.5) * w / width).astype(np.int64)
+    repeats = np.bincount(rows, minlength=h)  # target rows per source row (0 when shrinking)
+    column_runs: dict[int, list[tuple[int, int]]] = {}
+    counts: list[int] = []  # COCO's column-major runs, zeros first
+    value, length = 0, 0
+    for j in cols.tolist():
+        runs = column_runs.get(j)
+        if runs is None:  # source column j down a target column: (value, length) runs
+            kept = repeats > 0
+            v = mask[kept, j].astype(np.int64)
+            starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])
+            lengths = np.add.reduceat(repeats[kept], starts)
+            runs = column_runs[j] = list(zip(v[starts].tolist(), lengths.tolist(), strict=True))
+        for v_run, n in runs:
+            if v_run == value:
+                length += n
+            else:
+                counts.append(length)
+                value, length = v_run, n
+    counts.append(length)
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    return cast(dict[str, Any], rle)
 
 
 def _segment(mask: np.ndarray, label: str, score: float) -> dict[str, Any]:
