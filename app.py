@@ -280,12 +280,13 @@ def make_tool(
             return None, f"{WARNING}{OUTSIDE}{os.path.basename(image)}", None
         try:
             result = run(image, *args)
+            files = _result_files(result, stem)  # the masks scaled to the upload: work too
         except ValueError as err:
             return None, _safe(err, [image]), None
         except Exception:  # the server must keep serving whatever one request does
             logger.exception("tool %s failed", stem)
             return None, f"{WARNING}Something went wrong; the server logged the error.", None
-        return result.painted, result.summary, _result_files(result, stem)
+        return result.painted, result.summary, files
 
     return tool
 

@@ -52,7 +52,6 @@ __all__ = [
     "add_referring_arguments",
     "caption_source_error",
     "check_images",
-    "image_problems",
     "referring_dataset_from_args",
     "shapeworld_paths",
     "user_captions_from_args",
@@ -81,13 +80,13 @@ def shapeworld_paths(root: str | os.PathLike[str], split: str) -> dict[str, Path
 MAX_LISTED = 10  # bad images named in check_images' message
 
 
-def image_problems(
-    files: Sequence[tuple[Path, tuple[int, int] | None]],
-) -> dict[Path, str]:
-    """What is wrong with each image of `files` (path, the (H, W) the annotation file gives or
-    None) that is missing, unreadable or of another size; the good ones are left out. Reads
+def check_images(
+    files: Sequence[tuple[Path, tuple[int, int] | None]], source: str | os.PathLike[str]
+) -> None:
+    """FormatError listing the images of `files` (path, the (H, W) the annotation file gives or
+    None) that are missing, unreadable or of another size, before a run reaches them. Reads
     each file's header only (core.images.image_size), each path once."""
-    bad: dict[Path, str] = {}
+    bad: list[str] = []
     seen: set[Path] = set()
     for path, size in files:
         if path in seen:
@@ -96,27 +95,17 @@ def image_problems(
         try:  # where the file gives a size, masks are drawn at it: no downscaled reading
             width, height = image_size(path, downscale=size is None)
         except ImageError as err:
-            bad[path] = str(err)
+            bad.append(str(err))
             continue
         if size is not None and (height, width) != tuple(size):
-            bad[path] = (
+            bad.append(
                 f"{path}: {width}x{height} pixels, the file says {size[1]}x{size[0]} (width x "
                 "height; masks are decoded at the file's size)"
             )
-    return bad
-
-
-def check_images(
-    files: Sequence[tuple[Path, tuple[int, int] | None]], source: str | os.PathLike[str]
-) -> None:
-    """FormatError listing the images of `files` that `image_problems` finds, before a run
-    reaches them."""
-    bad = list(image_problems(files).values())
     if bad:
-        n = len({path for path, _ in files})
         more = f"\n  ... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
         raise FormatError(
-            f"{source}: {len(bad)} of {n} images cannot be used:\n  "
+            f"{source}: {len(bad)} of {len(seen)} images cannot be used:\n  "
             + "\n  ".join(bad[:MAX_LISTED])
             + more
         )

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
 from core.images import fit_within, image_size, load_rgb, paint_labels
@@ -68,7 +69,7 @@ from segmentation.open_vocab import (
 from vision.clip import load_clip
 from vision.sam import load_sam
 from vlm.config import PolychromeConfig
-from vlm.tools import POINTS_PER_BATCH, TOOL_MAX_SIDE
+from vlm.tools import POINTS_PER_BATCH, TOOL_MAX_SIDE, scaled_rle
 
 __all__ = ["drop_background_masks", "evaluate_classifier", "main", "overlay"]
 
@@ -82,21 +83,6 @@ def drop_background_masks(masks: np.ndarray, max_fraction: float = MAX_MASK_FRAC
         return masks
     area = masks.reshape(len(masks), -1).mean(axis=1)
     return masks[area <= max_fraction]
-
-
-def mask_extent(
-    mask: np.ndarray, scale_x: float = 1.0, scale_y: float = 1.0
-) -> tuple[int, tuple[int, int, int, int]]:
-    """(area, (x0, y0, x1, y1)) of a non-empty boolean mask, the box's corners inclusive, in the
-    pixels of an image `scale_x` x `scale_y` times the mask's size (a file read downscaled):
-    the area scales with both factors, each box edge to the outer edge of its pixel."""
-    ys, xs = np.nonzero(mask)
-    area = round(int(mask.sum()) * scale_x * scale_y)
-    x0, y0 = int(xs.min() * scale_x), int(ys.min() * scale_y)
-    # inside the scaled image even where the factor is a rounded ratio
-    x1 = min(int(np.ceil((xs.max() + 1) * scale_x)), round(mask.shape[1] * scale_x)) - 1
-    y1 = min(int(np.ceil((ys.max() + 1) * scale_y)), round(mask.shape[0] * scale_y)) - 1
-    return area, (x0, y0, x1, y1)
 
 
 def evaluate_classifier(
@@ -356,7 +342,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         for s in result.instances:
             if s.score >= args.min_score:
-                area, (x0, y0, x1, y1) = mask_extent(s.mask, file_w / work_w, file_h / work_h)
+                # the mask scaled to the file as the tools' JSON scales it (one convention)
+                rle = scaled_rle(s.mask, file_w, file_h)
+                area = int(mask_utils.area(rle))
+                x0, y0, w, h = (int(v) for v in mask_utils.toBbox(rle))
+                x1, y1 = x0 + w - 1, y0 + h - 1
                 print(
                     f"  {vocab[s.label]:<20} p={s.score:.2f}  area={area} px  "
                     f"box=({x0},{y0})-({x1},{y1})"

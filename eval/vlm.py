@@ -60,13 +60,13 @@ import torch
 from tqdm.auto import tqdm
 
 from core.config import project_path
+from core.images import ImageError, load_rgb
 from core.io import atomic_write_text
 from data.conversations import ChatRecord, record_from_row, short_question
 from data.datasets import (
     add_caption_arguments,
     caption_source_error,
     check_images,
-    image_problems,
     user_captions_to_evaluate,
 )
 from data.formats import METADATA_FILE, FormatError, read_imagefolder_rows
@@ -246,16 +246,17 @@ def read_eval_set(args: argparse.Namespace) -> tuple[list[ChatRecord], list[Obje
     if args.bad_records == "stop":
         records = merged[: args.limit]
         check_images([(r.image, None) for r in records], where)
-    else:  # the first --limit images that open
+    else:  # the first --limit images that open, read in full (as training checks them)
         records, unreadable = [], []
         for r in merged:
             if args.limit is not None and len(records) == args.limit:
                 break
-            problem = image_problems([(r.image, None)])
-            if problem:
-                unreadable.append(problem[r.image])
-            else:
-                records.append(r)
+            try:
+                load_rgb(r.image)
+            except ImageError as err:
+                unreadable.append(str(err))
+                continue
+            records.append(r)
         skipped = len(report.bad) + len(unreadable)
         if skipped:
             text = [report.describe()] if report.bad else []

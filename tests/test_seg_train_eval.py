@@ -12,7 +12,7 @@ from PIL import Image
 
 from core.images import fit_within, load_rgb
 from data.shapeworld import main as shapeworld_main
-from eval.seg import drop_background_masks, mask_extent
+from eval.seg import drop_background_masks
 from eval.seg import main as eval_main
 from segmentation.mask_adapter import load_adapter
 from train.clip import main as clip_main
@@ -116,18 +116,6 @@ def test_eval_benchmark_and_one_image_with_any_vocabulary(world, stage1, tmp_pat
     assert eval_main(argv) == 0
     assert "segments" in capsys.readouterr().out
     assert (tmp_path / "o.png").is_file()
-
-
-def test_mask_extent_in_the_files_pixels():
-    mask = np.zeros((4, 6), dtype=bool)
-    mask[0:2, 1:3] = True  # rows 0-1, columns 1-2: 4 pixels
-    assert mask_extent(mask) == (4, (1, 0, 2, 1))
-    # read at half the file's size: each read pixel is a 2 x 2 block of the file's
-    assert mask_extent(mask, 2.0, 2.0) == (16, (2, 0, 5, 3))
-    # a last column maps to the file's last column, not past it (a rounded ratio, 13 / 6)
-    mask[:, 5] = True
-    area, (_, _, x1, _) = mask_extent(mask, 13 / 6, 1.0)
-    assert x1 == 12 and area == round(8 * 13 / 6)  # 4 + 4 pixels
 
 
 def test_one_image_is_reported_in_the_files_pixels(world, tmp_path, capsys, monkeypatch):

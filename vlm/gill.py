@@ -25,8 +25,8 @@ How it follows Koh et al. 2023 (generation/gill.py has the heads and the losses;
   pipeline on the mapper's output). An index for GILL stores ``RetrievalHeads.embed_images`` of
   the CLIP image embeddings, not raw CLIP vectors (the image side's projection is learned), so
   its model name carries a hash of the trained projection and the image preprocessing
-  (``GILLImageEmbedder``): an index built with other weights, or from centre-cropped images as
-  before session 23, is refused.
+  (``GILLImageEmbedder``): an index built with other weights, or before the name said how
+  images are read (session 24; until session 23 they were centre-cropped), is refused.
 - Every text token, text-only or with images, goes through the bare frozen LLM and the VLM core:
   chat logits are bitwise the VLM core's (a test checks it). Trained and saved: the ``[IMG]``
   rows, ``img_out``/``img_bias`` and GILL's heads; the VLM core is named by its saved tensors.
@@ -153,7 +153,8 @@ class GILLImageEmbedder:
     with."""
 
     # Images are padded to a square before CLIP (PolychromeVLM.pixel_values, session 23);
-    # indexes built before then centre-cropped them, and their names have no "/pad": refused.
+    # indexes built until then centre-cropped them. Names without "/pad" (before session 24,
+    # session 23's padded ones included) are refused: the name did not say which.
     PREPROCESSING = "pad"
 
     def __init__(self, gill: GILLVLM, batch_size: int = 64) -> None:

@@ -62,8 +62,9 @@ class ToolResult:
 
     `painted` and the segments' masks are at the size the image was segmented at (at most
     TOOL_MAX_SIDE a side); `image_size` is the (width, height) of the image given: the file's
-    own for a path (a photo over 4096 px too), else the picture's. The JSON for download is at
-    `image_size`, so that its masks and boxes lie on the user's own image."""
+    own for a path (a photo over 4096 px too), else the picture's as load_rgb reads it (bytes
+    of a file over 4096 px: the downscaled size). The JSON for download is at `image_size`, so
+    that its masks and boxes lie on the user's own image."""
 
     painted: Image.Image
     segments: list[dict[str, Any]]  # {"label", "score", "area", "bbox", "mask": (H, W) bool}
@@ -100,13 +101,13 @@ def scaled_rle(mask: np.ndarray, width: int, height: int) -> dict[str, Any]:
     rows = ((np.arange(height) + 0.5) * h / height).astype(np.int64)
     cols = ((np.arange(width) + 0.5) * w / width).astype(np.int64)
     repeats = np.bincount(rows, minlength=h)  # target rows per source row (0 when shrinking)
+    kept = repeats > 0
     column_runs: dict[int, list[tuple[int, int]]] = {}
     counts: list[int] = []  # COCO's column-major runs, zeros first
     value, length = 0, 0
     for j in cols.tolist():
         runs = column_runs.get(j)
         if runs is None:  # source column j down a target column: (value, length) runs
-            kept = repeats > 0
             v = mask[kept, j].astype(np.int64)
             starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]])
             lengths = np.add.reduceat(repeats[kept], starts)

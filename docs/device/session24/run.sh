@@ -4,7 +4,7 @@
 #   B: from scratch with merge 1 (256 visual tokens of one CLIP patch each), lr 1e-3, align 1/5
 # Carries: call 1 .devgguf -> /tmp/c1 (part_a, clip/, vlm_core/); call 2 .devcarry (this script,
 # probe2.py, standin.py, gguf_b, wheels/, minilm_cfg/, sw_like/).
-# Run as: OUT=$OUT BUDGET=400 bash .devcarry/run.sh
+# Run as: OUT=$OUT BUDGET=360 bash .devcarry/run.sh   (session 24's call)
 # Local dry run (CPU): PY=.venv/bin/python DEV=cpu C1=.devgguf TRAIN=64 PRE=16 PROBE=5 BUDGET=30 \
 #   BS=2 TH=1 EXTRA=/tmp/tf517 OUT=/tmp/o bash .devcarry/run.sh
 PY=${PY:-python3}; DEV=${DEV:-cuda}; C1=${C1:-/tmp/c1}; C=.devcarry
