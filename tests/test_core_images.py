@@ -257,6 +257,21 @@ def test_image_size_from_the_header_is_load_rgbs(tmp_path):
             image_size(tmp_path / name)
 
 
+def test_a_files_own_size_and_fit_within(tmp_path):
+    """image_size(as_read=False) is the file's upright size before load_rgb's downscaling;
+    fit_within scales down to a longer side (aspect kept) and leaves a fitting image alone."""
+    from core.images import fit_within, image_size
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a quarter turn: 5000 x 10 stored, 10 x 5000 seen
+    Image.new("RGB", (5000, 10)).save(tmp_path / "wide.jpg", exif=exif)
+    assert image_size(tmp_path / "wide.jpg", as_read=False) == (10, 5000)
+    assert image_size(tmp_path / "wide.jpg") == load_rgb(tmp_path / "wide.jpg").size == (8, 4096)
+    picture = Image.new("RGB", (300, 100))
+    assert fit_within(picture, 150).size == (150, 50)
+    assert fit_within(picture, 300) is picture
+
+
 @pytest.mark.parametrize("fmt", ["PPM", "PCX", "TGA", "ICO"])
 def test_only_the_common_formats_are_read(fmt):
     """PIL opens dozens of formats (EPS through Ghostscript); uploads are held to six."""
