@@ -49,7 +49,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
 from core.images import fit_within, image_size, load_rgb, paint_labels
@@ -69,7 +68,7 @@ from segmentation.open_vocab import (
 from vision.clip import load_clip
 from vision.sam import load_sam
 from vlm.config import PolychromeConfig
-from vlm.tools import POINTS_PER_BATCH, TOOL_MAX_SIDE, scaled_rle
+from vlm.tools import POINTS_PER_BATCH, TOOL_MAX_SIDE, scaled_extent
 
 __all__ = ["drop_background_masks", "evaluate_classifier", "main", "overlay"]
 
@@ -343,13 +342,10 @@ def main(argv: list[str] | None = None) -> int:
         for s in result.instances:
             if s.score >= args.min_score:
                 # the mask scaled to the file as the tools' JSON scales it (one convention)
-                rle = scaled_rle(s.mask, file_w, file_h)
-                area = int(mask_utils.area(rle))
-                x0, y0, w, h = (int(v) for v in mask_utils.toBbox(rle))
-                x1, y1 = x0 + w - 1, y0 + h - 1
+                _, area, (x0, y0, w, h) = scaled_extent(s.mask, file_w, file_h)
                 print(
                     f"  {vocab[s.label]:<20} p={s.score:.2f}  area={area} px  "
-                    f"box=({x0},{y0})-({x1},{y1})"
+                    f"box=({x0},{y0})-({x0 + w - 1},{y0 + h - 1})"
                 )
         if args.overlay is not None:
             args.overlay.parent.mkdir(parents=True, exist_ok=True)

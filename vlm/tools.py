@@ -48,6 +48,8 @@ __all__ = [
     "TOOL_MAX_SIDE",
     "ToolResult",
     "VisionTools",
+    "scaled_extent",
+    "scaled_rle",
 ]
 
 MAX_VOCABULARY = 64  # entries in one vocabulary at most
@@ -77,14 +79,22 @@ class ToolResult:
         width, height = self.image_size or self.painted.size
         out = []
         for seg in self.segments:
-            rle = scaled_rle(seg["mask"], width, height)
-            x, y, w, h = (int(v) for v in mask_utils.toBbox(rle))
+            rle, area, bbox = scaled_extent(seg["mask"], width, height)
             rle["counts"] = rle["counts"].decode("ascii")
             out.append(
-                {"label": seg["label"], "score": seg["score"], "area": int(mask_utils.area(rle)),
-                 "bbox": [x, y, w, h], "segmentation": rle}
+                {"label": seg["label"], "score": seg["score"], "area": area, "bbox": bbox,
+                 "segmentation": rle}
             )  # fmt: skip
         return {"width": width, "height": height, "segments": out}
+
+
+def scaled_extent(
+    mask: np.ndarray, width: int, height: int
+) -> tuple[dict[str, Any], int, list[int]]:
+    """(`scaled_rle`, area, [x, y, w, h] box) of `mask` scaled to `width` x `height`: where a
+    mask found on a downscaled picture lies on the image itself."""
+    rle = scaled_rle(mask, width, height)
+    return rle, int(mask_utils.area(rle)), [int(v) for v in mask_utils.toBbox(rle)]
 
 
 def scaled_rle(mask: np.ndarray, width: int, height: int) -> dict[str, Any]:
