@@ -235,7 +235,7 @@ def read_eval_set(args: argparse.Namespace) -> tuple[list[ChatRecord], list[Obje
         records = [record_from_row(row, folder, f"{where}: line {n}") for n, row in rows]
         return records, _shapeworld_objects(rows, where), f"ShapeWorld {folder}"
     folder, where = args.imagefolder, args.imagefolder / METADATA_FILE
-    # every row's text first (cheap); the images of the first --limit only (headers)
+    # every row's text first (cheap); then the images of the first --limit only
     report = check_imagefolder(folder, "chat", check_images=False, progress=not args.no_progress)
     if report.bad and args.bad_records == "stop":
         raise FormatError(report.describe() + "\nfix them, or pass --bad-records skip")
