@@ -88,23 +88,30 @@ def fit_within(image: Image.Image, side: int) -> Image.Image:
     return image if size == image.size else image.resize(size, Image.Resampling.LANCZOS)
 
 
+_SCALE_CHUNK = 1 << 22  # values scaled at a time: float64 copies of a whole 8192 px image are GBs
+
+
 def _scale_to_uint8(arr: np.ndarray, what: str) -> np.ndarray:
-    """Integer or float pixels -> uint8 (the module docstring's rules)."""
+    """Integer or float pixels -> uint8 (the module docstring's rules), in float64 (exact for
+    every 16-bit value) a chunk at a time, so that memory stays near the image's own size."""
     if not np.isfinite(arr).all():
         raise ImageError(f"{what}: the image holds NaN or infinite values")
-    x = arr.astype(np.float64)
-    lo, hi = float(x.min()), float(x.max())
+    lo, hi = float(arr.min()), float(arr.max())  # min and max commute with the conversion
     if np.issubdtype(arr.dtype, np.floating):
         full = 1.0 if lo >= 0 and hi <= 1 else None
     elif arr.dtype == np.uint16:
         full = 65535.0
     else:
         full = 255.0 if lo >= 0 and hi <= 255 else 65535.0 if lo >= 0 and hi <= 65535 else None
-    if full is not None:
-        return np.round(x / full * 255).astype(np.uint8)
-    if hi <= lo:  # one value outside every known range: mid grey rather than nothing
+    if full is None and hi <= lo:  # one value outside every known range: mid grey
         return np.full(arr.shape, 128, dtype=np.uint8)
-    return np.round((x - lo) / (hi - lo) * 255).astype(np.uint8)
+    flat = arr.reshape(-1)
+    out = np.empty(flat.shape, dtype=np.uint8)
+    for start in range(0, flat.size, _SCALE_CHUNK):
+        x = flat[start : start + _SCALE_CHUNK].astype(np.float64)
+        scaled = x / full * 255 if full is not None else (x - lo) / (hi - lo) * 255
+        out[start : start + _SCALE_CHUNK] = np.round(scaled)
+    return out.reshape(arr.shape)
 
 
 def to_rgb(image: Image.Image | np.ndarray, what: str = "image") -> Image.Image:
