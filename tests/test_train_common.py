@@ -234,3 +234,35 @@ def test_adamw_decays_the_trainable_matrices_only():
     after = list(net.parameters())
     assert torch.allclose(after[0], before[0] * (1 - 0.1 * 0.5))
     assert all(torch.equal(a, b) for a, b in zip(after[1:], before[1:], strict=True))
+
+
+def test_prefetched_builds_ahead_in_order_and_raises_at_the_step():
+    """prefetched: the same items as a plain loop, in order, built in one other thread up to
+    `ahead` items ahead; an error surfaces at its own item; closing early stops the building."""
+    import threading
+
+    from train.common import prefetched
+
+    calls: list[tuple[int, str]] = []
+
+    def make(step: int) -> int:
+        calls.append((step, threading.current_thread().name))
+        if step == 5:
+            raise ValueError("bad batch 5")
+        return step * step
+
+    assert list(prefetched(make, range(5), 2)) == [0, 1, 4, 9, 16]
+    assert [s for s, _ in calls] == list(range(5))
+    assert all(name.startswith("prefetch") for _, name in calls)
+    calls.clear()
+    assert list(prefetched(make, range(3), 0)) == [0, 1, 4]
+    assert {name for _, name in calls} == {threading.current_thread().name}  # no thread
+    failing = prefetched(make, range(3, 8), 3)
+    assert [next(failing), next(failing)] == [9, 16]  # items 3 and 4, then the error at 5
+    with pytest.raises(ValueError, match="bad batch 5"):
+        next(failing)
+    calls.clear()
+    early = prefetched(make, range(100), 2)
+    assert [next(early), next(early)] == [0, 1]
+    early.close()
+    assert len(calls) <= 2 + 2  # the two used and at most two built ahead

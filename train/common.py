@@ -15,12 +15,14 @@ The batch order is a pure function of (seed, step): epoch e is a permutation dra
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
@@ -45,6 +47,7 @@ __all__ = [
     "load_training_state",
     "make_accelerator",
     "open_log",
+    "prefetched",
     "refuse_held_out",
     "resume_mismatches",
     "resume_or_start",
@@ -182,6 +185,34 @@ def batch_indices(n: int, batch_size: int, seed: int, start_step: int = 0) -> It
         for b in range(offset, per_epoch):
             yield order[b * batch_size : (b + 1) * batch_size]
             step += 1
+
+
+def prefetched(
+    make: Callable[[int], T], steps: Iterable[int], ahead: int
+) -> Generator[T, None, None]:
+    """``make(step)`` for each of `steps`, in order, computed up to `ahead` steps ahead in one
+    background thread, so that building a batch (tokenising, reading images: Python that
+    releases nothing) overlaps the step before it, whose torch and CUDA calls release the GIL.
+    The results are the same as without it (one thread, in order); an exception in `make`
+    is raised here, at its step. ``ahead <= 0``: no thread. A consumer that stops early leaves
+    at most `ahead` batches built and unused."""
+    if ahead <= 0:
+        for step in steps:
+            yield make(step)
+        return
+    pending: deque[Future[T]] = deque()
+    upcoming = iter(steps)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+    try:
+        for step in itertools.islice(upcoming, ahead):
+            pending.append(pool.submit(make, step))
+        while pending:
+            result = pending.popleft().result()
+            for step in itertools.islice(upcoming, 1):
+                pending.append(pool.submit(make, step))
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def adamw_matrices_decay(
