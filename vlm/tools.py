@@ -104,7 +104,8 @@ def scaled_rle(mask: np.ndarray, width: int, height: int) -> dict[str, Any]:
     never materialised.
 
     Written by hand because neither pycocotools nor PIL scales an RLE, and a 24-megapixel mask
-    per segment (PIL's resize, then the encoder) took ~0.35 s each, 20 s for a photo's masks."""
+    per segment (PIL's resize, then the encoder) took 12x longer (docs/RESULTS.md, "The tools'
+    JSON on a large photo")."""
     h, w = mask.shape
     if (h, w) == (height, width):
         return cast(dict[str, Any], mask_utils.encode(np.asfortranarray(mask.astype(np.uint8))))
