@@ -282,28 +282,14 @@ def test_only_the_common_formats_are_read(fmt):
 
 
 def test_pixels_are_scaled_a_chunk_at_a_time(monkeypatch):
-    """16-bit, 32-bit and float pixels scale to uint8 as one float64 formula over the whole
-    array does (the module docstring's rules), in chunks: the float64 copies of a 2048 x 2048
-    image (~100 MB at once before) stay a chunk's size."""
+    """16-bit, 32-bit and float pixels scale to uint8 in chunks exactly as in one pass over the
+    whole array (the rules themselves: the tests above), and the float64 copies of a 2048 x 2048
+    image (~100 MiB in one pass) stay a chunk's size."""
     import tracemalloc
 
     import core.images
     from core.images import _scale_to_uint8
 
-    def whole(arr):  # the rules in one pass (the earlier implementation)
-        x = arr.astype(np.float64)
-        lo, hi = x.min(), x.max()
-        if np.issubdtype(arr.dtype, np.floating):
-            full = 1.0 if lo >= 0 and hi <= 1 else None
-        elif arr.dtype == np.uint16:
-            full = 65535.0
-        else:
-            full = 255.0 if lo >= 0 and hi <= 255 else 65535.0 if lo >= 0 and hi <= 65535 else None
-        if full is not None:
-            return np.round(x / full * 255).astype(np.uint8)
-        return np.round((x - lo) / (hi - lo) * 255).astype(np.uint8)
-
-    monkeypatch.setattr(core.images, "_SCALE_CHUNK", 1000)
     rng = np.random.default_rng(0)
     for arr in (
         rng.integers(0, 65536, (61, 47, 3), dtype=np.uint16),
@@ -312,7 +298,10 @@ def test_pixels_are_scaled_a_chunk_at_a_time(monkeypatch):
         rng.random((61, 47, 3)).astype(np.float32),
         rng.normal(size=(61, 47)),
     ):
-        assert np.array_equal(_scale_to_uint8(arr, "x"), whole(arr)), arr.dtype
+        monkeypatch.setattr(core.images, "_SCALE_CHUNK", arr.size)  # one pass
+        whole = _scale_to_uint8(arr, "x")
+        monkeypatch.setattr(core.images, "_SCALE_CHUNK", 1000)  # 9 or 3 chunks, the last short
+        assert np.array_equal(_scale_to_uint8(arr, "x"), whole), arr.dtype
     monkeypatch.setattr(core.images, "_SCALE_CHUNK", 1 << 16)
     big = rng.integers(0, 65536, (2048, 2048), dtype=np.uint16)
     tracemalloc.start()
@@ -321,4 +310,4 @@ def test_pixels_are_scaled_a_chunk_at_a_time(monkeypatch):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 12 * 2**20  # the 4 MiB result and a few 0.5 MiB chunks; whole(): ~100 MiB
+    assert peak < 12 * 2**20  # the 4 MiB result and a few 0.5 MiB chunks
